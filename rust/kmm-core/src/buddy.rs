@@ -1,0 +1,787 @@
+//! The buddy allocator of one zone: free areas per order and migratetype,
+//! O(1) split (`expand`) and merge (`__free_one_page`) from page metadata, and
+//! the migratetype fallback that claims or steals from other pageblocks.
+//!
+//! # Kernel
+//! `mm/page_alloc.c` (6.15+): `__rmqueue_smallest`, `expand`,
+//! `page_del_and_expand`, `__rmqueue`, `__rmqueue_claim`, `__rmqueue_steal`,
+//! `try_to_claim_block`, `should_try_claim_block`, `find_suitable_fallback`,
+//! `fallbacks[]`, `prep_move_freepages_block`, `__move_freepages_block`,
+//! `boost_watermark`, `__free_one_page`, `buddy_merge_likely`,
+//! `account_freepages`; `mm/internal.h` (`__find_buddy_pfn`, `page_is_buddy`).
+//!
+//! SIMPLIFICATION: no CMA and no page shuffling; no guard pages
+//! (debug_pagealloc). "Movable pages" in a pageblock (for the claim decision)
+//! are allocated pages that were asked for with `__GFP_MOVABLE` (the kernel
+//! counts LRU and movable_ops pages).
+//!
+//! # Invariants (checked by `FreeArea::check`)
+//! - buddy-1: every free block is aligned to its order, lies inside the zone,
+//!   its head has PG_buddy with that order, and it is on exactly one list.
+//! - buddy-2: a free block sits on the list of its pageblock's migratetype.
+//! - buddy-3: `nr_free[o]` and `nr_free_mt[o][mt]` equal the list lengths.
+//! - buddy-4: `free_pages` equals the sum over lists of `1 << order`.
+//! - buddy-5: no two free buddies of the same order are left unmerged
+//!   (except at pageblock order and above between a normal type and
+//!   HIGHATOMIC/ISOLATE, which `migratetype_is_mergeable` keeps apart).
+//! - buddy-6: free blocks do not overlap.
+#![forbid(unsafe_code)]
+
+use crate::arch::{MAX_PAGE_ORDER, NR_PAGE_ORDERS};
+use crate::page::{MemMap, PG_BUDDY, PG_LRU, NIL};
+
+pub const MIGRATE_UNMOVABLE: u8 = 0;
+pub const MIGRATE_MOVABLE: u8 = 1;
+pub const MIGRATE_RECLAIMABLE: u8 = 2;
+/// Number of types kept on per-CPU lists.
+pub const MIGRATE_PCPTYPES: u8 = 3;
+pub const MIGRATE_HIGHATOMIC: u8 = MIGRATE_PCPTYPES;
+/// CONFIG_CMA is off (as on the reference machine); ISOLATE follows HIGHATOMIC.
+pub const MIGRATE_ISOLATE: u8 = 4;
+pub const MIGRATE_TYPES: usize = 5;
+
+/// `migratetype_names[]` (mm/vmstat.c), as /proc/pagetypeinfo prints them.
+pub const MIGRATETYPE_NAMES: [&str; MIGRATE_TYPES] =
+    ["Unmovable", "Movable", "Reclaimable", "HighAtomic", "Isolate"];
+
+/// `fallbacks[]`: where each type may take pages from, in order.
+const FALLBACKS: [[u8; 2]; 3] = [
+    [MIGRATE_RECLAIMABLE, MIGRATE_MOVABLE],   // UNMOVABLE
+    [MIGRATE_RECLAIMABLE, MIGRATE_UNMOVABLE], // MOVABLE
+    [MIGRATE_UNMOVABLE, MIGRATE_MOVABLE],     // RECLAIMABLE
+];
+
+/// `ALLOC_*` flags (mm/internal.h) that the buddy layer looks at.
+pub mod alloc_flags {
+    pub const ALLOC_WMARK_MIN: u32 = 0;
+    pub const ALLOC_WMARK_LOW: u32 = 1;
+    pub const ALLOC_WMARK_HIGH: u32 = 2;
+    pub const ALLOC_NO_WATERMARKS: u32 = 0x04;
+    pub const ALLOC_WMARK_MASK: u32 = ALLOC_NO_WATERMARKS - 1;
+    pub const ALLOC_OOM: u32 = 0x08;
+    pub const ALLOC_NON_BLOCK: u32 = 0x10;
+    pub const ALLOC_MIN_RESERVE: u32 = 0x20;
+    pub const ALLOC_CPUSET: u32 = 0x40;
+    pub const ALLOC_CMA: u32 = 0x80;
+    pub const ALLOC_NOFRAGMENT: u32 = 0x100;
+    pub const ALLOC_HIGHATOMIC: u32 = 0x200;
+    pub const ALLOC_KSWAPD: u32 = 0x800;
+    pub const ALLOC_RESERVES: u32 = ALLOC_NON_BLOCK | ALLOC_MIN_RESERVE | ALLOC_HIGHATOMIC | ALLOC_OOM;
+}
+use alloc_flags::*;
+
+/// Something the buddy layer reports for tracepoints (emitted by the caller
+/// after the zone lock is dropped).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BuddyEvent {
+    /// `mm_page_alloc_zone_locked`
+    ZoneLocked { pfn: u64, order: u32, migratetype: u8, percpu_refill: bool },
+    /// `mm_page_alloc_extfrag`
+    ExtFrag {
+        pfn: u64,
+        alloc_order: u32,
+        fallback_order: u32,
+        alloc_migratetype: u8,
+        fallback_migratetype: u8,
+        change_ownership: bool,
+    },
+}
+
+/// Where `__rmqueue` found pages last time (`enum rmqueue_mode`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RmqueueMode {
+    Normal,
+    Claim,
+    Steal,
+}
+
+#[derive(Clone, Copy, Debug, Default)]
+struct ListHead {
+    head: u32,
+    tail: u32,
+}
+
+/// Free areas and pageblock types of one zone: what `zone->lock` protects.
+pub struct FreeArea {
+    zone_start: u64,
+    zone_end: u64,
+    pageblock_order: u32,
+    /// First pfn of the first pageblock the zone touches.
+    pb_base: u64,
+    lists: [[ListHead; MIGRATE_TYPES]; NR_PAGE_ORDERS],
+    pub nr_free: [u64; NR_PAGE_ORDERS],
+    pub nr_free_mt: [[u64; MIGRATE_TYPES]; NR_PAGE_ORDERS],
+    /// Migratetype of each pageblock (`pageblock_flags`).
+    pageblock_mt: Vec<u8>,
+    /// Pages on the free lists (NR_FREE_PAGES).
+    pub free_pages: u64,
+    /// Free pages in blocks of order >= pageblock_order (NR_FREE_PAGES_BLOCKS).
+    pub free_pages_blocks: u64,
+    /// Free pages on HIGHATOMIC lists (`zone->nr_free_highatomic`).
+    pub free_highatomic: u64,
+    /// `page_group_by_mobility_disabled`.
+    pub mobility_disabled: bool,
+    /// Pending watermark boost requests (`boost_watermark`), applied by the zone.
+    pub boost_requests: u64,
+}
+
+/// What the caller must apply to zone counters after a buddy operation.
+impl FreeArea {
+    pub fn new(zone_start: u64, zone_end: u64, pageblock_order: u32) -> FreeArea {
+        let pb_base = zone_start >> pageblock_order << pageblock_order;
+        let nblocks = if zone_end > zone_start {
+            ((zone_end - pb_base) + (1 << pageblock_order) - 1) >> pageblock_order
+        } else {
+            0
+        };
+        FreeArea {
+            zone_start,
+            zone_end,
+            pageblock_order,
+            pb_base,
+            lists: [[ListHead { head: NIL, tail: NIL }; MIGRATE_TYPES]; NR_PAGE_ORDERS],
+            nr_free: [0; NR_PAGE_ORDERS],
+            nr_free_mt: [[0; MIGRATE_TYPES]; NR_PAGE_ORDERS],
+            // memmap_init marks every pageblock MIGRATE_MOVABLE at boot.
+            pageblock_mt: vec![MIGRATE_MOVABLE; nblocks as usize],
+            free_pages: 0,
+            free_pages_blocks: 0,
+            free_highatomic: 0,
+            mobility_disabled: false,
+            boost_requests: 0,
+        }
+    }
+
+    pub fn pageblock_order(&self) -> u32 {
+        self.pageblock_order
+    }
+
+    // ---- pageblock migratetypes --------------------------------------------
+
+    #[inline]
+    pub fn pageblock_migratetype(&self, pfn: u64) -> u8 {
+        self.pageblock_mt[((pfn - self.pb_base) >> self.pageblock_order) as usize]
+    }
+
+    #[inline]
+    pub fn set_pageblock_migratetype(&mut self, pfn: u64, mt: u8) {
+        let i = ((pfn - self.pb_base) >> self.pageblock_order) as usize;
+        self.pageblock_mt[i] = mt;
+    }
+
+    /// `change_pageblock_range`: retype every pageblock of a block of `order`.
+    fn change_pageblock_range(&mut self, pfn: u64, order: u32, mt: u8) {
+        let nr = 1u64 << order.saturating_sub(self.pageblock_order);
+        for k in 0..nr {
+            self.set_pageblock_migratetype(pfn + (k << self.pageblock_order), mt);
+        }
+    }
+
+    /// Number of pageblocks of each type (pagetypeinfo's second table).
+    pub fn pageblock_counts(&self) -> [u64; MIGRATE_TYPES] {
+        let mut c = [0u64; MIGRATE_TYPES];
+        for &mt in &self.pageblock_mt {
+            c[mt as usize] += 1;
+        }
+        c
+    }
+
+    // ---- free lists -----------------------------------------------------------
+
+    #[inline]
+    fn account(&mut self, order: u32, mt: u8, delta: i64) {
+        let nr = (1i64 << order) * delta;
+        if mt == MIGRATE_HIGHATOMIC {
+            self.free_highatomic = (self.free_highatomic as i64 + nr) as u64;
+        }
+        self.free_pages = (self.free_pages as i64 + nr) as u64;
+        if order >= self.pageblock_order {
+            self.free_pages_blocks = (self.free_pages_blocks as i64 + nr) as u64;
+        }
+    }
+
+    /// `__add_to_free_list` + `set_buddy_order` + `account_freepages`.
+    fn add(&mut self, map: &MemMap, pfn: u64, order: u32, mt: u8, tail: bool) {
+        let page = map.get(pfn);
+        page.set(PG_BUDDY, order);
+        page.set_refcount(0);
+        let l = &mut self.lists[order as usize][mt as usize];
+        let p = pfn as u32;
+        if l.head == NIL {
+            page.set_next(NIL);
+            page.set_prev(NIL);
+            l.head = p;
+            l.tail = p;
+        } else if tail {
+            map.get(l.tail as u64).set_next(p);
+            page.set_prev(l.tail);
+            page.set_next(NIL);
+            l.tail = p;
+        } else {
+            map.get(l.head as u64).set_prev(p);
+            page.set_next(l.head);
+            page.set_prev(NIL);
+            l.head = p;
+        }
+        self.nr_free[order as usize] += 1;
+        self.nr_free_mt[order as usize][mt as usize] += 1;
+        self.account(order, mt, 1);
+    }
+
+    /// `__del_page_from_free_list` + `account_freepages`: O(1) unlink.
+    fn del(&mut self, map: &MemMap, pfn: u64, order: u32, mt: u8) {
+        let page = map.get(pfn);
+        debug_assert!(page.has(PG_BUDDY) && page.order() == order, "del of non-buddy {pfn:#x}");
+        let (next, prev) = (page.next(), page.prev());
+        let l = &mut self.lists[order as usize][mt as usize];
+        if prev == NIL {
+            l.head = next;
+        } else {
+            map.get(prev as u64).set_next(next);
+        }
+        if next == NIL {
+            l.tail = prev;
+        } else {
+            map.get(next as u64).set_prev(prev);
+        }
+        page.set(0, 0);
+        page.set_next(NIL);
+        page.set_prev(NIL);
+        self.nr_free[order as usize] -= 1;
+        self.nr_free_mt[order as usize][mt as usize] -= 1;
+        self.account(order, mt, -1);
+    }
+
+    /// `move_to_free_list`: same block, another migratetype's list (tail).
+    fn move_to(&mut self, map: &MemMap, pfn: u64, order: u32, old: u8, new: u8) {
+        self.del(map, pfn, order, old);
+        self.add(map, pfn, order, new, true);
+    }
+
+    #[inline]
+    pub fn list_empty(&self, order: u32, mt: u8) -> bool {
+        self.lists[order as usize][mt as usize].head == NIL
+    }
+
+    #[inline]
+    fn first(&self, order: u32, mt: u8) -> Option<u64> {
+        let h = self.lists[order as usize][mt as usize].head;
+        (h != NIL).then_some(h as u64)
+    }
+
+    /// The pfns on one free list, head first (for views and tests).
+    pub fn list_pfns(&self, map: &MemMap, order: u32, mt: u8) -> Vec<u64> {
+        let mut v = Vec::new();
+        let mut p = self.lists[order as usize][mt as usize].head;
+        while p != NIL {
+            v.push(p as u64);
+            p = map.get(p as u64).next();
+        }
+        v
+    }
+
+    // ---- allocation -------------------------------------------------------------
+
+    /// `expand`: split a block of order `high` down to `low`, putting the
+    /// upper halves on the free lists (at the head). Returns pages added.
+    fn expand(&mut self, map: &MemMap, pfn: u64, low: u32, mut high: u32, mt: u8) -> u64 {
+        let mut nr_added = 0;
+        while high > low {
+            high -= 1;
+            let buddy = pfn + (1u64 << high);
+            self.add(map, buddy, high, mt, false);
+            nr_added += 1 << high;
+        }
+        nr_added
+    }
+
+    /// `page_del_and_expand`.
+    fn del_and_expand(&mut self, map: &MemMap, pfn: u64, low: u32, high: u32, mt: u8) {
+        self.del(map, pfn, high, mt);
+        self.expand(map, pfn, low, high, mt);
+    }
+
+    /// `__rmqueue_smallest`: the first block on the smallest order list of
+    /// `mt` that can satisfy `order`, split down. O(orders).
+    pub fn rmqueue_smallest(
+        &mut self,
+        map: &MemMap,
+        order: u32,
+        mt: u8,
+        ev: &mut Option<&mut Vec<BuddyEvent>>,
+    ) -> Option<u64> {
+        for cur in order..=MAX_PAGE_ORDER {
+            if let Some(pfn) = self.first(cur, mt) {
+                self.del_and_expand(map, pfn, order, cur, mt);
+                if let Some(ev) = ev {
+                    ev.push(BuddyEvent::ZoneLocked {
+                        pfn,
+                        order,
+                        migratetype: mt,
+                        percpu_refill: crate::pcp_allowed_order(order, self.pageblock_order)
+                            && mt < MIGRATE_PCPTYPES,
+                    });
+                }
+                return Some(pfn);
+            }
+        }
+        None
+    }
+
+    /// `find_suitable_fallback`: the first fallback type with a free block of
+    /// `order`. `Err(())` is the kernel's -2: too low an order to claim.
+    fn find_suitable_fallback(&self, order: u32, mt: u8, claimable: bool) -> Result<Option<u8>, ()> {
+        if claimable && !self.should_try_claim_block(order, mt) {
+            return Err(());
+        }
+        if self.nr_free[order as usize] == 0 || mt >= MIGRATE_PCPTYPES {
+            return Ok(None);
+        }
+        Ok(FALLBACKS[mt as usize].iter().copied().find(|&f| !self.list_empty(order, f)))
+    }
+
+    /// `should_try_claim_block`.
+    fn should_try_claim_block(&self, order: u32, start_mt: u8) -> bool {
+        order >= self.pageblock_order
+            || order >= self.pageblock_order / 2
+            || start_mt == MIGRATE_RECLAIMABLE
+            || start_mt == MIGRATE_UNMOVABLE
+            || self.mobility_disabled
+    }
+
+    /// `prep_move_freepages_block`: the pageblock around `pfn`, with counts of
+    /// free and movable pages in it; None if the zone does not span it whole.
+    fn prep_move_freepages_block(&self, map: &MemMap, pfn: u64) -> Option<(u64, u64, u64)> {
+        let start = pfn >> self.pageblock_order << self.pageblock_order;
+        let end = start + (1 << self.pageblock_order);
+        if start < self.zone_start || end > self.zone_end {
+            return None;
+        }
+        let (mut free, mut movable) = (0u64, 0u64);
+        let mut p = start;
+        while p < end {
+            let page = map.get(p);
+            if page.has(PG_BUDDY) {
+                let nr = 1u64 << page.order();
+                free += nr;
+                p += nr;
+                continue;
+            }
+            if page.has(PG_LRU) {
+                movable += 1;
+            }
+            p += 1;
+        }
+        Some((start, free, movable))
+    }
+
+    /// `__move_freepages_block`: move every free block of the pageblock at
+    /// `start` from `old` to `new` lists. Returns pages moved.
+    fn move_freepages_block(&mut self, map: &MemMap, start: u64, old: u8, new: u8) -> u64 {
+        let end = start + (1 << self.pageblock_order);
+        let mut p = start;
+        let mut moved = 0;
+        while p < end {
+            let page = map.get(p);
+            if !page.has(PG_BUDDY) {
+                p += 1;
+                continue;
+            }
+            let order = page.order();
+            self.move_to(map, p, order, old, new);
+            p += 1 << order;
+            moved += 1 << order;
+        }
+        moved
+    }
+
+    /// `try_to_claim_block`.
+    #[allow(clippy::too_many_arguments)]
+    fn try_to_claim_block(
+        &mut self,
+        map: &MemMap,
+        pfn: u64,
+        current_order: u32,
+        order: u32,
+        start_type: u8,
+        block_type: u8,
+        ev: &mut Option<&mut Vec<BuddyEvent>>,
+    ) -> Option<u64> {
+        // Take ownership for orders >= pageblock_order.
+        if current_order >= self.pageblock_order {
+            self.del(map, pfn, current_order, block_type);
+            self.change_pageblock_range(pfn, current_order, start_type);
+            self.expand(map, pfn, order, current_order, start_type);
+            return Some(pfn);
+        }
+        // boost_watermark: the zone applies it (it owns the watermarks).
+        self.boost_requests += 1;
+        let (start, free, movable) = self.prep_move_freepages_block(map, pfn)?;
+        let alike = if start_type == MIGRATE_MOVABLE {
+            movable
+        } else if block_type == MIGRATE_MOVABLE {
+            (1u64 << self.pageblock_order) - (free + movable)
+        } else {
+            0
+        };
+        if free + alike >= (1 << (self.pageblock_order - 1)) || self.mobility_disabled {
+            self.move_freepages_block(map, start, block_type, start_type);
+            self.set_pageblock_migratetype(start, start_type);
+            return self.rmqueue_smallest(map, order, start_type, ev);
+        }
+        None
+    }
+
+    /// `__rmqueue_claim`: take the largest block of a fallback type and try
+    /// to claim its pageblock for `start_mt`.
+    fn rmqueue_claim(
+        &mut self,
+        map: &MemMap,
+        order: u32,
+        start_mt: u8,
+        alloc_flags: u32,
+        ev: &mut Option<&mut Vec<BuddyEvent>>,
+    ) -> Option<u64> {
+        let min_order = if order < self.pageblock_order && alloc_flags & ALLOC_NOFRAGMENT != 0 {
+            self.pageblock_order
+        } else {
+            order
+        };
+        let mut cur = MAX_PAGE_ORDER as i64;
+        while cur >= min_order as i64 {
+            let co = cur as u32;
+            cur -= 1;
+            let fallback_mt = match self.find_suitable_fallback(co, start_mt, true) {
+                Err(()) => break,
+                Ok(None) => continue,
+                Ok(Some(f)) => f,
+            };
+            let pfn = self.first(co, fallback_mt).expect("non-empty list");
+            if let Some(page) =
+                self.try_to_claim_block(map, pfn, co, order, start_mt, fallback_mt, ev)
+            {
+                if let Some(ev) = ev {
+                    ev.push(self.extfrag(page, order, co, start_mt, fallback_mt));
+                }
+                return Some(page);
+            }
+        }
+        None
+    }
+
+    /// `__rmqueue_steal`: take the smallest suitable fallback block without
+    /// claiming its pageblock.
+    fn rmqueue_steal(
+        &mut self,
+        map: &MemMap,
+        order: u32,
+        start_mt: u8,
+        ev: &mut Option<&mut Vec<BuddyEvent>>,
+    ) -> Option<u64> {
+        for co in order..=MAX_PAGE_ORDER {
+            let Ok(Some(fallback_mt)) = self.find_suitable_fallback(co, start_mt, false) else {
+                continue;
+            };
+            let pfn = self.first(co, fallback_mt).expect("non-empty list");
+            self.del_and_expand(map, pfn, order, co, fallback_mt);
+            if let Some(ev) = ev {
+                ev.push(self.extfrag(pfn, order, co, start_mt, fallback_mt));
+            }
+            return Some(pfn);
+        }
+        None
+    }
+
+    fn extfrag(&self, pfn: u64, order: u32, fallback_order: u32, start: u8, fallback: u8) -> BuddyEvent {
+        BuddyEvent::ExtFrag {
+            pfn,
+            alloc_order: order,
+            fallback_order,
+            alloc_migratetype: start,
+            fallback_migratetype: fallback,
+            change_ownership: self.pageblock_migratetype(pfn) == start,
+        }
+    }
+
+    /// `__rmqueue`: the requested type first, then claiming, then stealing.
+    pub fn rmqueue(
+        &mut self,
+        map: &MemMap,
+        order: u32,
+        mt: u8,
+        alloc_flags: u32,
+        mode: &mut RmqueueMode,
+        ev: &mut Option<&mut Vec<BuddyEvent>>,
+    ) -> Option<u64> {
+        let mt = if self.mobility_disabled && mt < MIGRATE_PCPTYPES { MIGRATE_UNMOVABLE } else { mt };
+        if *mode == RmqueueMode::Normal {
+            if let Some(p) = self.rmqueue_smallest(map, order, mt, ev) {
+                return Some(p);
+            }
+        }
+        if *mode != RmqueueMode::Steal {
+            if let Some(p) = self.rmqueue_claim(map, order, mt, alloc_flags, ev) {
+                *mode = RmqueueMode::Normal;
+                return Some(p);
+            }
+        }
+        if alloc_flags & ALLOC_NOFRAGMENT == 0 {
+            if let Some(p) = self.rmqueue_steal(map, order, mt, ev) {
+                *mode = RmqueueMode::Steal;
+                return Some(p);
+            }
+        }
+        None
+    }
+
+    // ---- freeing ------------------------------------------------------------------
+
+    /// `page_is_buddy`: is `buddy` the free head of an order-`order` block in this zone?
+    #[inline]
+    fn is_free_buddy(&self, map: &MemMap, buddy: u64, order: u32) -> bool {
+        buddy >= self.zone_start
+            && buddy < self.zone_end
+            && {
+                let b = map.get(buddy);
+                b.has(PG_BUDDY) && b.order() == order
+            }
+    }
+
+    /// `__free_one_page`: merge with free buddies while possible (each step
+    /// O(1): the buddy's state is read from its metadata), then insert at the
+    /// head, or at the tail when the next-higher buddy is free too
+    /// (`buddy_merge_likely`) or `to_tail` is asked for (FPI_TO_TAIL).
+    /// Returns the (pfn, order) of the final block.
+    pub fn free_one_page(
+        &mut self,
+        map: &MemMap,
+        mut pfn: u64,
+        mut order: u32,
+        mut mt: u8,
+        to_tail: bool,
+    ) -> (u64, u32) {
+        let mut buddy_pfn = pfn;
+        while order < MAX_PAGE_ORDER {
+            buddy_pfn = pfn ^ (1u64 << order);
+            if !self.is_free_buddy(map, buddy_pfn, order) {
+                break;
+            }
+            let buddy_mt = self.pageblock_migratetype(buddy_pfn);
+            // At pageblock order and above, HIGHATOMIC/ISOLATE blocks only
+            // merge with their own type (migratetype_is_mergeable).
+            if order >= self.pageblock_order
+                && mt != buddy_mt
+                && (mt >= MIGRATE_PCPTYPES || buddy_mt >= MIGRATE_PCPTYPES)
+            {
+                break;
+            }
+            self.del(map, buddy_pfn, order, buddy_mt);
+            if buddy_mt != mt {
+                // "Match buddy type": keep sub-blocks on the right lists after expand.
+                self.set_pageblock_migratetype(buddy_pfn, mt);
+            }
+            pfn &= buddy_pfn;
+            order += 1;
+        }
+        let _ = &mut mt;
+        let tail = to_tail || self.buddy_merge_likely(map, pfn, buddy_pfn, order);
+        self.add(map, pfn, order, mt, tail);
+        (pfn, order)
+    }
+
+    /// `buddy_merge_likely`: is the buddy of the next-higher block free?
+    fn buddy_merge_likely(&self, map: &MemMap, pfn: u64, buddy_pfn: u64, order: u32) -> bool {
+        if order >= MAX_PAGE_ORDER - 1 {
+            return false;
+        }
+        let higher = buddy_pfn & pfn;
+        let higher_buddy = higher ^ (1u64 << (order + 1));
+        self.is_free_buddy(map, higher_buddy, order + 1)
+    }
+
+    /// Free a block at boot (`__free_pages_core` -> `__free_pages_ok` with
+    /// FPI_TO_TAIL), using the pageblock's type.
+    pub fn free_boot_block(&mut self, map: &MemMap, pfn: u64, order: u32) {
+        let mt = self.pageblock_migratetype(pfn);
+        self.free_one_page(map, pfn, order, mt, true);
+    }
+
+    /// `reserve_highatomic_pageblock`'s core: retype the pageblock of `pfn`
+    /// to HIGHATOMIC and move its free pages.
+    pub fn reserve_highatomic(&mut self, map: &MemMap, pfn: u64) -> bool {
+        let mt = self.pageblock_migratetype(pfn);
+        if mt == MIGRATE_HIGHATOMIC || mt == MIGRATE_ISOLATE {
+            return false;
+        }
+        let start = pfn >> self.pageblock_order << self.pageblock_order;
+        if start < self.zone_start || start + (1 << self.pageblock_order) > self.zone_end {
+            return false;
+        }
+        self.move_freepages_block(map, start, mt, MIGRATE_HIGHATOMIC);
+        self.set_pageblock_migratetype(start, MIGRATE_HIGHATOMIC);
+        true
+    }
+
+    /// `unreserve_highatomic_pageblock`'s core: give one HIGHATOMIC pageblock
+    /// (one with free pages) back to `to`. Returns true if one was released.
+    pub fn unreserve_highatomic(&mut self, map: &MemMap, to: u8) -> bool {
+        for order in 0..=MAX_PAGE_ORDER {
+            if let Some(pfn) = self.first(order, MIGRATE_HIGHATOMIC) {
+                let start = pfn >> self.pageblock_order << self.pageblock_order;
+                if order >= self.pageblock_order {
+                    self.change_pageblock_range(pfn, order, to);
+                    self.move_to(map, pfn, order, MIGRATE_HIGHATOMIC, to);
+                } else {
+                    self.move_freepages_block(map, start, MIGRATE_HIGHATOMIC, to);
+                    self.set_pageblock_migratetype(start, to);
+                }
+                return true;
+            }
+        }
+        false
+    }
+
+    // ---- queries and checks ------------------------------------------------------------
+
+    /// Is `pfn` inside a free block? Returns that block's (head, order).
+    pub fn find_free_block(&self, map: &MemMap, pfn: u64) -> Option<(u64, u32)> {
+        for o in 0..=MAX_PAGE_ORDER {
+            let head = pfn >> o << o;
+            if head < self.zone_start {
+                break;
+            }
+            let p = map.get(head);
+            if p.has(PG_BUDDY) && p.order() >= o {
+                return (pfn < head + (1u64 << p.order())).then_some((head, p.order()));
+            }
+        }
+        None
+    }
+
+    /// `__zone_watermark_ok`'s free-area scan: is there a block of at least
+    /// `order` on a list this request may use?
+    pub fn has_usable_block(&self, order: u32, alloc_flags: u32) -> bool {
+        for o in order..=MAX_PAGE_ORDER {
+            if self.nr_free[o as usize] == 0 {
+                continue;
+            }
+            for mt in 0..MIGRATE_PCPTYPES {
+                if !self.list_empty(o, mt) {
+                    return true;
+                }
+            }
+            if alloc_flags & (ALLOC_HIGHATOMIC | ALLOC_OOM) != 0
+                && !self.list_empty(o, MIGRATE_HIGHATOMIC)
+            {
+                return true;
+            }
+        }
+        false
+    }
+
+    /// Check invariants buddy-1..6. Returns the violations found.
+    pub fn check(&self, map: &MemMap) -> Vec<String> {
+        let mut errs = Vec::new();
+        let mut seen = vec![false; (self.zone_end - self.zone_start) as usize];
+        let mut total = 0u64;
+        let mut blocks_total = 0u64;
+        for o in 0..NR_PAGE_ORDERS {
+            let mut n_order = 0;
+            for mt in 0..MIGRATE_TYPES {
+                let mut n = 0u64;
+                let mut prev = NIL;
+                let mut p = self.lists[o][mt].head;
+                while p != NIL {
+                    let pfn = p as u64;
+                    let page = map.get(pfn);
+                    if page.prev() != prev {
+                        errs.push(format!("buddy-1: broken prev link at pfn {pfn:#x}"));
+                    }
+                    if !page.has(PG_BUDDY) || page.order() as usize != o {
+                        errs.push(format!(
+                            "buddy-1: pfn {pfn:#x} on order-{o} list without PG_buddy/order {o} (flags {:#x}, order {})",
+                            page.flags(),
+                            page.order()
+                        ));
+                    }
+                    if pfn & ((1 << o) - 1) != 0 {
+                        errs.push(format!("buddy-1: pfn {pfn:#x} misaligned for order {o}"));
+                    }
+                    if pfn < self.zone_start || pfn + (1 << o) > self.zone_end {
+                        errs.push(format!("buddy-1: block {pfn:#x}/{o} outside the zone"));
+                    } else {
+                        for q in pfn..pfn + (1 << o) {
+                            let i = (q - self.zone_start) as usize;
+                            if seen[i] {
+                                errs.push(format!("buddy-6: pfn {q:#x} in two free blocks"));
+                                break;
+                            }
+                            seen[i] = true;
+                        }
+                        if (self.pageblock_migratetype(pfn) as usize) != mt {
+                            errs.push(format!(
+                                "buddy-2: block {pfn:#x}/{o} on the {} list but its pageblock is {}",
+                                MIGRATETYPE_NAMES[mt],
+                                MIGRATETYPE_NAMES[self.pageblock_migratetype(pfn) as usize]
+                            ));
+                        }
+                        if (o as u32) < MAX_PAGE_ORDER {
+                            let b = pfn ^ (1 << o);
+                            if self.is_free_buddy(map, b, o as u32) {
+                                let bmt = self.pageblock_migratetype(b);
+                                let unmergeable = mt as u8 != bmt
+                                    && (mt as u8 >= MIGRATE_PCPTYPES || bmt >= MIGRATE_PCPTYPES);
+                                if !(o as u32 >= self.pageblock_order && unmergeable) {
+                                    errs.push(format!(
+                                        "buddy-5: free buddies {pfn:#x} and {b:#x} of order {o} not merged"
+                                    ));
+                                }
+                            }
+                        }
+                    }
+                    n += 1;
+                    total += 1 << o;
+                    if o as u32 >= self.pageblock_order {
+                        blocks_total += 1 << o;
+                    }
+                    prev = p;
+                    p = page.next();
+                    if n > self.zone_end {
+                        errs.push("buddy-1: free list cycle".into());
+                        break;
+                    }
+                }
+                if self.lists[o][mt].tail != prev {
+                    errs.push(format!("buddy-1: order-{o} {} list tail is stale", MIGRATETYPE_NAMES[mt]));
+                }
+                if n != self.nr_free_mt[o][mt] {
+                    errs.push(format!(
+                        "buddy-3: order-{o} {} list holds {n} blocks but nr_free_mt says {}",
+                        MIGRATETYPE_NAMES[mt], self.nr_free_mt[o][mt]
+                    ));
+                }
+                n_order += n;
+            }
+            if n_order != self.nr_free[o] {
+                errs.push(format!("buddy-3: order-{o} lists hold {n_order} blocks but nr_free is {}", self.nr_free[o]));
+            }
+        }
+        if total != self.free_pages {
+            errs.push(format!("buddy-4: lists hold {total} pages but free_pages is {}", self.free_pages));
+        }
+        if blocks_total != self.free_pages_blocks {
+            errs.push(format!(
+                "buddy-4: lists hold {blocks_total} pages in pageblock-sized blocks but free_pages_blocks is {}",
+                self.free_pages_blocks
+            ));
+        }
+        // Stray PG_buddy heads not on any list.
+        for pfn in self.zone_start..self.zone_end {
+            let p = map.get(pfn);
+            if p.has(PG_BUDDY) && !seen[(pfn - self.zone_start) as usize] {
+                errs.push(format!("buddy-1: pfn {pfn:#x} has PG_buddy but is on no free list"));
+            }
+        }
+        errs
+    }
+}

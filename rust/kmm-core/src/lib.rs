@@ -1,0 +1,59 @@
+//! # kmm-core: a user-space model of the Linux kernel's memory manager
+//!
+//! kmm models the kernel's page allocator (zones, watermarks, the buddy
+//! system, migratetypes), with real bytes behind every page, the kernel's
+//! tracepoints and its /proc views. The Python package `kmm` drives it
+//! through the `kmm-py` binding; this crate has no Python in it.
+//!
+//! ## Glossary
+//! - **pfn**: page frame number, physical address >> PAGE_SHIFT ([`page::Pfn`]).
+//! - **order**: a block of 2^order contiguous pages; orders 0..=MAX_PAGE_ORDER (10).
+//! - **zone**: a physical range with its own free lists and watermarks (DMA,
+//!   DMA32, Normal, HighMem, Movable, Device).
+//! - **pageblock**: 2^pageblock_order pages sharing one migratetype.
+//! - **migratetype**: Unmovable, Movable, Reclaimable, HighAtomic, Isolate.
+//! - **gfp mask**: how an allocation may behave and where it may come from.
+//! - **direct map**: the kernel's linear mapping of low memory at PAGE_OFFSET.
+//!
+//! ## Module graph (lower modules never import higher ones)
+//! ```text
+//!   error, arch, gfp, page, physmem      (no dependencies inside the crate)
+//!   trace        <- gfp
+//!   buddy        <- page, arch
+//!   zone         <- buddy, arch
+//!   machine      <- physmem, page, zone, buddy, trace, arch
+//!   page_alloc   <- machine, buddy, gfp, trace          (the page-allocator API)
+//!   proc         <- machine, page_alloc                  (/proc renderers)
+//! ```
+//! ## How to read it
+//! Start with `machine.rs` (boot and address conversions), then
+//! `page_alloc.rs` (the request path), then `buddy.rs` (split, merge,
+//! fallback). Every module header names the kernel files it follows, its
+//! deliberate simplifications, its invariants and its locks.
+//!
+//! ## Safety
+//! `unsafe` lives in `physmem.rs` only; every other module forbids it.
+
+pub mod arch;
+pub mod buddy;
+pub mod error;
+pub mod gfp;
+pub mod machine;
+pub mod page;
+pub mod page_alloc;
+pub mod physmem;
+pub mod proc;
+pub mod trace;
+pub mod zone;
+
+pub use arch::Arch;
+pub use error::{KmmError, Result};
+pub use machine::{Machine, MachineConfig, PhysAddr, VirtAddr};
+pub use page::Pfn;
+
+/// `pcp_allowed_order`: orders kept on per-CPU lists (0..=COSTLY, plus the
+/// THP order = pageblock_order with CONFIG_TRANSPARENT_HUGEPAGE).
+#[inline]
+pub fn pcp_allowed_order(order: u32, pageblock_order: u32) -> bool {
+    order <= arch::PAGE_ALLOC_COSTLY_ORDER || order == pageblock_order
+}

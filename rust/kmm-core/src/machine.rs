@@ -1,0 +1,451 @@
+//! The Machine: its configuration table, boot, and the address conversions
+//! (pfn <-> physical <-> simulated virtual <-> host), all in one place.
+//!
+//! # Kernel
+//! `mm/mm_init.c` (`free_area_init`, `memmap_init`, `memblock_free_all` ->
+//! `__free_pages_memory`: free RAM in maximal aligned chunks, to the tail),
+//! `mm/page_alloc.c` (`init_per_zone_wmark_min`, `build_all_zonelists`,
+//! `page_group_by_mobility_disabled`), `mm/khugepaged.c`,
+//! `arch/x86/include/asm/page.h` (`__va`, `__pa`, `virt_to_page`).
+//!
+//! SIMPLIFICATION: one node, no memory holes, nothing reserved at boot except
+//! pfn 0 (so managed == present); see `arch.rs` and `zone.rs`.
+//!
+//! # Invariants
+//! - machine-1: zones are disjoint, in index order, and together cover RAM
+//!   from pfn 1 to the end.
+//! - machine-2: the direct map covers every lowmem pfn and no highmem pfn.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::arch::{parse_size, Arch, ZoneKind, MAX_PAGE_ORDER};
+use crate::buddy::{FreeArea, MIGRATE_TYPES};
+use crate::error::{invalid, KmmError, Result};
+use crate::page::{MemMap, Pfn, PG_RESERVED};
+use crate::physmem::PhysMem;
+use crate::trace::Tracing;
+use crate::zone::{self, Zone, ZoneCounters};
+
+/// A simulated kernel virtual address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct VirtAddr(pub u64);
+
+/// A simulated physical address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct PhysAddr(pub u64);
+
+/// Every tunable of a machine, with its default. `TUNABLES` documents them.
+#[derive(Clone, Debug)]
+pub struct MachineConfig {
+    pub arch: Arch,
+    /// Bytes of RAM.
+    pub memory: u64,
+    /// Number of simulated CPUs.
+    pub cpus: u32,
+    /// Bytes per page.
+    pub page_size: u32,
+    /// `vm.min_free_kbytes`; None = the kernel's boot formula.
+    pub min_free_kbytes: Option<u64>,
+    /// `vm.watermark_scale_factor` (1..=3000, in 1/10000 of managed pages).
+    pub watermark_scale_factor: u64,
+    /// `vm.lowmem_reserve_ratio`, one per zone index; None = the kernel's defaults.
+    pub lowmem_reserve_ratio: Option<Vec<u64>>,
+    /// CONFIG_TRANSPARENT_HUGEPAGE with khugepaged running: raises
+    /// min_free_kbytes to the THP recommendation, as on the reference machine.
+    pub transparent_hugepage: bool,
+    /// Seed for every random choice the model makes.
+    pub seed: u64,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            arch: Arch::X86_64,
+            memory: 1 << 30,
+            cpus: 2,
+            page_size: 4096,
+            min_free_kbytes: None,
+            watermark_scale_factor: 10,
+            lowmem_reserve_ratio: None,
+            transparent_hugepage: true,
+            seed: 0,
+        }
+    }
+}
+
+impl MachineConfig {
+    /// (name, default, meaning): the one table of tunables, shown by `kmm --help`.
+    pub const TUNABLES: &'static [(&'static str, &'static str, &'static str)] = &[
+        ("arch", "x86_64", "x86_64 (DMA, DMA32, Normal) | i386 (DMA, Normal <= 896M, HighMem) | i386-pae"),
+        ("memory", "1G", "RAM size; sparse, so 64G costs little on a small host"),
+        ("cpus", "2", "number of simulated CPUs"),
+        ("page_size", "4096", "bytes per page: 4096, 8192, 16384 or 65536"),
+        ("min_free_kbytes", "auto", "vm.min_free_kbytes; auto = 4*sqrt(lowmem kB), raised by THP"),
+        ("watermark_scale_factor", "10", "vm.watermark_scale_factor: low/high gap in 1/10000 of the zone"),
+        ("lowmem_reserve_ratio", "256 256 32 0 0", "vm.lowmem_reserve_ratio per zone"),
+        ("transparent_hugepage", "true", "khugepaged's recommended min_free_kbytes (as on most distros)"),
+        ("seed", "0", "seed for the model's random choices"),
+    ];
+
+    /// Parse `memory` from a size string.
+    pub fn with_memory(mut self, s: &str) -> Result<Self> {
+        self.memory = parse_size(s)?;
+        Ok(self)
+    }
+}
+
+/// Machine-wide counters.
+#[derive(Default, Debug)]
+pub struct MachineStats {
+    pub pgalloc_fail: AtomicU64,
+}
+
+/// A simulated machine: memory, page metadata, zones, tracepoints.
+pub struct Machine {
+    pub cfg: MachineConfig,
+    pub page_size: u64,
+    pub page_shift: u32,
+    pub pageblock_order: u32,
+    /// Frames of RAM, pfn 0 included (reserved).
+    pub nr_pages: u64,
+    /// First pfn beyond the direct map.
+    pub max_low_pfn: u64,
+    pub phys: PhysMem,
+    pub mem_map: MemMap,
+    pub zones: Vec<Zone>,
+    pub trace: Tracing,
+    pub min_free_kbytes: AtomicU64,
+    pub stats: MachineStats,
+}
+
+impl Machine {
+    /// Boot a machine: size the zones, free all RAM into the buddy allocator,
+    /// compute watermarks, protection and per-CPU list sizes.
+    pub fn new(cfg: MachineConfig) -> Result<Machine> {
+        let ps = cfg.page_size as u64;
+        if !matches!(ps, 4096 | 8192 | 16384 | 65536) {
+            return invalid(format!("page_size {ps} not supported (4096, 8192, 16384 or 65536)"));
+        }
+        if cfg.cpus == 0 || cfg.cpus > 1024 {
+            return invalid(format!("cpus must be 1..=1024, not {}", cfg.cpus));
+        }
+        if !(1..=3000).contains(&cfg.watermark_scale_factor) {
+            return invalid("watermark_scale_factor must be 1..=3000");
+        }
+        let page_shift = ps.trailing_zeros();
+        let min_mem = 4 << 20;
+        if cfg.memory < min_mem || cfg.memory > cfg.arch.max_phys() {
+            return invalid(format!(
+                "memory {} out of range for {} ({} .. {} bytes)",
+                cfg.memory,
+                cfg.arch.name(),
+                min_mem,
+                cfg.arch.max_phys()
+            ));
+        }
+        if cfg.memory % ps != 0 {
+            return invalid(format!("memory {} is not a multiple of the page size {ps}", cfg.memory));
+        }
+        let nr_pages = cfg.memory / ps;
+        let pageblock_order = cfg.arch.pageblock_order(page_shift);
+
+        // Zones: contiguous ranges, index order, RAM from pfn 1 (pfn 0 reserved).
+        let kinds = cfg.arch.zone_kinds();
+        let mut spans = Vec::with_capacity(kinds.len());
+        let mut next = 1u64;
+        for &k in kinds {
+            let (start, end) = match k {
+                ZoneKind::Movable | ZoneKind::Device => (0, 0),
+                _ => {
+                    let limit = cfg.arch.zone_limit(k);
+                    let end = (limit / ps).min(nr_pages).max(next);
+                    let r = (next, end);
+                    next = end;
+                    r
+                }
+            };
+            spans.push((k, start, end));
+        }
+        let max_low_pfn = (cfg.arch.direct_map_span().min(cfg.memory)) / ps;
+        let phys = PhysMem::new(cfg.memory, max_low_pfn * ps)?;
+        let mem_map = MemMap::new(nr_pages);
+        mem_map.get(0).set(PG_RESERVED, 0);
+        mem_map.get(0).set_refcount(1);
+
+        let nz = spans.len();
+        let zones: Vec<Zone> = spans
+            .iter()
+            .enumerate()
+            .map(|(idx, &(kind, start, end))| {
+                let spanned = end - start;
+                Zone {
+                    idx,
+                    kind,
+                    start_pfn: start,
+                    spanned,
+                    present: spanned,
+                    managed: spanned,
+                    area: parking_lot::Mutex::new(FreeArea::new(start, end, pageblock_order)),
+                    nr_free_pages: Default::default(),
+                    nr_free_pages_blocks: Default::default(),
+                    nr_free_highatomic: Default::default(),
+                    below_high: Default::default(),
+                    watermark: Default::default(),
+                    watermark_boost: Default::default(),
+                    lowmem_reserve: (0..nz).map(|_| AtomicU64::new(0)).collect(),
+                    nr_reserved_highatomic: Default::default(),
+                    pcp_batch: Default::default(),
+                    pcp_high_min: Default::default(),
+                    pcp_high_max: Default::default(),
+                    counters: ZoneCounters::default(),
+                }
+            })
+            .collect();
+
+        let m = Machine {
+            page_size: ps,
+            page_shift,
+            pageblock_order,
+            nr_pages,
+            max_low_pfn,
+            phys,
+            mem_map,
+            zones,
+            trace: Tracing::default(),
+            min_free_kbytes: AtomicU64::new(0),
+            stats: MachineStats::default(),
+            cfg,
+        };
+
+        // page_group_by_mobility_disabled: too little memory to group by mobility.
+        let total: u64 = m.zones.iter().map(|z| z.managed).sum();
+        let mobility_disabled = total < (1u64 << pageblock_order) * MIGRATE_TYPES as u64;
+
+        // memblock_free_all: free each zone in maximal aligned chunks, to the tail.
+        for z in &m.zones {
+            let mut a = z.area.lock();
+            a.mobility_disabled = mobility_disabled;
+            let (mut pfn, end) = (z.start_pfn, z.end_pfn());
+            while pfn < end {
+                let mut order = (pfn.trailing_zeros()).min(MAX_PAGE_ORDER);
+                while pfn + (1u64 << order) > end {
+                    order -= 1;
+                }
+                a.free_boot_block(&m.mem_map, pfn, order);
+                pfn += 1u64 << order;
+            }
+            z.sync_counters(&a);
+        }
+        m.setup_watermarks(m.cfg.min_free_kbytes);
+        Ok(m)
+    }
+
+    /// Boot with defaults except the given arch and memory (a convenience).
+    pub fn boot(arch: Arch, memory: &str) -> Result<Machine> {
+        Machine::new(MachineConfig { arch, ..MachineConfig::default() }.with_memory(memory)?)
+    }
+
+    /// Managed pages of zones at or below ZONE_NORMAL (`nr_free_buffer_pages` at boot).
+    fn lowmem_managed(&self) -> u64 {
+        self.zones
+            .iter()
+            .filter(|z| matches!(z.kind, ZoneKind::Dma | ZoneKind::Dma32 | ZoneKind::Normal))
+            .map(|z| z.managed)
+            .sum()
+    }
+
+    /// `init_per_zone_wmark_min` + `setup_per_zone_wmarks` +
+    /// `setup_per_zone_lowmem_reserve` + pageset sizing. `min_free_kbytes`
+    /// None = the kernel's formula (and the THP recommendation if enabled).
+    pub fn setup_watermarks(&self, min_free_kbytes: Option<u64>) {
+        let page_kb = self.page_size / 1024;
+        let lowmem = self.lowmem_managed();
+        let mfk = match min_free_kbytes {
+            Some(v) => v,
+            None => {
+                let mut v = zone::calculate_min_free_kbytes(lowmem * page_kb);
+                if self.cfg.transparent_hugepage {
+                    let nr_zones = self
+                        .zones
+                        .iter()
+                        .filter(|z| z.is_populated() && z.kind != ZoneKind::HighMem && z.kind != ZoneKind::Movable)
+                        .count() as u64;
+                    let rec = zone::thp_recommended_min_free_kbytes(
+                        1 << self.pageblock_order,
+                        nr_zones,
+                        lowmem,
+                        page_kb,
+                    );
+                    v = v.max(rec);
+                }
+                v
+            }
+        };
+        self.min_free_kbytes.store(mfk, Relaxed);
+        let pages_min = mfk / page_kb;
+        let wsf = self.cfg.watermark_scale_factor;
+        for z in &self.zones {
+            let hm = matches!(z.kind, ZoneKind::HighMem | ZoneKind::Movable);
+            let w = if z.kind == ZoneKind::Device {
+                zone::Wmarks { min: 0, low: 0, high: 0, promo: 0 }
+            } else {
+                zone::zone_wmarks(pages_min, z.managed, lowmem, hm, wsf)
+            };
+            z.watermark[0].store(w.min, Relaxed);
+            z.watermark[1].store(w.low, Relaxed);
+            z.watermark[2].store(w.high, Relaxed);
+            z.watermark[3].store(w.promo, Relaxed);
+            let batch = zone::zone_batchsize(z.managed, self.page_size).max(1);
+            let cpus = self.cfg.cpus as u64;
+            z.pcp_batch.store(batch, Relaxed);
+            z.pcp_high_min.store(zone::zone_highsize(w.low, z.managed, batch, cpus, 0), Relaxed);
+            z.pcp_high_max.store(zone::zone_highsize(w.low, z.managed, batch, cpus, 8), Relaxed);
+        }
+        let ratio: Vec<u64> = match &self.cfg.lowmem_reserve_ratio {
+            Some(r) => (0..self.zones.len()).map(|i| r.get(i).copied().unwrap_or(0)).collect(),
+            None => self.zones.iter().map(|z| zone::default_lowmem_reserve_ratio(z.kind)).collect(),
+        };
+        let managed: Vec<u64> = self.zones.iter().map(|z| z.managed).collect();
+        let res = zone::lowmem_reserve(&managed, &ratio);
+        for (i, z) in self.zones.iter().enumerate() {
+            for (j, r) in z.lowmem_reserve.iter().enumerate() {
+                r.store(res[i][j], Relaxed);
+            }
+        }
+    }
+
+    // ---- address conversions (the one place) ------------------------------------
+
+    #[inline]
+    pub fn pfn_to_phys(&self, pfn: Pfn) -> PhysAddr {
+        PhysAddr(pfn.0 << self.page_shift)
+    }
+
+    #[inline]
+    pub fn phys_to_pfn(&self, pa: PhysAddr) -> Pfn {
+        Pfn(pa.0 >> self.page_shift)
+    }
+
+    /// Is `pfn` a frame of RAM?
+    #[inline]
+    pub fn pfn_valid(&self, pfn: Pfn) -> bool {
+        pfn.0 < self.nr_pages
+    }
+
+    /// Is `pfn` permanently mapped by the direct map (not highmem)?
+    #[inline]
+    pub fn pfn_is_lowmem(&self, pfn: Pfn) -> bool {
+        pfn.0 < self.max_low_pfn
+    }
+
+    /// `__va`: direct-map address of a physical address in low memory.
+    pub fn phys_to_virt(&self, pa: PhysAddr) -> Option<VirtAddr> {
+        self.pfn_is_lowmem(self.phys_to_pfn(pa)).then(|| VirtAddr(self.cfg.arch.page_offset() + pa.0))
+    }
+
+    /// `__pa` for direct-map addresses; a page fault for anything else.
+    pub fn virt_to_phys(&self, va: VirtAddr) -> Result<PhysAddr> {
+        let off = self.cfg.arch.page_offset();
+        if va.0 >= off && va.0 - off < self.max_low_pfn << self.page_shift {
+            Ok(PhysAddr(va.0 - off))
+        } else {
+            Err(KmmError::PageFault(format!(
+                "BUG: unable to handle page fault for address: {:#x} (not a direct-map address)",
+                va.0
+            )))
+        }
+    }
+
+    /// `page_address`: the direct-map address of a page, None for highmem.
+    pub fn page_address(&self, pfn: Pfn) -> Option<VirtAddr> {
+        self.phys_to_virt(self.pfn_to_phys(pfn))
+    }
+
+    /// `virt_to_page` for direct-map addresses.
+    pub fn virt_to_pfn(&self, va: VirtAddr) -> Result<Pfn> {
+        Ok(self.phys_to_pfn(self.virt_to_phys(va)?))
+    }
+
+    /// The zone a pfn belongs to.
+    pub fn pfn_zone(&self, pfn: Pfn) -> Option<&Zone> {
+        self.zones.iter().find(|z| z.spans(pfn.0))
+    }
+
+    /// Read `n` bytes at a mapped simulated address (the direct map for now).
+    pub fn read(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
+        let pa = self.virt_to_phys(va)?;
+        self.check_mapped_range(va, pa, n)?;
+        let mut buf = vec![0u8; n];
+        self.phys.read(pa.0, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Write bytes at a mapped simulated address (the direct map for now).
+    pub fn write(&self, va: VirtAddr, data: &[u8]) -> Result<()> {
+        let pa = self.virt_to_phys(va)?;
+        self.check_mapped_range(va, pa, data.len())?;
+        self.phys.write(pa.0, data)
+    }
+
+    fn check_mapped_range(&self, va: VirtAddr, pa: PhysAddr, n: usize) -> Result<()> {
+        let end = pa.0.checked_add(n as u64);
+        if end.is_none_or(|e| e > self.max_low_pfn << self.page_shift) {
+            return Err(KmmError::PageFault(format!(
+                "BUG: unable to handle page fault for address: {:#x} (access of {n} bytes runs off the direct map)",
+                va.0
+            )));
+        }
+        Ok(())
+    }
+
+    /// Total managed pages.
+    pub fn totalram_pages(&self) -> u64 {
+        self.zones.iter().map(|z| z.managed).sum()
+    }
+
+    /// Free pages in the buddy allocator, all zones.
+    pub fn nr_free_pages(&self) -> u64 {
+        self.zones.iter().map(|z| z.free_pages()).sum()
+    }
+
+    /// Index of the zone of a kind, if the arch has it.
+    pub fn zone_index(&self, kind: ZoneKind) -> Option<usize> {
+        self.zones.iter().position(|z| z.kind == kind)
+    }
+
+    /// Run every invariant check; returns the violations.
+    pub fn check(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let mut prev_end = 1;
+        for z in &self.zones {
+            if z.spanned == 0 {
+                continue;
+            }
+            if z.start_pfn != prev_end {
+                errs.push(format!("machine-1: zone {} starts at {:#x}, expected {prev_end:#x}", z.kind.name(), z.start_pfn));
+            }
+            prev_end = z.end_pfn();
+            let a = z.area.lock();
+            for e in a.check(&self.mem_map) {
+                errs.push(format!("{}: {e}", z.kind.name()));
+            }
+            if a.free_pages as i64 != z.nr_free_pages.load(Relaxed) {
+                errs.push(format!(
+                    "zone-1: {} nr_free_pages {} but the free lists hold {}",
+                    z.kind.name(),
+                    z.nr_free_pages.load(Relaxed),
+                    a.free_pages
+                ));
+            }
+            let w: Vec<u64> = z.watermark.iter().map(|w| w.load(Relaxed)).collect();
+            if !(w[0] <= w[1] && w[1] <= w[2] && w[2] <= w[3]) {
+                errs.push(format!("zone-2: {} watermarks out of order {w:?}", z.kind.name()));
+            }
+        }
+        if prev_end != self.nr_pages {
+            errs.push(format!("machine-1: zones end at {prev_end:#x}, RAM at {:#x}", self.nr_pages));
+        }
+        errs
+    }
+}

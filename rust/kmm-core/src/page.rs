@@ -1,0 +1,191 @@
+//! `struct page`: the per-frame metadata array (`mem_map`), 16 bytes a page
+//! (the kernel spends 64).
+//!
+//! # Kernel
+//! `include/linux/mm_types.h` (struct page), `include/linux/page-flags.h`
+//! (PG_* flags, page types such as PGTY_buddy, compound head/tail),
+//! `mm/internal.h` (`buddy_order`, `set_buddy_order`).
+//!
+//! # Layout (one `PageMeta`)
+//! ```text
+//!   flags    u32   bits 0..15 PG_* flags and page types, bits 16..19 order
+//!   refcount i32   _refcount: > 0 for the head of an allocated block
+//!   next     u32   free-list / slab-list link (a pfn, NIL = u32::MAX)
+//!   prev     u32   free-list / slab-list link
+//! ```
+//! The zone and the pageblock migratetype are not stored per page: the zone
+//! follows from the pfn (zones are contiguous ranges) and the migratetype
+//! lives in the zone's pageblock array (like `pageblock_flags`).
+//! All-zero metadata is the state of a page inside a free block (not a head),
+//! so booting touches only the head page of each free block.
+//!
+//! Fields are relaxed atomics: each is written only under the lock that owns
+//! the page (zone lock while free, the owner while allocated); atomics make the
+//! array `Sync` without `unsafe` and cost plain moves on x86.
+//!
+//! # Invariants
+//! - page-1: a page with PG_buddy is the head of a free block of `order()`
+//!   pages, on the free list of its pageblock's migratetype; refcount 0.
+//! - page-2: the head of an allocated block has refcount > 0 and records its
+//!   order; tails of compound blocks have PG_tail.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering::Relaxed};
+
+use bytemuck::Zeroable;
+
+/// A page frame number.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub struct Pfn(pub u64);
+
+/// The "no page" link value.
+pub const NIL: u32 = u32::MAX;
+
+// Flag bits. Names shown to users are the kernel's (`%pGp` names and page types).
+pub const PG_RESERVED: u32 = 1 << 0;
+pub const PG_HEAD: u32 = 1 << 1;
+pub const PG_TAIL: u32 = 1 << 2;
+/// Page type "buddy": head of a free block in the buddy allocator.
+pub const PG_BUDDY: u32 = 1 << 3;
+/// Page type "slab".
+pub const PG_SLAB: u32 = 1 << 4;
+/// On a per-CPU page list (the kernel keeps no flag; pages there are "allocated"
+/// from the zone's point of view). kmm marks them to catch double frees.
+pub const PG_PCP: u32 = 1 << 5;
+/// Page type "table": a page-table page.
+pub const PG_TABLE: u32 = 1 << 6;
+/// Backs a vmalloc area (`PageVmalloc` in the kernel is derived from the area).
+pub const PG_VMALLOC: u32 = 1 << 7;
+/// On an LRU list: kmm sets it on blocks allocated with `__GFP_MOVABLE`
+/// (user pages), which the pageblock-claim heuristic counts as movable.
+pub const PG_LRU: u32 = 1 << 8;
+
+const ORDER_SHIFT: u32 = 16;
+const ORDER_MASK: u32 = 0xf << ORDER_SHIFT;
+
+/// The flag names, in the order `%pGp`-style dumps list them.
+pub const FLAG_NAMES: &[(u32, &str)] = &[
+    (PG_RESERVED, "reserved"),
+    (PG_HEAD, "head"),
+    (PG_TAIL, "tail"),
+    (PG_BUDDY, "buddy"),
+    (PG_SLAB, "slab"),
+    (PG_PCP, "pcp"),
+    (PG_TABLE, "table"),
+    (PG_VMALLOC, "vmalloc"),
+    (PG_LRU, "lru"),
+];
+
+/// One page's metadata. 16 bytes.
+#[derive(Zeroable, Debug)]
+#[repr(C)]
+pub struct PageMeta {
+    flags: AtomicU32,
+    refcount: AtomicI32,
+    next: AtomicU32,
+    prev: AtomicU32,
+}
+
+const _: () = assert!(std::mem::size_of::<PageMeta>() == 16);
+
+impl PageMeta {
+    #[inline]
+    pub fn flags(&self) -> u32 {
+        self.flags.load(Relaxed) & !ORDER_MASK
+    }
+    #[inline]
+    pub fn raw(&self) -> u32 {
+        self.flags.load(Relaxed)
+    }
+    #[inline]
+    pub fn has(&self, f: u32) -> bool {
+        self.flags.load(Relaxed) & f != 0
+    }
+    #[inline]
+    pub fn order(&self) -> u32 {
+        (self.flags.load(Relaxed) & ORDER_MASK) >> ORDER_SHIFT
+    }
+    /// Set flags and order at once (replaces both).
+    #[inline]
+    pub fn set(&self, flags: u32, order: u32) {
+        debug_assert!(flags & ORDER_MASK == 0 && order <= 15);
+        self.flags.store(flags | (order << ORDER_SHIFT), Relaxed);
+    }
+    #[inline]
+    pub fn set_flag(&self, f: u32) {
+        self.flags.fetch_or(f, Relaxed);
+    }
+    #[inline]
+    pub fn clear_flag(&self, f: u32) {
+        self.flags.fetch_and(!f, Relaxed);
+    }
+    #[inline]
+    pub fn clear(&self) {
+        self.flags.store(0, Relaxed);
+        self.refcount.store(0, Relaxed);
+    }
+    #[inline]
+    pub fn refcount(&self) -> i32 {
+        self.refcount.load(Relaxed)
+    }
+    #[inline]
+    pub fn set_refcount(&self, v: i32) {
+        self.refcount.store(v, Relaxed);
+    }
+    /// `page_ref_inc`; returns the new count.
+    #[inline]
+    pub fn ref_inc(&self) -> i32 {
+        self.refcount.fetch_add(1, Relaxed) + 1
+    }
+    /// `page_ref_dec_and_test`-like; returns the new count.
+    #[inline]
+    pub fn ref_dec(&self) -> i32 {
+        self.refcount.fetch_sub(1, Relaxed) - 1
+    }
+    #[inline]
+    pub fn next(&self) -> u32 {
+        self.next.load(Relaxed)
+    }
+    #[inline]
+    pub fn prev(&self) -> u32 {
+        self.prev.load(Relaxed)
+    }
+    #[inline]
+    pub fn set_next(&self, v: u32) {
+        self.next.store(v, Relaxed)
+    }
+    #[inline]
+    pub fn set_prev(&self, v: u32) {
+        self.prev.store(v, Relaxed)
+    }
+}
+
+/// Kernel names of a flags word.
+pub fn flag_names(flags: u32) -> Vec<&'static str> {
+    FLAG_NAMES.iter().filter(|(b, _)| flags & b != 0).map(|&(_, n)| n).collect()
+}
+
+/// The `mem_map` array, indexed by pfn.
+pub struct MemMap {
+    pages: Box<[PageMeta]>,
+}
+
+impl MemMap {
+    /// A zeroed array for `nr` frames. The allocation is `calloc`-backed, so
+    /// untouched entries cost no host memory.
+    pub fn new(nr: u64) -> MemMap {
+        MemMap { pages: bytemuck::allocation::zeroed_slice_box(nr as usize) }
+    }
+    #[inline]
+    pub fn len(&self) -> u64 {
+        self.pages.len() as u64
+    }
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.pages.is_empty()
+    }
+    #[inline]
+    pub fn get(&self, pfn: u64) -> &PageMeta {
+        &self.pages[pfn as usize]
+    }
+}

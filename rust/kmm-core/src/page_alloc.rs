@@ -1,0 +1,627 @@
+//! The page allocator's API: gfp -> zonelist -> watermarks -> buddy, and the
+//! free path back. `alloc_pages`, `__get_free_pages`, `__free_pages`, ...
+//!
+//! # Kernel
+//! `mm/page_alloc.c`: `__alloc_pages_noprof`, `prepare_alloc_pages`,
+//! `get_page_from_freelist`, `zone_watermark_fast`, `__zone_watermark_ok`,
+//! `alloc_flags_nofragment`, `gfp_to_alloc_flags`, `__gfp_pfmemalloc_flags`,
+//! `__alloc_pages_slowpath`, `rmqueue`, `rmqueue_buddy`,
+//! `reserve_highatomic_pageblock`, `boost_watermark`, `warn_alloc`,
+//! `__free_pages`, `free_pages_prepare`, `__free_pages_ok`, `free_one_page`;
+//! `mm/page_alloc.c` `prep_new_page` / `post_alloc_hook` (zeroing),
+//! `prep_compound_page`.
+//!
+//! SIMPLIFICATION: there is nothing to reclaim (no page cache, no swap), so
+//! the slow path has no direct reclaim, compaction or OOM killer: after the
+//! min-watermark attempt (and the reserves the gfp mask entitles it to) an
+//! allocation fails. kswapd, when woken, only resets a boosted watermark (it
+//! would find nothing to reclaim). `__GFP_NOFAIL` then ignores watermarks
+//! rather than looping forever waiting for reclaim; a request that no free
+//! block can satisfy still fails. No per-CPU lists yet: every order goes
+//! straight to the buddy allocator (the kernel's boot pagesets, high 0 batch 1).
+//!
+//! # Invariants
+//! - alloc-1: an allocated block's head has refcount >= 1 and records its order.
+//! - alloc-2: a failed call changes no counter, list or page.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::Ordering::Relaxed;
+
+use crate::arch::{ZoneKind, MAX_PAGE_ORDER};
+use crate::buddy::{alloc_flags::*, BuddyEvent, RmqueueMode, MIGRATE_HIGHATOMIC};
+use crate::error::{KmmError, Result};
+use crate::gfp::{self, Gfp, ZoneKindReq};
+use crate::machine::{Machine, VirtAddr};
+use crate::page::{Pfn, PG_BUDDY, PG_HEAD, PG_LRU, PG_PCP, PG_RESERVED, PG_SLAB, PG_TAIL};
+use crate::trace::{EventId, Payload};
+use crate::zone::Zone;
+
+/// `watermark_boost_factor` default (15000 = 150% of the high watermark).
+pub const WATERMARK_BOOST_FACTOR: u64 = 15000;
+
+/// The resolved request (`struct alloc_context`).
+#[derive(Clone, Copy, Debug)]
+pub struct AllocContext {
+    pub highest_zoneidx: usize,
+    pub migratetype: u8,
+}
+
+impl Machine {
+    /// The simulated CPU the calling thread runs on.
+    /// SIMPLIFICATION: until CPUs are modelled every thread runs on CPU 0.
+    #[inline]
+    pub fn this_cpu(&self) -> u32 {
+        0
+    }
+
+    /// `gfp_zone()` resolved to this machine's zone index.
+    pub fn gfp_zone(&self, gfp: Gfp) -> Result<usize> {
+        let has_high = self.zone_index(ZoneKind::HighMem).is_some();
+        let has_dma32 = self.zone_index(ZoneKind::Dma32).is_some();
+        let kind = match gfp::gfp_zone_kind(gfp, has_high, has_dma32)? {
+            ZoneKindReq::Dma => ZoneKind::Dma,
+            ZoneKindReq::Dma32 => ZoneKind::Dma32,
+            ZoneKindReq::Normal => ZoneKind::Normal,
+            ZoneKindReq::HighMem => ZoneKind::HighMem,
+            ZoneKindReq::Movable => ZoneKind::Movable,
+        };
+        Ok(self.zone_index(kind).expect("arch has the zone gfp_zone picked"))
+    }
+
+    /// The zonelist walk for a request: populated zones from `highest` down.
+    pub fn zonelist(&self, highest: usize) -> impl Iterator<Item = &Zone> {
+        self.zones[..=highest].iter().rev().filter(|z| z.is_populated())
+    }
+
+    /// `prepare_alloc_pages`: validate the mask, resolve zone and migratetype.
+    pub fn prepare_alloc(&self, gfp: Gfp, order: u32) -> Result<AllocContext> {
+        if gfp & gfp::GFP_MOVABLE_MASK == gfp::GFP_MOVABLE_MASK {
+            return Err(KmmError::BadGfp(format!(
+                "gfp mask {:#x}({}) asks for both __GFP_MOVABLE and __GFP_RECLAIMABLE",
+                gfp,
+                gfp::format_pgg(gfp)
+            )));
+        }
+        let highest_zoneidx = self.gfp_zone(gfp)?;
+        if order > MAX_PAGE_ORDER {
+            return Err(self.alloc_failure(gfp, order, "order > MAX_PAGE_ORDER"));
+        }
+        Ok(AllocContext { highest_zoneidx, migratetype: gfp::migratetype(gfp) })
+    }
+
+    /// `__alloc_pages`: allocate 2^order contiguous pages. Returns the head pfn.
+    pub fn alloc_pages(&self, gfp: Gfp, order: u32) -> Result<Pfn> {
+        let ac = self.prepare_alloc(gfp, order)?;
+        let mut alloc_flags = ALLOC_WMARK_LOW;
+        alloc_flags |= self.alloc_flags_nofragment(ac.highest_zoneidx, gfp);
+        let mut page = self.get_page_from_freelist(gfp, order, alloc_flags, &ac);
+        if page.is_none() {
+            page = self.alloc_pages_slowpath(gfp, order, &ac);
+        }
+        match page {
+            Some(pfn) => {
+                self.prep_new_page(pfn, order, gfp)?;
+                if self.trace.on(EventId::MmPageAlloc) {
+                    self.trace.emit(
+                        self.this_cpu(),
+                        Payload::MmPageAlloc {
+                            pfn: Some(pfn.0),
+                            order,
+                            migratetype: ac.migratetype as i32,
+                            gfp_flags: gfp,
+                        },
+                    );
+                }
+                Ok(pfn)
+            }
+            None => {
+                if self.trace.on(EventId::MmPageAlloc) {
+                    self.trace.emit(
+                        self.this_cpu(),
+                        Payload::MmPageAlloc {
+                            pfn: None,
+                            order,
+                            migratetype: ac.migratetype as i32,
+                            gfp_flags: gfp,
+                        },
+                    );
+                }
+                self.stats.pgalloc_fail.fetch_add(1, Relaxed);
+                Err(self.alloc_failure(gfp, order, ""))
+            }
+        }
+    }
+
+    /// The `warn_alloc` report as an error.
+    fn alloc_failure(&self, gfp: Gfp, order: u32, why: &str) -> KmmError {
+        let mut message = format!(
+            "page allocation failure: order:{order}, mode:{:#x}({}), nodemask=(null)",
+            gfp,
+            gfp::format_pgg(gfp)
+        );
+        if !why.is_empty() {
+            message = format!("WARNING: {why}: {message}");
+        }
+        KmmError::OutOfMemory { order, gfp, message }
+    }
+
+    /// `alloc_flags_nofragment`: avoid fragmenting fallbacks in Normal while
+    /// DMA32 still has room (the "preferred zone is Normal and DMA32 exists" rule).
+    fn alloc_flags_nofragment(&self, highest: usize, gfp: Gfp) -> u32 {
+        let flags = gfp & __GFP_KSWAPD_RECLAIM_ALLOC;
+        // CONFIG_ZONE_DMA32 only; one node, so no populated_zone(DMA32) check.
+        match self.zonelist(highest).next() {
+            Some(z) if z.kind == ZoneKind::Normal && self.zone_index(ZoneKind::Dma32).is_some() => {
+                flags | ALLOC_NOFRAGMENT
+            }
+            _ => flags,
+        }
+    }
+
+    /// `gfp_to_alloc_flags`.
+    fn gfp_to_alloc_flags(&self, gfp: Gfp, order: u32) -> u32 {
+        let mut f = ALLOC_WMARK_MIN | ALLOC_CPUSET;
+        // ALLOC_MIN_RESERVE == __GFP_HIGH and ALLOC_KSWAPD == __GFP_KSWAPD_RECLAIM.
+        f |= gfp & (gfp::__GFP_HIGH | gfp::__GFP_KSWAPD_RECLAIM);
+        if !gfp::allow_blocking(gfp) {
+            if gfp & gfp::__GFP_NOMEMALLOC == 0 {
+                f |= ALLOC_NON_BLOCK;
+                if order > 0 && f & ALLOC_MIN_RESERVE != 0 {
+                    f |= ALLOC_HIGHATOMIC;
+                }
+            }
+            if f & ALLOC_MIN_RESERVE != 0 {
+                f &= !ALLOC_CPUSET;
+            }
+        }
+        f
+    }
+
+    /// `__gfp_pfmemalloc_flags`.
+    fn pfmemalloc_flags(&self, gfp: Gfp) -> u32 {
+        if gfp & gfp::__GFP_NOMEMALLOC != 0 {
+            return 0;
+        }
+        if gfp & gfp::__GFP_MEMALLOC != 0 {
+            return ALLOC_NO_WATERMARKS;
+        }
+        0
+    }
+
+    /// `__alloc_pages_slowpath`, less reclaim, compaction and the OOM killer.
+    fn alloc_pages_slowpath(&self, gfp: Gfp, order: u32, ac: &AllocContext) -> Option<Pfn> {
+        let mut alloc_flags = self.gfp_to_alloc_flags(gfp, order);
+        if alloc_flags & ALLOC_KSWAPD != 0 {
+            self.wake_all_kswapds(ac.highest_zoneidx);
+        }
+        if let Some(p) = self.get_page_from_freelist(gfp, order, alloc_flags, ac) {
+            return Some(p);
+        }
+        let reserve = self.pfmemalloc_flags(gfp);
+        if reserve != 0 {
+            alloc_flags = reserve | (alloc_flags & ALLOC_KSWAPD);
+            if let Some(p) = self.get_page_from_freelist(gfp, order, alloc_flags, ac) {
+                return Some(p);
+            }
+        }
+        if gfp & gfp::__GFP_NOFAIL != 0 {
+            // __alloc_pages_cpuset_fallback(ALLOC_MIN_RESERVE), then (model) no watermarks.
+            for f in [ALLOC_MIN_RESERVE, ALLOC_NO_WATERMARKS] {
+                if let Some(p) = self.get_page_from_freelist(gfp, order, f, ac) {
+                    return Some(p);
+                }
+            }
+        }
+        None
+    }
+
+    /// kswapd, woken: nothing to reclaim in the model, so it only drops the
+    /// watermark boost as `balance_pgdat` does when it finishes.
+    fn wake_all_kswapds(&self, highest: usize) {
+        for z in self.zonelist(highest) {
+            z.watermark_boost.store(0, Relaxed);
+        }
+    }
+
+    /// `get_page_from_freelist`: walk the zonelist, check watermarks, take pages.
+    pub fn get_page_from_freelist(
+        &self,
+        gfp: Gfp,
+        order: u32,
+        mut alloc_flags: u32,
+        ac: &AllocContext,
+    ) -> Option<Pfn> {
+        loop {
+            let no_fallback = alloc_flags & ALLOC_NOFRAGMENT != 0;
+            for z in self.zonelist(ac.highest_zoneidx) {
+                // A zone above its high watermark is used without the
+                // request's own check; below it, ZONE_BELOW_HIGH is set.
+                let mut ok = false;
+                if !z.below_high.load(Relaxed) {
+                    let high = z.wmark(crate::zone::WMARK_HIGH);
+                    if self.zone_watermark_fast(z, order, high, ac.highest_zoneidx, alloc_flags) {
+                        ok = true;
+                    } else {
+                        z.below_high.store(true, Relaxed);
+                    }
+                }
+                if !ok {
+                    let mark = z.wmark((alloc_flags & ALLOC_WMARK_MASK) as usize);
+                    if !self.zone_watermark_fast(z, order, mark, ac.highest_zoneidx, alloc_flags)
+                        && alloc_flags & ALLOC_NO_WATERMARKS == 0
+                    {
+                        z.counters.wmark_fail.fetch_add(1, Relaxed);
+                        continue;
+                    }
+                }
+                if let Some(pfn) = self.rmqueue(z, order, alloc_flags, ac.migratetype) {
+                    if alloc_flags & ALLOC_HIGHATOMIC != 0 {
+                        self.reserve_highatomic_pageblock(z, pfn, order);
+                    }
+                    let _ = gfp;
+                    return Some(Pfn(pfn));
+                }
+            }
+            if no_fallback {
+                alloc_flags &= !ALLOC_NOFRAGMENT;
+                continue;
+            }
+            return None;
+        }
+    }
+
+    /// `zone_watermark_fast`.
+    fn zone_watermark_fast(&self, z: &Zone, order: u32, mark: u64, highest: usize, alloc_flags: u32) -> bool {
+        let free = z.nr_free_pages.load(Relaxed);
+        let reserve = z.lowmem_reserve[highest].load(Relaxed) as i64;
+        if order == 0 {
+            let unusable = Self::watermark_unusable_free(z, 0, alloc_flags);
+            let usable = free - free.max(0).min(unusable);
+            if usable > mark as i64 + reserve {
+                return true;
+            }
+        }
+        if self.zone_watermark_ok(z, order, mark, highest, alloc_flags, free) {
+            return true;
+        }
+        // Ignore boosting for __GFP_HIGH order-0 allocations at the min mark.
+        if order == 0
+            && alloc_flags & ALLOC_MIN_RESERVE != 0
+            && z.watermark_boost.load(Relaxed) != 0
+            && alloc_flags & ALLOC_WMARK_MASK == ALLOC_WMARK_MIN
+        {
+            let mark = z.watermark[0].load(Relaxed);
+            return self.zone_watermark_ok(z, order, mark, highest, alloc_flags, free);
+        }
+        false
+    }
+
+    /// `__zone_watermark_unusable_free`: pages this request cannot use.
+    fn watermark_unusable_free(z: &Zone, order: u32, alloc_flags: u32) -> i64 {
+        let mut u = (1i64 << order) - 1;
+        if alloc_flags & ALLOC_RESERVES == 0 {
+            u += z.nr_free_highatomic.load(Relaxed);
+        }
+        u
+    }
+
+    /// `__zone_watermark_ok`.
+    pub fn zone_watermark_ok(
+        &self,
+        z: &Zone,
+        order: u32,
+        mark: u64,
+        highest: usize,
+        alloc_flags: u32,
+        free_pages: i64,
+    ) -> bool {
+        let mut min = mark as i64;
+        let free = free_pages - Self::watermark_unusable_free(z, order, alloc_flags);
+        if alloc_flags & ALLOC_RESERVES != 0 {
+            if alloc_flags & ALLOC_MIN_RESERVE != 0 {
+                min -= min / 2;
+                if alloc_flags & ALLOC_NON_BLOCK != 0 {
+                    min -= min / 4;
+                }
+            }
+            if alloc_flags & ALLOC_OOM != 0 {
+                min -= min / 2;
+            }
+        }
+        if free <= min + z.lowmem_reserve[highest].load(Relaxed) as i64 {
+            return false;
+        }
+        if order == 0 {
+            return true;
+        }
+        z.area.lock().has_usable_block(order, alloc_flags)
+    }
+
+    /// `rmqueue` -> `rmqueue_buddy`: take a block from one zone's buddy lists.
+    fn rmqueue(&self, z: &Zone, order: u32, alloc_flags: u32, mt: u8) -> Option<u64> {
+        let tracing = self.trace.any(EventId::MmPageAllocZoneLocked.bit() | EventId::MmPageAllocExtfrag.bit());
+        let mut events = Vec::new();
+        let mut ev = if tracing { Some(&mut events) } else { None };
+        let (page, boosts) = {
+            let mut a = z.area.lock();
+            let mut page = None;
+            if alloc_flags & ALLOC_HIGHATOMIC != 0 {
+                page = a.rmqueue_smallest(&self.mem_map, order, MIGRATE_HIGHATOMIC, &mut ev);
+            }
+            if page.is_none() {
+                let mut mode = RmqueueMode::Normal;
+                page = a.rmqueue(&self.mem_map, order, mt, alloc_flags, &mut mode, &mut ev);
+                if page.is_none() && alloc_flags & (ALLOC_OOM | ALLOC_NON_BLOCK) != 0 {
+                    page = a.rmqueue_smallest(&self.mem_map, order, MIGRATE_HIGHATOMIC, &mut ev);
+                }
+            }
+            z.sync_counters(&a);
+            let b = std::mem::take(&mut a.boost_requests);
+            (page, b)
+        };
+        for _ in 0..boosts {
+            if self.boost_watermark(z) && alloc_flags & ALLOC_KSWAPD != 0 {
+                // ZONE_BOOSTED_WATERMARK: kswapd is woken after this allocation.
+            }
+        }
+        if boosts > 0 && alloc_flags & ALLOC_KSWAPD != 0 {
+            z.watermark_boost.store(0, Relaxed);
+        }
+        self.emit_buddy_events(z, &events);
+        let pfn = page?;
+        z.counters.pgalloc.fetch_add(1 << order, Relaxed);
+        Some(pfn)
+    }
+
+    fn emit_buddy_events(&self, _z: &Zone, events: &[BuddyEvent]) {
+        let cpu = self.this_cpu();
+        for e in events {
+            match *e {
+                BuddyEvent::ZoneLocked { pfn, order, migratetype, percpu_refill } => {
+                    if self.trace.on(EventId::MmPageAllocZoneLocked) {
+                        self.trace.emit(
+                            cpu,
+                            Payload::MmPageAllocZoneLocked {
+                                pfn,
+                                order,
+                                migratetype: migratetype as i32,
+                                percpu_refill,
+                            },
+                        );
+                    }
+                }
+                BuddyEvent::ExtFrag {
+                    pfn,
+                    alloc_order,
+                    fallback_order,
+                    alloc_migratetype,
+                    fallback_migratetype,
+                    change_ownership,
+                } => {
+                    if self.trace.on(EventId::MmPageAllocExtfrag) {
+                        self.trace.emit(
+                            cpu,
+                            Payload::MmPageAllocExtfrag {
+                                pfn,
+                                alloc_order,
+                                fallback_order,
+                                pageblock_order: self.pageblock_order,
+                                alloc_migratetype: alloc_migratetype as i32,
+                                fallback_migratetype: fallback_migratetype as i32,
+                                fragmenting: fallback_order < self.pageblock_order,
+                                change_ownership,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// `boost_watermark`.
+    fn boost_watermark(&self, z: &Zone) -> bool {
+        let pb = 1u64 << self.pageblock_order;
+        if pb * 4 > z.managed {
+            return false;
+        }
+        let max_boost = z.watermark[2].load(Relaxed) * WATERMARK_BOOST_FACTOR / 10000;
+        if max_boost == 0 {
+            return false;
+        }
+        let max_boost = max_boost.max(pb);
+        let cur = z.watermark_boost.load(Relaxed);
+        z.watermark_boost.store((cur + pb).min(max_boost), Relaxed);
+        true
+    }
+
+    /// `reserve_highatomic_pageblock`: at most 1% of the zone plus one pageblock.
+    fn reserve_highatomic_pageblock(&self, z: &Zone, pfn: u64, order: u32) {
+        let pb = 1u64 << self.pageblock_order;
+        if z.managed / 100 < pb {
+            return;
+        }
+        let max_managed = (z.managed / 100).div_ceil(pb) * pb;
+        if z.nr_reserved_highatomic.load(Relaxed) >= max_managed {
+            return;
+        }
+        let mut a = z.area.lock();
+        if z.nr_reserved_highatomic.load(Relaxed) >= max_managed {
+            return;
+        }
+        let mt = a.pageblock_migratetype(pfn);
+        if mt >= crate::buddy::MIGRATE_PCPTYPES {
+            return; // only mergeable (normal) pageblocks are reserved
+        }
+        if order < self.pageblock_order {
+            if a.reserve_highatomic(&self.mem_map, pfn) {
+                z.nr_reserved_highatomic.fetch_add(pb, Relaxed);
+            }
+        } else {
+            let nr = 1u64 << (order - self.pageblock_order);
+            for k in 0..nr {
+                a.set_pageblock_migratetype(pfn + k * pb, MIGRATE_HIGHATOMIC);
+            }
+            z.nr_reserved_highatomic.fetch_add(1 << order, Relaxed);
+        }
+        z.sync_counters(&a);
+    }
+
+    /// `prep_new_page`: refcount, order, compound metadata, zeroing.
+    fn prep_new_page(&self, pfn: Pfn, order: u32, gfp: Gfp) -> Result<()> {
+        let head = self.mem_map.get(pfn.0);
+        let mut flags = 0;
+        if order > 0 && gfp & gfp::__GFP_COMP != 0 {
+            flags |= PG_HEAD;
+            for t in 1..(1u64 << order) {
+                self.mem_map.get(pfn.0 + t).set(PG_TAIL, 0);
+            }
+        }
+        if gfp & gfp::__GFP_MOVABLE != 0 {
+            flags |= PG_LRU;
+        }
+        head.set(flags, order);
+        head.set_refcount(1);
+        if gfp & gfp::__GFP_ZERO != 0 {
+            let pa = self.pfn_to_phys(pfn).0;
+            if let Err(e) = self.phys.zero(pa, self.page_size << order) {
+                // Undo: give the block back, so a failure changes nothing.
+                self.free_block(pfn, order);
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// `__get_free_pages`: allocate and return the direct-map address.
+    /// `__GFP_HIGHMEM` is refused (the pages might have no address).
+    pub fn get_free_pages(&self, gfp: Gfp, order: u32) -> Result<VirtAddr> {
+        if gfp & gfp::__GFP_HIGHMEM != 0 {
+            return Err(KmmError::BadGfp(format!(
+                "__get_free_pages: __GFP_HIGHMEM in mode:{:#x}({}): highmem pages have no page_address (VM_BUG_ON)",
+                gfp,
+                gfp::format_pgg(gfp)
+            )));
+        }
+        let pfn = self.alloc_pages(gfp, order)?;
+        Ok(self.page_address(pfn).expect("non-highmem page has an address"))
+    }
+
+    /// Classify `pfn` for a free: Ok(head order) for a live block start, or the error.
+    fn check_free(&self, pfn: Pfn, order: u32) -> Result<u32> {
+        if !self.pfn_valid(pfn) {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state: pfn:{:05x} is not RAM (invalid pfn)",
+                pfn.0
+            )));
+        }
+        let p = self.mem_map.get(pfn.0);
+        if p.has(PG_RESERVED) {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: PAGE_FLAGS_CHECK_AT_FREE flag(s) set (reserved)",
+                pfn.0
+            )));
+        }
+        if p.has(PG_BUDDY) || p.has(PG_PCP) {
+            return Err(KmmError::DoubleFree(format!(
+                "double free or corruption: pfn:{:05x} order:{order} is already free (page dumped because: VM_BUG_ON_PAGE(page_ref_count(page) == 0))",
+                pfn.0
+            )));
+        }
+        if p.has(PG_SLAB) {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: freeing a slab page with free_pages",
+                pfn.0
+            )));
+        }
+        if p.refcount() <= 0 {
+            // Inside a free block, or a tail of an allocated block?
+            let z = self.pfn_zone(pfn).expect("valid pfn has a zone");
+            if z.area.lock().find_free_block(&self.mem_map, pfn.0).is_some() {
+                return Err(KmmError::DoubleFree(format!(
+                    "double free or corruption: pfn:{:05x} lies in a free block (page dumped because: VM_BUG_ON_PAGE(page_ref_count(page) == 0))",
+                    pfn.0
+                )));
+            }
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: not the first page of an allocation{}",
+                pfn.0,
+                if p.has(PG_TAIL) { " (a compound tail page)" } else { "" }
+            )));
+        }
+        if p.order() != order {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: freed with order {order} but allocated with order {}",
+                pfn.0,
+                p.order()
+            )));
+        }
+        Ok(p.order())
+    }
+
+    /// `__free_pages`: drop a reference; free the block when it was the last.
+    pub fn free_pages(&self, pfn: Pfn, order: u32) -> Result<()> {
+        self.check_free(pfn, order)?;
+        let head = self.mem_map.get(pfn.0);
+        if head.ref_dec() > 0 {
+            return Ok(());
+        }
+        if self.trace.on(EventId::MmPageFree) {
+            self.trace.emit(self.this_cpu(), Payload::MmPageFree { pfn: pfn.0, order });
+        }
+        self.free_block(pfn, order);
+        Ok(())
+    }
+
+    /// `free_pages(addr, order)`: free by direct-map address.
+    pub fn free_pages_addr(&self, addr: VirtAddr, order: u32) -> Result<()> {
+        let pa = self.virt_to_phys(addr).map_err(|_| {
+            KmmError::InvalidFree(format!("free_pages: {:#x} is not a direct-map address", addr.0))
+        })?;
+        if pa.0 & (self.page_size - 1) != 0 {
+            return Err(KmmError::InvalidFree(format!(
+                "free_pages: {:#x} is not page aligned (VM_BUG_ON(!virt_addr_valid(addr)))",
+                addr.0
+            )));
+        }
+        self.free_pages(self.phys_to_pfn(pa), order)
+    }
+
+    /// `free_pages_prepare` + `__free_pages_ok`: clear page state, give the
+    /// block to the buddy allocator.
+    fn free_block(&self, pfn: Pfn, order: u32) {
+        let head = self.mem_map.get(pfn.0);
+        if head.has(PG_HEAD) {
+            for t in 1..(1u64 << order) {
+                self.mem_map.get(pfn.0 + t).clear();
+            }
+        }
+        head.clear();
+        let z = self.pfn_zone(pfn).expect("allocated page has a zone");
+        {
+            let mut a = z.area.lock();
+            let mt = a.pageblock_migratetype(pfn.0);
+            a.free_one_page(&self.mem_map, pfn.0, order, mt, false);
+            z.sync_counters(&a);
+        }
+        z.counters.pgfree.fetch_add(1 << order, Relaxed);
+        // Frees of pcp-sized orders clear ZONE_BELOW_HIGH once the zone is
+        // back above its high watermark (free_frozen_page_commit).
+        if crate::pcp_allowed_order(order, self.pageblock_order) && z.below_high.load(Relaxed) {
+            let high = z.wmark(crate::zone::WMARK_HIGH);
+            let movable = self.zones.len() - 1;
+            let hz = self.zone_index(ZoneKind::Movable).unwrap_or(movable);
+            if self.zone_watermark_ok(z, 0, high, hz, 0, z.nr_free_pages.load(Relaxed)) {
+                z.below_high.store(false, Relaxed);
+            }
+        }
+    }
+
+    /// Pages allocated (managed - free) in a zone.
+    pub fn zone_allocated(&self, z: &Zone) -> u64 {
+        z.managed - z.free_pages()
+    }
+}
+
+/// ALLOC_KSWAPD == __GFP_KSWAPD_RECLAIM numerically; the fast path copies it.
+const __GFP_KSWAPD_RECLAIM_ALLOC: u32 = gfp::__GFP_KSWAPD_RECLAIM;
+

@@ -1,0 +1,225 @@
+//! Real backing memory: one sparse memfd holds every simulated physical byte;
+//! the direct map is one host mapping of (the low part of) it.
+//!
+//! This is one of the two places where `unsafe` lives (the other is the
+//! buffer-protocol export in the binding). Every other module forbids it.
+//!
+//! # Model
+//! - Physical address `p` is file offset `p` of the memfd. The file is created
+//!   with `ftruncate` and never written at boot, so untouched pages cost the
+//!   host nothing: a 64 GiB machine boots on a 24 GiB host.
+//! - The direct map covers physical `[0, direct_len)`: all of RAM on x86_64,
+//!   low memory only on i386 (high pages have no permanent host address, as in
+//!   the kernel). Bytes outside it are reached with `pread`/`pwrite`.
+//! - Zeroing large ranges punches holes (`FALLOC_FL_PUNCH_HOLE`), which also
+//!   gives the memory back to the host.
+//!
+//! # Invariants
+//! - physmem-1: the direct mapping is `direct_len` bytes, MAP_SHARED of the
+//!   memfd at offset 0, and lives as long as the `PhysMem`.
+//! - physmem-2: every host pointer handed out lies inside that mapping.
+//!
+//! Concurrency: simulated memory is plain bytes shared by every thread, like
+//! RAM. Two threads writing the same simulated bytes at once race exactly as
+//! two CPUs would; the allocator never hands the same bytes to two owners.
+
+use std::os::fd::OwnedFd;
+use std::ptr::NonNull;
+
+use rustix::fs::{fallocate, ftruncate, memfd_create, FallocateFlags, MemfdFlags};
+use rustix::io::{pread, pwrite};
+use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+
+use crate::error::{KmmError, Result};
+
+/// Below this many bytes, zeroing is a memset; at or above, a hole punch.
+const PUNCH_THRESHOLD: u64 = 64 << 10;
+
+/// The simulated machine's physical memory.
+pub struct PhysMem {
+    fd: OwnedFd,
+    size: u64,
+    direct: NonNull<u8>,
+    direct_len: usize,
+}
+
+// SAFETY: the mapping is shared memory owned by this struct for its whole
+// life; all access goes through methods that bounds-check, and simulated
+// memory is plain bytes that any thread may touch (see the module header).
+unsafe impl Send for PhysMem {}
+// SAFETY: as above; no method hands out references with aliasing guarantees.
+unsafe impl Sync for PhysMem {}
+
+fn host_err(what: &str, e: rustix::io::Errno) -> KmmError {
+    KmmError::Host(format!("{what}: {e}"))
+}
+
+impl PhysMem {
+    /// Create `size` bytes of sparse physical memory and map `[0, direct_len)`.
+    pub fn new(size: u64, direct_len: u64) -> Result<PhysMem> {
+        assert!(direct_len <= size);
+        let fd = memfd_create("kmm-physmem", MemfdFlags::CLOEXEC)
+            .map_err(|e| host_err("memfd_create", e))?;
+        ftruncate(&fd, size).map_err(|e| host_err("ftruncate", e))?;
+        let direct_len = usize::try_from(direct_len)
+            .map_err(|_| KmmError::InvalidArgument("memory too large for this host".into()))?;
+        let direct = if direct_len == 0 {
+            NonNull::dangling()
+        } else {
+            // SAFETY: a fresh shared mapping of our own memfd; nothing else is
+            // mapped at the address the kernel picks (no MAP_FIXED).
+            let p = unsafe {
+                mmap(
+                    std::ptr::null_mut(),
+                    direct_len,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    MapFlags::SHARED | MapFlags::NORESERVE,
+                    &fd,
+                    0,
+                )
+            }
+            .map_err(|e| host_err("mmap of the direct map", e))?;
+            NonNull::new(p.cast::<u8>()).expect("mmap returned null")
+        };
+        Ok(PhysMem { fd, size, direct, direct_len })
+    }
+
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    pub fn direct_len(&self) -> u64 {
+        self.direct_len as u64
+    }
+
+    fn check(&self, phys: u64, len: usize) -> Result<()> {
+        match phys.checked_add(len as u64) {
+            Some(end) if end <= self.size => Ok(()),
+            _ => Err(KmmError::PageFault(format!(
+                "BUG: unable to handle page fault for address: {phys:#x} (physical range beyond RAM)"
+            ))),
+        }
+    }
+
+    fn in_direct(&self, phys: u64, len: usize) -> bool {
+        phys.checked_add(len as u64).is_some_and(|e| e <= self.direct_len as u64)
+    }
+
+    /// Host pointer for `[phys, phys+len)` if it lies in the direct map.
+    ///
+    /// The pointer stays valid as long as `self` lives (physmem-1). Callers
+    /// that build slices from it must own those bytes (a live allocation).
+    pub fn direct_ptr(&self, phys: u64, len: usize) -> Option<NonNull<u8>> {
+        if !self.in_direct(phys, len) {
+            return None;
+        }
+        // SAFETY: phys + len <= direct_len, so the offset stays inside the mapping.
+        Some(unsafe { self.direct.add(phys as usize) })
+    }
+
+    /// Copy simulated bytes at `phys` into `buf`.
+    pub fn read(&self, phys: u64, buf: &mut [u8]) -> Result<()> {
+        self.check(phys, buf.len())?;
+        if let Some(p) = self.direct_ptr(phys, buf.len()) {
+            // SAFETY: `p..p+len` is inside the live mapping (checked above);
+            // `buf` is a distinct Rust buffer, so the ranges cannot overlap.
+            unsafe { std::ptr::copy_nonoverlapping(p.as_ptr(), buf.as_mut_ptr(), buf.len()) };
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < buf.len() {
+            let n = pread(&self.fd, &mut buf[done..], phys + done as u64)
+                .map_err(|e| host_err("pread", e))?;
+            if n == 0 {
+                buf[done..].fill(0);
+                break;
+            }
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Copy `data` into simulated memory at `phys`.
+    pub fn write(&self, phys: u64, data: &[u8]) -> Result<()> {
+        self.check(phys, data.len())?;
+        if let Some(p) = self.direct_ptr(phys, data.len()) {
+            // SAFETY: inside the live mapping (checked); `data` is a Rust slice
+            // outside the mapping's range of host addresses handed to Rust code.
+            unsafe { std::ptr::copy(data.as_ptr(), p.as_ptr(), data.len()) };
+            return Ok(());
+        }
+        let mut done = 0;
+        while done < data.len() {
+            let n = pwrite(&self.fd, &data[done..], phys + done as u64)
+                .map_err(|e| host_err("pwrite", e))?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    /// Zero `[phys, phys+len)`: memset for small ranges in the direct map,
+    /// otherwise a hole punch (which also returns the memory to the host).
+    pub fn zero(&self, phys: u64, len: u64) -> Result<()> {
+        self.check(phys, len as usize)?;
+        if len < PUNCH_THRESHOLD {
+            if let Some(p) = self.direct_ptr(phys, len as usize) {
+                // SAFETY: inside the live mapping (checked above).
+                unsafe { std::ptr::write_bytes(p.as_ptr(), 0, len as usize) };
+                return Ok(());
+            }
+        }
+        self.punch(phys, len)
+    }
+
+    /// Give `[phys, phys+len)` back to the host; it reads as zero afterwards.
+    pub fn punch(&self, phys: u64, len: u64) -> Result<()> {
+        self.check(phys, len as usize)?;
+        fallocate(
+            &self.fd,
+            FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+            phys,
+            len,
+        )
+        .map_err(|e| host_err("fallocate(PUNCH_HOLE)", e))
+    }
+}
+
+impl Drop for PhysMem {
+    fn drop(&mut self) {
+        if self.direct_len != 0 {
+            // SAFETY: unmapping exactly the mapping created in `new`; no
+            // pointer into it outlives `self` (physmem-2).
+            let _ = unsafe { munmap(self.direct.as_ptr().cast(), self.direct_len) };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_and_shared() {
+        let pm = PhysMem::new(64 << 30, 1 << 30).unwrap();
+        let mut b = [0xffu8; 8];
+        pm.read(5 << 30, &mut b).unwrap(); // beyond the direct map: pread
+        assert_eq!(b, [0; 8]);
+        pm.write(4096, b"hello").unwrap();
+        let mut r = [0u8; 5];
+        pm.read(4096, &mut r).unwrap();
+        assert_eq!(&r, b"hello");
+        pm.write((5 << 30) + 7, b"high").unwrap();
+        let mut r = [0u8; 4];
+        pm.read((5 << 30) + 7, &mut r).unwrap();
+        assert_eq!(&r, b"high");
+        pm.zero(4096, 4096).unwrap();
+        pm.read(4096, &mut r).unwrap();
+        assert_eq!(r, [0; 4]);
+        pm.write(1 << 20, &[7u8; 4096]).unwrap();
+        pm.zero(0, 2 << 20).unwrap(); // punched
+        let mut r = [1u8; 16];
+        pm.read(1 << 20, &mut r).unwrap();
+        assert_eq!(r, [0; 16]);
+        assert!(pm.read(64 << 30, &mut r).is_err());
+    }
+}

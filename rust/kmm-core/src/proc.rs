@@ -1,0 +1,2 @@
+//! /proc renderers (placeholder until written)
+#![forbid(unsafe_code)]

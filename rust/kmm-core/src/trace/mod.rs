@@ -1,0 +1,457 @@
+//! Tracepoints: the kernel's kmem events with their names, fields and
+//! `TP_printk` text, and the sinks that receive them (Python callbacks,
+//! recorders).
+//!
+//! # Kernel
+//! `include/trace/events/kmem.h` (mm_page_alloc, mm_page_free,
+//! mm_page_free_batched, mm_page_alloc_zone_locked, mm_page_pcpu_drain,
+//! mm_page_alloc_extfrag, kmalloc, kfree, kmem_cache_alloc, kmem_cache_free),
+//! `include/trace/events/percpu.h`, `include/trace/events/vmalloc.h`.
+//! Text follows what `perf script` prints for these events (the real trace in
+//! `shared/data/traces` is the reference): pointers raw (`no_hash_pointers`),
+//! `page=` printed as perf prints it (the pfn), `pfn=0x%lx`.
+//!
+//! # Cost
+//! A disabled tracepoint is one relaxed load of the enabled mask and a bit
+//! test (`Tracing::on`). Events are built only when their bit is set.
+//!
+//! # Invariants
+//! - trace-1: `enabled` is the union of the masks of the attached sinks.
+//!
+//! Lock order: `sinks` (RwLock) is taken after every allocator lock has been
+//! released; sinks may call back into the machine.
+#![forbid(unsafe_code)]
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::gfp;
+
+/// Every tracepoint kmm knows, by id (bit in the enabled mask).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum EventId {
+    MmPageAlloc = 0,
+    MmPageFree,
+    MmPageFreeBatched,
+    MmPageAllocZoneLocked,
+    MmPagePcpuDrain,
+    MmPageAllocExtfrag,
+    Kmalloc,
+    Kfree,
+    KmemCacheAlloc,
+    KmemCacheFree,
+    PercpuAllocPercpu,
+    PercpuFreePercpu,
+    AllocVmapArea,
+    FreeVmapAreaNoflush,
+    PurgeVmapAreaLazy,
+}
+
+impl EventId {
+    pub const ALL: [EventId; 15] = [
+        EventId::MmPageAlloc,
+        EventId::MmPageFree,
+        EventId::MmPageFreeBatched,
+        EventId::MmPageAllocZoneLocked,
+        EventId::MmPagePcpuDrain,
+        EventId::MmPageAllocExtfrag,
+        EventId::Kmalloc,
+        EventId::Kfree,
+        EventId::KmemCacheAlloc,
+        EventId::KmemCacheFree,
+        EventId::PercpuAllocPercpu,
+        EventId::PercpuFreePercpu,
+        EventId::AllocVmapArea,
+        EventId::FreeVmapAreaNoflush,
+        EventId::PurgeVmapAreaLazy,
+    ];
+
+    /// `system:name`, as perf names it.
+    pub fn name(self) -> &'static str {
+        match self {
+            EventId::MmPageAlloc => "kmem:mm_page_alloc",
+            EventId::MmPageFree => "kmem:mm_page_free",
+            EventId::MmPageFreeBatched => "kmem:mm_page_free_batched",
+            EventId::MmPageAllocZoneLocked => "kmem:mm_page_alloc_zone_locked",
+            EventId::MmPagePcpuDrain => "kmem:mm_page_pcpu_drain",
+            EventId::MmPageAllocExtfrag => "kmem:mm_page_alloc_extfrag",
+            EventId::Kmalloc => "kmem:kmalloc",
+            EventId::Kfree => "kmem:kfree",
+            EventId::KmemCacheAlloc => "kmem:kmem_cache_alloc",
+            EventId::KmemCacheFree => "kmem:kmem_cache_free",
+            EventId::PercpuAllocPercpu => "percpu:percpu_alloc_percpu",
+            EventId::PercpuFreePercpu => "percpu:percpu_free_percpu",
+            EventId::AllocVmapArea => "vmalloc:alloc_vmap_area",
+            EventId::FreeVmapAreaNoflush => "vmalloc:free_vmap_area_noflush",
+            EventId::PurgeVmapAreaLazy => "vmalloc:purge_vmap_area_lazy",
+        }
+    }
+
+    #[inline]
+    pub fn bit(self) -> u64 {
+        1u64 << (self as u8)
+    }
+}
+
+/// Mask of the events whose `system:name` matches a glob (`*`, `?`), given
+/// either whole (`kmem:mm_page_*`) or without the system (`mm_page_alloc`).
+/// Several patterns may be joined with `,`.
+pub fn mask_for(pattern: &str) -> u64 {
+    let mut m = 0;
+    for pat in pattern.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        for id in EventId::ALL {
+            let full = id.name();
+            let short = &full[full.find(':').unwrap() + 1..];
+            if glob(pat, full) || glob(pat, short) {
+                m |= id.bit();
+            }
+        }
+    }
+    m
+}
+
+fn glob(p: &str, s: &str) -> bool {
+    let (p, s) = (p.as_bytes(), s.as_bytes());
+    let (mut pi, mut si, mut star, mut mark) = (0, 0, usize::MAX, 0);
+    while si < s.len() {
+        if pi < p.len() && (p[pi] == b'?' || p[pi] == s[si]) {
+            pi += 1;
+            si += 1;
+        } else if pi < p.len() && p[pi] == b'*' {
+            star = pi;
+            mark = si;
+            pi += 1;
+        } else if star != usize::MAX {
+            pi = star + 1;
+            mark += 1;
+            si = mark;
+        } else {
+            return false;
+        }
+    }
+    while pi < p.len() && p[pi] == b'*' {
+        pi += 1;
+    }
+    pi == p.len()
+}
+
+/// The payload of one event, with the kernel's field names.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Payload {
+    /// pfn None = allocation failure (page=NULL, pfn=0x0).
+    MmPageAlloc { pfn: Option<u64>, order: u32, migratetype: i32, gfp_flags: u32 },
+    MmPageFree { pfn: u64, order: u32 },
+    MmPageFreeBatched { pfn: u64 },
+    MmPageAllocZoneLocked { pfn: u64, order: u32, migratetype: i32, percpu_refill: bool },
+    MmPagePcpuDrain { pfn: u64, order: u32, migratetype: i32 },
+    MmPageAllocExtfrag {
+        pfn: u64,
+        alloc_order: u32,
+        fallback_order: u32,
+        pageblock_order: u32,
+        alloc_migratetype: i32,
+        fallback_migratetype: i32,
+        fragmenting: bool,
+        change_ownership: bool,
+    },
+}
+
+/// A field value, for Python and for generic consumers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Value {
+    Int(i64),
+    UInt(u64),
+    Str(String),
+    Bool(bool),
+}
+
+impl Payload {
+    pub fn id(&self) -> EventId {
+        match self {
+            Payload::MmPageAlloc { .. } => EventId::MmPageAlloc,
+            Payload::MmPageFree { .. } => EventId::MmPageFree,
+            Payload::MmPageFreeBatched { .. } => EventId::MmPageFreeBatched,
+            Payload::MmPageAllocZoneLocked { .. } => EventId::MmPageAllocZoneLocked,
+            Payload::MmPagePcpuDrain { .. } => EventId::MmPagePcpuDrain,
+            Payload::MmPageAllocExtfrag { .. } => EventId::MmPageAllocExtfrag,
+        }
+    }
+
+    /// Fields in the order the kernel's TP_STRUCT declares them.
+    pub fn fields(&self) -> Vec<(&'static str, Value)> {
+        use Value::*;
+        match *self {
+            Payload::MmPageAlloc { pfn, order, migratetype, gfp_flags } => vec![
+                ("pfn", UInt(pfn.unwrap_or(0))),
+                ("order", UInt(order as u64)),
+                ("migratetype", Int(migratetype as i64)),
+                ("gfp_flags", UInt(gfp_flags as u64)),
+            ],
+            Payload::MmPageFree { pfn, order } => {
+                vec![("pfn", UInt(pfn)), ("order", UInt(order as u64))]
+            }
+            Payload::MmPageFreeBatched { pfn } => vec![("pfn", UInt(pfn))],
+            Payload::MmPageAllocZoneLocked { pfn, order, migratetype, percpu_refill } => vec![
+                ("pfn", UInt(pfn)),
+                ("order", UInt(order as u64)),
+                ("migratetype", Int(migratetype as i64)),
+                ("percpu_refill", Bool(percpu_refill)),
+            ],
+            Payload::MmPagePcpuDrain { pfn, order, migratetype } => vec![
+                ("pfn", UInt(pfn)),
+                ("order", UInt(order as u64)),
+                ("migratetype", Int(migratetype as i64)),
+            ],
+            Payload::MmPageAllocExtfrag {
+                pfn,
+                alloc_order,
+                fallback_order,
+                pageblock_order,
+                alloc_migratetype,
+                fallback_migratetype,
+                fragmenting,
+                change_ownership,
+            } => vec![
+                ("pfn", UInt(pfn)),
+                ("alloc_order", Int(alloc_order as i64)),
+                ("fallback_order", Int(fallback_order as i64)),
+                ("pageblock_order", Int(pageblock_order as i64)),
+                ("alloc_migratetype", Int(alloc_migratetype as i64)),
+                ("fallback_migratetype", Int(fallback_migratetype as i64)),
+                ("fragmenting", Bool(fragmenting)),
+                ("change_ownership", Bool(change_ownership)),
+            ],
+        }
+    }
+
+    /// The `TP_printk` text (as `perf script` shows it).
+    pub fn text(&self) -> String {
+        let mut s = String::with_capacity(96);
+        match *self {
+            Payload::MmPageAlloc { pfn, order, migratetype, gfp_flags } => {
+                let _ = match pfn {
+                    Some(p) => write!(s, "page={p:#x} pfn={p:#x}"),
+                    None => write!(s, "page=(nil) pfn=0x0"),
+                };
+                let _ = write!(
+                    s,
+                    " order={order} migratetype={migratetype} gfp_flags={}",
+                    gfp::format(gfp_flags)
+                );
+            }
+            Payload::MmPageFree { pfn, order } => {
+                let _ = write!(s, "page={pfn:#x} pfn={pfn:#x} order={order}");
+            }
+            Payload::MmPageFreeBatched { pfn } => {
+                let _ = write!(s, "page={pfn:#x} pfn={pfn:#x} order=0");
+            }
+            Payload::MmPageAllocZoneLocked { pfn, order, migratetype, percpu_refill } => {
+                let _ = write!(
+                    s,
+                    "page={pfn:#x} pfn={pfn:#x} order={order} migratetype={migratetype} percpu_refill={}",
+                    percpu_refill as u8
+                );
+            }
+            Payload::MmPagePcpuDrain { pfn, order, migratetype } => {
+                let _ = write!(s, "page={pfn:#x} pfn={pfn:#x} order={order} migratetype={migratetype}");
+            }
+            Payload::MmPageAllocExtfrag {
+                pfn,
+                alloc_order,
+                fallback_order,
+                pageblock_order,
+                alloc_migratetype,
+                fallback_migratetype,
+                fragmenting,
+                change_ownership,
+            } => {
+                let _ = write!(
+                    s,
+                    "page={pfn:#x} pfn={pfn:#x} alloc_order={alloc_order} fallback_order={fallback_order} pageblock_order={pageblock_order} alloc_migratetype={alloc_migratetype} fallback_migratetype={fallback_migratetype} fragmenting={} change_ownership={}",
+                    fragmenting as u8, change_ownership as u8
+                );
+            }
+        }
+        s
+    }
+}
+
+/// One event as delivered to sinks.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub cpu: u32,
+    /// Nanoseconds since the machine booted.
+    pub ts_ns: u64,
+    pub payload: Payload,
+}
+
+impl Event {
+    pub fn name(&self) -> &'static str {
+        self.payload.id().name()
+    }
+
+    /// One `perf script` line: `comm pid [cpu] sec.usec: name: text`.
+    pub fn perf_script_line(&self, comm: &str, pid: u32) -> String {
+        format!(
+            "{comm:>16} {pid:>5} [{:03}] {:>5}.{:06}: {:>30}: {}",
+            self.cpu,
+            self.ts_ns / 1_000_000_000,
+            (self.ts_ns / 1000) % 1_000_000,
+            self.name(),
+            self.payload.text()
+        )
+    }
+}
+
+/// A receiver of events.
+pub type Sink = Arc<dyn Fn(&Event) + Send + Sync>;
+
+struct Attached {
+    id: u64,
+    mask: u64,
+    sink: Sink,
+}
+
+/// The tracepoint registry of one machine.
+pub struct Tracing {
+    enabled: AtomicU64,
+    sinks: RwLock<Vec<Attached>>,
+    next_id: AtomicU64,
+    boot: Instant,
+}
+
+impl Default for Tracing {
+    fn default() -> Self {
+        Tracing {
+            enabled: AtomicU64::new(0),
+            sinks: RwLock::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            boot: Instant::now(),
+        }
+    }
+}
+
+impl Tracing {
+    /// Is this tracepoint on? One relaxed load.
+    #[inline(always)]
+    pub fn on(&self, id: EventId) -> bool {
+        self.enabled.load(Relaxed) & id.bit() != 0
+    }
+
+    /// Is any of these tracepoints on?
+    #[inline(always)]
+    pub fn any(&self, mask: u64) -> bool {
+        self.enabled.load(Relaxed) & mask != 0
+    }
+
+    pub fn now_ns(&self) -> u64 {
+        self.boot.elapsed().as_nanos() as u64
+    }
+
+    /// Deliver an event to every sink that asked for it.
+    pub fn emit(&self, cpu: u32, payload: Payload) {
+        let ev = Event { cpu, ts_ns: self.now_ns(), payload };
+        let bit = ev.payload.id().bit();
+        // Clone the matching sinks so none runs under the registry lock
+        // (a sink may attach or detach).
+        let sinks: Vec<Sink> =
+            self.sinks.read().iter().filter(|a| a.mask & bit != 0).map(|a| a.sink.clone()).collect();
+        for s in sinks {
+            s(&ev);
+        }
+    }
+
+    /// Attach a sink for the events in `mask`; returns a handle for `detach`.
+    pub fn attach(&self, mask: u64, sink: Sink) -> u64 {
+        let id = self.next_id.fetch_add(1, Relaxed);
+        let mut v = self.sinks.write();
+        v.push(Attached { id, mask, sink });
+        self.enabled.store(v.iter().fold(0, |m, a| m | a.mask), Relaxed);
+        id
+    }
+
+    /// Detach a sink; false if the handle was not attached.
+    pub fn detach(&self, handle: u64) -> bool {
+        let mut v = self.sinks.write();
+        let before = v.len();
+        v.retain(|a| a.id != handle);
+        self.enabled.store(v.iter().fold(0, |m, a| m | a.mask), Relaxed);
+        v.len() != before
+    }
+}
+
+/// A sink that keeps events in memory (what `trace.record()` uses).
+#[derive(Default)]
+pub struct Recorder {
+    pub events: Mutex<Vec<Event>>,
+}
+
+impl Recorder {
+    pub fn sink(self: &Arc<Self>) -> Sink {
+        let me = self.clone();
+        Arc::new(move |e: &Event| me.events.lock().push(e.clone()))
+    }
+    pub fn take(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patterns() {
+        assert_eq!(mask_for("kmem:mm_page_alloc"), EventId::MmPageAlloc.bit());
+        assert_eq!(mask_for("mm_page_alloc"), EventId::MmPageAlloc.bit());
+        let m = mask_for("kmem:*");
+        assert!(m & EventId::Kmalloc.bit() != 0 && m & EventId::PercpuAllocPercpu.bit() == 0);
+        assert_eq!(mask_for("*").count_ones() as usize, EventId::ALL.len());
+        assert_eq!(mask_for("nothing"), 0);
+        assert_eq!(
+            mask_for("kmem:mm_page_alloc,kmem:mm_page_free"),
+            EventId::MmPageAlloc.bit() | EventId::MmPageFree.bit()
+        );
+    }
+
+    #[test]
+    fn text_matches_perf_script() {
+        // From sample.perf.txt: "page=0x1057ab pfn=0x1057ab order=0 migratetype=0 gfp_flags=GFP_HIGHUSER|__GFP_ACCOUNT"
+        let p = Payload::MmPageAlloc {
+            pfn: Some(0x1057ab),
+            order: 0,
+            migratetype: 0,
+            gfp_flags: gfp::GFP_HIGHUSER | gfp::__GFP_ACCOUNT,
+        };
+        assert_eq!(
+            p.text(),
+            "page=0x1057ab pfn=0x1057ab order=0 migratetype=0 gfp_flags=GFP_HIGHUSER|__GFP_ACCOUNT"
+        );
+        assert_eq!(
+            Payload::MmPageFree { pfn: 0x112fae, order: 0 }.text(),
+            "page=0x112fae pfn=0x112fae order=0"
+        );
+    }
+
+    #[test]
+    fn enabled_mask_follows_sinks() {
+        let t = Tracing::default();
+        assert!(!t.on(EventId::MmPageAlloc));
+        let r = Arc::new(Recorder::default());
+        let h = t.attach(EventId::MmPageAlloc.bit(), r.sink());
+        assert!(t.on(EventId::MmPageAlloc) && !t.on(EventId::MmPageFree));
+        t.emit(0, Payload::MmPageFree { pfn: 1, order: 0 });
+        t.emit(1, Payload::MmPageAlloc { pfn: Some(1), order: 0, migratetype: 0, gfp_flags: 0 });
+        let ev = r.take();
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].cpu, 1);
+        assert!(t.detach(h));
+        assert!(!t.on(EventId::MmPageAlloc));
+        assert!(!t.detach(h));
+    }
+}
