@@ -156,7 +156,10 @@ impl Arch {
         }
     }
 
-    /// `VMALLOC_START` / `VMALLOC_END` (x86_64 4-level: 32 TiB from 0xffffc90000000000).
+    /// `VMALLOC_START` / `VMALLOC_END` exactly as the kernel defines them:
+    /// x86_64's END is the last byte (0xffffe8ffffffffff, 32 TiB from
+    /// 0xffffc90000000000); i386's is PKMAP_BASE - 2 pages (one past the last
+    /// usable byte). meminfo's VmallocTotal is (END - START) >> 10 for both.
     pub fn vmalloc_range(self, lowmem_bytes: u64) -> (u64, u64) {
         match self {
             Arch::X86_64 => (0xffff_c900_0000_0000, 0xffff_c900_0000_0000 + (32u64 << 40) - 1),
@@ -165,7 +168,7 @@ impl Arch {
                 // the pkmap window (PKMAP_BASE - 2 pages).
                 let start = self.page_offset() + lowmem_bytes + (8 << 20);
                 let pkmap_base = 0xff80_0000u64;
-                (start, pkmap_base - 2 * 4096 - 1)
+                (start, pkmap_base - 2 * 4096)
             }
         }
     }

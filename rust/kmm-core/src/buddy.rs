@@ -687,6 +687,7 @@ impl FreeArea {
         let mut blocks_total = 0u64;
         for o in 0..NR_PAGE_ORDERS {
             let mut n_order = 0;
+            #[allow(clippy::needless_range_loop)]
             for mt in 0..MIGRATE_TYPES {
                 let mut n = 0u64;
                 let mut prev = NIL;

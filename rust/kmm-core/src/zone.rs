@@ -164,7 +164,7 @@ pub fn zone_wmarks(
     highmem_or_movable: bool,
     watermark_scale_factor: u64,
 ) -> Wmarks {
-    let tmp = if lowmem_pages == 0 { 0 } else { pages_min * managed / lowmem_pages };
+    let tmp = (pages_min * managed).checked_div(lowmem_pages).unwrap_or(0);
     let min = if highmem_or_movable {
         // "It's preferable for highmem/movable to have a tiny min" (clamp 32..128).
         (managed / 1024).clamp(32, 128)
@@ -206,7 +206,7 @@ pub fn zone_batchsize(managed: u64, page_size: u64) -> u64 {
 /// `zone_highsize`: the per-CPU `high` limit, from the low watermark (default)
 /// or `managed / fraction`, split over the node's CPUs, at least 4 batches.
 pub fn zone_highsize(low_wmark: u64, managed: u64, batch: u64, cpus: u64, fraction: u64) -> u64 {
-    let total = if fraction > 0 { managed / fraction } else { low_wmark };
+    let total = managed.checked_div(fraction).unwrap_or(low_wmark);
     let high = total / cpus.max(1);
     high.max(batch * 4)
 }

@@ -148,5 +148,5 @@ fn boot_64g_is_cheap() {
     assert_eq!(m.nr_pages, 16 << 20);
     eprintln!("boot 64G: {dt:?}");
     let p = m.alloc_pages(GFP_KERNEL, 10).unwrap();
-    m.free_pages(p, 0 + 10).unwrap();
+    m.free_pages(p, 10).unwrap();
 }

@@ -1,1 +1,60 @@
+//! `kmm._kmm`: the PyO3 binding of kmm-core. Conversions, GIL handling and
+//! error mapping only; the model lives in kmm-core.
+//!
+//! Errors are mapped to the exception classes defined in `kmm/errors.py`
+//! (several have two bases, e.g. `OutOfMemoryError(KmmError, MemoryError)`),
+//! in exactly one place: `to_py_err`.
 
+use pyo3::prelude::*;
+
+mod errors;
+mod machine;
+mod objects;
+mod tracing;
+
+pub(crate) use errors::to_py_err;
+
+/// The compiled core of kmm.
+#[pymodule(gil_used = false)]
+fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<machine::PyMachine>()?;
+    m.add_class::<objects::PyPage>()?;
+    m.add_class::<objects::PyZone>()?;
+    m.add_class::<tracing::PyEvent>()?;
+    m.add_class::<tracing::PyRecording>()?;
+    m.add_class::<tracing::PyTraceHandle>()?;
+    m.add_class::<machine::PyProc>()?;
+    m.add_class::<machine::PyTrace>()?;
+    m.add_function(wrap_pyfunction!(gfp_format, m)?)?;
+    m.add_function(wrap_pyfunction!(gfp_parse, m)?)?;
+    m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    let names: Vec<(&str, u32)> = kmm_core::gfp::ALL_NAMES.to_vec();
+    m.add("GFP_NAMES", names)?;
+    let table: Vec<(&str, u32)> = kmm_core::gfp::PRINT_TABLE.to_vec();
+    m.add("GFP_PRINT_TABLE", table)?;
+    m.add("MAX_PAGE_ORDER", kmm_core::arch::MAX_PAGE_ORDER)?;
+    m.add("MIGRATETYPE_NAMES", kmm_core::buddy::MIGRATETYPE_NAMES.to_vec())?;
+    m.add("TRACEPOINTS", kmm_core::trace::EventId::ALL.iter().map(|e| e.name()).collect::<Vec<_>>())?;
+    let tunables: Vec<(&str, &str, &str)> = kmm_core::MachineConfig::TUNABLES.to_vec();
+    m.add("TUNABLES", tunables)?;
+    m.add("ERROR_CODES", kmm_core::KmmError::ALL_CODES.to_vec())?;
+    Ok(())
+}
+
+/// `show_gfp_flags`: the text a tracepoint prints for a gfp mask.
+#[pyfunction]
+fn gfp_format(mask: u32) -> String {
+    kmm_core::gfp::format(mask)
+}
+
+/// The inverse of `gfp_format`.
+#[pyfunction]
+fn gfp_parse(text: &str) -> PyResult<u32> {
+    kmm_core::gfp::parse(text).map_err(to_py_err)
+}
+
+/// Parse a size such as 4096, "512M" or "64G" into bytes.
+#[pyfunction]
+fn parse_size(text: &str) -> PyResult<u64> {
+    kmm_core::arch::parse_size(text).map_err(to_py_err)
+}

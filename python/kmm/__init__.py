@@ -1,0 +1,149 @@
+"""kmm: a fast, faithful model of the Linux kernel's memory manager.
+
+Zones, the buddy page allocator, GFP flags and watermarks run in a Rust core
+with real bytes behind every page; the kernel's /proc views and tracepoints
+show what happened.
+
+>>> import kmm
+>>> m = kmm.Machine(arch="x86_64", memory="1G", cpus=2)
+>>> page = m.alloc_pages(kmm.GFP_KERNEL, 2)
+>>> m.free_pages(page, 2)
+
+Module-level functions (``kmm.alloc_pages`` ...) act on :func:`default_machine`.
+"""
+
+from __future__ import annotations
+
+import threading as _threading
+
+from kmm import errors, gfp
+from kmm._kmm import (
+    ERROR_CODES,
+    MAX_PAGE_ORDER,
+    MIGRATETYPE_NAMES,
+    TRACEPOINTS,
+    TUNABLES,
+    Event,
+    Machine,
+    Page,
+    Proc,
+    Recording,
+    Trace,
+    TraceHandle,
+    Zone,
+    parse_size,
+)
+from kmm.errors import (
+    BadGfpError,
+    DoubleFreeError,
+    InvalidFreeError,
+    KmmError,
+    MemoryCorruptionError,
+    OutOfMemoryError,
+    PageFaultError,
+    SleepInAtomicError,
+    UseAfterFreeError,
+)
+from kmm.gfp import *  # noqa: F401,F403  (GFP_KERNEL, __GFP_ZERO, ...)
+
+__version__ = "0.1.0"
+
+_default: Machine | None = None
+_default_lock = _threading.Lock()
+
+
+def default_machine() -> Machine:
+    """The machine module-level functions act on: x86_64, 1 GiB, 2 CPUs, made on first use."""
+    global _default
+    m = _default
+    if m is None:
+        with _default_lock:
+            if _default is None:
+                _default = Machine()
+            m = _default
+    return m
+
+
+def set_default_machine(machine: Machine) -> Machine:
+    """Make ``machine`` the one module-level functions act on; returns it."""
+    global _default
+    if not isinstance(machine, Machine):
+        raise TypeError(f"expected a Machine, not {type(machine).__name__}")
+    with _default_lock:
+        _default = machine
+    return machine
+
+
+_FORWARDED = (
+    "alloc_pages",
+    "alloc_page",
+    "__get_free_pages",
+    "get_free_pages",
+    "__get_free_page",
+    "get_free_page",
+    "get_zeroed_page",
+    "__free_pages",
+    "free_pages",
+    "free_page",
+    "__free_page",
+    "page_address",
+    "virt_to_page",
+    "virt_to_phys",
+    "phys_to_virt",
+    "pfn_to_page",
+    "page_to_pfn",
+    "read",
+    "write",
+    "gfp_zone",
+    "zonelist",
+    "nr_free_pages",
+    "totalram_pages",
+)
+
+
+def _forward(name: str):
+    method = getattr(Machine, name)
+
+    def f(*args, **kwargs):
+        return getattr(default_machine(), name)(*args, **kwargs)
+
+    f.__name__ = f.__qualname__ = name
+    f.__doc__ = f"{method.__doc__ or ''}\n\nActs on kmm.default_machine()."
+    return f
+
+
+for _name in _FORWARDED:
+    globals()[_name] = _forward(_name)
+del _name
+
+__all__ = [
+    "Machine",
+    "Page",
+    "Zone",
+    "Event",
+    "Proc",
+    "Trace",
+    "TraceHandle",
+    "Recording",
+    "default_machine",
+    "set_default_machine",
+    "parse_size",
+    "errors",
+    "gfp",
+    "KmmError",
+    "OutOfMemoryError",
+    "InvalidFreeError",
+    "DoubleFreeError",
+    "UseAfterFreeError",
+    "SleepInAtomicError",
+    "BadGfpError",
+    "PageFaultError",
+    "MemoryCorruptionError",
+    "MAX_PAGE_ORDER",
+    "MIGRATETYPE_NAMES",
+    "TRACEPOINTS",
+    "TUNABLES",
+    "ERROR_CODES",
+    *_FORWARDED,
+    *gfp.__all__[4:],
+]

@@ -1,0 +1,155 @@
+"""The ``kmm`` command.
+
+``kmm`` (or ``kmm demo``) boots a machine and walks through the page
+allocator, printing the kernel's own views; ``kmm proc`` prints a /proc file
+of a configured machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import kmm
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def _machine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", default="x86_64", choices=["x86_64", "i386", "i386-pae"], help="architecture (default x86_64)")
+    p.add_argument("--memory", default="1G", help="RAM size, e.g. 512M, 64G (default 1G)")
+    p.add_argument("--cpus", type=int, default=2, help="simulated CPUs (default 2)")
+    p.add_argument("--page-size", type=int, default=4096, help="bytes per page (default 4096)")
+    p.add_argument("--min-free-kbytes", type=int, default=None, help="vm.min_free_kbytes (default: the kernel's formula)")
+
+
+def _make_machine(a: argparse.Namespace) -> kmm.Machine:
+    return kmm.Machine(arch=a.arch, memory=a.memory, cpus=a.cpus, page_size=a.page_size, min_free_kbytes=a.min_free_kbytes)
+
+
+def _section(title: str) -> None:
+    print()
+    print(title)
+    print("-" * len(title))
+
+
+def demo(a: argparse.Namespace) -> int:
+    m = _make_machine(a)
+    print(f"Booted {m!r}: {m.nr_pages} page frames, pageblock order {m.pageblock_order}, "
+          f"min_free_kbytes {m.min_free_kbytes}")
+    _section("Zones (the kernel's struct zone fields)")
+    for z in m.zones:
+        if not z.populated:
+            print(f"  {z.name:8s} (empty)")
+            continue
+        print(f"  {z.name:8s} start_pfn={z.start_pfn:#x} spanned={z.spanned} managed={z.managed} "
+              f"free={z.free_pages} min={z.min} low={z.low} high={z.high} protection={tuple(z.lowmem_reserve)}")
+    _section("/proc/buddyinfo at boot")
+    print(m.proc.buddyinfo(), end="")
+
+    _section("Allocating with gfp flags")
+    with m.trace.record("kmem:mm_page_*") as rec:
+        kernel = [m.alloc_pages(kmm.GFP_KERNEL, o) for o in (0, 1, 3)]
+        dma = m.alloc_pages(kmm.GFP_KERNEL | kmm.GFP_DMA, 0)
+        user = m.alloc_pages(kmm.GFP_HIGHUSER_MOVABLE, 0)
+        addr = m.get_zeroed_page(kmm.GFP_KERNEL)
+    for p in [*kernel, dma, user]:
+        print(f"  {p!r}  from zone {p.zone}, pageblock {p.migratetype}")
+    print(f"  get_zeroed_page -> {addr:#x} (virt_to_phys {m.virt_to_phys(addr):#x}, "
+          f"first bytes {m.read(addr, 8).hex()})")
+    m.write(addr, b"hello, buddy")
+    print(f"  wrote and read back: {m.read(addr, 12)!r}")
+    print("  tracepoints fired (as perf script prints them):")
+    for line in rec.to_perf_script(comm="demo", pid=1).splitlines():
+        print("   " + line.strip())
+
+    _section("/proc/buddyinfo after the allocations (orders split by expand())")
+    print(m.proc.buddyinfo(), end="")
+
+    _section("A request that cannot be satisfied")
+    try:
+        m.alloc_pages(kmm.GFP_KERNEL | kmm.__GFP_NOWARN, kmm.MAX_PAGE_ORDER + 1)
+    except kmm.OutOfMemoryError as e:
+        print(f"  OutOfMemoryError: {e}")
+    try:
+        m.free_pages(kernel[0], 0)
+        m.free_pages(kernel[0], 0)
+    except kmm.DoubleFreeError as e:
+        print(f"  DoubleFreeError: {e}")
+    for p, o in zip(kernel[1:], (1, 3)):
+        m.free_pages(p, o)
+    m.free_pages(dma)
+    m.free_pages(user)
+    m.free_page(addr)
+    _section("Everything freed: buddies merged back (/proc/buddyinfo)")
+    print(m.proc.buddyinfo(), end="")
+    _section("/proc/zoneinfo (the DMA32 zone, without the node's stats)")
+    print(_zone_block(m.proc.zoneinfo(), "DMA32"), end="")
+    errs = m.check()
+    print(f"invariant check: {'ok' if not errs else errs}")
+    return EXIT_OK if not errs else EXIT_ERROR
+
+
+def _zone_block(zoneinfo: str, name: str) -> str:
+    """One zone's block of /proc/zoneinfo, with the per-node stats left out."""
+    out, inside, node_stats = [], False, False
+    for line in zoneinfo.splitlines(keepends=True):
+        if line.startswith("Node "):
+            inside = line.split()[-1] == name
+        if not inside:
+            continue
+        if line.startswith("  per-node stats"):
+            node_stats = True
+            continue
+        if node_stats and line.startswith("      "):
+            continue
+        node_stats = False
+        out.append(line)
+    return "".join(out)
+
+
+def proc(a: argparse.Namespace) -> int:
+    m = _make_machine(a)
+    fn = getattr(m.proc, a.file)
+    sys.stdout.write(fn())
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    tunables = "\n".join(f"  {n:24s} {d:16s} {h}" for n, d, h in kmm.TUNABLES)
+    p = argparse.ArgumentParser(
+        prog="kmm",
+        description="kmm: a fast, faithful model of the Linux kernel's memory manager.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=f"Machine tunables (kmm.Machine keyword arguments):\n{tunables}\n\n"
+        "Exit codes: 0 success, 1 an invariant or model error, 2 bad usage.",
+    )
+    sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
+    d = sub.add_parser("demo", help="boot a machine and walk through the page allocator (the default)")
+    _machine_args(d)
+    d.set_defaults(func=demo)
+    pr = sub.add_parser("proc", help="print a /proc file of a freshly booted machine")
+    pr.add_argument("file", choices=["buddyinfo", "zoneinfo", "pagetypeinfo", "meminfo", "vmstat"])
+    _machine_args(pr)
+    pr.set_defaults(func=proc)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser()
+    if not argv:
+        argv = ["demo"]
+    a = parser.parse_args(argv)
+    if not getattr(a, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return a.func(a)
+    except (ValueError, kmm.KmmError) as e:
+        print(f"kmm: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except BrokenPipeError:
+        return EXIT_OK

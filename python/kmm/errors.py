@@ -1,0 +1,75 @@
+"""kmm's exception tree. Every error kmm raises derives from :class:`KmmError`.
+
+Messages quote the kernel's wording where it has one ("page allocation
+failure: order:10, mode:0xcc0(GFP_KERNEL)", "double free or corruption").
+A call that raises has changed nothing: the machine's accounting is exactly
+what it was before the call.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "KmmError",
+    "OutOfMemoryError",
+    "InvalidFreeError",
+    "DoubleFreeError",
+    "UseAfterFreeError",
+    "SleepInAtomicError",
+    "BadGfpError",
+    "PageFaultError",
+    "MemoryCorruptionError",
+]
+
+
+class KmmError(Exception):
+    """Base class of every kmm error."""
+
+    code = "kmm"
+
+
+class OutOfMemoryError(KmmError, MemoryError):
+    """An allocation could not be satisfied (the kernel's ``warn_alloc`` text)."""
+
+    code = "out_of_memory"
+
+
+class InvalidFreeError(KmmError, ValueError):
+    """Freeing something that is not the start of a live allocation, or with the wrong order/cache."""
+
+    code = "invalid_free"
+
+
+class DoubleFreeError(KmmError, ValueError):
+    """Freeing memory that is already free ("double free or corruption")."""
+
+    code = "double_free"
+
+
+class UseAfterFreeError(KmmError):
+    """Using a Block after its memory was freed."""
+
+    code = "use_after_free"
+
+
+class SleepInAtomicError(KmmError):
+    """A call that may sleep made in atomic context ("BUG: sleeping function called from invalid context")."""
+
+    code = "sleep_in_atomic"
+
+
+class BadGfpError(KmmError, ValueError):
+    """An invalid gfp mask: an impossible zone combination or an unknown flag name."""
+
+    code = "bad_gfp"
+
+
+class PageFaultError(KmmError):
+    """An access to an address that has no mapping ("BUG: unable to handle page fault")."""
+
+    code = "page_fault"
+
+
+class MemoryCorruptionError(KmmError):
+    """Redzone, poison or freelist corruption detected."""
+
+    code = "memory_corruption"

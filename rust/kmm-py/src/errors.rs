@@ -1,0 +1,50 @@
+//! The one place core errors become Python exceptions.
+
+use kmm_core::KmmError;
+use pyo3::exceptions::{PyBufferError, PyOSError, PyValueError};
+use pyo3::prelude::*;
+
+pyo3::import_exception!(kmm.errors, OutOfMemoryError);
+pyo3::import_exception!(kmm.errors, InvalidFreeError);
+pyo3::import_exception!(kmm.errors, DoubleFreeError);
+pyo3::import_exception!(kmm.errors, UseAfterFreeError);
+pyo3::import_exception!(kmm.errors, SleepInAtomicError);
+pyo3::import_exception!(kmm.errors, BadGfpError);
+pyo3::import_exception!(kmm.errors, PageFaultError);
+pyo3::import_exception!(kmm.errors, MemoryCorruptionError);
+
+/// Map a core error to its Python exception (the class picked by the error's code).
+pub(crate) fn to_py_err(e: KmmError) -> PyErr {
+    let msg = e.message().to_string();
+    match e {
+        KmmError::OutOfMemory { .. } => OutOfMemoryError::new_err(msg),
+        KmmError::InvalidFree(_) => InvalidFreeError::new_err(msg),
+        KmmError::DoubleFree(_) => DoubleFreeError::new_err(msg),
+        KmmError::UseAfterFree(_) => UseAfterFreeError::new_err(msg),
+        KmmError::SleepInAtomic(_) => SleepInAtomicError::new_err(msg),
+        KmmError::BadGfp(_) => BadGfpError::new_err(msg),
+        KmmError::PageFault(_) => PageFaultError::new_err(msg),
+        KmmError::MemoryCorruption(_) => MemoryCorruptionError::new_err(msg),
+        KmmError::InvalidArgument(_) => PyValueError::new_err(msg),
+        KmmError::BufferBusy(_) => PyBufferError::new_err(msg),
+        KmmError::Host(_) => PyOSError::new_err(msg),
+    }
+}
+
+/// Log an allocation failure through Python `logging` (logger "kmm"), as
+/// `warn_alloc` prints it, unless the mask has `__GFP_NOWARN`.
+pub(crate) fn warn_alloc(py: Python<'_>, e: &KmmError) {
+    if let KmmError::OutOfMemory { gfp, message, .. } = e {
+        if gfp & kmm_core::gfp::__GFP_NOWARN != 0 {
+            return;
+        }
+        let r = (|| -> PyResult<()> {
+            let logger = py.import("logging")?.call_method1("getLogger", ("kmm",))?;
+            logger.call_method1("warning", (format!("kmm: {message}"),))?;
+            Ok(())
+        })();
+        if let Err(err) = r {
+            err.write_unraisable(py, None);
+        }
+    }
+}

@@ -1,0 +1,359 @@
+//! `Machine`: the Python face of `kmm_core::Machine` (shared, `&self`, frozen).
+
+use std::sync::Arc;
+
+use kmm_core::arch::{parse_size, Arch};
+use kmm_core::{KmmError, Machine, MachineConfig, Pfn, VirtAddr};
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyInt, PyString};
+
+use crate::errors::warn_alloc;
+use crate::objects::{PyPage, PyZone};
+use crate::to_py_err;
+use crate::tracing::{PyRecording, PyTraceHandle};
+
+/// Sizes are ints or strings like "512M".
+fn size_arg(v: &Bound<'_, PyAny>) -> PyResult<u64> {
+    if let Ok(s) = v.cast::<PyString>() {
+        return parse_size(s.to_str()?).map_err(to_py_err);
+    }
+    if v.is_instance_of::<PyInt>() {
+        let n: i128 = v.extract()?;
+        return u64::try_from(n).map_err(|_| PyValueError::new_err(format!("size must be >= 0, not {n}")));
+    }
+    Err(PyTypeError::new_err("size must be an int or a string like \"512M\""))
+}
+
+/// A simulated machine: memory, zones, the page allocator, /proc views and
+/// tracepoints. Shared freely between threads.
+#[pyclass(frozen, name = "Machine", module = "kmm._kmm")]
+pub struct PyMachine {
+    pub(crate) m: Arc<Machine>,
+}
+
+enum PageOrAddr {
+    Page(u64),
+    Addr(u64),
+}
+
+fn page_or_addr(v: &Bound<'_, PyAny>) -> PyResult<PageOrAddr> {
+    if let Ok(p) = v.cast::<PyPage>() {
+        return Ok(PageOrAddr::Page(p.get().pfn));
+    }
+    if v.is_instance_of::<PyInt>() {
+        return Ok(PageOrAddr::Addr(v.extract()?));
+    }
+    Err(PyTypeError::new_err(format!(
+        "expected a Page or an address (int), not {}",
+        v.get_type().name()?
+    )))
+}
+
+impl PyMachine {
+    fn oom(&self, py: Python<'_>, e: KmmError) -> PyErr {
+        warn_alloc(py, &e);
+        to_py_err(e)
+    }
+
+    fn own_page(&self, p: &Bound<'_, PyPage>) -> PyResult<u64> {
+        let p = p.get();
+        if !Arc::ptr_eq(&p.m, &self.m) {
+            return Err(PyValueError::new_err("that Page belongs to another Machine"));
+        }
+        Ok(p.pfn)
+    }
+
+    fn do_free(&self, x: &Bound<'_, PyAny>, order: u32) -> PyResult<()> {
+        match page_or_addr(x)? {
+            PageOrAddr::Page(pfn) => {
+                let p = x.cast::<PyPage>()?;
+                self.own_page(p)?;
+                self.m.free_pages(Pfn(pfn), order)
+            }
+            PageOrAddr::Addr(a) => self.m.free_pages_addr(VirtAddr(a), order),
+        }
+        .map_err(to_py_err)
+    }
+}
+
+#[pymethods]
+impl PyMachine {
+    #[new]
+    #[pyo3(signature = (arch="x86_64", memory=None, cpus=2, page_size=4096, min_free_kbytes=None,
+                        watermark_scale_factor=10, lowmem_reserve_ratio=None,
+                        transparent_hugepage=true, seed=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        py: Python<'_>,
+        arch: &str,
+        memory: Option<&Bound<'_, PyAny>>,
+        cpus: u32,
+        page_size: u32,
+        min_free_kbytes: Option<u64>,
+        watermark_scale_factor: u64,
+        lowmem_reserve_ratio: Option<Vec<u64>>,
+        transparent_hugepage: bool,
+        seed: u64,
+    ) -> PyResult<PyMachine> {
+        let memory = match memory {
+            Some(v) => size_arg(v)?,
+            None => 1 << 30,
+        };
+        let cfg = MachineConfig {
+            arch: Arch::parse(arch).map_err(to_py_err)?,
+            memory,
+            cpus,
+            page_size,
+            min_free_kbytes,
+            watermark_scale_factor,
+            lowmem_reserve_ratio,
+            transparent_hugepage,
+            seed,
+        };
+        let m = py.detach(|| Machine::new(cfg)).map_err(to_py_err)?;
+        Ok(PyMachine { m: Arc::new(m) })
+    }
+
+    #[getter]
+    fn arch(&self) -> &'static str {
+        self.m.cfg.arch.name()
+    }
+    #[getter]
+    fn memory(&self) -> u64 {
+        self.m.cfg.memory
+    }
+    #[getter]
+    fn cpus(&self) -> u32 {
+        self.m.cfg.cpus
+    }
+    #[getter]
+    fn page_size(&self) -> u64 {
+        self.m.page_size
+    }
+    #[getter]
+    fn nr_pages(&self) -> u64 {
+        self.m.nr_pages
+    }
+    #[getter]
+    fn pageblock_order(&self) -> u32 {
+        self.m.pageblock_order
+    }
+    /// `vm.min_free_kbytes` in force.
+    #[getter]
+    fn min_free_kbytes(&self) -> u64 {
+        self.m.min_free_kbytes.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// `PAGE_OFFSET`: where the direct map starts.
+    #[getter]
+    fn page_offset(&self) -> u64 {
+        self.m.cfg.arch.page_offset()
+    }
+    /// Snapshots of every zone of node 0, in index order.
+    #[getter]
+    fn zones(&self) -> Vec<PyZone> {
+        (0..self.m.zones.len()).map(|i| PyZone::snapshot(&self.m, i)).collect()
+    }
+    /// Pages free in the buddy allocator.
+    fn nr_free_pages(&self) -> u64 {
+        self.m.nr_free_pages()
+    }
+    /// `totalram_pages()`.
+    fn totalram_pages(&self) -> u64 {
+        self.m.totalram_pages()
+    }
+    /// The zone `gfp_zone()` picks for a mask (its name); BadGfpError if invalid.
+    fn gfp_zone(&self, gfp: u32) -> PyResult<&'static str> {
+        let i = self.m.gfp_zone(gfp).map_err(to_py_err)?;
+        Ok(self.m.zones[i].kind.name())
+    }
+    /// Names of the zones an allocation with this mask may use, in fallback order.
+    fn zonelist(&self, gfp: u32) -> PyResult<Vec<&'static str>> {
+        let i = self.m.gfp_zone(gfp).map_err(to_py_err)?;
+        Ok(self.m.zonelist(i).map(|z| z.kind.name()).collect())
+    }
+
+    // ---- the page allocator --------------------------------------------------
+
+    /// `alloc_pages(gfp, order)`: 2^order contiguous pages; returns the head Page.
+    #[pyo3(signature = (gfp, order=0))]
+    fn alloc_pages(&self, py: Python<'_>, gfp: u32, order: u32) -> PyResult<PyPage> {
+        match self.m.alloc_pages(gfp, order) {
+            Ok(pfn) => Ok(PyPage::new(&self.m, pfn)),
+            Err(e) => Err(self.oom(py, e)),
+        }
+    }
+    /// `alloc_page(gfp)`.
+    fn alloc_page(&self, py: Python<'_>, gfp: u32) -> PyResult<PyPage> {
+        self.alloc_pages(py, gfp, 0)
+    }
+    /// `__get_free_pages(gfp, order)`: the direct-map address of new pages.
+    #[pyo3(signature = (gfp, order=0))]
+    fn __get_free_pages(&self, py: Python<'_>, gfp: u32, order: u32) -> PyResult<u64> {
+        match self.m.get_free_pages(gfp, order) {
+            Ok(a) => Ok(a.0),
+            Err(e) => Err(self.oom(py, e)),
+        }
+    }
+    /// `__get_free_pages` under its other name.
+    #[pyo3(signature = (gfp, order=0))]
+    fn get_free_pages(&self, py: Python<'_>, gfp: u32, order: u32) -> PyResult<u64> {
+        self.__get_free_pages(py, gfp, order)
+    }
+    /// `__get_free_page(gfp)`.
+    fn __get_free_page(&self, py: Python<'_>, gfp: u32) -> PyResult<u64> {
+        self.__get_free_pages(py, gfp, 0)
+    }
+    /// `get_free_page(gfp)` (the book's name for `__get_free_page`).
+    fn get_free_page(&self, py: Python<'_>, gfp: u32) -> PyResult<u64> {
+        self.__get_free_pages(py, gfp, 0)
+    }
+    /// `get_zeroed_page(gfp)`: one page, zeroed.
+    fn get_zeroed_page(&self, py: Python<'_>, gfp: u32) -> PyResult<u64> {
+        self.__get_free_pages(py, gfp | kmm_core::gfp::__GFP_ZERO, 0)
+    }
+    /// `__free_pages(page, order)`; also accepts a direct-map address.
+    #[pyo3(signature = (page, order=0))]
+    fn __free_pages(&self, page: &Bound<'_, PyAny>, order: u32) -> PyResult<()> {
+        self.do_free(page, order)
+    }
+    /// `free_pages(addr, order)`; also accepts a Page.
+    #[pyo3(signature = (page_or_addr, order=0))]
+    fn free_pages(&self, page_or_addr: &Bound<'_, PyAny>, order: u32) -> PyResult<()> {
+        self.do_free(page_or_addr, order)
+    }
+    /// `free_page(addr)`; also accepts a Page.
+    fn free_page(&self, page_or_addr: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.do_free(page_or_addr, 0)
+    }
+    /// `__free_page(page)`; also accepts an address.
+    fn __free_page(&self, page: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.do_free(page, 0)
+    }
+
+    // ---- addresses -----------------------------------------------------------
+
+    /// `page_address(page)`: its direct-map address, None for highmem pages.
+    fn page_address(&self, page: &Bound<'_, PyPage>) -> PyResult<Option<u64>> {
+        let pfn = self.own_page(page)?;
+        Ok(self.m.page_address(Pfn(pfn)).map(|v| v.0))
+    }
+    /// `virt_to_page(addr)` for direct-map addresses.
+    fn virt_to_page(&self, addr: u64) -> PyResult<PyPage> {
+        let pfn = self.m.virt_to_pfn(VirtAddr(addr)).map_err(to_py_err)?;
+        Ok(PyPage::new(&self.m, pfn))
+    }
+    /// `virt_to_phys(addr)` for direct-map addresses.
+    fn virt_to_phys(&self, addr: u64) -> PyResult<u64> {
+        Ok(self.m.virt_to_phys(VirtAddr(addr)).map_err(to_py_err)?.0)
+    }
+    /// `phys_to_virt(phys)` (`__va`); None for highmem.
+    fn phys_to_virt(&self, phys: u64) -> Option<u64> {
+        self.m.phys_to_virt(kmm_core::PhysAddr(phys)).map(|v| v.0)
+    }
+    /// `pfn_to_page(pfn)`.
+    fn pfn_to_page(&self, pfn: u64) -> PyResult<PyPage> {
+        if !self.m.pfn_valid(Pfn(pfn)) {
+            return Err(PyValueError::new_err(format!("pfn {pfn:#x} is not valid (beyond RAM)")));
+        }
+        Ok(PyPage::new(&self.m, Pfn(pfn)))
+    }
+    /// `page_to_pfn(page)`.
+    fn page_to_pfn(&self, page: &Bound<'_, PyPage>) -> PyResult<u64> {
+        self.own_page(page)
+    }
+    /// Read `n` bytes at a mapped address.
+    fn read<'py>(&self, py: Python<'py>, addr: u64, n: usize) -> PyResult<Bound<'py, PyBytes>> {
+        let v = self.m.read(VirtAddr(addr), n).map_err(to_py_err)?;
+        Ok(PyBytes::new(py, &v))
+    }
+    /// Write bytes at a mapped address.
+    fn write(&self, addr: u64, data: &[u8]) -> PyResult<()> {
+        self.m.write(VirtAddr(addr), data).map_err(to_py_err)
+    }
+
+    // ---- views, checks, tracing ----------------------------------------------
+
+    /// The kernel's /proc views of this machine.
+    #[getter]
+    fn proc(slf: &Bound<'_, Self>) -> PyProc {
+        PyProc { m: slf.get().m.clone() }
+    }
+    /// Tracepoints: `attach(pattern, callback)` and `record(pattern)`.
+    #[getter]
+    fn trace(slf: &Bound<'_, Self>) -> PyTrace {
+        PyTrace { m: slf.get().m.clone() }
+    }
+    /// Run every invariant check; returns the violations (empty when healthy).
+    fn check(&self, py: Python<'_>) -> Vec<String> {
+        let m = self.m.clone();
+        py.detach(move || m.check())
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "<Machine arch={} memory={} MiB cpus={} page_size={}>",
+            self.m.cfg.arch.name(),
+            self.m.cfg.memory >> 20,
+            self.m.cfg.cpus,
+            self.m.page_size
+        )
+    }
+}
+
+/// The /proc files of a machine, in the kernel's formats.
+#[pyclass(frozen, name = "Proc", module = "kmm._kmm")]
+pub struct PyProc {
+    m: Arc<Machine>,
+}
+
+#[pymethods]
+impl PyProc {
+    /// /proc/buddyinfo
+    fn buddyinfo(&self) -> String {
+        self.m.proc_buddyinfo()
+    }
+    /// /proc/zoneinfo
+    fn zoneinfo(&self) -> String {
+        self.m.proc_zoneinfo()
+    }
+    /// /proc/pagetypeinfo
+    fn pagetypeinfo(&self) -> String {
+        self.m.proc_pagetypeinfo()
+    }
+    /// /proc/meminfo
+    fn meminfo(&self) -> String {
+        self.m.proc_meminfo()
+    }
+    /// /proc/vmstat
+    fn vmstat(&self) -> String {
+        self.m.proc_vmstat()
+    }
+    /// meminfo as a dict of kB values (HugePages_* counts as they are).
+    fn meminfo_dict(&self) -> Vec<(&'static str, u64)> {
+        self.m.meminfo_fields()
+    }
+}
+
+/// Tracepoints of a machine.
+#[pyclass(frozen, name = "Trace", module = "kmm._kmm")]
+pub struct PyTrace {
+    m: Arc<Machine>,
+}
+
+#[pymethods]
+impl PyTrace {
+    /// Call `callback(event)` for every event whose name matches `pattern`
+    /// (globs such as "kmem:*" or "mm_page_alloc", comma-separated).
+    fn attach(&self, pattern: &str, callback: Py<PyAny>) -> PyResult<PyTraceHandle> {
+        crate::tracing::attach(&self.m, pattern, callback)
+    }
+    /// Record matching events: `with m.trace.record("kmem:*") as rec: ...`.
+    #[pyo3(signature = (pattern="*"))]
+    fn record(&self, pattern: &str) -> PyResult<PyRecording> {
+        PyRecording::new(&self.m, pattern)
+    }
+    /// Names of every tracepoint the machine has.
+    fn available(&self) -> Vec<&'static str> {
+        kmm_core::trace::EventId::ALL.iter().map(|e| e.name()).collect()
+    }
+}

@@ -1,0 +1,187 @@
+//! `Page` and `Zone`: Python views of the core's page metadata and zones.
+
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+
+use kmm_core::page::flag_names;
+use kmm_core::{Machine, Pfn};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+/// A `struct page`: a live view of one page frame's metadata.
+#[pyclass(frozen, name = "Page", module = "kmm._kmm")]
+pub struct PyPage {
+    pub(crate) m: Arc<Machine>,
+    pub(crate) pfn: u64,
+}
+
+impl PyPage {
+    pub(crate) fn new(m: &Arc<Machine>, pfn: Pfn) -> PyPage {
+        PyPage { m: m.clone(), pfn: pfn.0 }
+    }
+}
+
+#[pymethods]
+impl PyPage {
+    /// Page frame number.
+    #[getter]
+    fn pfn(&self) -> u64 {
+        self.pfn
+    }
+    /// Order of the block this page heads (allocated or free), 0 otherwise.
+    #[getter]
+    fn order(&self) -> u32 {
+        self.m.mem_map.get(self.pfn).order()
+    }
+    /// Name of the zone the page belongs to.
+    #[getter]
+    fn zone(&self) -> Option<&'static str> {
+        self.m.pfn_zone(Pfn(self.pfn)).map(|z| z.kind.name())
+    }
+    /// Kernel names of the page's flags and page type ("head", "buddy", "reserved", ...).
+    #[getter]
+    fn flags(&self) -> Vec<&'static str> {
+        flag_names(self.m.mem_map.get(self.pfn).flags())
+    }
+    /// `page_ref_count()`.
+    #[getter]
+    fn refcount(&self) -> i32 {
+        self.m.mem_map.get(self.pfn).refcount()
+    }
+    /// Migratetype of the page's pageblock ("Unmovable", "Movable", ...).
+    #[getter]
+    fn migratetype(&self) -> Option<&'static str> {
+        let z = self.m.pfn_zone(Pfn(self.pfn))?;
+        let mt = z.area.lock().pageblock_migratetype(self.pfn);
+        Some(kmm_core::buddy::MIGRATETYPE_NAMES[mt as usize])
+    }
+    /// Physical address of the page.
+    #[getter]
+    fn phys(&self) -> u64 {
+        self.m.pfn_to_phys(Pfn(self.pfn)).0
+    }
+    /// `page_address()`: the direct-map address, or None for highmem.
+    #[getter]
+    fn address(&self) -> Option<u64> {
+        self.m.page_address(Pfn(self.pfn)).map(|v| v.0)
+    }
+    /// `PageHighMem()`.
+    #[getter]
+    fn highmem(&self) -> bool {
+        !self.m.pfn_is_lowmem(Pfn(self.pfn))
+    }
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        match other.cast::<PyPage>() {
+            Ok(o) => {
+                let o = o.get();
+                Arc::ptr_eq(&self.m, &o.m) && o.pfn == self.pfn
+            }
+            Err(_) => false,
+        }
+    }
+    fn __hash__(&self) -> u64 {
+        self.pfn ^ (Arc::as_ptr(&self.m) as u64).rotate_left(32)
+    }
+    fn __int__(&self) -> u64 {
+        self.pfn
+    }
+    fn __repr__(&self) -> String {
+        let p = self.m.mem_map.get(self.pfn);
+        format!(
+            "<Page pfn={:#x} order={} zone={} flags={} refcount={}>",
+            self.pfn,
+            p.order(),
+            self.zone().unwrap_or("?"),
+            flag_names(p.flags()).join("|"),
+            p.refcount()
+        )
+    }
+}
+
+/// A snapshot of one zone, with the kernel's field names.
+#[pyclass(frozen, name = "Zone", module = "kmm._kmm", get_all)]
+pub struct PyZone {
+    pub name: &'static str,
+    pub index: usize,
+    pub start_pfn: u64,
+    pub spanned: u64,
+    pub present: u64,
+    pub managed: u64,
+    pub free_pages: u64,
+    pub min: u64,
+    pub low: u64,
+    pub high: u64,
+    pub promo: u64,
+    pub boost: u64,
+    pub lowmem_reserve: Vec<u64>,
+    /// Free blocks per order (all migratetypes): /proc/buddyinfo's row.
+    pub nr_free: Vec<u64>,
+    pub nr_reserved_highatomic: u64,
+    pub pgalloc: u64,
+    pub pgfree: u64,
+    nr_free_mt: Vec<Vec<u64>>,
+    pageblocks: Vec<u64>,
+}
+
+impl PyZone {
+    pub(crate) fn snapshot(m: &Machine, i: usize) -> PyZone {
+        let z = &m.zones[i];
+        let a = z.area.lock();
+        PyZone {
+            name: z.kind.name(),
+            index: i,
+            start_pfn: z.start_pfn,
+            spanned: z.spanned,
+            present: z.present,
+            managed: z.managed,
+            free_pages: a.free_pages,
+            min: z.wmark(0),
+            low: z.wmark(1),
+            high: z.wmark(2),
+            promo: z.wmark(3),
+            boost: z.watermark_boost.load(Relaxed),
+            lowmem_reserve: z.lowmem_reserve.iter().map(|r| r.load(Relaxed)).collect(),
+            nr_free: a.nr_free.to_vec(),
+            nr_reserved_highatomic: z.nr_reserved_highatomic.load(Relaxed),
+            pgalloc: z.counters.pgalloc.load(Relaxed),
+            pgfree: z.counters.pgfree.load(Relaxed),
+            nr_free_mt: (0..kmm_core::buddy::MIGRATE_TYPES)
+                .map(|mt| a.nr_free_mt.iter().map(|o| o[mt]).collect())
+                .collect(),
+            pageblocks: a.pageblock_counts().to_vec(),
+        }
+    }
+}
+
+#[pymethods]
+impl PyZone {
+    /// Free blocks per order for each migratetype: {"Unmovable": [...], ...}.
+    #[getter]
+    fn nr_free_by_migratetype<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (mt, v) in self.nr_free_mt.iter().enumerate() {
+            d.set_item(kmm_core::buddy::MIGRATETYPE_NAMES[mt], v.clone())?;
+        }
+        Ok(d)
+    }
+    /// Number of pageblocks of each migratetype.
+    #[getter]
+    fn pageblocks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (mt, v) in self.pageblocks.iter().enumerate() {
+            d.set_item(kmm_core::buddy::MIGRATETYPE_NAMES[mt], *v)?;
+        }
+        Ok(d)
+    }
+    /// `populated_zone()`.
+    #[getter]
+    fn populated(&self) -> bool {
+        self.managed > 0
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "<Zone {} start_pfn={:#x} spanned={} managed={} free={} min={} low={} high={}>",
+            self.name, self.start_pfn, self.spanned, self.managed, self.free_pages, self.min, self.low, self.high
+        )
+    }
+}

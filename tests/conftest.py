@@ -1,0 +1,45 @@
+"""Shared fixtures: real data from a Linux 6.18 machine and fresh machines."""
+
+from __future__ import annotations
+
+import lzma
+from pathlib import Path
+
+import pytest
+
+import kmm
+
+DATA = Path(__file__).parent / "data"
+LINUX = DATA / "linux"
+SAMPLE_TRACE = Path(kmm.__file__).parent / "data" / "sample.perf.txt.xz"
+
+
+def real(name: str) -> str:
+    """A file captured from the real Linux 6.18 machine (tests/data/linux)."""
+    return (LINUX / name).read_text()
+
+
+def sample_trace_lines():
+    with lzma.open(SAMPLE_TRACE, "rt") as f:
+        yield from f
+
+
+@pytest.fixture
+def m() -> kmm.Machine:
+    """A fresh default machine (x86_64, 1 GiB, 2 CPUs)."""
+    return kmm.Machine()
+
+
+@pytest.fixture
+def small() -> kmm.Machine:
+    """A small x86_64 machine (64 MiB: DMA and DMA32 only)."""
+    return kmm.Machine(memory="64M")
+
+
+def buddyinfo(m: kmm.Machine) -> list[list[int]]:
+    return [z.nr_free for z in m.zones]
+
+
+def assert_healthy(m: kmm.Machine) -> None:
+    errs = m.check()
+    assert errs == [], errs
