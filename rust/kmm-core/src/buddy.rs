@@ -728,7 +728,8 @@ impl FreeArea {
                         }
                         if (o as u32) < MAX_PAGE_ORDER {
                             let b = pfn ^ (1 << o);
-                            if self.is_free_buddy(map, b, o as u32) {
+                            // Report each unmerged pair once, from its lower half.
+                            if b > pfn && self.is_free_buddy(map, b, o as u32) {
                                 let bmt = self.pageblock_migratetype(b);
                                 let unmergeable = mt as u8 != bmt
                                     && (mt as u8 >= MIGRATE_PCPTYPES || bmt >= MIGRATE_PCPTYPES);
@@ -784,5 +785,104 @@ impl FreeArea {
             }
         }
         errs
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::page::MemMap;
+
+    /// A 16 MiB zone of pfns [0, 4096) freed at boot: four order-10 blocks.
+    fn zone() -> (FreeArea, MemMap) {
+        let map = MemMap::new(4096);
+        let mut a = FreeArea::new(0, 4096, 9);
+        for k in 0..4 {
+            a.free_boot_block(&map, k * 1024, 10);
+        }
+        (a, map)
+    }
+
+    #[test]
+    fn fresh_zone_is_clean() {
+        let (a, map) = zone();
+        assert_eq!(a.check(&map), Vec::<String>::new());
+        assert_eq!(a.nr_free[10], 4);
+        assert_eq!(a.free_pages, 4096);
+    }
+
+    #[test]
+    fn checker_reports_a_wrong_counter() {
+        let (mut a, map) = zone();
+        a.nr_free[10] += 1;
+        assert_eq!(a.check(&map), vec!["buddy-3: order-10 lists hold 4 blocks but nr_free is 5".to_string()]);
+    }
+
+    #[test]
+    fn checker_reports_a_missing_buddy_flag() {
+        let (a, map) = zone();
+        map.get(1024).set(0, 10);
+        assert_eq!(
+            a.check(&map),
+            vec!["buddy-1: pfn 0x400 on order-10 list without PG_buddy/order 10 (flags 0x0, order 10)".to_string()]
+        );
+    }
+
+    #[test]
+    fn checker_reports_unmerged_buddies() {
+        let (mut a, map) = zone();
+        let mut ev = None;
+        let p = a.rmqueue_smallest(&map, 0, MIGRATE_MOVABLE, &mut ev).unwrap();
+        assert_eq!(p, 0);
+        // Put page 0 back without merging it with its free buddy (page 1).
+        a.add(&map, 0, 0, MIGRATE_MOVABLE, false);
+        let errs = a.check(&map);
+        assert_eq!(errs, vec!["buddy-5: free buddies 0x0 and 0x1 of order 0 not merged".to_string()]);
+    }
+
+    #[test]
+    fn checker_reports_a_block_on_the_wrong_migratetype_list() {
+        let (mut a, map) = zone();
+        a.set_pageblock_migratetype(2048, MIGRATE_UNMOVABLE);
+        assert_eq!(
+            a.check(&map),
+            vec!["buddy-2: block 0x800/10 on the Movable list but its pageblock is Unmovable".to_string()]
+        );
+    }
+
+    #[test]
+    fn split_and_merge_are_exact() {
+        let (mut a, map) = zone();
+        let mut ev = None;
+        let p = a.rmqueue_smallest(&map, 3, MIGRATE_MOVABLE, &mut ev).unwrap();
+        // expand() left one free block at each order 3..9 inside the first order-10 block.
+        assert_eq!(&a.nr_free[3..], &[1, 1, 1, 1, 1, 1, 1, 3]);
+        assert_eq!(a.free_pages, 4096 - 8);
+        let (pfn, order) = a.free_one_page(&map, p, 3, MIGRATE_MOVABLE, false);
+        assert_eq!((pfn, order), (0, 10));
+        assert_eq!(a.nr_free[10], 4);
+        assert!(a.check(&map).is_empty());
+    }
+
+    #[test]
+    fn unmovable_claims_whole_pageblocks_and_steals_otherwise() {
+        let (mut a, map) = zone();
+        let mut evs = Vec::new();
+        let mut mode = RmqueueMode::Normal;
+        // No unmovable pages: claim the largest movable block (order 10 = 2 pageblocks).
+        let p = a.rmqueue(&map, 0, MIGRATE_UNMOVABLE, 0, &mut mode, &mut Some(&mut evs)).unwrap();
+        assert_eq!(a.pageblock_counts(), [2, 6, 0, 0, 0]);
+        assert_eq!(a.pageblock_migratetype(p), MIGRATE_UNMOVABLE);
+        assert!(matches!(
+            evs[0],
+            BuddyEvent::ExtFrag { alloc_order: 0, fallback_order: 10, change_ownership: true, .. }
+        ));
+        assert!(a.check(&map).is_empty());
+        // With ALLOC_NOFRAGMENT a reclaimable request may only claim >= pageblock blocks.
+        let mut mode = RmqueueMode::Normal;
+        let q = a.rmqueue(&map, 0, MIGRATE_RECLAIMABLE, ALLOC_NOFRAGMENT, &mut mode, &mut None);
+        assert!(q.is_some());
+        assert_eq!(a.pageblock_counts()[MIGRATE_RECLAIMABLE as usize], 2);
+        assert!(a.check(&map).is_empty());
     }
 }

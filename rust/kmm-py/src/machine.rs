@@ -6,7 +6,7 @@ use kmm_core::arch::{parse_size, Arch};
 use kmm_core::{KmmError, Machine, MachineConfig, Pfn, VirtAddr};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyInt, PyString};
+use pyo3::types::{PyBytes, PyDict, PyInt, PyString};
 
 use crate::errors::warn_alloc;
 use crate::objects::{PyPage, PyZone};
@@ -328,9 +328,21 @@ impl PyProc {
     fn vmstat(&self) -> String {
         self.m.proc_vmstat()
     }
-    /// meminfo as a dict of kB values (HugePages_* counts as they are).
-    fn meminfo_dict(&self) -> Vec<(&'static str, u64)> {
-        self.m.meminfo_fields()
+    /// /proc/meminfo as a dict of kB values (HugePages_* are counts, as in the file).
+    fn meminfo_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.m.meminfo_fields() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+    /// /proc/vmstat as a dict.
+    fn vmstat_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.m.vmstat_fields() {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
     }
 }
 
