@@ -1,7 +1,28 @@
 """Type stubs for kmm._kmm, the compiled core (kept in step with rust/kmm-py)."""
 
 from types import TracebackType
-from typing import Any, Callable, Final
+from typing import Any, Callable, Final, final
+
+__all__ = [
+    "ERROR_CODES",
+    "Event",
+    "GFP_NAMES",
+    "GFP_PRINT_TABLE",
+    "MAX_PAGE_ORDER",
+    "MIGRATETYPE_NAMES",
+    "Machine",
+    "Page",
+    "Proc",
+    "Recording",
+    "TRACEPOINTS",
+    "TUNABLES",
+    "Trace",
+    "TraceHandle",
+    "Zone",
+    "gfp_format",
+    "gfp_parse",
+    "parse_size",
+]
 
 GFP_NAMES: Final[list[tuple[str, int]]]
 GFP_PRINT_TABLE: Final[list[tuple[str, int]]]
@@ -15,6 +36,7 @@ def gfp_format(mask: int) -> str: ...
 def gfp_parse(text: str) -> int: ...
 def parse_size(text: str) -> int: ...
 
+@final
 class Page:
     """A live view of one page frame's `struct page`."""
 
@@ -36,10 +58,11 @@ class Page:
     def address(self) -> int | None: ...
     @property
     def highmem(self) -> bool: ...
-    def __eq__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
     def __hash__(self) -> int: ...
     def __int__(self) -> int: ...
 
+@final
 class Zone:
     """A snapshot of one zone with the kernel's field names."""
 
@@ -67,6 +90,7 @@ class Zone:
     @property
     def populated(self) -> bool: ...
 
+@final
 class Event:
     """One trace event."""
 
@@ -80,9 +104,10 @@ class Event:
     def fields(self) -> dict[str, int | bool | str]: ...
     @property
     def text(self) -> str: ...
-    def __getitem__(self, key: str) -> Any: ...
+    def __getitem__(self, key: str, /) -> Any: ...
     def perf_script_line(self, comm: str = "kmm", pid: int = 0) -> str: ...
 
+@final
 class TraceHandle:
     def detach(self) -> bool: ...
     def __enter__(self) -> TraceHandle: ...
@@ -90,6 +115,7 @@ class TraceHandle:
         self, a: type[BaseException] | None, b: BaseException | None, c: TracebackType | None
     ) -> bool: ...
 
+@final
 class Recording:
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -102,6 +128,7 @@ class Recording:
     def __len__(self) -> int: ...
     def to_perf_script(self, comm: str = "kmm", pid: int = 0) -> str: ...
 
+@final
 class Proc:
     def buddyinfo(self) -> str: ...
     def zoneinfo(self) -> str: ...
@@ -111,14 +138,16 @@ class Proc:
     def meminfo_dict(self) -> dict[str, int]: ...
     def vmstat_dict(self) -> dict[str, int]: ...
 
+@final
 class Trace:
     def attach(self, pattern: str, callback: Callable[[Event], object]) -> TraceHandle: ...
     def record(self, pattern: str = "*") -> Recording: ...
     def available(self) -> list[str]: ...
 
+@final
 class Machine:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         arch: str = "x86_64",
         memory: int | str | None = None,
         cpus: int = 2,
@@ -128,7 +157,7 @@ class Machine:
         lowmem_reserve_ratio: list[int] | None = None,
         transparent_hugepage: bool = True,
         seed: int = 0,
-    ) -> None: ...
+    ) -> Machine: ...
     @property
     def arch(self) -> str: ...
     @property

@@ -99,25 +99,42 @@ impl PyPage {
 }
 
 /// A snapshot of one zone, with the kernel's field names.
-#[pyclass(frozen, name = "Zone", module = "kmm._kmm", get_all)]
+#[pyclass(frozen, name = "Zone", module = "kmm._kmm")]
 pub struct PyZone {
+    #[pyo3(get)]
     pub name: &'static str,
+    #[pyo3(get)]
     pub index: usize,
+    #[pyo3(get)]
     pub start_pfn: u64,
+    #[pyo3(get)]
     pub spanned: u64,
+    #[pyo3(get)]
     pub present: u64,
+    #[pyo3(get)]
     pub managed: u64,
+    #[pyo3(get)]
     pub free_pages: u64,
+    #[pyo3(get)]
     pub min: u64,
+    #[pyo3(get)]
     pub low: u64,
+    #[pyo3(get)]
     pub high: u64,
+    #[pyo3(get)]
     pub promo: u64,
+    #[pyo3(get)]
     pub boost: u64,
+    #[pyo3(get)]
     pub lowmem_reserve: Vec<u64>,
     /// Free blocks per order (all migratetypes): /proc/buddyinfo's row.
+    #[pyo3(get)]
     pub nr_free: Vec<u64>,
+    #[pyo3(get)]
     pub nr_reserved_highatomic: u64,
+    #[pyo3(get)]
     pub pgalloc: u64,
+    #[pyo3(get)]
     pub pgfree: u64,
     nr_free_mt: Vec<Vec<u64>>,
     pageblocks: Vec<u64>,
