@@ -250,3 +250,25 @@ def test_machine_arguments_are_validated():
         kmm.Machine(memory=1.5)
     assert kmm.Machine(memory=64 << 20).memory == 64 << 20
     assert kmm.parse_size("2G") == 2 << 30
+
+
+def test_high_order_atomic_reserves_a_highatomic_pageblock(m):
+    # Bring every zone below its low watermark (+ protection), so GFP_ATOMIC
+    # fails the fast path everywhere and takes the slow path (ALLOC_HIGHATOMIC
+    # for order > 0 with __GFP_HIGH), which reserves a pageblock.
+    big = _drain(m, kmm.GFP_KERNEL, 9)
+    small = _drain(m, kmm.GFP_KERNEL, 0)
+    z = [z for z in m.zones if z.name == "DMA32"][0]
+    assert z.free_pages < z.low and z.nr_reserved_highatomic == 0
+    a = m.alloc_pages(kmm.GFP_ATOMIC, 1)
+    z = [z for z in m.zones if z.name == "DMA32"][0]
+    assert z.nr_reserved_highatomic == 512  # one pageblock (zone managed/100 >= pageblock)
+    assert z.pageblocks["HighAtomic"] == 1
+    assert m.pfn_to_page(a.pfn).migratetype == "HighAtomic"
+    assert a.zone == "DMA32"
+    m.free_pages(a, 1)
+    for p in big:
+        m.free_pages(p, 9)
+    for p in small:
+        m.free_pages(p, 0)
+    assert_healthy(m)
