@@ -42,6 +42,7 @@ pub mod machine;
 pub mod page;
 pub mod page_alloc;
 pub mod physmem;
+pub mod slab;
 pub mod proc;
 pub mod trace;
 pub mod zone;

@@ -1,0 +1,356 @@
+//! Cache geometry: alignment, object layout and slab order, computed as SLUB
+//! computes them.
+//!
+//! # Kernel
+//! `mm/slab_common.c` (`calculate_alignment`, `create_boot_cache`: kmalloc
+//! caches aligned to the largest power of two dividing their size),
+//! `mm/slub.c` (`calculate_sizes`, `calculate_order`, `calc_slab_order`,
+//! `oo_make`, `set_min_partial`, `set_cpu_partial`), `include/linux/slab.h`
+//! (SLAB_* flag values, 6.18 enum order on x86_64 with SLUB_DEBUG, KASAN off,
+//! MEMCG on, no KFENCE).
+//!
+//! # Invariants
+//! - geom-1: `object_size <= inuse <= size`, `size % align == 0`,
+//!   `objects * size <= PAGE_SIZE << order`.
+//! - geom-2: the free pointer lies inside the slot: `offset + 8 <= size`.
+#![forbid(unsafe_code)]
+
+use crate::error::{invalid, Result};
+
+// SLAB_* flags (include/linux/slab.h, `enum _slab_flag_bits`, 6.18, x86_64 with
+// CONFIG_SLUB_DEBUG, CONFIG_MEMCG, CONFIG_FAILSLAB; KASAN and KFENCE off).
+pub const SLAB_CONSISTENCY_CHECKS: u32 = 1 << 0;
+pub const SLAB_RED_ZONE: u32 = 1 << 1;
+pub const SLAB_POISON: u32 = 1 << 2;
+pub const SLAB_KMALLOC: u32 = 1 << 3;
+pub const SLAB_HWCACHE_ALIGN: u32 = 1 << 4;
+pub const SLAB_CACHE_DMA: u32 = 1 << 5;
+pub const SLAB_CACHE_DMA32: u32 = 1 << 6;
+pub const SLAB_STORE_USER: u32 = 1 << 7;
+pub const SLAB_PANIC: u32 = 1 << 8;
+pub const SLAB_TYPESAFE_BY_RCU: u32 = 1 << 9;
+pub const SLAB_TRACE: u32 = 1 << 10;
+pub const SLAB_DEBUG_OBJECTS: u32 = 1 << 11;
+pub const SLAB_NOLEAKTRACE: u32 = 1 << 12;
+pub const SLAB_NO_MERGE: u32 = 1 << 13;
+pub const SLAB_FAILSLAB: u32 = 1 << 14;
+pub const SLAB_ACCOUNT: u32 = 1 << 15;
+pub const SLAB_NO_USER_FLAGS: u32 = 1 << 16;
+pub const SLAB_RECLAIM_ACCOUNT: u32 = 1 << 17;
+pub const SLAB_OBJECT_POISON: u32 = 1 << 18;
+pub const SLAB_CMPXCHG_DOUBLE: u32 = 1 << 19;
+pub const SLAB_NO_OBJ_EXT: u32 = 1 << 20;
+
+/// Flags a caller may pass to `kmem_cache_create` (SLAB_CORE_FLAGS |
+/// SLAB_DEBUG_FLAGS | SLAB_CACHE_FLAGS as mm/slab.h permits them).
+pub const SLAB_FLAGS_PERMITTED: u32 = SLAB_CONSISTENCY_CHECKS
+    | SLAB_RED_ZONE
+    | SLAB_POISON
+    | SLAB_HWCACHE_ALIGN
+    | SLAB_CACHE_DMA
+    | SLAB_CACHE_DMA32
+    | SLAB_STORE_USER
+    | SLAB_PANIC
+    | SLAB_TYPESAFE_BY_RCU
+    | SLAB_TRACE
+    | SLAB_DEBUG_OBJECTS
+    | SLAB_NOLEAKTRACE
+    | SLAB_NO_MERGE
+    | SLAB_FAILSLAB
+    | SLAB_ACCOUNT
+    | SLAB_NO_USER_FLAGS
+    | SLAB_RECLAIM_ACCOUNT
+    | SLAB_NO_OBJ_EXT
+    | SLAB_KMALLOC;
+
+/// Debug flags: a cache with any of them skips the per-CPU fast paths.
+pub const SLAB_DEBUG_FLAGS: u32 = SLAB_RED_ZONE | SLAB_POISON | SLAB_STORE_USER | SLAB_TRACE | SLAB_CONSISTENCY_CHECKS;
+
+/// The named flags, for display and for Python constants.
+pub const SLAB_FLAG_NAMES: &[(&str, u32)] = &[
+    ("SLAB_CONSISTENCY_CHECKS", SLAB_CONSISTENCY_CHECKS),
+    ("SLAB_RED_ZONE", SLAB_RED_ZONE),
+    ("SLAB_POISON", SLAB_POISON),
+    ("SLAB_KMALLOC", SLAB_KMALLOC),
+    ("SLAB_HWCACHE_ALIGN", SLAB_HWCACHE_ALIGN),
+    ("SLAB_CACHE_DMA", SLAB_CACHE_DMA),
+    ("SLAB_CACHE_DMA32", SLAB_CACHE_DMA32),
+    ("SLAB_STORE_USER", SLAB_STORE_USER),
+    ("SLAB_PANIC", SLAB_PANIC),
+    ("SLAB_TYPESAFE_BY_RCU", SLAB_TYPESAFE_BY_RCU),
+    ("SLAB_TRACE", SLAB_TRACE),
+    ("SLAB_NOLEAKTRACE", SLAB_NOLEAKTRACE),
+    ("SLAB_NO_MERGE", SLAB_NO_MERGE),
+    ("SLAB_FAILSLAB", SLAB_FAILSLAB),
+    ("SLAB_ACCOUNT", SLAB_ACCOUNT),
+    ("SLAB_NO_USER_FLAGS", SLAB_NO_USER_FLAGS),
+    ("SLAB_RECLAIM_ACCOUNT", SLAB_RECLAIM_ACCOUNT),
+    ("SLAB_NO_OBJ_EXT", SLAB_NO_OBJ_EXT),
+];
+
+/// `cache_line_size()` on x86.
+pub const CACHE_LINE_SIZE: u32 = 64;
+/// `ARCH_SLAB_MINALIGN` / `ARCH_KMALLOC_MINALIGN` (`__alignof__(unsigned long long)`).
+pub const ARCH_SLAB_MINALIGN: u32 = 8;
+/// `MAX_OBJS_PER_PAGE` (15-bit objects counter).
+pub const MAX_OBJS_PER_PAGE: u32 = 32767;
+/// `MIN_PARTIAL` / `MAX_PARTIAL`.
+pub const MIN_PARTIAL: u32 = 5;
+pub const MAX_PARTIAL: u32 = 10;
+/// `sizeof(struct track)` on 64-bit with CONFIG_STACKDEPOT (addr, handle, cpu, pid, when).
+pub const TRACK_SIZE: u32 = 32;
+
+/// Boot-time SLUB tunables (`slab_min_order=`, `slab_max_order=`, `slab_min_objects=`).
+#[derive(Clone, Copy, Debug)]
+pub struct SlubTunables {
+    pub min_order: u32,
+    pub max_order: u32,
+    /// 0 = derived from the CPU count.
+    pub min_objects: u32,
+    /// num_present_cpus (and nr_cpu_ids) of the machine.
+    pub nr_cpus: u32,
+    pub page_size: u32,
+    /// sizeof(void *): 8 on 64-bit, 4 on 32-bit.
+    pub word: u32,
+}
+
+/// What a cache's geometry comes to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    pub object_size: u32,
+    /// Slot stride (`s->size`, /sys/kernel/slab/<c>/slab_size).
+    pub size: u32,
+    pub align: u32,
+    /// Offset of the free pointer within the slot (from the object start).
+    pub offset: u32,
+    /// `s->inuse`: object plus right padding/redzone, before metadata.
+    pub inuse: u32,
+    pub red_left_pad: u32,
+    pub order: u32,
+    pub objects: u32,
+    /// Fallback (`s->min`): the smallest order holding one object.
+    pub min_order: u32,
+    pub min_objects: u32,
+    pub min_partial: u32,
+    /// `cpu_partial` in objects, and `cpu_partial_slabs`.
+    pub cpu_partial: u32,
+    pub cpu_partial_slabs: u32,
+    /// The flags in force (with SLAB_OBJECT_POISON resolved).
+    pub flags: u32,
+}
+
+fn align_up(x: u32, a: u32) -> u32 {
+    x.div_ceil(a) * a
+}
+
+fn fls(x: u32) -> u32 {
+    32 - x.leading_zeros()
+}
+
+/// `get_order(size)` for this page size.
+pub fn get_order(size: u64, page_size: u32) -> u32 {
+    if size <= page_size as u64 {
+        return 0;
+    }
+    let pages = size.div_ceil(page_size as u64);
+    64 - (pages - 1).leading_zeros()
+}
+
+/// `calculate_alignment`.
+pub fn calculate_alignment(flags: u32, align: u32, size: u32, word: u32) -> u32 {
+    let mut align = align;
+    if flags & SLAB_HWCACHE_ALIGN != 0 {
+        let mut ralign = CACHE_LINE_SIZE;
+        while size <= ralign / 2 {
+            ralign /= 2;
+        }
+        align = align.max(ralign);
+    }
+    align = align.max(ARCH_SLAB_MINALIGN);
+    align_up(align, word)
+}
+
+/// `calc_slab_order`: the first order in [min, max] wasting at most 1/fract.
+fn calc_slab_order(size: u32, min_order: u32, max_order: u32, fract: u32, page: u32) -> u32 {
+    let mut order = min_order;
+    while order <= max_order {
+        let slab = (page as u64) << order;
+        if slab % size as u64 <= slab / fract as u64 {
+            break;
+        }
+        order += 1;
+    }
+    order
+}
+
+/// `calculate_order` (6.8+).
+pub fn calculate_order(size: u32, t: &SlubTunables) -> Option<u32> {
+    let page = t.page_size;
+    let order_objects = |o: u32| ((page as u64) << o) / size as u64;
+    let min_objects = if t.min_objects != 0 { t.min_objects } else { 4 * (fls(t.nr_cpus) + 1) };
+    let max_objects = order_objects(t.max_order).max(1) as u32;
+    let min_objects = min_objects.min(max_objects);
+    let min_order = t.min_order.max(get_order(min_objects as u64 * size as u64, page));
+    if order_objects(min_order) > MAX_OBJS_PER_PAGE as u64 {
+        return Some(get_order(size as u64 * MAX_OBJS_PER_PAGE as u64, page) - 1);
+    }
+    let mut fraction = 16;
+    while fraction > 1 {
+        let order = calc_slab_order(size, min_order, t.max_order, fraction, page);
+        if order <= t.max_order {
+            return Some(order);
+        }
+        fraction /= 2;
+    }
+    let order = get_order(size as u64, page);
+    (order <= crate::arch::MAX_PAGE_ORDER).then_some(order)
+}
+
+/// `calculate_sizes` + `kmem_cache_open`'s partial sizing. `align` is the
+/// requested alignment (already through `calculate_alignment`).
+pub fn calculate_sizes(
+    object_size: u32,
+    align: u32,
+    flags: u32,
+    has_ctor: bool,
+    freeptr_offset: Option<u32>,
+    t: &SlubTunables,
+) -> Result<Geometry> {
+    let w = t.word;
+    let mut flags = flags;
+    let mut size = align_up(object_size, w);
+    if flags & SLAB_POISON != 0 && flags & SLAB_TYPESAFE_BY_RCU == 0 && !has_ctor {
+        flags |= SLAB_OBJECT_POISON;
+    } else {
+        flags &= !SLAB_OBJECT_POISON;
+    }
+    if flags & SLAB_RED_ZONE != 0 && size == object_size {
+        size += w;
+    }
+    let inuse = size;
+    let kmalloc_store_user = flags & SLAB_KMALLOC != 0 && flags & SLAB_STORE_USER != 0;
+    let rcu_no_offset = flags & SLAB_TYPESAFE_BY_RCU != 0 && freeptr_offset.is_none();
+    let offset;
+    if rcu_no_offset
+        || flags & SLAB_POISON != 0
+        || has_ctor
+        || (flags & SLAB_RED_ZONE != 0 && (object_size < w || kmalloc_store_user))
+    {
+        offset = size;
+        size += w;
+    } else if let (true, Some(off)) = (flags & SLAB_TYPESAFE_BY_RCU != 0, freeptr_offset) {
+        offset = off;
+    } else {
+        offset = (object_size / 2) / w * w;
+    }
+    if flags & SLAB_STORE_USER != 0 {
+        size += 2 * TRACK_SIZE;
+        if flags & SLAB_KMALLOC != 0 {
+            size += 4;
+        }
+    }
+    let mut red_left_pad = 0;
+    if flags & SLAB_RED_ZONE != 0 {
+        size += w;
+        red_left_pad = align_up(w, align);
+        size += red_left_pad;
+    }
+    let size = align_up(size, align);
+    let Some(order) = calculate_order(size, t) else {
+        return invalid(format!("object size {object_size} too large for a slab"));
+    };
+    let objects = (((t.page_size as u64) << order) / size as u64) as u32;
+    let min_order = get_order(size as u64, t.page_size);
+    let min_objects = (((t.page_size as u64) << min_order) / size as u64) as u32;
+    if objects == 0 {
+        return invalid(format!("object size {object_size} too large for a slab"));
+    }
+    let ilog2 = 31 - size.leading_zeros();
+    let min_partial = (ilog2 / 2).clamp(MIN_PARTIAL, MAX_PARTIAL);
+    let debug = flags & SLAB_DEBUG_FLAGS != 0;
+    let cpu_partial: u32 = if debug {
+        0
+    } else if size >= t.page_size {
+        6
+    } else if size >= 1024 {
+        24
+    } else if size >= 256 {
+        52
+    } else {
+        120
+    };
+    let cpu_partial_slabs = (cpu_partial * 2).div_ceil(objects);
+    Ok(Geometry {
+        object_size,
+        size,
+        align,
+        offset,
+        inuse,
+        red_left_pad,
+        order,
+        objects,
+        min_order,
+        min_objects,
+        min_partial,
+        cpu_partial,
+        cpu_partial_slabs,
+        flags,
+    })
+}
+
+/// Alignment `create_boot_cache` gives a kmalloc cache of `size`: at least
+/// the largest power of two dividing it.
+pub fn kmalloc_align(size: u32) -> u32 {
+    ARCH_SLAB_MINALIGN.max(1 << size.trailing_zeros())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(cpus: u32) -> SlubTunables {
+        SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size: 4096, word: 8 }
+    }
+
+    #[test]
+    fn kmalloc_table_matches_kernel_facts() {
+        // KERNEL_FACTS 6.6: (size, 1 CPU, 4 CPUs, 8 CPUs, 16 CPUs) as (order, objects).
+        let rows: &[(u32, [(u32, u32); 4])] = &[
+            (8, [(0, 512), (0, 512), (0, 512), (0, 512)]),
+            (192, [(0, 21), (0, 21), (0, 21), (1, 42)]),
+            (256, [(0, 16), (0, 16), (1, 32), (1, 32)]),
+            (512, [(0, 8), (1, 16), (2, 32), (2, 32)]),
+            (1024, [(1, 8), (2, 16), (3, 32), (3, 32)]),
+            (2048, [(2, 8), (3, 16), (3, 16), (3, 16)]),
+            (4096, [(3, 8), (3, 8), (3, 8), (3, 8)]),
+            (8192, [(3, 4), (3, 4), (3, 4), (3, 4)]),
+        ];
+        for &(size, exp) in rows {
+            for (i, cpus) in [1u32, 4, 8, 16].into_iter().enumerate() {
+                let g = calculate_sizes(size, kmalloc_align(size), SLAB_KMALLOC, false, None, &t(cpus)).unwrap();
+                assert_eq!((g.order, g.objects), exp[i], "size {size} cpus {cpus}");
+            }
+        }
+    }
+
+    #[test]
+    fn alignment_rules() {
+        assert_eq!(calculate_alignment(SLAB_HWCACHE_ALIGN, 0, 20, 8), 32);
+        assert_eq!(calculate_alignment(SLAB_HWCACHE_ALIGN, 0, 40, 8), 64);
+        assert_eq!(calculate_alignment(SLAB_HWCACHE_ALIGN, 0, 10, 8), 16);
+        assert_eq!(calculate_alignment(0, 0, 10, 8), 8);
+        assert_eq!(calculate_alignment(0, 12, 100, 8), 16);
+        assert_eq!(kmalloc_align(96), 32);
+        assert_eq!(kmalloc_align(192), 64);
+        assert_eq!(kmalloc_align(1024), 1024);
+    }
+
+    #[test]
+    fn debug_layout_example() {
+        // KERNEL_FACTS 6.5: kmalloc-32 with slub_debug=FZPU, align 32 -> s->size 160.
+        let f = SLAB_KMALLOC | SLAB_RED_ZONE | SLAB_POISON | SLAB_STORE_USER | SLAB_CONSISTENCY_CHECKS;
+        let g = calculate_sizes(32, 32, f, false, None, &t(2)).unwrap();
+        assert_eq!((g.size, g.offset, g.red_left_pad, g.inuse), (160, 40, 32, 40));
+        assert_eq!(g.cpu_partial, 0);
+    }
+}
