@@ -33,6 +33,8 @@ pub enum KmmError {
     BufferBusy(String),
     /// A host (OS) call failed.
     Host(String),
+    /// An object is still in use (e.g. destroying a cache with live objects).
+    Busy(String),
 }
 
 impl KmmError {
@@ -50,6 +52,7 @@ impl KmmError {
             KmmError::InvalidArgument(_) => "invalid_argument",
             KmmError::BufferBusy(_) => "buffer_busy",
             KmmError::Host(_) => "host",
+            KmmError::Busy(_) => "busy",
         }
     }
 
@@ -66,6 +69,7 @@ impl KmmError {
         "invalid_argument",
         "buffer_busy",
         "host",
+        "busy",
     ];
 
     pub fn message(&self) -> &str {
@@ -80,7 +84,8 @@ impl KmmError {
             | KmmError::MemoryCorruption(m)
             | KmmError::InvalidArgument(m)
             | KmmError::BufferBusy(m)
-            | KmmError::Host(m) => m,
+            | KmmError::Host(m)
+            | KmmError::Busy(m) => m,
         }
     }
 }

@@ -36,14 +36,17 @@
 
 pub mod arch;
 pub mod buddy;
+pub mod cpu;
 pub mod error;
 pub mod gfp;
+pub mod kmalloc;
 pub mod machine;
 pub mod page;
 pub mod page_alloc;
 pub mod physmem;
 pub mod slab;
 pub mod proc;
+pub mod shadow;
 pub mod trace;
 pub mod zone;
 

@@ -17,10 +17,15 @@
 //! - machine-2: the direct map covers every lowmem pfn and no highmem pfn.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+use std::sync::OnceLock;
 
 use crate::arch::{parse_size, Arch, ZoneKind, MAX_PAGE_ORDER};
 use crate::buddy::{FreeArea, MIGRATE_TYPES};
+use crate::cpu::Cpus;
+use crate::kmalloc::KmallocCaches;
+use crate::shadow::Shadow;
+use crate::slab::SlabRegistry;
 use crate::error::{invalid, KmmError, Result};
 use crate::page::{MemMap, Pfn, PG_RESERVED};
 use crate::physmem::PhysMem;
@@ -56,6 +61,8 @@ pub struct MachineConfig {
     pub transparent_hugepage: bool,
     /// Seed for every random choice the model makes.
     pub seed: u64,
+    /// `slab_nomerge`: never merge new caches into existing ones.
+    pub slab_nomerge: bool,
 }
 
 impl Default for MachineConfig {
@@ -70,6 +77,7 @@ impl Default for MachineConfig {
             lowmem_reserve_ratio: None,
             transparent_hugepage: true,
             seed: 0,
+            slab_nomerge: false,
         }
     }
 }
@@ -86,6 +94,7 @@ impl MachineConfig {
         ("lowmem_reserve_ratio", "256 256 32 0 0", "vm.lowmem_reserve_ratio per zone"),
         ("transparent_hugepage", "true", "khugepaged's recommended min_free_kbytes (as on most distros)"),
         ("seed", "0", "seed for the model's random choices"),
+        ("slab_nomerge", "false", "slab_nomerge: keep every kmem_cache separate instead of merging compatible ones"),
     ];
 
     /// Parse `memory` from a size string.
@@ -99,6 +108,15 @@ impl MachineConfig {
 #[derive(Default, Debug)]
 pub struct MachineStats {
     pub pgalloc_fail: AtomicU64,
+}
+
+/// Node vmstat items the model keeps (bytes, as the kernel's `_B` items).
+#[derive(Default, Debug)]
+pub struct VmStat {
+    /// NR_SLAB_RECLAIMABLE_B: slab pages of SLAB_RECLAIM_ACCOUNT caches.
+    pub nr_slab_reclaimable_b: AtomicI64,
+    /// NR_SLAB_UNRECLAIMABLE_B: other slab pages and large kmallocs.
+    pub nr_slab_unreclaimable_b: AtomicI64,
 }
 
 /// A simulated machine: memory, page metadata, zones, tracepoints.
@@ -117,6 +135,15 @@ pub struct Machine {
     pub trace: Tracing,
     pub min_free_kbytes: AtomicU64,
     pub stats: MachineStats,
+    pub vmstat: VmStat,
+    /// The simulated CPUs and the threads running on them.
+    pub cpus: Cpus,
+    /// Per-object state beside memory (live/pinned/generation).
+    pub shadow: Shadow,
+    /// Every kmem_cache.
+    pub slab: SlabRegistry,
+    /// The kmalloc caches (set at boot).
+    pub kmalloc_caches: OnceLock<KmallocCaches>,
 }
 
 impl Machine {
@@ -215,6 +242,11 @@ impl Machine {
             trace: Tracing::default(),
             min_free_kbytes: AtomicU64::new(0),
             stats: MachineStats::default(),
+            vmstat: VmStat::default(),
+            cpus: Cpus::new(cfg.cpus),
+            shadow: Shadow::new(cfg.memory),
+            slab: Machine::new_slab_registry(&cfg),
+            kmalloc_caches: OnceLock::new(),
             cfg,
         };
 
@@ -238,7 +270,27 @@ impl Machine {
             z.sync_counters(&a);
         }
         m.setup_watermarks(m.cfg.min_free_kbytes);
+        let k = m.create_kmalloc_caches()?;
+        let _ = m.kmalloc_caches.set(k);
         Ok(m)
+    }
+
+    /// The kmalloc caches.
+    #[inline]
+    pub fn kmalloc_table(&self) -> &KmallocCaches {
+        self.kmalloc_caches.get().expect("kmalloc caches are made at boot")
+    }
+
+    /// `compound_head`: the head page of the block `pfn` belongs to (tails
+    /// of compound blocks record their head).
+    #[inline]
+    pub fn compound_head(&self, pfn: Pfn) -> Pfn {
+        let p = self.mem_map.get(pfn.0);
+        if p.has(crate::page::PG_TAIL) {
+            Pfn(p.next() as u64)
+        } else {
+            pfn
+        }
     }
 
     /// Boot with defaults except the given arch and memory (a convenience).
@@ -446,6 +498,8 @@ impl Machine {
         if prev_end != self.nr_pages {
             errs.push(format!("machine-1: zones end at {prev_end:#x}, RAM at {:#x}", self.nr_pages));
         }
+        errs.extend(self.cpus.check());
+        errs.extend(self.check_slab());
         errs
     }
 }

@@ -47,11 +47,10 @@ pub struct AllocContext {
 }
 
 impl Machine {
-    /// The simulated CPU the calling thread runs on.
-    /// SIMPLIFICATION: until CPUs are modelled every thread runs on CPU 0.
+    /// The simulated CPU the calling thread runs on (see `cpu.rs`).
     #[inline]
     pub fn this_cpu(&self) -> u32 {
-        0
+        self.cpus.this_cpu()
     }
 
     /// `gfp_zone()` resolved to this machine's zone index.
@@ -473,7 +472,9 @@ impl Machine {
         if order > 0 && gfp & gfp::__GFP_COMP != 0 {
             flags |= PG_HEAD;
             for t in 1..(1u64 << order) {
-                self.mem_map.get(pfn.0 + t).set(PG_TAIL, 0);
+                let tail = self.mem_map.get(pfn.0 + t);
+                tail.set(PG_TAIL, 0);
+                tail.set_next(pfn.0 as u32); // compound_head
             }
         }
         if gfp & gfp::__GFP_MOVABLE != 0 {
@@ -614,6 +615,24 @@ impl Machine {
                 z.below_high.store(false, Relaxed);
             }
         }
+    }
+
+    /// Turn freshly allocated (compound) pages into a slab of cache `cache_id`:
+    /// the head gets PG_slab and the cache id (`slab->slab_cache`).
+    pub(crate) fn make_slab_pages(&self, pfn: Pfn, order: u32, cache_id: u32) {
+        let head = self.mem_map.get(pfn.0);
+        let flags = head.flags() & PG_HEAD;
+        head.set(flags | PG_SLAB, order);
+        head.set_refcount(cache_id as i32);
+    }
+
+    /// Give a discarded slab's pages back (`__free_slab`): the slab page
+    /// becomes an ordinary allocated block again, then is freed.
+    pub(crate) fn free_slab_pages(&self, pfn: Pfn, order: u32) {
+        let head = self.mem_map.get(pfn.0);
+        head.clear_flag(PG_SLAB);
+        head.set_refcount(1);
+        self.free_pages(pfn, order).expect("a discarded slab frees cleanly");
     }
 
     /// Pages allocated (managed - free) in a zone.

@@ -157,6 +157,41 @@ impl PhysMem {
         Ok(())
     }
 
+    /// Read a native-endian u64 (a slab free pointer) at `phys`.
+    #[inline]
+    pub fn read_u64(&self, phys: u64) -> Result<u64> {
+        if let Some(p) = self.direct_ptr(phys, 8) {
+            // SAFETY: 8 bytes inside the live mapping (checked by direct_ptr);
+            // read_unaligned has no alignment requirement.
+            return Ok(unsafe { p.as_ptr().cast::<u64>().read_unaligned() });
+        }
+        let mut b = [0u8; 8];
+        self.read(phys, &mut b)?;
+        Ok(u64::from_ne_bytes(b))
+    }
+
+    /// Write a native-endian u64 at `phys`.
+    #[inline]
+    pub fn write_u64(&self, phys: u64, v: u64) -> Result<()> {
+        if let Some(p) = self.direct_ptr(phys, 8) {
+            // SAFETY: 8 bytes inside the live mapping (checked by direct_ptr).
+            unsafe { p.as_ptr().cast::<u64>().write_unaligned(v) };
+            return Ok(());
+        }
+        self.write(phys, &v.to_ne_bytes())
+    }
+
+    /// Fill `[phys, phys+len)` with `byte` (poisoning, red zones).
+    pub fn fill(&self, phys: u64, len: u64, byte: u8) -> Result<()> {
+        self.check(phys, len as usize)?;
+        if let Some(p) = self.direct_ptr(phys, len as usize) {
+            // SAFETY: inside the live mapping (checked above).
+            unsafe { std::ptr::write_bytes(p.as_ptr(), byte, len as usize) };
+            return Ok(());
+        }
+        self.write(phys, &vec![byte; len as usize])
+    }
+
     /// Zero `[phys, phys+len)`: memset for small ranges in the direct map,
     /// otherwise a hole punch (which also returns the memory to the host).
     pub fn zero(&self, phys: u64, len: u64) -> Result<()> {

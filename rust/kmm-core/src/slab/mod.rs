@@ -1,5 +1,446 @@
-//! The slab layer (SLUB): cache geometry, slabs, per-CPU freelists and node
-//! partial lists.
+//! The slab layer (SLUB): the list of caches, `kmem_cache_create` with cache
+//! merging, and the `kmem_cache_*` API on a machine.
+//!
+//! # Kernel
+//! `mm/slab_common.c` (`__kmem_cache_create_args`, `find_mergeable`,
+//! `slab_unmergeable`, `kmem_cache_destroy`, `kmem_cache_shrink`,
+//! `create_boot_cache`), `mm/slub.c` (`kmem_cache_alloc`, `kmem_cache_free`,
+//! `cache_from_obj`, `kmem_cache_alloc_bulk`, `kmem_cache_free_bulk`,
+//! `__kmem_cache_shutdown`, `slab_post_alloc_hook`), `mm/slab.h`.
+//!
+//! Modules: `geometry` (layout and order), `cache` (one cache's slabs and
+//! per-CPU state).
+//!
+//! # Invariants
+//! - slab-1: `slab_caches` lists each live root cache once, newest first.
+//! - slab-2: a cache id maps to one cache for the machine's life (ids are not reused).
+//!
+//! SIMPLIFICATION: cache descriptors are Rust structures, not objects of the
+//! `kmem_cache` cache (which exists, empty, as in /proc/slabinfo), so a
+//! freshly booted machine's buddy allocator is untouched.
+//!
+//! Lock order: `slab_mutex` (cache list) -> per-CPU lock -> node list_lock -> zone lock.
 #![forbid(unsafe_code)]
 
+pub mod cache;
 pub mod geometry;
+
+use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use parking_lot::Mutex;
+
+pub use cache::{Ctor, KmemCache};
+use geometry::*;
+
+use crate::error::{KmmError, Result};
+use crate::gfp::{self, Gfp};
+use crate::machine::{Machine, VirtAddr};
+use crate::trace::{CallSite, EventId, Payload};
+
+/// Most caches a machine can create over its life.
+pub const MAX_CACHES: usize = 1 << 14;
+
+/// Flags that forbid merging (`SLAB_NEVER_MERGE`).
+pub const SLAB_NEVER_MERGE: u32 = SLAB_RED_ZONE
+    | SLAB_POISON
+    | SLAB_STORE_USER
+    | SLAB_TRACE
+    | SLAB_TYPESAFE_BY_RCU
+    | SLAB_NOLEAKTRACE
+    | SLAB_FAILSLAB
+    | SLAB_NO_MERGE;
+/// Flags that merged caches must share (`SLAB_MERGE_SAME`).
+pub const SLAB_MERGE_SAME: u32 = SLAB_RECLAIM_ACCOUNT | SLAB_CACHE_DMA | SLAB_CACHE_DMA32 | SLAB_ACCOUNT;
+
+/// The caches of one machine.
+pub struct SlabRegistry {
+    caches: Box<[OnceLock<Arc<KmemCache>>]>,
+    next_id: AtomicU32,
+    /// `slab_mutex` and `slab_caches` (ids, newest first).
+    pub list: Mutex<Vec<u32>>,
+    pub tunables: SlubTunables,
+    /// `slab_nomerge`.
+    pub nomerge: bool,
+
+}
+
+/// The arguments of `kmem_cache_create`.
+#[derive(Clone, Default)]
+pub struct CacheArgs {
+    pub align: u32,
+    pub flags: u32,
+    pub ctor: Option<Ctor>,
+    /// `freeptr_offset` for SLAB_TYPESAFE_BY_RCU caches that keep it inside.
+    pub freeptr_offset: Option<u32>,
+}
+
+impl SlabRegistry {
+    pub fn new(tunables: SlubTunables, nomerge: bool) -> SlabRegistry {
+        SlabRegistry {
+            caches: (0..MAX_CACHES).map(|_| OnceLock::new()).collect(),
+            next_id: AtomicU32::new(0),
+            list: Mutex::new(Vec::new()),
+            tunables,
+            nomerge,
+        }
+    }
+
+    /// The cache with this id.
+    #[inline]
+    pub fn get(&self, id: u32) -> Option<&Arc<KmemCache>> {
+        self.caches.get(id as usize)?.get()
+    }
+
+    /// Live caches in `slab_caches` order (newest first).
+    pub fn caches(&self) -> Vec<Arc<KmemCache>> {
+        self.list.lock().iter().filter_map(|&id| self.get(id).cloned()).collect()
+    }
+
+    /// A live cache by name.
+    pub fn find(&self, name: &str) -> Option<Arc<KmemCache>> {
+        self.caches().into_iter().find(|c| c.name == name)
+    }
+}
+
+/// What `kmem_cache_create` returns: the cache, and whether it is an alias
+/// of an existing one.
+pub struct Created {
+    pub cache: Arc<KmemCache>,
+    pub merged: bool,
+}
+
+impl Machine {
+    fn slub_tunables(cpus: u32, page_size: u32) -> SlubTunables {
+        SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size, word: 8 }
+    }
+
+    /// A fresh registry for a machine.
+    pub(crate) fn new_slab_registry(cfg: &crate::machine::MachineConfig) -> SlabRegistry {
+        let mut t = Self::slub_tunables(cfg.cpus, cfg.page_size);
+        t.word = cfg.arch.pointer_bytes();
+        SlabRegistry::new(t, cfg.slab_nomerge)
+    }
+
+    /// `find_mergeable`: an existing cache this request can share.
+    /// `list` is `slab_caches` (the caller holds `slab_mutex`).
+    fn find_mergeable(&self, list: &[u32], size: u32, align: u32, flags: u32, a: &CacheArgs) -> Option<Arc<KmemCache>> {
+        let r = &self.slab;
+        if r.nomerge || a.ctor.is_some() || flags & SLAB_NEVER_MERGE != 0 || a.freeptr_offset.is_some() {
+            return None;
+        }
+        let w = r.tunables.word;
+        let size = size.div_ceil(w) * w;
+        let align = calculate_alignment(flags, align, size, w);
+        let size = size.div_ceil(align) * align;
+        // list_for_each_entry_reverse: oldest first.
+        for c in list.iter().rev().filter_map(|&id| r.get(id)).cloned() {
+            if c.flags & SLAB_NEVER_MERGE != 0 || c.ctor.is_some() || c.dead.load(Relaxed) {
+                continue;
+            }
+            if c.flags & SLAB_KMALLOC != 0 && c.flags & SLAB_NO_MERGE != 0 {
+                continue;
+            }
+            if size > c.geo.size {
+                continue;
+            }
+            if flags & SLAB_MERGE_SAME != c.flags & SLAB_MERGE_SAME {
+                continue;
+            }
+            if c.geo.size & !(align - 1) != c.geo.size {
+                continue;
+            }
+            if c.geo.size - size >= w {
+                continue;
+            }
+            return Some(c);
+        }
+        None
+    }
+
+    /// `kmem_cache_create(name, size, align, flags, ctor)`.
+    pub fn kmem_cache_create(&self, name: &str, size: u32, a: CacheArgs) -> Result<Created> {
+        if name.is_empty() {
+            return Err(KmmError::InvalidArgument("kmem_cache_create: a cache needs a name".into()));
+        }
+        if size == 0 || size as u64 > crate::kmalloc::KMALLOC_MAX_SIZE {
+            return Err(KmmError::InvalidArgument(format!(
+                "kmem_cache_create({name}): invalid object size {size} (1 .. {})",
+                crate::kmalloc::KMALLOC_MAX_SIZE
+            )));
+        }
+        if a.align != 0 && !a.align.is_power_of_two() {
+            return Err(KmmError::InvalidArgument(format!(
+                "kmem_cache_create({name}): alignment {} is not a power of two",
+                a.align
+            )));
+        }
+        if a.flags & !SLAB_FLAGS_PERMITTED != 0 {
+            return Err(KmmError::InvalidArgument(format!(
+                "kmem_cache_create({name}): unknown flags {:#x}",
+                a.flags & !SLAB_FLAGS_PERMITTED
+            )));
+        }
+        if a.flags & SLAB_CACHE_DMA32 != 0 && a.flags & SLAB_CACHE_DMA != 0 {
+            return Err(KmmError::InvalidArgument(format!(
+                "kmem_cache_create({name}): SLAB_CACHE_DMA and SLAB_CACHE_DMA32 together"
+            )));
+        }
+        if let Some(off) = a.freeptr_offset {
+            if a.flags & SLAB_TYPESAFE_BY_RCU == 0 || off % self.slab.tunables.word != 0 || off + 8 > size {
+                return Err(KmmError::InvalidArgument(format!(
+                    "kmem_cache_create({name}): freeptr_offset {off} needs SLAB_TYPESAFE_BY_RCU and a word-aligned offset inside the object"
+                )));
+            }
+        }
+        let mut list = self.slab.list.lock(); // slab_mutex
+        if let Some(c) = self.find_mergeable(&list, size, a.align, a.flags, &a) {
+            c.refcount.fetch_add(1, Relaxed);
+            c.aliases.lock().push(name.to_string());
+            return Ok(Created { cache: c, merged: true });
+        }
+        let t = &self.slab.tunables;
+        let align = calculate_alignment(a.flags, a.align, size, t.word);
+        let geo = calculate_sizes(size, align, a.flags, a.ctor.is_some(), a.freeptr_offset, t)?;
+        let id = self.slab.next_id.fetch_add(1, Relaxed);
+        if id as usize >= MAX_CACHES {
+            return Err(KmmError::InvalidArgument(format!(
+                "kmem_cache_create({name}): more than {MAX_CACHES} caches created on this machine"
+            )));
+        }
+        let cache = Arc::new(KmemCache::new(id, name, geo, a.flags | (geo.flags & SLAB_OBJECT_POISON), a.ctor, self.cfg.cpus));
+        let _ = self.slab.caches[id as usize].set(cache.clone());
+        list.insert(0, id);
+        drop(list);
+        Ok(Created { cache, merged: false })
+    }
+
+    /// Post-allocation hooks (`slab_post_alloc_hook`): shadow, zeroing.
+    #[inline]
+    fn slab_post_alloc(&self, c: &KmemCache, obj: u64, gfp: Gfp) -> u64 {
+        let phys = obj - self.cfg.arch.page_offset();
+        self.shadow.alloc(phys);
+        if gfp & gfp::__GFP_ZERO != 0 {
+            let _ = self.phys.zero(phys, c.geo.object_size as u64);
+        }
+        obj
+    }
+
+    /// Fix up gfp bits a slab request must not carry (`kmalloc_fix_flags`).
+    #[inline]
+    pub(crate) fn slab_gfp(&self, gfp: Gfp) -> Gfp {
+        if gfp & gfp::GFP_SLAB_BUG_MASK != 0 {
+            let fixed = gfp & !gfp::GFP_SLAB_BUG_MASK;
+            log_once_unexpected_gfp(gfp, fixed);
+            fixed
+        } else {
+            gfp
+        }
+    }
+
+    /// `kmem_cache_alloc` without the tracepoint.
+    pub(crate) fn kmem_cache_alloc_inner(&self, c: &KmemCache, gfp: Gfp, cpu: Option<u32>) -> Result<u64> {
+        if c.dead.load(Relaxed) {
+            return Err(KmmError::UseAfterFree(format!("kmem_cache_alloc: cache {} was destroyed", c.name)));
+        }
+        let gfp = self.slab_gfp(gfp);
+        let cpu = cpu.unwrap_or_else(|| self.this_cpu());
+        let obj = c.alloc_raw(self, gfp, cpu)?;
+        Ok(self.slab_post_alloc(c, obj, gfp))
+    }
+
+    /// `kmem_cache_alloc(s, gfp)`.
+    pub fn kmem_cache_alloc(&self, c: &KmemCache, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
+        let obj = self.kmem_cache_alloc_inner(c, gfp, None);
+        if self.trace.on(EventId::KmemCacheAlloc) {
+            self.trace.emit(
+                self.this_cpu(),
+                Payload::KmemCacheAlloc {
+                    call_site: call_site.clone(),
+                    ptr: *obj.as_ref().unwrap_or(&0),
+                    name: c.name.clone().into(),
+                    bytes_req: c.geo.object_size as u64,
+                    bytes_alloc: c.geo.size as u64,
+                    gfp_flags: gfp,
+                    node: -1,
+                    accounted: c.flags & SLAB_ACCOUNT != 0 || gfp & gfp::__GFP_ACCOUNT != 0,
+                },
+            );
+        }
+        obj.map(VirtAddr)
+    }
+
+    /// Classify `va` as an object of cache `c` that may be freed.
+    pub(crate) fn check_slab_free(&self, c: &KmemCache, va: u64) -> Result<cache::ObjRef> {
+        let o = c.locate(self, va)?;
+        let phys = va - self.cfg.arch.page_offset();
+        let sh = self.shadow.get(phys);
+        if sh & crate::shadow::LIVE == 0 {
+            return Err(KmmError::DoubleFree(format!(
+                "BUG {} (Not tainted): Object already free: double free or corruption of {va:#x}",
+                c.name
+            )));
+        }
+        if sh & crate::shadow::PINNED != 0 {
+            return Err(KmmError::BufferBusy(format!(
+                "cannot free {va:#x}: a buffer export (memoryview) of it is alive"
+            )));
+        }
+        c.check_object(self, va, true)?;
+        Ok(o)
+    }
+
+    /// Free an object already checked with `check_slab_free`.
+    pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32) {
+        self.shadow.free(va - self.cfg.arch.page_offset());
+        c.free_raw(self, o, va, cpu);
+    }
+
+    /// The cache a slab object belongs to (`virt_to_cache`), if it is one.
+    pub fn virt_to_cache(&self, va: u64) -> Option<Arc<KmemCache>> {
+        let pfn = self.virt_to_pfn(VirtAddr(va)).ok()?;
+        let head = self.compound_head(pfn).0;
+        let p = self.mem_map.get(head);
+        if !p.has(crate::page::PG_SLAB) {
+            return None;
+        }
+        self.slab.get(p.refcount() as u32).cloned()
+    }
+
+    /// `kmem_cache_free(s, obj)`; with `cache_from_obj`'s wrong-cache check.
+    pub fn kmem_cache_free(&self, c: &KmemCache, va: VirtAddr, call_site: &CallSite) -> Result<()> {
+        if let Some(owner) = self.virt_to_cache(va.0) {
+            if owner.id != c.id {
+                return Err(KmmError::InvalidFree(format!(
+                    "kmem_cache_free: Wrong slab cache. {} but object is from {}",
+                    c.name, owner.name
+                )));
+            }
+        }
+        let o = self.check_slab_free(c, va.0)?;
+        if self.trace.on(EventId::KmemCacheFree) {
+            self.trace.emit(
+                self.this_cpu(),
+                Payload::KmemCacheFree { call_site: call_site.clone(), ptr: va.0, name: c.name.clone().into() },
+            );
+        }
+        self.slab_free_checked(c, &o, va.0, self.this_cpu());
+        Ok(())
+    }
+
+    /// `kmem_cache_alloc_bulk`: `n` objects or none (objects already taken
+    /// are freed on failure). No per-object tracepoint, as in the kernel.
+    pub fn kmem_cache_alloc_bulk(&self, c: &KmemCache, gfp: Gfp, n: usize, out: &mut Vec<u64>) -> Result<()> {
+        let start = out.len();
+        let cpu = self.this_cpu();
+        for _ in 0..n {
+            match self.kmem_cache_alloc_inner(c, gfp, Some(cpu)) {
+                Ok(o) => out.push(o),
+                Err(e) => {
+                    for &o in &out[start..] {
+                        if let Ok(r) = self.check_slab_free(c, o) {
+                            self.slab_free_checked(c, &r, o, cpu);
+                        }
+                    }
+                    out.truncate(start);
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// `kmem_cache_free_bulk`: every object is checked first; if any is bad
+    /// nothing is freed.
+    pub fn kmem_cache_free_bulk(&self, c: &KmemCache, objs: &[u64]) -> Result<()> {
+        let mut refs = Vec::with_capacity(objs.len());
+        for &o in objs {
+            if let Some(owner) = self.virt_to_cache(o) {
+                if owner.id != c.id {
+                    return Err(KmmError::InvalidFree(format!(
+                        "kmem_cache_free_bulk: Wrong slab cache. {} but object {o:#x} is from {}",
+                        c.name, owner.name
+                    )));
+                }
+            }
+            refs.push(self.check_slab_free(c, o)?);
+        }
+        let mut sorted: Vec<u64> = objs.to_vec();
+        sorted.sort_unstable();
+        if sorted.windows(2).any(|w| w[0] == w[1]) {
+            return Err(KmmError::DoubleFree(format!(
+                "BUG {} (Not tainted): Object already free: an object appears twice in kmem_cache_free_bulk",
+                c.name
+            )));
+        }
+        let cpu = self.this_cpu();
+        for (o, r) in objs.iter().zip(refs.iter()) {
+            self.slab_free_checked(c, r, *o, cpu);
+        }
+        Ok(())
+    }
+
+    /// `kmem_cache_shrink`: flush CPU slabs and give empty slabs back.
+    /// Returns the pages freed.
+    pub fn kmem_cache_shrink(&self, c: &KmemCache) -> u64 {
+        let _l = self.slab.list.lock();
+        c.shrink(self)
+    }
+
+    /// `kmem_cache_destroy`: drop a reference; the last one shuts the cache
+    /// down. A cache with objects still allocated is kept (and usable), with
+    /// the kernel's report as the error.
+    pub fn kmem_cache_destroy(&self, c: &KmemCache) -> Result<()> {
+        let mut list = self.slab.list.lock();
+        if c.dead.load(Relaxed) {
+            return Err(KmmError::UseAfterFree(format!(
+                "kmem_cache_destroy: cache {} was already destroyed",
+                c.name
+            )));
+        }
+        if c.refcount.load(Relaxed) > 1 {
+            c.refcount.fetch_sub(1, Relaxed);
+            c.aliases.lock().pop();
+            return Ok(());
+        }
+        c.shrink(self);
+        let inuse = c.objects_in_use(self);
+        if inuse > 0 {
+            return Err(KmmError::Busy(format!(
+                "kmem_cache_destroy {}: Slab cache still has objects when called from {} ({inuse} objects remaining on __kmem_cache_shutdown())",
+                c.name, "kmm"
+            )));
+        }
+        // Any slabs left are empty ones kept for min_partial: free them all.
+        {
+            let n = c.node.lock();
+            debug_assert!(n.slabs.iter().flatten().all(|s| s.inuse == 0));
+        }
+        c.release_all_slabs(self);
+        c.dead.store(true, Relaxed);
+        list.retain(|&id| id != c.id);
+        Ok(())
+    }
+
+    /// Invariants of every cache.
+    pub fn check_slab(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        for c in self.slab.caches() {
+            errs.extend(c.check(self));
+        }
+        errs
+    }
+}
+
+fn log_once_unexpected_gfp(gfp: Gfp, fixed: Gfp) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        eprintln!(
+            "Unexpected gfp: {:#x} ({}). Fixing up to gfp: {:#x} ({}). Fix your code!",
+            gfp & gfp::GFP_SLAB_BUG_MASK,
+            gfp::format_pgg(gfp & gfp::GFP_SLAB_BUG_MASK),
+            fixed,
+            gfp::format_pgg(fixed)
+        )
+    });
+}

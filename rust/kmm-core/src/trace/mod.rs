@@ -140,9 +140,42 @@ fn glob(p: &str, s: &str) -> bool {
     pi == p.len()
 }
 
+/// A call site as the kernel's `%pS` prints it ("func+0xoff"), shared.
+pub type CallSite = std::sync::Arc<str>;
+
+/// A call site for callers that have none to report.
+pub fn unknown_call_site() -> CallSite {
+    std::sync::Arc::from("kmm")
+}
+
 /// The payload of one event, with the kernel's field names.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Payload {
+    /// `kmem:kmalloc` (ptr 0 = the allocation failed).
+    Kmalloc {
+        call_site: CallSite,
+        ptr: u64,
+        bytes_req: u64,
+        bytes_alloc: u64,
+        gfp_flags: u32,
+        node: i32,
+        accounted: bool,
+    },
+    /// `kmem:kfree`
+    Kfree { call_site: CallSite, ptr: u64 },
+    /// `kmem:kmem_cache_alloc` (6.18 prints `name=` after `ptr=`).
+    KmemCacheAlloc {
+        call_site: CallSite,
+        ptr: u64,
+        name: std::sync::Arc<str>,
+        bytes_req: u64,
+        bytes_alloc: u64,
+        gfp_flags: u32,
+        node: i32,
+        accounted: bool,
+    },
+    /// `kmem:kmem_cache_free`
+    KmemCacheFree { call_site: CallSite, ptr: u64, name: std::sync::Arc<str> },
     /// pfn None = allocation failure (page=NULL, pfn=0x0).
     MmPageAlloc { pfn: Option<u64>, order: u32, migratetype: i32, gfp_flags: u32 },
     MmPageFree { pfn: u64, order: u32 },
@@ -179,12 +212,52 @@ impl Payload {
             Payload::MmPageAllocZoneLocked { .. } => EventId::MmPageAllocZoneLocked,
             Payload::MmPagePcpuDrain { .. } => EventId::MmPagePcpuDrain,
             Payload::MmPageAllocExtfrag { .. } => EventId::MmPageAllocExtfrag,
+            Payload::Kmalloc { .. } => EventId::Kmalloc,
+            Payload::Kfree { .. } => EventId::Kfree,
+            Payload::KmemCacheAlloc { .. } => EventId::KmemCacheAlloc,
+            Payload::KmemCacheFree { .. } => EventId::KmemCacheFree,
         }
     }
 
     /// Fields in the order the kernel's TP_STRUCT declares them.
     pub fn fields(&self) -> Vec<(&'static str, Value)> {
         use Value::*;
+        match self {
+            Payload::Kmalloc { call_site, ptr, bytes_req, bytes_alloc, gfp_flags, node, accounted } => {
+                return vec![
+                    ("call_site", Str(call_site.to_string())),
+                    ("ptr", UInt(*ptr)),
+                    ("bytes_req", UInt(*bytes_req)),
+                    ("bytes_alloc", UInt(*bytes_alloc)),
+                    ("gfp_flags", UInt(*gfp_flags as u64)),
+                    ("node", Int(*node as i64)),
+                    ("accounted", Bool(*accounted)),
+                ]
+            }
+            Payload::KmemCacheAlloc { call_site, ptr, name, bytes_req, bytes_alloc, gfp_flags, node, accounted } => {
+                return vec![
+                    ("call_site", Str(call_site.to_string())),
+                    ("ptr", UInt(*ptr)),
+                    ("name", Str(name.to_string())),
+                    ("bytes_req", UInt(*bytes_req)),
+                    ("bytes_alloc", UInt(*bytes_alloc)),
+                    ("gfp_flags", UInt(*gfp_flags as u64)),
+                    ("node", Int(*node as i64)),
+                    ("accounted", Bool(*accounted)),
+                ]
+            }
+            Payload::Kfree { call_site, ptr } => {
+                return vec![("call_site", Str(call_site.to_string())), ("ptr", UInt(*ptr))]
+            }
+            Payload::KmemCacheFree { call_site, ptr, name } => {
+                return vec![
+                    ("call_site", Str(call_site.to_string())),
+                    ("ptr", UInt(*ptr)),
+                    ("name", Str(name.to_string())),
+                ]
+            }
+            _ => {}
+        }
         match *self {
             Payload::MmPageAlloc { pfn, order, migratetype, gfp_flags } => vec![
                 ("pfn", UInt(pfn.unwrap_or(0))),
@@ -226,12 +299,43 @@ impl Payload {
                 ("fragmenting", Bool(fragmenting)),
                 ("change_ownership", Bool(change_ownership)),
             ],
+            _ => unreachable!("handled above"),
         }
     }
 
     /// The `TP_printk` text (as `perf script` shows it).
     pub fn text(&self) -> String {
         let mut s = String::with_capacity(96);
+        let ptr = |p: u64| if p == 0 { "(nil)".to_string() } else { format!("{p:#x}") };
+        match self {
+            Payload::Kmalloc { call_site, ptr: p, bytes_req, bytes_alloc, gfp_flags, node, accounted } => {
+                let _ = write!(
+                    s,
+                    "call_site={call_site} ptr={} bytes_req={bytes_req} bytes_alloc={bytes_alloc} gfp_flags={} node={node} accounted={accounted}",
+                    ptr(*p),
+                    gfp::format(*gfp_flags)
+                );
+                return s;
+            }
+            Payload::KmemCacheAlloc { call_site, ptr: p, name, bytes_req, bytes_alloc, gfp_flags, node, accounted } => {
+                let _ = write!(
+                    s,
+                    "call_site={call_site} ptr={} name={name} bytes_req={bytes_req} bytes_alloc={bytes_alloc} gfp_flags={} node={node} accounted={accounted}",
+                    ptr(*p),
+                    gfp::format(*gfp_flags)
+                );
+                return s;
+            }
+            Payload::Kfree { call_site, ptr: p } => {
+                let _ = write!(s, "call_site={call_site} ptr={}", ptr(*p));
+                return s;
+            }
+            Payload::KmemCacheFree { call_site, ptr: p, name } => {
+                let _ = write!(s, "call_site={call_site} ptr={} name={name}", ptr(*p));
+                return s;
+            }
+            _ => {}
+        }
         match *self {
             Payload::MmPageAlloc { pfn, order, migratetype, gfp_flags } => {
                 let _ = match pfn {
@@ -276,6 +380,7 @@ impl Payload {
                     fragmenting as u8, change_ownership as u8
                 );
             }
+            _ => unreachable!("handled above"),
         }
         s
     }
@@ -436,6 +541,36 @@ mod tests {
             Payload::MmPageFree { pfn: 0x112fae, order: 0 }.text(),
             "page=0x112fae pfn=0x112fae order=0"
         );
+    }
+
+    #[test]
+    fn slab_events_match_perf_script() {
+        // Lines of sample.perf.txt (Linux 6.18).
+        let k = Payload::Kmalloc {
+            call_site: "sched_setaffinity+0x10c".into(),
+            ptr: 0xffff88810442cb20,
+            bytes_req: 32,
+            bytes_alloc: 32,
+            gfp_flags: gfp::GFP_KERNEL,
+            node: -1,
+            accounted: false,
+        };
+        assert_eq!(k.text(), "call_site=sched_setaffinity+0x10c ptr=0xffff88810442cb20 bytes_req=32 bytes_alloc=32 gfp_flags=GFP_KERNEL node=-1 accounted=false");
+        let a = Payload::KmemCacheAlloc {
+            call_site: "alloc_empty_file+0x3c".into(),
+            ptr: 0xffff88811854bd80,
+            name: "filp".into(),
+            bytes_req: 184,
+            bytes_alloc: 192,
+            gfp_flags: gfp::GFP_KERNEL,
+            node: -1,
+            accounted: true,
+        };
+        assert_eq!(a.text(), "call_site=alloc_empty_file+0x3c ptr=0xffff88811854bd80 name=filp bytes_req=184 bytes_alloc=192 gfp_flags=GFP_KERNEL node=-1 accounted=true");
+        let f = Payload::KmemCacheFree { call_site: "__fput+0x141".into(), ptr: 0xffff888101beb468, name: "lsm_file_cache".into() };
+        assert_eq!(f.text(), "call_site=__fput+0x141 ptr=0xffff888101beb468 name=lsm_file_cache");
+        let kf = Payload::Kfree { call_site: "single_release+0x17".into(), ptr: 0xffff888104311000 };
+        assert_eq!(kf.text(), "call_site=single_release+0x17 ptr=0xffff888104311000");
     }
 
     #[test]

@@ -1,0 +1,344 @@
+//! Simulated CPUs and the claims real threads hold on them.
+//!
+//! A real thread runs on one simulated CPU at a time. Per-CPU state (slab
+//! CPU freelists, later pcp lists, TLBs, kmap slots) is touched only by the
+//! thread holding that CPU's claim, so it needs no lock: its fields are
+//! atomics read and written with Relaxed loads and stores (plain moves on
+//! x86), the way the kernel uses `this_cpu_*` operations. The claim itself
+//! is an Acquire CAS and a Release store, which order one holder's accesses
+//! before the next holder's.
+//!
+//! # Kernel
+//! `include/linux/percpu-defs.h` (this_cpu ops), `include/linux/preempt.h`,
+//! `include/linux/smp.h` (`smp_processor_id`, `get_cpu`/`put_cpu`).
+//!
+//! A thread that is not bound to a CPU runs on a "home" CPU assigned
+//! round-robin when it first uses the machine (the kernel's scheduler would
+//! have put it on one); two such threads may share a CPU, and then take turns
+//! through the per-CPU locks of the structures they touch.
+//!
+//! # Invariants
+//! - cpu-1: a CPU's `owner` is 0 or the token of the one thread running on it.
+//! - cpu-2: a thread's binding stack holds only CPUs whose owner is its token.
+//!
+//! Lock order: a CPU claim is taken before any allocator lock (zone lock,
+//! slab list_lock) and released after them.
+#![forbid(unsafe_code)]
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+static NEXT_MACHINE: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    static TOKEN: u64 = NEXT_TOKEN.fetch_add(1, Relaxed);
+    /// (machine id, cpu, nesting depth) for every machine this thread runs on.
+    static BOUND: RefCell<Vec<(u64, u32, u32)>> = const { RefCell::new(Vec::new()) };
+    /// (machine id, cpu): where an unbound thread last ran ("the scheduler
+    /// put it there"); sticky, assigned round-robin on first use.
+    static HOME: RefCell<Vec<(u64, u32)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A fresh machine id (for thread-local lookups).
+pub fn new_machine_id() -> u64 {
+    NEXT_MACHINE.fetch_add(1, Relaxed)
+}
+
+fn token() -> u64 {
+    TOKEN.with(|t| *t)
+}
+
+/// One simulated CPU.
+#[derive(Default)]
+#[repr(align(64))]
+pub struct CpuSlot {
+    owner: AtomicU64,
+    /// Claims taken on this CPU (each per-call claim or bind counts once).
+    pub claims: AtomicU64,
+    /// Times a thread found this CPU busy and had to try another or wait.
+    pub contended: AtomicU64,
+    /// `preempt_count` (issue 4 grows this into contexts).
+    pub preempt_count: AtomicU32,
+}
+
+/// The CPUs of one machine.
+pub struct Cpus {
+    machine: u64,
+    slots: Box<[CpuSlot]>,
+    next_home: AtomicU32,
+}
+
+/// Proof that the current thread runs on `cpu` until the guard drops.
+pub struct CpuGuard<'a> {
+    cpus: &'a Cpus,
+    pub cpu: u32,
+    /// True when this guard took the claim (and so releases it).
+    owned: bool,
+}
+
+impl Cpus {
+    pub fn new(n: u32) -> Cpus {
+        Cpus {
+            machine: new_machine_id(),
+            slots: (0..n).map(|_| CpuSlot::default()).collect(),
+            next_home: AtomicU32::new(0),
+        }
+    }
+
+    pub fn len(&self) -> u32 {
+        self.slots.len() as u32
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    pub fn slot(&self, cpu: u32) -> &CpuSlot {
+        &self.slots[cpu as usize]
+    }
+
+    /// The CPU this thread is bound to on this machine, if any.
+    #[inline]
+    pub fn current(&self) -> Option<u32> {
+        let id = self.machine;
+        BOUND.with(|b| b.borrow().iter().rev().find(|e| e.0 == id).map(|e| e.1))
+    }
+
+    /// The CPU the calling thread runs on: the bound one, or its home CPU
+    /// (assigned round-robin the first time the thread touches this machine).
+    #[inline]
+    pub fn this_cpu(&self) -> u32 {
+        if let Some(c) = self.current() {
+            return c;
+        }
+        let id = self.machine;
+        HOME.with(|h| {
+            if let Some(e) = h.borrow().iter().find(|e| e.0 == id) {
+                return e.1;
+            }
+            let cpu = self.next_home.fetch_add(1, Relaxed) % self.len();
+            let mut h = h.borrow_mut();
+            if h.len() > 64 {
+                h.remove(0); // forget machines this thread touched long ago
+            }
+            h.push((id, cpu));
+            cpu
+        })
+    }
+
+    fn try_claim(&self, cpu: u32, tok: u64) -> bool {
+        let s = &self.slots[cpu as usize];
+        if s.owner.compare_exchange(0, tok, Acquire, Relaxed).is_ok() {
+            s.claims.fetch_add(1, Relaxed);
+            true
+        } else {
+            s.contended.fetch_add(1, Relaxed);
+            false
+        }
+    }
+
+    fn push(&self, cpu: u32) {
+        let id = self.machine;
+        BOUND.with(|b| {
+            let mut b = b.borrow_mut();
+            if let Some(e) = b.iter_mut().rev().find(|e| e.0 == id && e.1 == cpu) {
+                e.2 += 1;
+            } else {
+                b.push((id, cpu, 1));
+            }
+        });
+    }
+
+    /// Run on a CPU: the bound one, or claim a free one for this call.
+    /// Never blocks: None when every CPU is busy.
+    pub fn try_enter(&self) -> Option<CpuGuard<'_>> {
+        if let Some(cpu) = self.current() {
+            return Some(CpuGuard { cpus: self, cpu, owned: false });
+        }
+        let tok = token();
+        let n = self.len();
+        let start = (tok % n as u64) as u32;
+        for k in 0..n {
+            let cpu = (start + k) % n;
+            if self.try_claim(cpu, tok) {
+                self.push(cpu);
+                return Some(CpuGuard { cpus: self, cpu, owned: true });
+            }
+        }
+        None
+    }
+
+    /// Like `try_enter`, but waits (yielding) for a CPU to become free.
+    pub fn enter(&self) -> CpuGuard<'_> {
+        let mut spins = 0u32;
+        loop {
+            if let Some(g) = self.try_enter() {
+                return g;
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Claim a specific CPU (blocking until it is free) and keep it until
+    /// `unbind`. Nested binds of the same CPU nest; binding a different CPU
+    /// while bound is refused.
+    pub fn bind(&self, cpu: u32) -> Result<(), String> {
+        if cpu >= self.len() {
+            return Err(format!("cpu {cpu} does not exist (the machine has {} CPUs)", self.len()));
+        }
+        if let Some(cur) = self.current() {
+            if cur == cpu {
+                self.push(cpu);
+                return Ok(());
+            }
+            return Err(format!("this thread already runs on cpu {cur}; it cannot also run on cpu {cpu}"));
+        }
+        let tok = token();
+        let mut spins = 0u32;
+        while !self.try_claim(cpu, tok) {
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+        self.push(cpu);
+        Ok(())
+    }
+
+    /// Try to bind without waiting.
+    pub fn try_bind(&self, cpu: u32) -> Result<bool, String> {
+        if cpu >= self.len() {
+            return Err(format!("cpu {cpu} does not exist (the machine has {} CPUs)", self.len()));
+        }
+        if self.current().is_some() {
+            return self.bind(cpu).map(|_| true);
+        }
+        if self.try_claim(cpu, token()) {
+            self.push(cpu);
+            Ok(true)
+        } else {
+            Ok(false)
+        }
+    }
+
+    /// Undo one `bind`; the claim is released when the last nesting ends.
+    pub fn unbind(&self) -> Result<u32, String> {
+        let id = self.machine;
+        let popped = BOUND.with(|b| {
+            let mut b = b.borrow_mut();
+            let i = b.iter().rposition(|e| e.0 == id)?;
+            b[i].2 -= 1;
+            let cpu = b[i].1;
+            if b[i].2 == 0 {
+                b.remove(i);
+                Some((cpu, true))
+            } else {
+                Some((cpu, false))
+            }
+        });
+        match popped {
+            Some((cpu, last)) => {
+                if last {
+                    self.slots[cpu as usize].owner.store(0, Release);
+                }
+                Ok(cpu)
+            }
+            None => Err("this thread is not bound to a CPU".into()),
+        }
+    }
+
+    /// Is `cpu` held by some thread right now?
+    pub fn is_claimed(&self, cpu: u32) -> bool {
+        self.slots[cpu as usize].owner.load(Relaxed) != 0
+    }
+
+    /// Check cpu-1/cpu-2 for the calling thread.
+    pub fn check(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let tok = token();
+        let id = self.machine;
+        BOUND.with(|b| {
+            for e in b.borrow().iter().filter(|e| e.0 == id) {
+                if self.slots[e.1 as usize].owner.load(Relaxed) != tok {
+                    errs.push(format!("cpu-2: this thread is bound to cpu {} but does not own it", e.1));
+                }
+            }
+        });
+        errs
+    }
+}
+
+impl Drop for CpuGuard<'_> {
+    fn drop(&mut self) {
+        if self.owned {
+            let id = self.cpus.machine;
+            let cpu = self.cpu;
+            BOUND.with(|b| {
+                let mut b = b.borrow_mut();
+                if let Some(i) = b.iter().rposition(|e| e.0 == id && e.1 == cpu) {
+                    b[i].2 -= 1;
+                    if b[i].2 == 0 {
+                        b.remove(i);
+                    }
+                }
+            });
+            self.cpus.slots[cpu as usize].owner.store(0, Release);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn per_call_claims_and_binding() {
+        let c = Cpus::new(2);
+        {
+            let g = c.try_enter().unwrap();
+            assert!(c.is_claimed(g.cpu));
+            assert_eq!(c.current(), Some(g.cpu));
+            // Nested entry reuses the claim.
+            let g2 = c.try_enter().unwrap();
+            assert_eq!(g2.cpu, g.cpu);
+            assert!(!g2.owned);
+        }
+        assert!(!c.is_claimed(0) && !c.is_claimed(1));
+        c.bind(1).unwrap();
+        assert_eq!(c.current(), Some(1));
+        assert!(c.bind(0).is_err());
+        c.bind(1).unwrap();
+        assert_eq!(c.unbind(), Ok(1));
+        assert!(c.is_claimed(1));
+        assert_eq!(c.unbind(), Ok(1));
+        assert!(!c.is_claimed(1));
+        assert!(c.unbind().is_err());
+        assert!(c.bind(5).is_err());
+    }
+
+    #[test]
+    fn two_threads_get_two_cpus() {
+        let c = std::sync::Arc::new(Cpus::new(2));
+        c.bind(0).unwrap();
+        let c2 = c.clone();
+        let other = std::thread::spawn(move || {
+            let g = c2.try_enter().unwrap();
+            g.cpu
+        })
+        .join()
+        .unwrap();
+        assert_eq!(other, 1);
+        let c3 = c.clone();
+        let busy = std::thread::spawn(move || c3.try_bind(0).unwrap()).join().unwrap();
+        assert!(!busy);
+        c.unbind().unwrap();
+    }
+}

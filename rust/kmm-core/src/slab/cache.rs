@@ -1,0 +1,1088 @@
+//! One `kmem_cache`: its slabs, the per-CPU active slab and freelist (the
+//! fast path), per-CPU partial slabs, and the node partial list.
+//!
+//! # Kernel
+//! `mm/slub.c` (6.8 - 6.17, before sheaves): `slab_alloc_node`,
+//! `___slab_alloc`, `get_freelist`, `get_partial_node`, `put_cpu_partial`,
+//! `__put_partials`, `deactivate_slab`, `do_slab_free`, `__slab_free`,
+//! `discard_slab`, `allocate_slab`, `setup_object`, `__kmem_cache_shrink`,
+//! `alloc_single_from_partial`, `free_to_partial_list` (debug caches),
+//! `check_object`, `init_object`; `include/linux/poison.h`.
+//!
+//! # Slab states
+//! ```text
+//!   state              frozen  on list          freelist of the slab
+//!   cpu slab           yes     none (c->slab)   remote frees only; c->freelist has the rest
+//!   cpu partial        no      c->partial       its free objects
+//!   node partial       no      n->partial       its free objects
+//!   full               no      none             empty
+//!   empty -> discarded when nr_partial >= min_partial, else kept on n->partial
+//! ```
+//!
+//! SIMPLIFICATION: the kernel updates a slab's (freelist, counters) with
+//! cmpxchg_double and takes `list_lock` only when a list changes; kmm's slow
+//! paths always take `list_lock`, which serialises the same transitions. The
+//! per-CPU state is guarded by a per-CPU lock (the kernel's
+//! `local_lock`/preempt-disable), uncontended unless two threads share a CPU
+//! or a flush reaches over from another CPU. No freelist randomisation or
+//! pointer hardening: objects are handed out in address order, free pointers
+//! are stored plain. Red zones and poison are checked at alloc and free of
+//! debug caches; user tracking (SLAB_STORE_USER) reserves its space but
+//! records nothing.
+//!
+//! # Invariants (checked by `KmemCache::check`)
+//! - slub-1: every slab's `inuse` equals its objects minus its free objects
+//!   (free = on its freelist, plus on a CPU freelist for the cpu slab).
+//! - slub-2: a slab is on at most one list and `nr_partial` counts the node list.
+//! - slub-3: free pointers stay inside their slab, on object boundaries.
+//! - slub-4: a live object is marked live in the shadow; a free one is not.
+//!
+//! Lock order: per-CPU lock -> node `list_lock` -> zone lock (through the
+//! page allocator). `ctor` callbacks run with no lock held.
+
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard};
+
+use super::geometry::*;
+use crate::error::{KmmError, Result};
+use crate::gfp::{self, Gfp};
+use crate::machine::{Machine, VirtAddr};
+use crate::page::{Pfn, PG_SLAB, PG_TAIL};
+
+/// An object constructor (`ctor`), called with each object's address when its
+/// slab is set up.
+pub type Ctor = Arc<dyn Fn(VirtAddr) + Send + Sync>;
+
+pub const POISON_INUSE: u8 = 0x5a;
+pub const POISON_FREE: u8 = 0x6b;
+pub const POISON_END: u8 = 0xa5;
+pub const SLUB_RED_INACTIVE: u8 = 0xbb;
+pub const SLUB_RED_ACTIVE: u8 = 0xcc;
+
+const NIL: u32 = u32::MAX;
+
+/// Where a slab is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlabList {
+    /// Full, or being set up: on no list.
+    None,
+    /// The active slab of a CPU (frozen).
+    Cpu(u32),
+    /// On a CPU's partial list.
+    CpuPartial(u32),
+    /// On the node partial list.
+    NodePartial,
+}
+
+/// `struct slab`, kept beside the page metadata (indexed by slab id).
+#[derive(Clone, Debug)]
+pub struct Slab {
+    pub pfn: u64,
+    pub order: u32,
+    pub objects: u32,
+    pub inuse: u32,
+    /// First free object (virtual address), 0 = none.
+    pub freelist: u64,
+    pub list: SlabList,
+    prev: u32,
+    next: u32,
+}
+
+/// Per-CPU slab state (`struct kmem_cache_cpu`).
+#[derive(Debug)]
+pub struct CpuSlab {
+    /// Lockless-in-the-kernel freelist of the cpu slab (virtual address), 0 = empty.
+    pub freelist: u64,
+    /// The cpu slab's id, NIL = none.
+    pub slab: u32,
+    /// Its pfn (for the free fast path's "is it my slab" test).
+    pub slab_pfn: u64,
+    pub tid: u64,
+    /// Per-CPU partial slabs, most recently added last.
+    pub partial: Vec<u32>,
+    pub stats: CpuStats,
+}
+
+/// CONFIG_SLUB_STATS-style counters, per CPU (summed for display).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct CpuStats {
+    pub alloc_fastpath: u64,
+    pub alloc_slowpath: u64,
+    pub free_fastpath: u64,
+    pub free_slowpath: u64,
+    pub alloc_refill: u64,
+    pub alloc_from_partial: u64,
+    pub cpu_partial_alloc: u64,
+    pub cpu_partial_free: u64,
+    pub cpu_partial_node: u64,
+    pub cpu_partial_drain: u64,
+    pub alloc_slab: u64,
+    pub free_slab: u64,
+    pub free_frozen: u64,
+    /// Frees of objects whose slab is another CPU's active slab (cross-CPU).
+    pub free_remote: u64,
+    pub deactivate_full: u64,
+    pub deactivate_empty: u64,
+    pub order_fallback: u64,
+}
+
+impl CpuStats {
+    fn add(&mut self, o: &CpuStats) {
+        macro_rules! s {
+            ($($f:ident),*) => { $( self.$f += o.$f; )* };
+        }
+        s!(alloc_fastpath, alloc_slowpath, free_fastpath, free_slowpath, alloc_refill, alloc_from_partial,
+           cpu_partial_alloc, cpu_partial_free, cpu_partial_node, cpu_partial_drain, alloc_slab, free_slab,
+           free_frozen, free_remote, deactivate_full, deactivate_empty, order_fallback);
+    }
+}
+
+/// `struct kmem_cache_node`: what `list_lock` protects.
+#[derive(Debug, Default)]
+pub struct Node {
+    pub slabs: Vec<Option<Slab>>,
+    free_ids: Vec<u32>,
+    partial_head: u32,
+    partial_tail: u32,
+    pub nr_partial: u32,
+    pub nr_slabs: u64,
+    pub total_objects: u64,
+}
+
+/// A per-CPU lock padded to its own cache line.
+#[repr(align(64))]
+pub struct PerCpu {
+    pub lock: Mutex<CpuSlab>,
+    /// Times this CPU's lock was found held (two threads on one CPU, or a flush).
+    pub contended: AtomicU64,
+}
+
+/// `struct kmem_cache`.
+pub struct KmemCache {
+    pub id: u32,
+    pub name: String,
+    pub geo: Geometry,
+    /// Flags as created (plus SLAB_OBJECT_POISON when resolved).
+    pub flags: u32,
+    pub ctor: Option<Ctor>,
+    /// Page-allocator flags every slab of this cache adds (`s->allocflags`).
+    pub allocflags: Gfp,
+    cpus: Box<[PerCpu]>,
+    pub node: Mutex<Node>,
+    /// `refcount`: 1 + aliases merged into this cache.
+    pub refcount: AtomicU32,
+    pub dead: AtomicBool,
+    /// The cache's own sysfs-style unique id (":0000064" for merged caches).
+    pub aliases: Mutex<Vec<String>>,
+}
+
+/// Result of classifying an address for a free.
+pub(crate) struct ObjRef {
+    pub slab_id: u32,
+    pub slab_pfn: u64,
+}
+
+impl KmemCache {
+    pub fn new(id: u32, name: &str, geo: Geometry, flags: u32, ctor: Option<Ctor>, ncpus: u32) -> KmemCache {
+        let mut allocflags = gfp::__GFP_COMP;
+        if flags & SLAB_CACHE_DMA != 0 {
+            allocflags |= gfp::GFP_DMA;
+        }
+        if flags & SLAB_CACHE_DMA32 != 0 {
+            allocflags |= gfp::GFP_DMA32;
+        }
+        if flags & SLAB_RECLAIM_ACCOUNT != 0 {
+            allocflags |= gfp::__GFP_RECLAIMABLE;
+        }
+        KmemCache {
+            id,
+            name: name.to_string(),
+            flags: geo.flags,
+            geo,
+            ctor,
+            allocflags,
+            cpus: (0..ncpus)
+                .map(|_| PerCpu {
+                    lock: Mutex::new(CpuSlab {
+                        freelist: 0,
+                        slab: NIL,
+                        slab_pfn: u64::MAX,
+                        tid: 0,
+                        partial: Vec::new(),
+                        stats: CpuStats::default(),
+                    }),
+                    contended: AtomicU64::new(0),
+                })
+                .collect(),
+            node: Mutex::new(Node { partial_head: NIL, partial_tail: NIL, ..Node::default() }),
+            refcount: AtomicU32::new(1),
+            dead: AtomicBool::new(false),
+            aliases: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Debug caches skip the per-CPU fast paths (`kmem_cache_debug`).
+    #[inline]
+    pub fn is_debug(&self) -> bool {
+        self.flags & SLAB_DEBUG_FLAGS != 0
+    }
+
+    #[inline]
+    fn has_cpu_partial(&self) -> bool {
+        !self.is_debug() && self.geo.cpu_partial > 0
+    }
+
+    /// Lock this CPU's slab state, counting contention.
+    #[inline]
+    pub(crate) fn cpu_lock(&self, cpu: u32) -> MutexGuard<'_, CpuSlab> {
+        let p = &self.cpus[cpu as usize];
+        match p.lock.try_lock() {
+            Some(g) => g,
+            None => {
+                p.contended.fetch_add(1, Relaxed);
+                p.lock.lock()
+            }
+        }
+    }
+
+    pub fn nr_cpus(&self) -> u32 {
+        self.cpus.len() as u32
+    }
+
+    /// Contention counts of the per-CPU locks (what proves no shared lock on the fast path).
+    pub fn cpu_contention(&self) -> Vec<u64> {
+        self.cpus.iter().map(|p| p.contended.load(Relaxed)).collect()
+    }
+
+    /// Sum of every CPU's counters.
+    pub fn stats(&self) -> CpuStats {
+        let mut t = CpuStats::default();
+        for p in self.cpus.iter() {
+            t.add(&p.lock.lock().stats);
+        }
+        t
+    }
+
+    /// Bytes the user may use in an object (`slab_ksize`).
+    pub fn ksize(&self) -> u32 {
+        if self.flags & (SLAB_RED_ZONE | SLAB_POISON) != 0 {
+            self.geo.object_size
+        } else if self.flags & (SLAB_TYPESAFE_BY_RCU | SLAB_STORE_USER) != 0 {
+            self.geo.inuse
+        } else {
+            self.geo.size
+        }
+    }
+
+    // ---- slab table (under list_lock) --------------------------------------------
+
+    fn new_slab_id(n: &mut Node, slab: Slab) -> u32 {
+        if let Some(id) = n.free_ids.pop() {
+            n.slabs[id as usize] = Some(slab);
+            id
+        } else {
+            n.slabs.push(Some(slab));
+            (n.slabs.len() - 1) as u32
+        }
+    }
+
+    fn slab_mut(n: &mut Node, id: u32) -> &mut Slab {
+        n.slabs[id as usize].as_mut().expect("live slab id")
+    }
+
+    /// `add_partial`: to the head or the tail of the node list.
+    fn add_partial(n: &mut Node, id: u32, tail: bool) {
+        let (h, t) = (n.partial_head, n.partial_tail);
+        {
+            let s = Self::slab_mut(n, id);
+            debug_assert_eq!(s.list, SlabList::None);
+            s.list = SlabList::NodePartial;
+            if h == NIL {
+                s.prev = NIL;
+                s.next = NIL;
+            } else if tail {
+                s.prev = t;
+                s.next = NIL;
+            } else {
+                s.prev = NIL;
+                s.next = h;
+            }
+        }
+        if h == NIL {
+            n.partial_head = id;
+            n.partial_tail = id;
+        } else if tail {
+            Self::slab_mut(n, t).next = id;
+            n.partial_tail = id;
+        } else {
+            Self::slab_mut(n, h).prev = id;
+            n.partial_head = id;
+        }
+        n.nr_partial += 1;
+    }
+
+    /// `remove_partial`: O(1) unlink.
+    fn remove_partial(n: &mut Node, id: u32) {
+        let (prev, next) = {
+            let s = Self::slab_mut(n, id);
+            debug_assert_eq!(s.list, SlabList::NodePartial);
+            s.list = SlabList::None;
+            (s.prev, s.next)
+        };
+        if prev == NIL {
+            n.partial_head = next;
+        } else {
+            Self::slab_mut(n, prev).next = next;
+        }
+        if next == NIL {
+            n.partial_tail = prev;
+        } else {
+            Self::slab_mut(n, next).prev = prev;
+        }
+        n.nr_partial -= 1;
+    }
+
+    /// Node partial slab ids, head first.
+    pub fn partial_ids(n: &Node) -> Vec<u32> {
+        let mut v = Vec::new();
+        let mut p = n.partial_head;
+        while p != NIL {
+            v.push(p);
+            p = n.slabs[p as usize].as_ref().map_or(NIL, |s| s.next);
+        }
+        v
+    }
+
+    // ---- object addresses -----------------------------------------------------------
+
+    #[inline]
+    fn slab_base(&self, m: &Machine, pfn: u64) -> u64 {
+        m.cfg.arch.page_offset() + (pfn << m.page_shift) + self.geo.red_left_pad as u64
+    }
+
+    #[inline]
+    fn phys_of(m: &Machine, va: u64) -> u64 {
+        va - m.cfg.arch.page_offset()
+    }
+
+    #[inline]
+    fn get_fp(&self, m: &Machine, obj: u64) -> u64 {
+        m.phys.read_u64(Self::phys_of(m, obj) + self.geo.offset as u64).unwrap_or(0)
+    }
+
+    #[inline]
+    fn set_fp(&self, m: &Machine, obj: u64, next: u64) {
+        let _ = m.phys.write_u64(Self::phys_of(m, obj) + self.geo.offset as u64, next);
+    }
+
+    /// Is `next` a valid free pointer inside the slab at `pfn` (or 0)?
+    #[inline]
+    fn fp_ok(&self, m: &Machine, pfn: u64, order: u32, next: u64) -> bool {
+        if next == 0 {
+            return true;
+        }
+        let base = self.slab_base(m, pfn);
+        let objects = ((m.page_size << order) / self.geo.size as u64) as u32;
+        next >= base && (next - base) % self.geo.size as u64 == 0 && (next - base) / (self.geo.size as u64) < objects as u64
+    }
+
+    fn freepointer_corrupt(&self, obj: u64, next: u64) -> KmmError {
+        KmmError::MemoryCorruption(format!(
+            "BUG {} (Not tainted): Freepointer corrupt: object {obj:#x} points to {next:#x}, outside its slab (a write to freed memory?)",
+            self.name
+        ))
+    }
+
+    /// Which object of which slab is `va`? Err for anything that is not an object start.
+    pub(crate) fn locate(&self, m: &Machine, va: u64) -> Result<ObjRef> {
+        let pfn = m.virt_to_pfn(VirtAddr(va)).map_err(|_| self.invalid_ptr(va))?;
+        let head = m.compound_head(pfn).0;
+        let page = m.mem_map.get(head);
+        if !page.has(PG_SLAB) || page.refcount() != self.id as i32 {
+            return Err(self.invalid_ptr(va));
+        }
+        let base = self.slab_base(m, head);
+        let order = page.order();
+        let objects = ((m.page_size << order) / self.geo.size as u64) as u32;
+        if va < base || (va - base) % self.geo.size as u64 != 0 || (va - base) / self.geo.size as u64 >= objects as u64 {
+            return Err(self.invalid_ptr(va));
+        }
+        Ok(ObjRef { slab_id: page.next(), slab_pfn: head })
+    }
+
+    fn invalid_ptr(&self, va: u64) -> KmmError {
+        KmmError::InvalidFree(format!("BUG {} (Not tainted): Invalid object pointer {va:#x}", self.name))
+    }
+
+    // ---- allocation ---------------------------------------------------------------------
+
+    /// `slab_alloc_node`: the per-CPU fast path, else `___slab_alloc`.
+    /// Returns the object's address; the caller runs the post-alloc hooks.
+    pub fn alloc_raw(&self, m: &Machine, gfp: Gfp, cpu: u32) -> Result<u64> {
+        if self.is_debug() {
+            return self.alloc_single(m, gfp);
+        }
+        let mut c = self.cpu_lock(cpu);
+        let obj = c.freelist;
+        if obj != 0 {
+            let next = self.get_fp(m, obj);
+            if !self.fp_ok(m, c.slab_pfn, m.mem_map.get(c.slab_pfn).order(), next) {
+                c.freelist = 0;
+                return Err(self.freepointer_corrupt(obj, next));
+            }
+            c.freelist = next;
+            c.tid += 1;
+            c.stats.alloc_fastpath += 1;
+            return Ok(obj);
+        }
+        c.stats.alloc_slowpath += 1;
+        self.slab_alloc_slow(m, gfp, cpu, c)
+    }
+
+    /// `___slab_alloc`.
+    fn slab_alloc_slow<'a>(&'a self, m: &Machine, gfp: Gfp, cpu: u32, mut c: MutexGuard<'a, CpuSlab>) -> Result<u64> {
+        // reread_slab: objects freed remotely to the cpu slab (get_freelist).
+        if c.slab != NIL {
+            let mut n = self.node.lock();
+            let s = Self::slab_mut(&mut n, c.slab);
+            if s.freelist != 0 {
+                let fl = std::mem::take(&mut s.freelist);
+                s.inuse = s.objects;
+                drop(n);
+                c.stats.alloc_refill += 1;
+                return self.load_freelist(m, &mut c, fl);
+            }
+            // The cpu slab is full: deactivate it (it leaves on no list).
+            s.list = SlabList::None;
+            drop(n);
+            c.slab = NIL;
+            c.slab_pfn = u64::MAX;
+            c.stats.deactivate_full += 1;
+        }
+        // new_slab: the per-CPU partial list.
+        while let Some(id) = c.partial.pop() {
+            let mut n = self.node.lock();
+            let s = Self::slab_mut(&mut n, id);
+            let fl = std::mem::take(&mut s.freelist);
+            s.inuse = s.objects;
+            if fl == 0 {
+                // Can't happen for a partial slab; keep it untracked (full).
+                s.list = SlabList::None;
+                continue;
+            }
+            s.list = SlabList::Cpu(cpu);
+            let pfn = s.pfn;
+            drop(n);
+            c.slab = id;
+            c.slab_pfn = pfn;
+            c.stats.cpu_partial_alloc += 1;
+            return self.load_freelist(m, &mut c, fl);
+        }
+        // new_objects: get_partial_node.
+        {
+            let mut n = self.node.lock();
+            if n.partial_head != NIL {
+                let first = n.partial_head;
+                Self::remove_partial(&mut n, first);
+                let mut moved = 0;
+                let cap = self.geo.cpu_partial_slabs;
+                if self.has_cpu_partial() && cap > 0 {
+                    while n.partial_head != NIL {
+                        let id = n.partial_head;
+                        Self::remove_partial(&mut n, id);
+                        Self::slab_mut(&mut n, id).list = SlabList::CpuPartial(cpu);
+                        c.partial.push(id); // put_cpu_partial(drain=0): pushed at the head
+                        c.stats.cpu_partial_node += 1;
+                        moved += 1;
+                        if moved > cap / 2 {
+                            break;
+                        }
+                    }
+                }
+                let s = Self::slab_mut(&mut n, first);
+                let fl = std::mem::take(&mut s.freelist);
+                s.inuse = s.objects;
+                s.list = SlabList::Cpu(cpu);
+                let pfn = s.pfn;
+                drop(n);
+                c.slab = first;
+                c.slab_pfn = pfn;
+                c.stats.alloc_from_partial += 1;
+                return self.load_freelist(m, &mut c, fl);
+            }
+        }
+        // A new slab, with no lock held while pages are allocated and ctors run.
+        drop(c);
+        let (id, pfn, fl) = self.new_slab(m, gfp, SlabList::Cpu(cpu))?;
+        let mut c = self.cpu_lock(cpu);
+        c.stats.alloc_slab += 1;
+        if c.slab != NIL {
+            // Someone (a reentrant ctor) installed a slab meanwhile: put ours
+            // back as a cpu slab replacement, deactivating theirs.
+            let (old, old_fl) = (c.slab, std::mem::take(&mut c.freelist));
+            self.deactivate_slab(m, old, old_fl, &mut c.stats);
+        }
+        c.slab = id;
+        c.slab_pfn = pfn;
+        self.load_freelist(m, &mut c, fl)
+    }
+
+    /// `load_freelist`: hand out the first object, keep the rest on the CPU.
+    fn load_freelist(&self, m: &Machine, c: &mut CpuSlab, fl: u64) -> Result<u64> {
+        let next = self.get_fp(m, fl);
+        let order = m.mem_map.get(c.slab_pfn).order();
+        if !self.fp_ok(m, c.slab_pfn, order, next) {
+            c.freelist = 0;
+            return Err(self.freepointer_corrupt(fl, next));
+        }
+        c.freelist = next;
+        c.tid += 1;
+        Ok(fl)
+    }
+
+    /// `allocate_slab` + `new_slab`: pages from the buddy allocator, objects
+    /// set up (ctor), freelist in address order. Returns (id, pfn, freelist).
+    fn new_slab(&self, m: &Machine, gfp: Gfp, list: SlabList) -> Result<(u32, u64, u64)> {
+        let flags = (gfp & (gfp::GFP_RECLAIM_MASK | gfp::__GFP_HARDWALL | gfp::__GFP_THISNODE)) | self.allocflags;
+        let mut alloc_gfp = (flags | gfp::__GFP_NOWARN | gfp::__GFP_NORETRY) & !gfp::__GFP_NOFAIL;
+        let (mut order, mut objects) = (self.geo.order, self.geo.objects);
+        if alloc_gfp & gfp::__GFP_DIRECT_RECLAIM != 0 && order > self.geo.min_order {
+            alloc_gfp = (alloc_gfp | gfp::__GFP_NOMEMALLOC) & !gfp::__GFP_RECLAIM;
+        }
+        let pfn = match m.alloc_pages(alloc_gfp, order) {
+            Ok(p) => p,
+            Err(_) => {
+                order = self.geo.min_order;
+                objects = self.geo.min_objects;
+                match m.alloc_pages(flags, order) {
+                    Ok(p) => {
+                        let cpu = m.this_cpu();
+                        self.cpu_lock(cpu).stats.order_fallback += 1;
+                        p
+                    }
+                    Err(e) => return Err(self.slab_out_of_memory(m, gfp, e)),
+                }
+            }
+        };
+        // The pages become a slab: PG_slab head holding the cache id, tails
+        // pointing at the head.
+        m.make_slab_pages(pfn, order, self.id);
+        let base = self.slab_base(m, pfn.0);
+        // setup_object (+ debug init_object), then the freelist.
+        if self.is_debug() {
+            let slab_phys = pfn.0 << m.page_shift;
+            m.phys.fill(slab_phys, m.page_size << order, POISON_INUSE).ok();
+        }
+        for i in 0..objects {
+            let obj = base + i as u64 * self.geo.size as u64;
+            self.init_object(m, obj, false);
+            if let Some(ctor) = &self.ctor {
+                ctor(VirtAddr(obj));
+            }
+        }
+        for i in 0..objects {
+            let obj = base + i as u64 * self.geo.size as u64;
+            let next = if i + 1 < objects { obj + self.geo.size as u64 } else { 0 };
+            self.set_fp(m, obj, next);
+        }
+        let bytes = (m.page_size << order) as i64;
+        if self.flags & SLAB_RECLAIM_ACCOUNT != 0 {
+            m.vmstat.nr_slab_reclaimable_b.fetch_add(bytes, Relaxed);
+        } else {
+            m.vmstat.nr_slab_unreclaimable_b.fetch_add(bytes, Relaxed);
+        }
+        let mut n = self.node.lock();
+        let frozen = matches!(list, SlabList::Cpu(_));
+        let slab = Slab {
+            pfn: pfn.0,
+            order,
+            objects,
+            inuse: if frozen { objects } else { 0 },
+            freelist: if frozen { 0 } else { base },
+            list: SlabList::None,
+            prev: NIL,
+            next: NIL,
+        };
+        let id = Self::new_slab_id(&mut n, slab);
+        Self::slab_mut(&mut n, id).list = list;
+        n.nr_slabs += 1;
+        n.total_objects += objects as u64;
+        drop(n);
+        m.mem_map.get(pfn.0).set_next(id);
+        Ok((id, pfn.0, base))
+    }
+
+    /// The "SLUB: Unable to allocate memory" report as an OutOfMemory error.
+    fn slab_out_of_memory(&self, m: &Machine, gfp: Gfp, e: KmmError) -> KmmError {
+        let n = self.node.lock();
+        let free: u64 = n.slabs.iter().flatten().map(|s| (s.objects - s.inuse) as u64).sum();
+        let msg = format!(
+            "SLUB: Unable to allocate memory on node -1, gfp={:#x}({})\n  cache: {}, object size: {}, buffer size: {}, default order: {}, min order: {}\n  node 0: slabs: {}, objs: {}, free: {}\n{}",
+            gfp,
+            gfp::format_pgg(gfp),
+            self.name,
+            self.geo.object_size,
+            self.geo.size,
+            self.geo.order,
+            self.geo.min_order,
+            n.nr_slabs,
+            n.total_objects,
+            free,
+            e.message()
+        );
+        let _ = m;
+        KmmError::OutOfMemory { order: self.geo.order, gfp, message: msg }
+    }
+
+    /// `discard_slab`: give a slab's pages back to the buddy allocator.
+    fn discard_slab(&self, m: &Machine, n: &mut Node, id: u32) {
+        let s = n.slabs[id as usize].take().expect("live slab");
+        n.free_ids.push(id);
+        n.nr_slabs -= 1;
+        n.total_objects -= s.objects as u64;
+        let bytes = (m.page_size << s.order) as i64;
+        if self.flags & SLAB_RECLAIM_ACCOUNT != 0 {
+            m.vmstat.nr_slab_reclaimable_b.fetch_sub(bytes, Relaxed);
+        } else {
+            m.vmstat.nr_slab_unreclaimable_b.fetch_sub(bytes, Relaxed);
+        }
+        m.free_slab_pages(Pfn(s.pfn), s.order);
+    }
+
+    /// `deactivate_slab`: return a cpu slab (and its CPU freelist) to the node.
+    fn deactivate_slab(&self, m: &Machine, id: u32, mut cpu_fl: u64, stats: &mut CpuStats) {
+        let mut n = self.node.lock();
+        // Remote frees waiting on the slab: it goes to the tail of the node list.
+        let to_tail = Self::slab_mut(&mut n, id).freelist != 0;
+        // Splice the CPU freelist onto the slab's freelist.
+        let mut freed = 0;
+        while cpu_fl != 0 {
+            let next = self.get_fp(m, cpu_fl);
+            let s = Self::slab_mut(&mut n, id);
+            let prior = s.freelist;
+            self.set_fp(m, cpu_fl, prior);
+            s.freelist = cpu_fl;
+            freed += 1;
+            cpu_fl = next;
+        }
+        let s = Self::slab_mut(&mut n, id);
+        s.inuse -= freed;
+        s.list = SlabList::None;
+        let (inuse, has_free) = (s.inuse, s.freelist != 0);
+        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+            stats.deactivate_empty += 1;
+            self.discard_slab(m, &mut n, id);
+            stats.free_slab += 1;
+        } else if has_free {
+            Self::add_partial(&mut n, id, to_tail);
+        } else {
+            stats.deactivate_full += 1;
+        }
+    }
+
+    /// `__put_partials`: move a CPU's partial slabs to the node list
+    /// (discarding empty ones beyond min_partial).
+    fn put_partials(&self, m: &Machine, ids: Vec<u32>, stats: &mut CpuStats) {
+        let mut n = self.node.lock();
+        for id in ids {
+            let s = Self::slab_mut(&mut n, id);
+            s.list = SlabList::None;
+            if s.inuse == 0 && n.nr_partial >= self.geo.min_partial {
+                self.discard_slab(m, &mut n, id);
+                stats.free_slab += 1;
+            } else {
+                Self::add_partial(&mut n, id, true);
+            }
+        }
+    }
+
+    // ---- freeing ---------------------------------------------------------------------------
+
+    /// `do_slab_free`: the fast path onto this CPU's freelist when the object
+    /// belongs to the cpu slab, else `__slab_free`.
+    pub(crate) fn free_raw(&self, m: &Machine, o: &ObjRef, obj: u64, cpu: u32) {
+        if self.is_debug() {
+            return self.free_to_partial_list(m, o, obj);
+        }
+        let mut c = self.cpu_lock(cpu);
+        if c.slab_pfn == o.slab_pfn {
+            self.set_fp(m, obj, c.freelist);
+            c.freelist = obj;
+            c.tid += 1;
+            c.stats.free_fastpath += 1;
+            return;
+        }
+        c.stats.free_slowpath += 1;
+        self.slab_free_slow(m, o.slab_id, obj, cpu, c);
+    }
+
+    /// `__slab_free`.
+    fn slab_free_slow(&self, m: &Machine, id: u32, obj: u64, cpu: u32, mut c: MutexGuard<'_, CpuSlab>) {
+        let mut n = self.node.lock();
+        let s = Self::slab_mut(&mut n, id);
+        let prior = s.freelist;
+        self.set_fp(m, obj, prior);
+        s.freelist = obj;
+        s.inuse -= 1;
+        let list = s.list;
+        let inuse = s.inuse;
+        if let SlabList::Cpu(owner) = list {
+            // Frozen: another CPU's active slab collects it at its next refill.
+            drop(n);
+            c.stats.free_frozen += 1;
+            if owner != cpu {
+                c.stats.free_remote += 1;
+            }
+            return;
+        }
+        if prior == 0 && self.has_cpu_partial() {
+            // It was full (on no list): it goes on this CPU's partial list.
+            s.list = SlabList::CpuPartial(cpu);
+            drop(n);
+            c.stats.cpu_partial_free += 1;
+            self.put_cpu_partial(m, &mut c, id);
+            return;
+        }
+        let on_node_partial = list == SlabList::NodePartial;
+        if prior != 0 && !on_node_partial {
+            return; // on some CPU's partial list: nothing to move
+        }
+        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+            if prior != 0 {
+                Self::remove_partial(&mut n, id);
+            }
+            self.discard_slab(m, &mut n, id);
+            c.stats.free_slab += 1;
+            return;
+        }
+        if prior == 0 {
+            // No cpu partial lists (debug/cpu_partial 0): a full slab that gained a free object.
+            Self::add_partial(&mut n, id, true);
+        }
+    }
+
+    /// `put_cpu_partial(s, slab, drain=1)`: push on this CPU's partial list,
+    /// first draining it to the node when it already holds cpu_partial_slabs.
+    fn put_cpu_partial(&self, m: &Machine, c: &mut CpuSlab, id: u32) {
+        if c.partial.len() as u32 >= self.geo.cpu_partial_slabs {
+            let old = std::mem::take(&mut c.partial);
+            c.stats.cpu_partial_drain += 1;
+            let mut stats = c.stats;
+            self.put_partials(m, old, &mut stats);
+            c.stats = stats;
+        }
+        c.partial.push(id);
+    }
+
+    // ---- debug caches: one object at a time under list_lock -----------------------------------
+
+    /// `alloc_single_from_partial` / `alloc_single_from_new_slab`.
+    fn alloc_single(&self, m: &Machine, gfp: Gfp) -> Result<u64> {
+        loop {
+            {
+                let mut n = self.node.lock();
+                if n.partial_head != NIL {
+                    let id = n.partial_head;
+                    let s = Self::slab_mut(&mut n, id);
+                    let obj = s.freelist;
+                    let next = self.get_fp(m, obj);
+                    if !self.fp_ok(m, s.pfn, s.order, next) {
+                        s.freelist = 0;
+                        return Err(self.freepointer_corrupt(obj, next));
+                    }
+                    s.freelist = next;
+                    s.inuse += 1;
+                    let full = s.freelist == 0;
+                    if full {
+                        Self::remove_partial(&mut n, id);
+                    }
+                    drop(n);
+                    self.check_object(m, obj, false)?;
+                    self.init_object(m, obj, true);
+                    return Ok(obj);
+                }
+            }
+            let (id, _pfn, _fl) = self.new_slab(m, gfp, SlabList::None)?;
+            let mut n = self.node.lock();
+            Self::add_partial(&mut n, id, false);
+        }
+    }
+
+    /// `free_to_partial_list` (with `free_consistency_checks`).
+    fn free_to_partial_list(&self, m: &Machine, o: &ObjRef, obj: u64) {
+        self.init_object(m, obj, false);
+        let mut n = self.node.lock();
+        let s = Self::slab_mut(&mut n, o.slab_id);
+        let prior = s.freelist;
+        self.set_fp(m, obj, prior);
+        s.freelist = obj;
+        s.inuse -= 1;
+        let (inuse, list) = (s.inuse, s.list);
+        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+            if list == SlabList::NodePartial {
+                Self::remove_partial(&mut n, o.slab_id);
+            }
+            self.discard_slab(m, &mut n, o.slab_id);
+            return;
+        }
+        if prior == 0 && list == SlabList::None {
+            Self::add_partial(&mut n, o.slab_id, true);
+        }
+    }
+
+    /// `init_object`: poison and red zones of a debug cache's slot.
+    fn init_object(&self, m: &Machine, obj: u64, active: bool) {
+        if !self.is_debug() {
+            return;
+        }
+        let p = Self::phys_of(m, obj);
+        let red = if active { SLUB_RED_ACTIVE } else { SLUB_RED_INACTIVE };
+        let os = self.geo.object_size as u64;
+        if self.flags & SLAB_RED_ZONE != 0 {
+            let pad = self.geo.red_left_pad as u64;
+            m.phys.fill(p - pad, pad, red).ok();
+        }
+        if self.flags & SLAB_OBJECT_POISON != 0 && !active {
+            m.phys.fill(p, os - 1, POISON_FREE).ok();
+            m.phys.fill(p + os - 1, 1, POISON_END).ok();
+        }
+        if self.flags & SLAB_RED_ZONE != 0 {
+            m.phys.fill(p + os, self.geo.inuse as u64 - os, red).ok();
+        }
+    }
+
+    /// `check_object`: red zones intact, poison intact on a free object.
+    pub(crate) fn check_object(&self, m: &Machine, obj: u64, active: bool) -> Result<()> {
+        if !self.is_debug() {
+            return Ok(());
+        }
+        let p = Self::phys_of(m, obj);
+        let red = if active { SLUB_RED_ACTIVE } else { SLUB_RED_INACTIVE };
+        let os = self.geo.object_size as u64;
+        let check = |area: &str, start: u64, len: u64, want: u8| -> Result<()> {
+            if len == 0 {
+                return Ok(());
+            }
+            let mut buf = vec![0u8; len as usize];
+            m.phys.read(start, &mut buf)?;
+            if let Some(i) = buf.iter().position(|&b| b != want) {
+                let po = m.cfg.arch.page_offset();
+                let msg = format!(
+                    "BUG {} (Not tainted): {area} overwritten\n0x{:x}-0x{:x} @offset={}. First byte 0x{:x} instead of 0x{:x}",
+                    self.name,
+                    po + start + i as u64,
+                    po + start + len - 1,
+                    (start + i as u64) & ((m.page_size << self.geo.order) - 1),
+                    buf[i],
+                    want
+                );
+                // FIX: restore the area, as the kernel's slab_fix does.
+                m.phys.fill(start, len, want).ok();
+                return Err(KmmError::MemoryCorruption(msg));
+            }
+            Ok(())
+        };
+        if self.flags & SLAB_RED_ZONE != 0 {
+            let pad = self.geo.red_left_pad as u64;
+            check("Left Redzone", p - pad, pad, red)?;
+            check("Right Redzone", p + os, self.geo.inuse as u64 - os, red)?;
+        }
+        if !active && self.flags & SLAB_OBJECT_POISON != 0 {
+            // The free pointer lives outside the object for poisoned caches.
+            check("Poison", p, os - 1, POISON_FREE)?;
+            check("Poison", p + os - 1, 1, POISON_END)?;
+        }
+        Ok(())
+    }
+
+    // ---- flushing and shrinking ------------------------------------------------------------------
+
+    /// `flush_cpu_slab` for one CPU: deactivate its slab, drain its partials.
+    pub fn flush_cpu(&self, m: &Machine, cpu: u32) {
+        let mut c = self.cpu_lock(cpu);
+        let mut stats = c.stats;
+        if c.slab != NIL {
+            let (id, fl) = (c.slab, std::mem::take(&mut c.freelist));
+            c.slab = NIL;
+            c.slab_pfn = u64::MAX;
+            self.deactivate_slab(m, id, fl, &mut stats);
+        }
+        let parts = std::mem::take(&mut c.partial);
+        self.put_partials(m, parts, &mut stats);
+        c.stats = stats;
+    }
+
+    /// `flush_all` + `__kmem_cache_shrink`: flush every CPU, then free every
+    /// empty slab on the node list. Returns pages given back.
+    pub fn shrink(&self, m: &Machine) -> u64 {
+        for cpu in 0..self.nr_cpus() {
+            self.flush_cpu(m, cpu);
+        }
+        // __kmem_cache_do_shrink: free every empty slab (min_partial does
+        // not apply), and move the fullest slabs (1..=32 free) to the head,
+        // fullest first, so allocations fill them before the emptier ones.
+        let mut n = self.node.lock();
+        let mut freed = 0;
+        let mut promote: Vec<Vec<u32>> = vec![Vec::new(); 32];
+        for id in Self::partial_ids(&n) {
+            let s = n.slabs[id as usize].as_ref().expect("partial slab");
+            let free = s.objects - s.inuse;
+            if s.inuse == 0 {
+                freed += 1u64 << s.order;
+                Self::remove_partial(&mut n, id);
+                self.discard_slab(m, &mut n, id);
+            } else if free <= 32 {
+                Self::remove_partial(&mut n, id);
+                promote[free as usize - 1].push(id);
+            }
+        }
+        for ids in promote.iter().rev() {
+            for &id in ids.iter().rev() {
+                Self::add_partial(&mut n, id, false);
+            }
+        }
+        freed
+    }
+
+    /// Free every slab left (all empty): the end of `__kmem_cache_shutdown`.
+    pub(crate) fn release_all_slabs(&self, m: &Machine) {
+        let mut n = self.node.lock();
+        for id in Self::partial_ids(&n) {
+            Self::remove_partial(&mut n, id);
+        }
+        let ids: Vec<u32> =
+            n.slabs.iter().enumerate().filter(|(_, s)| s.is_some()).map(|(i, _)| i as u32).collect();
+        for id in ids {
+            Self::slab_mut(&mut n, id).list = SlabList::None;
+            self.discard_slab(m, &mut n, id);
+        }
+    }
+
+    /// Free objects on a CPU freelist (walked through the free pointers).
+    fn cpu_freelist_len(&self, m: &Machine, c: &CpuSlab) -> u64 {
+        let (mut n, mut p) = (0u64, c.freelist);
+        while p != 0 && n <= (1 << 16) {
+            n += 1;
+            p = self.get_fp(m, p);
+        }
+        n
+    }
+
+    /// Objects allocated and not freed (exact: CPU freelists are walked).
+    pub fn objects_in_use(&self, m: &Machine) -> u64 {
+        let mut cpu_free = 0u64;
+        for p in self.cpus.iter() {
+            let c = p.lock.lock();
+            cpu_free += self.cpu_freelist_len(m, &c);
+        }
+        let n = self.node.lock();
+        let inuse: u64 = n.slabs.iter().flatten().map(|s| s.inuse as u64).sum();
+        inuse - cpu_free
+    }
+
+    /// `get_slabinfo`: (active_objs, num_objs, num_slabs). As in SLUB, free
+    /// objects count as inactive only when they sit on node partial slabs.
+    pub fn slabinfo_counts(&self) -> (u64, u64, u64) {
+        let n = self.node.lock();
+        let free_partial: u64 = Self::partial_ids(&n)
+            .into_iter()
+            .filter_map(|id| n.slabs[id as usize].as_ref())
+            .map(|s| (s.objects - s.inuse) as u64)
+            .sum();
+        (n.total_objects - free_partial, n.total_objects, n.nr_slabs)
+    }
+
+    /// Slabs per state: (cpu, cpu partial, node partial, full).
+    pub fn slab_states(&self) -> (u64, u64, u64, u64) {
+        let n = self.node.lock();
+        let mut t = (0, 0, 0, 0);
+        for s in n.slabs.iter().flatten() {
+            match s.list {
+                SlabList::Cpu(_) => t.0 += 1,
+                SlabList::CpuPartial(_) => t.1 += 1,
+                SlabList::NodePartial => t.2 += 1,
+                SlabList::None => t.3 += 1,
+            }
+        }
+        t
+    }
+
+    /// Check slub-1..4. Returns the violations found.
+    pub fn check(&self, m: &Machine) -> Vec<String> {
+        let mut errs = Vec::new();
+        // Lock order: every CPU lock, then the node.
+        let cpus: Vec<MutexGuard<'_, CpuSlab>> = self.cpus.iter().map(|p| p.lock.lock()).collect();
+        let n = self.node.lock();
+        let name = &self.name;
+        let walk = |pfn: u64, order: u32, mut p: u64, errs: &mut Vec<String>| -> Vec<u64> {
+            let mut v = Vec::new();
+            while p != 0 {
+                if !self.fp_ok(m, pfn, order, p) || v.len() > 1 << 16 {
+                    errs.push(format!("slub-3: {name}: free pointer {p:#x} outside slab pfn {pfn:#x}"));
+                    break;
+                }
+                v.push(p);
+                p = self.get_fp(m, p);
+            }
+            v
+        };
+        let mut nr_partial = 0;
+        let mut total = 0u64;
+        for (id, s) in n.slabs.iter().enumerate() {
+            let Some(s) = s else { continue };
+            total += s.objects as u64;
+            let mut free = walk(s.pfn, s.order, s.freelist, &mut errs);
+            // inuse counts everything not on the slab's own freelist (for the
+            // cpu slab that includes the objects on the CPU freelist).
+            if s.inuse as usize + free.len() != s.objects as usize {
+                errs.push(format!(
+                    "slub-1: {name}: slab {id} inuse {} + free {} != objects {}",
+                    s.inuse,
+                    free.len(),
+                    s.objects
+                ));
+            }
+            if let SlabList::Cpu(cpu) = s.list {
+                let c = &cpus[cpu as usize];
+                if c.slab != id as u32 {
+                    errs.push(format!("slub-2: {name}: slab {id} says it is cpu {cpu}'s slab, the cpu disagrees"));
+                } else {
+                    free.extend(walk(s.pfn, s.order, c.freelist, &mut errs));
+                }
+            }
+            if s.list == SlabList::NodePartial {
+                nr_partial += 1;
+            }
+            if let SlabList::CpuPartial(cpu) = s.list {
+                if !cpus[cpu as usize].partial.contains(&(id as u32)) {
+                    errs.push(format!("slub-2: {name}: slab {id} not on cpu {cpu}'s partial list"));
+                }
+            }
+            let mut sorted = free.clone();
+            sorted.sort_unstable();
+            sorted.dedup();
+            if sorted.len() != free.len() {
+                errs.push(format!("slub-3: {name}: slab {id} has an object on its freelists twice"));
+            }
+            for &o in &free {
+                if m.shadow.is_live(o - m.cfg.arch.page_offset()) {
+                    errs.push(format!("slub-4: {name}: free object {o:#x} is marked live"));
+                }
+            }
+            let head = m.mem_map.get(s.pfn);
+            if !head.has(PG_SLAB) || head.refcount() != self.id as i32 || head.next() != id as u32 {
+                errs.push(format!("slub-2: {name}: slab {id}'s head page metadata is wrong"));
+            }
+        }
+        if nr_partial != n.nr_partial || Self::partial_ids(&n).len() as u32 != n.nr_partial {
+            errs.push(format!("slub-2: {name}: nr_partial {} but {} slabs on the list", n.nr_partial, nr_partial));
+        }
+        if total != n.total_objects {
+            errs.push(format!("slub-2: {name}: total_objects {} but slabs hold {total}", n.total_objects));
+        }
+        let _ = PG_TAIL;
+        errs
+    }
+}
