@@ -19,6 +19,12 @@ import threading as _threading
 from kmm import errors, gfp
 from kmm._kmm import (
     ERROR_CODES,
+    KMALLOC_MAX_CACHE_SIZE,
+    KMALLOC_MAX_SIZE,
+    SLAB_FLAGS,
+    ZERO_SIZE_PTR,
+    Block,
+    KmemCache,
     MAX_PAGE_ORDER,
     MIGRATETYPE_NAMES,
     TRACEPOINTS,
@@ -45,6 +51,9 @@ from kmm.errors import (
     UseAfterFreeError,
 )
 from kmm.gfp import *  # noqa: F401,F403  (GFP_KERNEL, __GFP_ZERO, ...)
+
+#: SLAB_* cache flags with the kernel's values (include/linux/slab.h, 6.18).
+globals().update(dict(SLAB_FLAGS))
 
 __version__ = "0.1.0"
 
@@ -98,6 +107,24 @@ _FORWARDED = (
     "zonelist",
     "nr_free_pages",
     "totalram_pages",
+    "kmalloc",
+    "kzalloc",
+    "kcalloc",
+    "kmalloc_array",
+    "krealloc",
+    "kfree",
+    "ksize",
+    "kmalloc_size_roundup",
+    "kmem_cache_create",
+    "kmem_cache_alloc",
+    "kmem_cache_free",
+    "kmem_cache_alloc_bulk",
+    "kmem_cache_free_bulk",
+    "kmem_cache_shrink",
+    "kmem_cache_destroy",
+    "kmem_cache",
+    "sysfs_slab",
+    "block",
 )
 
 
@@ -118,6 +145,8 @@ del _name
 
 __all__ = [
     "Machine",
+    "Block",
+    "KmemCache",
     "Page",
     "Zone",
     "Event",
@@ -144,6 +173,10 @@ __all__ = [
     "TRACEPOINTS",
     "TUNABLES",
     "ERROR_CODES",
+    "ZERO_SIZE_PTR",
+    "KMALLOC_MAX_CACHE_SIZE",
+    "KMALLOC_MAX_SIZE",
+    *(name for name, _ in SLAB_FLAGS),
     *_FORWARDED,
     *gfp.__all__[4:],
 ]

@@ -1,8 +1,9 @@
 //! The /proc views of a machine, byte for byte in the kernel's formats:
 //! `/proc/buddyinfo`, `/proc/pagetypeinfo`, `/proc/zoneinfo`,
-//! `/proc/meminfo` and `/proc/vmstat`, plus structured equivalents
-//! ([`ZoneInfo`], [`Machine::meminfo_fields`], [`Machine::vmstat_fields`])
-//! for the Python binding.
+//! `/proc/meminfo`, `/proc/vmstat` and `/proc/slabinfo`, the
+//! `/sys/kernel/slab/<cache>/` attributes, plus structured equivalents
+//! ([`ZoneInfo`], [`Machine::meminfo_fields`], [`Machine::vmstat_fields`],
+//! [`SlabinfoRow`]) for the Python binding.
 //!
 //! # Kernel
 //! `mm/vmstat.c` (`frag_show_print`, `pagetypeinfo_showfree_print`,
@@ -14,7 +15,10 @@
 //! (`hugetlb_report_meminfo`), `mm/page-writeback.c`
 //! (`global_dirtyable_memory`, `highmem_dirtyable_memory`,
 //! `domain_dirty_limits`), `arch/x86/mm/pat/set_memory.c`
-//! (`arch_report_meminfo`), `arch/x86/mm/init.c` (`split_mem_range`).
+//! (`arch_report_meminfo`), `arch/x86/mm/init.c` (`split_mem_range`),
+//! `mm/slab_common.c` (`print_slabinfo_header`, `slab_show`, `cache_show`),
+//! `mm/slub.c` (`get_slabinfo`, `show_slab_objects`, the `*_show` sysfs
+//! attributes of `slab_attrs[]`).
 //! Ground truth: the files captured from Linux 6.18 x86_64 in
 //! `shared/data/linux/` (the item lists below are those files' lists, which
 //! differ a little from older `vmstat_text[]`: no `nr_bounce`, no
@@ -24,9 +28,13 @@
 //! every arch (CONFIG_NUMA, ZSMALLOC, ZSWAP, IOMMU_SUPPORT, SWAP,
 //! NUMA_BALANCING, HUGETLB_PAGE, TRANSPARENT_HUGEPAGE; no CMA, no
 //! MEMORY_FAILURE, no PAGE_OWNER), plus CONFIG_HIGHMEM on i386. Counters the
-//! model does not keep (page cache, LRU lists, slab, swap, NUMA events, ...)
-//! print as 0 so that parsers written for the real files still work. The
-//! model has no per-CPU page lists yet: every pageset shows count 0, high 0.
+//! model does not keep (page cache, LRU lists, swap, NUMA events, ...)
+//! print as 0 so that parsers written for the real files still work. Slab
+//! memory is kept (NR_SLAB_RECLAIMABLE_B / NR_SLAB_UNRECLAIMABLE_B, in bytes
+//! as the kernel's `_B` items, large kmallocs included) and shown in pages
+//! (vmstat, zoneinfo) and kB (meminfo `Slab`, `SReclaimable`, `SUnreclaim`,
+//! `KReclaimable`, `MemAvailable`). The model has no per-CPU page lists
+//! yet: every pageset shows count 0, high 0.
 //! `pgfree` counts frees after boot only (the kernel also counts the boot-time
 //! `memblock_free_all` frees). `DirectMap*` lines describe the direct map the
 //! kernel would build for one hole-free RAM range: 4k pages for the first
@@ -38,9 +46,14 @@
 //! - proc-1: buddyinfo's count for (zone, order) equals the sum over
 //!   migratetypes of pagetypeinfo's (uncapped) counts.
 //! - proc-2: MemFree equals the sum of zoneinfo's `pages free`, in kB.
+//! - proc-3: meminfo's `Slab` is `SReclaimable + SUnreclaim`, which are
+//!   vmstat's `nr_slab_reclaimable` / `nr_slab_unreclaimable` pages in kB.
 //!
 //! Locks: each zone's `area` lock (zone->lock) is taken alone and briefly to
 //! copy its free-area counts, as `walk_zones_in_node` does; never two at once.
+//! The slab views take `slab_mutex` (the cache list) only to copy the list,
+//! then each cache's per-CPU locks one at a time and its node `list_lock`
+//! alone, as `get_slabinfo` / `show_slab_objects` do.
 #![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
@@ -49,6 +62,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::arch::{Arch, ZoneKind, NR_PAGE_ORDERS};
 use crate::buddy::{MIGRATETYPE_NAMES, MIGRATE_TYPES};
 use crate::machine::Machine;
+use crate::slab::geometry::*;
+use crate::slab::KmemCache;
 use crate::zone::{self, Zone, WMARK_HIGH, WMARK_LOW, WMARK_MIN, WMARK_PROMO};
 
 /// pagetypeinfo stops counting a free list at this many entries and prints ">".
@@ -178,6 +193,34 @@ pub struct ZoneInfo {
     pub pgfree: u64,
 }
 
+/// The two header lines of /proc/slabinfo (`print_slabinfo_header`,
+/// without CONFIG_DEBUG_SLAB), newline included.
+pub const SLABINFO_HEADER: &str = "slabinfo - version: 2.1\n\
+# name            <active_objs> <num_objs> <objsize> <objperslab> <pagesperslab> : tunables <limit> <batchcount> <sharedfactor> : slabdata <active_slabs> <num_slabs> <sharedavail>\n";
+
+/// One line of /proc/slabinfo (`struct slabinfo` as `cache_show` prints it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlabinfoRow {
+    pub name: String,
+    /// Objects not free on the node partial list (CPU-held free objects count as active).
+    pub active_objs: u64,
+    pub num_objs: u64,
+    /// `s->size`: the slot stride.
+    pub objsize: u32,
+    pub objperslab: u32,
+    /// `1 << order`.
+    pub pagesperslab: u32,
+    /// SLUB has no tunables: 0, 0, 0.
+    pub limit: u32,
+    pub batchcount: u32,
+    pub sharedfactor: u32,
+    /// SLUB reports every slab as active: equal to `num_slabs`.
+    pub active_slabs: u64,
+    pub num_slabs: u64,
+    /// Always 0.
+    pub sharedavail: u64,
+}
+
 /// The `seq_printf` label widths of one meminfo line.
 enum MemLine {
     /// `show_val_kb`: 16-column label, value right-aligned in 8, " kB".
@@ -286,8 +329,9 @@ impl Machine {
             .sum()
     }
 
-    /// `si_mem_available` in pages. The model has no page cache and no
-    /// reclaimable slab, so this is free pages less `totalreserve_pages`.
+    /// `si_mem_available` in pages: free pages less `totalreserve_pages`,
+    /// plus the reclaimable slab (less what the low watermarks claim). The
+    /// model has no page cache.
     pub fn si_mem_available(&self) -> u64 {
         let wmark_low: u64 = self.zones.iter().map(|z| z.wmark(WMARK_LOW)).sum();
         let mut available = self.nr_free_pages() as i64 - self.totalreserve_pages() as i64;
@@ -298,10 +342,17 @@ impl Machine {
         available.max(0) as u64
     }
 
-    /// A node counter (`node_page_state_pages`) by its vmstat name. The model
-    /// keeps none of them yet (no LRU, page cache, slab, ...): all 0.
-    fn node_stat(&self, _name: &str) -> u64 {
-        0
+    /// A node counter (`node_page_state_pages`) by its vmstat name, in pages
+    /// (byte items are kept in bytes and shown in pages, as the kernel does).
+    /// The model keeps only the slab counters; the others (LRU, page cache,
+    /// ...) are 0.
+    fn node_stat(&self, name: &str) -> u64 {
+        let pages = |bytes: i64| bytes.max(0) as u64 / self.page_size;
+        match name {
+            "nr_slab_reclaimable" => pages(self.vmstat.nr_slab_reclaimable_b.load(Relaxed)),
+            "nr_slab_unreclaimable" => pages(self.vmstat.nr_slab_unreclaimable_b.load(Relaxed)),
+            _ => 0,
+        }
     }
 
     /// A zone counter (`zone_page_state`) by its vmstat name.
@@ -631,5 +682,147 @@ impl Machine {
             let _ = writeln!(s, "{name} {val}");
         }
         s
+    }
+
+    // ---- slab views -----------------------------------------------------------------
+
+    /// The rows of /proc/slabinfo: every live root cache in `slab_caches`
+    /// order (newest first), counted as SLUB's `get_slabinfo` counts them.
+    pub fn slabinfo_rows(&self) -> Vec<SlabinfoRow> {
+        self.slab
+            .caches()
+            .iter()
+            .map(|c| {
+                let (active_objs, num_objs, num_slabs) = c.slabinfo_counts();
+                SlabinfoRow {
+                    name: c.name.clone(),
+                    active_objs,
+                    num_objs,
+                    objsize: c.geo.size,
+                    objperslab: c.geo.objects,
+                    pagesperslab: 1 << c.geo.order,
+                    limit: 0,
+                    batchcount: 0,
+                    sharedfactor: 0,
+                    active_slabs: num_slabs,
+                    num_slabs,
+                    sharedavail: 0,
+                }
+            })
+            .collect()
+    }
+
+    /// /proc/slabinfo (`slab_show`): the version 2.1 header, then one
+    /// `cache_show` line per cache. Names longer than 17 columns push the
+    /// rest of their line right, as in the kernel.
+    pub fn proc_slabinfo(&self) -> String {
+        let mut s = String::from(SLABINFO_HEADER);
+        for r in self.slabinfo_rows() {
+            let _ = writeln!(
+                s,
+                "{:<17} {:>6} {:>6} {:>6} {:>4} {:>4} : tunables {:>4} {:>4} {:>4} : slabdata {:>6} {:>6} {:>6}",
+                r.name,
+                r.active_objs,
+                r.num_objs,
+                r.objsize,
+                r.objperslab,
+                r.pagesperslab,
+                r.limit,
+                r.batchcount,
+                r.sharedfactor,
+                r.active_slabs,
+                r.num_slabs,
+                r.sharedavail
+            );
+        }
+        s
+    }
+
+    /// The files of /sys/kernel/slab/<name>/ as (file, contents without the
+    /// trailing newline), in `ls` order, for a live cache found by its name
+    /// or by the name of a cache merged into it (an alias). None if no such
+    /// cache.
+    ///
+    /// The attributes of `slab_attrs[]` for the reference configuration
+    /// (SLUB_DEBUG, SLUB_CPU_PARTIAL, ZONE_DMA, NUMA, FAILSLAB,
+    /// HARDENED_USERCOPY; no SLUB_STATS, no KFENCE). SIMPLIFICATION: the
+    /// counting files (`objects`, `objects_partial`, `partial`, `cpu_slabs`,
+    /// `slabs`, `total_objects`) hold the total only: with one node the
+    /// kernel's `" N0=<n>"` suffix repeats it (this is also how
+    /// tests/data/linux/sys_kernel_slab.tsv records them). `ctor` is "ctor"
+    /// for a cache with a constructor (the kernel prints its symbol), and
+    /// `shrink` / `validate` read empty as in the kernel. `usersize` is the
+    /// object size for kmalloc caches (`create_boot_cache(..., 0, size)`)
+    /// and 0 for others (the model has no usercopy regions).
+    pub fn sysfs_slab(&self, name: &str) -> Option<Vec<(&'static str, String)>> {
+        let caches = self.slab.caches();
+        let c = caches
+            .iter()
+            .find(|c| c.name == name)
+            .or_else(|| caches.iter().find(|c| c.aliases.lock().iter().any(|a| a == name)))?;
+        Some(Self::sysfs_slab_attrs(c))
+    }
+
+    fn sysfs_slab_attrs(c: &KmemCache) -> Vec<(&'static str, String)> {
+        let g = &c.geo;
+        let flag = |f: u32| u32::from(c.flags & f != 0).to_string();
+        // show_slab_objects(SO_CPU): per CPU with an active slab, 1 plus the
+        // slabs on its partial list. slabs_cpu_partial: every CPU's partial
+        // slabs, objects estimated as half of each slab.
+        let per_cpu = c.cpu_slab_counts();
+        let cpu_slabs: u64 = per_cpu.iter().filter(|(active, _)| *active).map(|&(_, p)| 1 + p as u64).sum();
+        let half = |slabs: u32| slabs as u64 * g.objects as u64 / 2;
+        let cpu_partial_slabs: u32 = per_cpu.iter().map(|&(_, p)| p).sum();
+        let mut slabs_cpu_partial = format!("{}({})", half(cpu_partial_slabs), cpu_partial_slabs);
+        for (cpu, &(_, p)) in per_cpu.iter().enumerate().filter(|(_, (_, p))| *p > 0) {
+            let _ = write!(slabs_cpu_partial, " C{cpu}={}({})", half(p), p);
+        }
+        // The node counts, under list_lock.
+        let (total_objects, nr_slabs, nr_partial, partial_inuse, partial_free) = {
+            let n = c.node.lock();
+            let (mut inuse, mut free) = (0u64, 0u64);
+            for id in KmemCache::partial_ids(&n) {
+                if let Some(s) = n.slabs[id as usize].as_ref() {
+                    inuse += s.inuse as u64;
+                    free += (s.objects - s.inuse) as u64;
+                }
+            }
+            (n.total_objects, n.nr_slabs, n.nr_partial as u64, inuse, free)
+        };
+        let aliases = c.refcount.load(Relaxed).saturating_sub(1);
+        let usersize = if c.flags & SLAB_KMALLOC != 0 { g.object_size } else { 0 };
+        vec![
+            ("aliases", aliases.to_string()),
+            ("align", g.align.to_string()),
+            ("cache_dma", flag(SLAB_CACHE_DMA)),
+            ("cpu_partial", g.cpu_partial.to_string()),
+            ("cpu_slabs", cpu_slabs.to_string()),
+            ("ctor", if c.ctor.is_some() { "ctor".to_string() } else { String::new() }),
+            ("destroy_by_rcu", flag(SLAB_TYPESAFE_BY_RCU)),
+            ("failslab", flag(SLAB_FAILSLAB)),
+            ("hwcache_align", flag(SLAB_HWCACHE_ALIGN)),
+            ("min_partial", g.min_partial.to_string()),
+            ("object_size", g.object_size.to_string()),
+            ("objects", (total_objects - partial_free).to_string()),
+            ("objects_partial", partial_inuse.to_string()),
+            ("objs_per_slab", g.objects.to_string()),
+            ("order", g.order.to_string()),
+            ("partial", nr_partial.to_string()),
+            ("poison", flag(SLAB_POISON)),
+            ("reclaim_account", flag(SLAB_RECLAIM_ACCOUNT)),
+            ("red_zone", flag(SLAB_RED_ZONE)),
+            // remote_node_defrag_ratio: the default 1000, shown divided by 10.
+            ("remote_node_defrag_ratio", "100".to_string()),
+            ("sanity_checks", flag(SLAB_CONSISTENCY_CHECKS)),
+            ("shrink", String::new()),
+            ("slab_size", g.size.to_string()),
+            ("slabs", nr_slabs.to_string()),
+            ("slabs_cpu_partial", slabs_cpu_partial),
+            ("store_user", flag(SLAB_STORE_USER)),
+            ("total_objects", total_objects.to_string()),
+            ("trace", flag(SLAB_TRACE)),
+            ("usersize", usersize.to_string()),
+            ("validate", String::new()),
+        ]
     }
 }

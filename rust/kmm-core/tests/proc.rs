@@ -9,6 +9,9 @@ use std::sync::atomic::Ordering::Relaxed;
 use kmm_core::arch::{Arch, ZoneKind};
 use kmm_core::buddy::{MIGRATE_MOVABLE, MIGRATE_TYPES};
 use kmm_core::gfp::*;
+use kmm_core::slab::geometry::*;
+use kmm_core::slab::CacheArgs;
+use kmm_core::trace::unknown_call_site;
 use kmm_core::{Machine, MachineConfig};
 
 // ---- helpers ------------------------------------------------------------------------
@@ -491,4 +494,348 @@ fn structured_views_agree_with_text() {
         assert_eq!(pages, z.free_pages);
     }
     m.free_pages(p, 4).unwrap();
+}
+
+// ---- /proc/slabinfo and /sys/kernel/slab ------------------------------------------------
+
+/// The lines of a slabinfo text after the two header lines.
+fn slab_lines(text: &str) -> Vec<&str> {
+    text.lines().skip(2).collect()
+}
+
+/// A slabinfo line's fields: name, then the eleven numbers (the ":",
+/// "tunables" and "slabdata" tokens dropped).
+fn slab_fields(line: &str) -> (String, Vec<u64>) {
+    let mut it = line.split_whitespace();
+    let name = it.next().unwrap().to_string();
+    let nums = it.filter_map(|t| t.parse().ok()).collect::<Vec<u64>>();
+    assert_eq!(nums.len(), 11, "{line}");
+    (name, nums)
+}
+
+/// The slabinfo line of one cache.
+fn slab_line(m: &Machine, name: &str) -> String {
+    let text = m.proc_slabinfo();
+    let line = text.lines().find(|l| l.split_whitespace().next() == Some(name));
+    line.unwrap_or_else(|| panic!("no {name} in slabinfo")).to_string()
+}
+
+/// (active_objs, num_objs, num_slabs) of one cache, read from the text.
+fn slab_counts(m: &Machine, name: &str) -> (u64, u64, u64) {
+    let (_, n) = slab_fields(&slab_line(m, name));
+    (n[0], n[1], n[9])
+}
+
+fn sysfs(m: &Machine, cache: &str, attr: &str) -> String {
+    let attrs = m.sysfs_slab(cache).unwrap_or_else(|| panic!("no cache {cache}"));
+    attrs.into_iter().find(|(n, _)| *n == attr).unwrap_or_else(|| panic!("no {attr}")).1
+}
+
+/// The real kmalloc lines: those below `kmalloc_buckets` (6.18's bucket cache
+/// for kmalloc with CONFIG_SLAB_BUCKETS, which the model does not create).
+fn real_kmalloc_tail(real_text: &str) -> Vec<&str> {
+    let lines = slab_lines(real_text);
+    let at = lines.iter().position(|l| l.starts_with("kmalloc_buckets ")).expect("kmalloc_buckets line");
+    lines[at + 1..].to_vec()
+}
+
+#[test]
+fn slabinfo_header_is_the_kernels() {
+    let m = boot_default();
+    let ours = m.proc_slabinfo();
+    let theirs = real("slabinfo.txt");
+    let head = |s: &str| s.split_inclusive('\n').take(2).collect::<String>();
+    assert_eq!(head(&ours), head(&theirs));
+    assert_eq!(head(&ours), kmm_core::proc::SLABINFO_HEADER);
+    assert!(ours.ends_with('\n'));
+}
+
+#[test]
+fn slabinfo_columns_match_real() {
+    // With its name token left out, a line whose name fits in 17 columns
+    // has every number ending in a fixed column. All such real lines share
+    // one shape; every line of ours must have it too.
+    let cut = |line: &str| {
+        let (toks, len) = shape_right(line).remove(0);
+        (toks[1..].to_vec(), len)
+    };
+    let theirs_text = real("slabinfo.txt");
+    let theirs: Vec<_> =
+        slab_lines(&theirs_text).into_iter().filter(|l| l.split(' ').next().unwrap().len() < 17).map(cut).collect();
+    assert!(theirs.len() > 100);
+    assert!(theirs.iter().all(|s| *s == theirs[0]), "the real short-name lines share one shape");
+    for m in [boot_default(), boot_24g(), Machine::boot(Arch::I386, "2G").unwrap()] {
+        let text = m.proc_slabinfo();
+        let ours = slab_lines(&text);
+        assert_eq!(ours.len(), 54);
+        for l in ours {
+            assert!(l.split(' ').next().unwrap().len() < 17, "{l}");
+            assert_eq!(cut(l), theirs[0], "{l}");
+        }
+    }
+    // Long names push the line right, as in the kernel: an empty cache of
+    // the real file, created with its geometry, prints the very same line.
+    let m = boot_default();
+    m.kmem_cache_create("btrfs_ordered_extent", 416, CacheArgs::default()).unwrap();
+    let want = slab_lines(&theirs_text).into_iter().find(|l| l.starts_with("btrfs_ordered_extent ")).unwrap();
+    assert_eq!(
+        want,
+        "btrfs_ordered_extent      0      0    416   19    2 : tunables    0    0    0 : slabdata      0      0      0"
+    );
+    assert_eq!(slab_lines(&m.proc_slabinfo())[0], want, "newest cache first");
+}
+
+#[test]
+fn slabinfo_of_fresh_machine_lists_the_kmalloc_caches() {
+    let m = boot_default();
+    let text = m.proc_slabinfo();
+    let ours = slab_lines(&text);
+    let theirs_text = real("slabinfo.txt");
+    let theirs = real_kmalloc_tail(&theirs_text);
+    // Same caches in the same order: kmalloc-cg-8k ... kmalloc-96, then
+    // kmem_cache_node, kmem_cache (created first, so listed last).
+    let names = |v: &[&str]| v.iter().map(|l| slab_fields(l).0).collect::<Vec<_>>();
+    assert_eq!(names(&ours), names(&theirs));
+    assert_eq!(names(&ours)[0], "kmalloc-cg-8k");
+    assert_eq!(names(&ours)[51], "kmalloc-96");
+    assert_eq!(names(&ours)[52..], ["kmem_cache_node", "kmem_cache"]);
+    for (a, b) in ours.iter().zip(&theirs) {
+        let ((_, x), (_, y)) = (slab_fields(a), slab_fields(b));
+        // <objsize> <objperslab> <pagesperslab> as SLUB computed them for 2 CPUs.
+        assert_eq!(x[2..5], y[2..5], "{a}\n{b}");
+        // Nothing allocated yet.
+        assert!(x.iter().enumerate().all(|(i, &v)| (2..5).contains(&i) || v == 0), "{a}");
+        // Caches that were empty on the real machine print identically.
+        if y[1] == 0 {
+            assert_eq!(a, b);
+        }
+    }
+    assert_eq!(
+        slab_line(&m, "kmalloc-96"),
+        "kmalloc-96             0      0     96   42    1 : tunables    0    0    0 : slabdata      0      0      0"
+    );
+    // The structured rows are the text's.
+    let rows = m.slabinfo_rows();
+    assert_eq!(rows.len(), ours.len());
+    for (r, l) in rows.iter().zip(&ours) {
+        let (name, n) = slab_fields(l);
+        assert_eq!(r.name, name);
+        let got = [
+            r.active_objs,
+            r.num_objs,
+            r.objsize as u64,
+            r.objperslab as u64,
+            r.pagesperslab as u64,
+            r.limit as u64,
+            r.batchcount as u64,
+            r.sharedfactor as u64,
+            r.active_slabs,
+            r.num_slabs,
+            r.sharedavail,
+        ];
+        assert_eq!(got.to_vec(), n);
+    }
+    let k96 = rows.iter().find(|r| r.name == "kmalloc-96").unwrap();
+    assert_eq!((k96.objsize, k96.objperslab, k96.pagesperslab), (96, 42, 1));
+}
+
+#[test]
+fn slabinfo_and_meminfo_follow_kmalloc() {
+    let m = boot_default();
+    let cs = unknown_call_site();
+    let (slab0, unrecl0, recl0) = (field(&m, "Slab"), field(&m, "SUnreclaim"), field(&m, "SReclaimable"));
+    let free0 = field(&m, "MemFree");
+    assert_eq!((slab0, unrecl0, recl0), (0, 0, 0), "a fresh machine has no slab pages");
+    assert_eq!(slab_counts(&m, "kmalloc-64"), (0, 0, 0));
+
+    // 64 objects per order-0 slab. From one CPU a fresh cache fills its cpu
+    // slab (objects 1-64), then the 65th allocation finds it full, leaves it
+    // full on no list and takes a new slab: objects 65-100 in use, 28 free
+    // on the CPU freelist. Two slabs, 128 objects; SLUB counts free objects
+    // as inactive only on node partial slabs, so all 128 show as active.
+    let objs: Vec<u64> = (0..100).map(|_| m.kmalloc(64, GFP_KERNEL, &cs).unwrap().0).collect();
+    assert_eq!(slab_counts(&m, "kmalloc-64"), (128, 128, 2));
+    assert_eq!(
+        slab_line(&m, "kmalloc-64"),
+        "kmalloc-64           128    128     64   64    1 : tunables    0    0    0 : slabdata      2      2      0"
+    );
+    // Two slab pages: 8 kB more SUnreclaim and Slab, 8 kB less free.
+    assert_eq!(field(&m, "SUnreclaim"), unrecl0 + 2 * 4);
+    assert_eq!(field(&m, "Slab"), slab0 + 2 * 4);
+    assert_eq!(field(&m, "SReclaimable"), recl0);
+    assert_eq!(field(&m, "MemFree"), free0 - 2 * 4);
+    assert_eq!(vmstat(&m, "nr_slab_unreclaimable"), 2);
+    assert!(m.proc_zoneinfo().contains("\n      nr_slab_unreclaimable 2\n"));
+    assert!(m.proc_meminfo().contains("SUnreclaim:            8 kB\n"));
+    // sysfs: one CPU holds one active slab; the full one is on no list.
+    let k = "kmalloc-64";
+    assert_eq!(sysfs(&m, k, "objects"), "128");
+    assert_eq!(sysfs(&m, k, "total_objects"), "128");
+    assert_eq!(sysfs(&m, k, "slabs"), "2");
+    assert_eq!(sysfs(&m, k, "partial"), "0");
+    assert_eq!(sysfs(&m, k, "objects_partial"), "0");
+    assert_eq!(sysfs(&m, k, "cpu_slabs"), "1");
+    assert_eq!(sysfs(&m, k, "slabs_cpu_partial"), "0(0)");
+
+    // Freed: the first (full) slab goes to this CPU's partial list, the
+    // second stays the cpu slab. Nothing is on the node list, so SLUB still
+    // reports every object active until the cache is shrunk.
+    for &o in &objs {
+        m.kfree(o, &cs).unwrap();
+    }
+    let cpu = m.this_cpu();
+    assert_eq!(slab_counts(&m, "kmalloc-64"), (128, 128, 2));
+    assert_eq!(sysfs(&m, k, "cpu_slabs"), "2");
+    assert_eq!(sysfs(&m, k, "slabs_cpu_partial"), format!("32(1) C{cpu}=32(1)"));
+    let cache = m.kmalloc_slab(64, GFP_KERNEL).clone();
+    assert_eq!(m.kmem_cache_shrink(&cache), 2);
+    assert_eq!(slab_counts(&m, "kmalloc-64"), (0, 0, 0));
+    assert_eq!(sysfs(&m, k, "cpu_slabs"), "0");
+    assert_eq!((field(&m, "SUnreclaim"), field(&m, "Slab"), field(&m, "MemFree")), (unrecl0, slab0, free0));
+    assert_eq!(vmstat(&m, "nr_slab_unreclaimable"), 0);
+    assert!(m.check().is_empty(), "{:?}", m.check());
+}
+
+#[test]
+fn node_partial_free_objects_are_inactive() {
+    let m = boot_default();
+    let cs = unknown_call_site();
+    // Fill two slabs of kmalloc-64, free half of the first, shrink: the
+    // flush puts both slabs on the node partial list, where SLUB counts
+    // their free objects as inactive.
+    let objs: Vec<u64> = (0..128).map(|_| m.kmalloc(64, GFP_KERNEL, &cs).unwrap().0).collect();
+    for &o in &objs[..32] {
+        m.kfree(o, &cs).unwrap();
+    }
+    let cache = m.kmalloc_slab(64, GFP_KERNEL).clone();
+    m.kmem_cache_shrink(&cache);
+    // Slab 1: 32 free on the node list; slab 2 was the (full) cpu slab.
+    assert_eq!(slab_counts(&m, "kmalloc-64"), (96, 128, 2));
+    assert_eq!(sysfs(&m, "kmalloc-64", "objects"), "96");
+    assert_eq!(sysfs(&m, "kmalloc-64", "partial"), "1");
+    assert_eq!(sysfs(&m, "kmalloc-64", "objects_partial"), "32");
+    for &o in &objs[32..] {
+        m.kfree(o, &cs).unwrap();
+    }
+    m.kmem_cache_shrink(&cache);
+    assert_eq!(slab_counts(&m, "kmalloc-64"), (0, 0, 0));
+    assert!(m.check().is_empty());
+}
+
+#[test]
+fn reclaimable_kmalloc_counts_as_sreclaimable() {
+    let m = boot_default();
+    let cs = unknown_call_site();
+    let (recl0, unrecl0, avail0) = (field(&m, "SReclaimable"), field(&m, "SUnreclaim"), field(&m, "MemAvailable"));
+    let o = m.kmalloc(64, GFP_KERNEL | __GFP_RECLAIMABLE, &cs).unwrap();
+    assert_eq!(slab_counts(&m, "kmalloc-rcl-64"), (64, 64, 1));
+    assert_eq!(slab_counts(&m, "kmalloc-64"), (0, 0, 0));
+    assert_eq!(field(&m, "SReclaimable"), recl0 + 4);
+    assert_eq!(field(&m, "KReclaimable"), field(&m, "SReclaimable"));
+    assert_eq!(field(&m, "SUnreclaim"), unrecl0);
+    assert_eq!(field(&m, "Slab"), field(&m, "SReclaimable") + field(&m, "SUnreclaim"));
+    assert_eq!(vmstat(&m, "nr_slab_reclaimable"), 1);
+    assert!(m.proc_zoneinfo().contains("\n      nr_slab_reclaimable 1\n"));
+    // si_mem_available: one page less free, one reclaimable page more
+    // (less min(1 / 2, low watermarks) = 0): unchanged.
+    assert_eq!(field(&m, "MemAvailable"), avail0);
+    m.kfree(o.0, &cs).unwrap();
+    m.kmem_cache_shrink(m.kmalloc_slab(64, GFP_KERNEL | __GFP_RECLAIMABLE));
+    assert_eq!(field(&m, "SReclaimable"), recl0);
+    assert_eq!(vmstat(&m, "nr_slab_reclaimable"), 0);
+}
+
+#[test]
+fn large_kmalloc_counts_as_sunreclaim_but_not_in_slabinfo() {
+    let m = boot_default();
+    let cs = unknown_call_site();
+    let before = m.proc_slabinfo();
+    let unrecl0 = field(&m, "SUnreclaim");
+    // 12 KiB + 1 is above KMALLOC_MAX_CACHE_SIZE (8 KiB): an order-2 block.
+    let o = m.kmalloc(12289, GFP_KERNEL, &cs).unwrap();
+    assert_eq!(field(&m, "SUnreclaim"), unrecl0 + 16);
+    assert_eq!(vmstat(&m, "nr_slab_unreclaimable"), 4);
+    assert_eq!(m.proc_slabinfo(), before);
+    m.kfree(o.0, &cs).unwrap();
+    assert_eq!(field(&m, "SUnreclaim"), unrecl0);
+}
+
+#[test]
+fn sysfs_slab_kmalloc_96_matches_real() {
+    let m = boot_default();
+    let k = "kmalloc-96";
+    for (attr, want) in [
+        ("object_size", "96"),
+        ("slab_size", "96"),
+        ("objs_per_slab", "42"),
+        ("order", "0"),
+        ("align", "32"),
+        ("min_partial", "5"),
+        ("cpu_partial", "120"),
+        ("cache_dma", "0"),
+        ("aliases", "0"),
+        ("ctor", ""),
+        ("objects", "0"),
+        ("cpu_slabs", "0"),
+        ("usersize", "96"),
+    ] {
+        assert_eq!(sysfs(&m, k, attr), want, "{attr}");
+    }
+    // The real machine's dma-kmalloc-96 (empty, same geometry): every column
+    // of its tsv row, counts included; kmalloc-96 shares its geometry.
+    let tsv = real("sys_kernel_slab.tsv");
+    let mut lines = tsv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split('\t').collect();
+    let row: Vec<&str> = lines.map(|l| l.split('\t').collect::<Vec<_>>()).find(|r| r[0] == "dma-kmalloc-96").unwrap();
+    for (col, want) in header.iter().zip(&row).skip(1) {
+        assert_eq!(sysfs(&m, "dma-kmalloc-96", col), *want, "dma-kmalloc-96 {col}");
+    }
+    for col in ["object_size", "slab_size", "objs_per_slab", "order", "align", "cpu_partial", "min_partial"] {
+        let at = header.iter().position(|h| *h == col).unwrap();
+        assert_eq!(sysfs(&m, k, col), row[at], "kmalloc-96 {col}");
+    }
+    // Attribute files in ls order, each once.
+    let names: Vec<&str> = m.sysfs_slab(k).unwrap().into_iter().map(|(n, _)| n).collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(names, sorted);
+    assert!(m.sysfs_slab("no-such-cache").is_none());
+}
+
+#[test]
+fn sysfs_slab_flags_aliases_and_ctor() {
+    let m = boot_default();
+    // Two compatible caches merge: the second is an alias of the first.
+    let a = m.kmem_cache_create("kmm_test_a", 200, CacheArgs::default()).unwrap();
+    let b = m.kmem_cache_create("kmm_test_b", 196, CacheArgs::default()).unwrap();
+    assert!(b.merged && !a.merged);
+    assert_eq!(sysfs(&m, "kmm_test_a", "aliases"), "1");
+    assert_eq!(m.sysfs_slab("kmm_test_b"), m.sysfs_slab("kmm_test_a"));
+    assert_eq!(sysfs(&m, "kmm_test_b", "object_size"), "200");
+    assert_eq!(sysfs(&m, "kmm_test_a", "usersize"), "0");
+    // slabinfo lists the root cache only.
+    let text = m.proc_slabinfo();
+    assert!(text.contains("\nkmm_test_a "));
+    assert!(!text.contains("kmm_test_b"));
+    // Flags as 0/1.
+    let f = SLAB_HWCACHE_ALIGN | SLAB_RECLAIM_ACCOUNT | SLAB_TYPESAFE_BY_RCU;
+    m.kmem_cache_create("kmm_test_rcu", 100, CacheArgs { flags: f, ..CacheArgs::default() }).unwrap();
+    let d = SLAB_RED_ZONE | SLAB_POISON | SLAB_STORE_USER | SLAB_CONSISTENCY_CHECKS | SLAB_CACHE_DMA;
+    m.kmem_cache_create("kmm_test_debug", 100, CacheArgs { flags: d, ..CacheArgs::default() }).unwrap();
+    let ctor: kmm_core::slab::Ctor = std::sync::Arc::new(|_| {});
+    m.kmem_cache_create("kmm_test_ctor", 100, CacheArgs { ctor: Some(ctor), ..CacheArgs::default() }).unwrap();
+    let bits = |c: &str| {
+        let attrs = ["hwcache_align", "reclaim_account", "destroy_by_rcu", "red_zone"];
+        let more = ["poison", "store_user", "sanity_checks", "cache_dma"];
+        attrs.iter().chain(&more).map(|a| sysfs(&m, c, a)).collect::<String>()
+    };
+    assert_eq!(bits("kmm_test_rcu"), "11100000");
+    assert_eq!(bits("kmm_test_debug"), "00011111");
+    assert_eq!(bits("kmm_test_ctor"), "00000000");
+    assert_eq!(sysfs(&m, "kmm_test_ctor", "ctor"), "ctor");
+    assert_eq!(sysfs(&m, "kmm_test_rcu", "ctor"), "");
+    // Debug caches have no per-CPU partial slabs.
+    assert_eq!(sysfs(&m, "kmm_test_debug", "cpu_partial"), "0");
+    assert_eq!(sysfs(&m, "kmm_test_rcu", "cpu_partial"), "120");
 }

@@ -12,6 +12,10 @@ pyo3::import_exception!(kmm.errors, SleepInAtomicError);
 pyo3::import_exception!(kmm.errors, BadGfpError);
 pyo3::import_exception!(kmm.errors, PageFaultError);
 pyo3::import_exception!(kmm.errors, MemoryCorruptionError);
+/// The base class, for errors with no more specific class.
+mod base {
+    pyo3::import_exception!(kmm.errors, KmmError);
+}
 
 /// Map a core error to its Python exception (the class picked by the error's code).
 pub(crate) fn to_py_err(e: KmmError) -> PyErr {
@@ -28,6 +32,7 @@ pub(crate) fn to_py_err(e: KmmError) -> PyErr {
         KmmError::InvalidArgument(_) => PyValueError::new_err(msg),
         KmmError::BufferBusy(_) => PyBufferError::new_err(msg),
         KmmError::Host(_) => PyOSError::new_err(msg),
+        KmmError::Busy(_) => base::KmmError::new_err(msg),
     }
 }
 

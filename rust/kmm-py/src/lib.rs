@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 mod errors;
 mod machine;
 mod objects;
+mod slab;
 mod tracing;
 
 pub(crate) use errors::to_py_err;
@@ -20,6 +21,8 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<machine::PyMachine>()?;
     m.add_class::<objects::PyPage>()?;
     m.add_class::<objects::PyZone>()?;
+    m.add_class::<slab::PyBlock>()?;
+    m.add_class::<slab::PyKmemCache>()?;
     m.add_class::<tracing::PyEvent>()?;
     m.add_class::<tracing::PyRecording>()?;
     m.add_class::<tracing::PyTraceHandle>()?;
@@ -38,6 +41,11 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let tunables: Vec<(&str, &str, &str)> = kmm_core::MachineConfig::TUNABLES.to_vec();
     m.add("TUNABLES", tunables)?;
     m.add("ERROR_CODES", kmm_core::KmmError::ALL_CODES.to_vec())?;
+    let slab_flags: Vec<(&str, u32)> = kmm_core::slab::geometry::SLAB_FLAG_NAMES.to_vec();
+    m.add("SLAB_FLAGS", slab_flags)?;
+    m.add("ZERO_SIZE_PTR", kmm_core::kmalloc::ZERO_SIZE_PTR)?;
+    m.add("KMALLOC_MAX_CACHE_SIZE", kmm_core::kmalloc::KMALLOC_MAX_CACHE_SIZE)?;
+    m.add("KMALLOC_MAX_SIZE", kmm_core::kmalloc::KMALLOC_MAX_SIZE)?;
     Ok(())
 }
 

@@ -10,6 +10,7 @@ use pyo3::types::{PyBytes, PyDict, PyInt, PyString};
 
 use crate::errors::warn_alloc;
 use crate::objects::{PyPage, PyZone};
+use crate::slab::{addresses, alloc_err, call_site, to_array, PyBlock, PyKmemCache};
 use crate::to_py_err;
 use crate::tracing::{PyRecording, PyTraceHandle};
 
@@ -82,7 +83,7 @@ impl PyMachine {
     #[new]
     #[pyo3(signature = (arch="x86_64", memory=None, cpus=2, page_size=4096, min_free_kbytes=None,
                         watermark_scale_factor=10, lowmem_reserve_ratio=None,
-                        transparent_hugepage=true, seed=0))]
+                        transparent_hugepage=true, seed=0, slab_nomerge=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -95,6 +96,7 @@ impl PyMachine {
         lowmem_reserve_ratio: Option<Vec<u64>>,
         transparent_hugepage: bool,
         seed: u64,
+        slab_nomerge: bool,
     ) -> PyResult<PyMachine> {
         let memory = match memory {
             Some(v) => size_arg(v)?,
@@ -110,6 +112,7 @@ impl PyMachine {
             lowmem_reserve_ratio,
             transparent_hugepage,
             seed,
+            slab_nomerge,
         };
         let m = py.detach(|| Machine::new(cfg)).map_err(to_py_err)?;
         Ok(PyMachine { m: Arc::new(m) })
@@ -272,6 +275,192 @@ impl PyMachine {
         self.m.write(VirtAddr(addr), data).map_err(to_py_err)
     }
 
+    // ---- the slab layer and kmalloc ----------------------------------------------
+
+    /// `kmalloc(size, gfp)`: a Block of `size` bytes (kmalloc(0) gives the
+    /// zero-length ZERO_SIZE_PTR Block at address 16).
+    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL))]
+    fn kmalloc(&self, py: Python<'_>, size: u64, gfp: u32) -> PyResult<PyBlock> {
+        let cs = call_site(py, &self.m);
+        match self.m.kmalloc(size, gfp, &cs) {
+            Ok(a) => Ok(PyBlock::new(&self.m, a.0, size as usize)),
+            Err(e) => Err(alloc_err(py, e)),
+        }
+    }
+    /// `kzalloc(size, gfp)`: kmalloc with __GFP_ZERO.
+    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL))]
+    fn kzalloc(&self, py: Python<'_>, size: u64, gfp: u32) -> PyResult<PyBlock> {
+        self.kmalloc(py, size, gfp | kmm_core::gfp::__GFP_ZERO)
+    }
+    /// `kmalloc_array(n, size, gfp)`: ValueError on overflow, nothing allocated.
+    #[pyo3(signature = (n, size, gfp=kmm_core::gfp::GFP_KERNEL))]
+    fn kmalloc_array(&self, py: Python<'_>, n: u64, size: u64, gfp: u32) -> PyResult<PyBlock> {
+        let cs = call_site(py, &self.m);
+        match self.m.kmalloc_array(n, size, gfp, &cs) {
+            Ok(a) => Ok(PyBlock::new(&self.m, a.0, (n * size) as usize)),
+            Err(e) => Err(alloc_err(py, e)),
+        }
+    }
+    /// `kcalloc(n, size, gfp)`: zeroed kmalloc_array.
+    #[pyo3(signature = (n, size, gfp=kmm_core::gfp::GFP_KERNEL))]
+    fn kcalloc(&self, py: Python<'_>, n: u64, size: u64, gfp: u32) -> PyResult<PyBlock> {
+        self.kmalloc_array(py, n, size, gfp | kmm_core::gfp::__GFP_ZERO)
+    }
+    /// `krealloc(block, new_size, gfp)`: keeps the contents; may stay in place
+    /// when ksize allows. `block` may be None.
+    #[pyo3(signature = (block, new_size, gfp=kmm_core::gfp::GFP_KERNEL))]
+    fn krealloc(&self, py: Python<'_>, block: Option<&Bound<'_, PyAny>>, new_size: u64, gfp: u32) -> PyResult<PyBlock> {
+        let cs = call_site(py, &self.m);
+        let old: Option<&PyBlock> = match block {
+            None => None,
+            Some(b) => match b.cast::<PyBlock>() {
+                Ok(b) => Some(b.get()),
+                Err(_) => None,
+            },
+        };
+        let addr = match (block, old) {
+            (None, _) => 0,
+            (Some(_), Some(b)) => {
+                b.check_alive()?;
+                b.addr
+            }
+            (Some(x), None) => x.extract::<u64>().map_err(|_| PyTypeError::new_err("expected a Block, an address or None"))?,
+        };
+        if let Some(b) = old {
+            if b.addr > kmm_core::kmalloc::ZERO_SIZE_PTR && self.m.shadow.is_pinned(b.addr - self.m.cfg.arch.page_offset()) {
+                return Err(pyo3::exceptions::PyBufferError::new_err("cannot krealloc a Block with a live memoryview"));
+            }
+        }
+        match self.m.krealloc(addr, new_size, gfp, &cs) {
+            Ok(a) => Ok(PyBlock::new(&self.m, a.0, new_size as usize)),
+            Err(e) => Err(alloc_err(py, e)),
+        }
+    }
+    /// `kfree(obj)`: a Block, an address or None (a no-op, as are NULL and ZERO_SIZE_PTR).
+    fn kfree(&self, py: Python<'_>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
+        let cs = call_site(py, &self.m);
+        let Some(obj) = obj else {
+            return self.m.kfree(0, &cs).map_err(to_py_err);
+        };
+        if let Ok(b) = obj.cast::<PyBlock>() {
+            return b.get().free_with(|a| self.m.kfree(a, &cs));
+        }
+        let a: u64 = obj.extract().map_err(|_| PyTypeError::new_err("expected a Block, an address or None"))?;
+        self.m.kfree(a, &cs).map_err(to_py_err)
+    }
+    /// `ksize(obj)`: usable bytes of a kmalloc'd object.
+    fn ksize(&self, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let a = if let Ok(b) = obj.cast::<PyBlock>() {
+            let b = b.get();
+            b.check_alive()?;
+            b.addr
+        } else {
+            obj.extract::<u64>()?
+        };
+        self.m.ksize(a).map_err(to_py_err)
+    }
+    /// `kmalloc_size_roundup(size)`.
+    fn kmalloc_size_roundup(&self, size: u64) -> u64 {
+        self.m.kmalloc_size_roundup(size)
+    }
+    /// `kmem_cache_create(name, size, align=0, flags=0, ctor=None)`. The ctor
+    /// is called with each object's Block when a new slab is set up.
+    #[pyo3(signature = (name, size, align=0, flags=0, ctor=None, freeptr_offset=None))]
+    fn kmem_cache_create(
+        &self,
+        name: &str,
+        size: u32,
+        align: u32,
+        flags: u32,
+        ctor: Option<Py<PyAny>>,
+        freeptr_offset: Option<u32>,
+    ) -> PyResult<PyKmemCache> {
+        let core_ctor: Option<kmm_core::slab::Ctor> = ctor.as_ref().map(|c| {
+            let c = Python::attach(|py| c.clone_ref(py));
+            let m = self.m.clone();
+            let f: kmm_core::slab::Ctor = Arc::new(move |va: VirtAddr| {
+                Python::attach(|py| {
+                    let blk = PyBlock::new(&m, va.0, size as usize);
+                    if let Err(e) = c.call1(py, (blk,)) {
+                        e.write_unraisable(py, Some(c.bind(py)));
+                    }
+                })
+            });
+            f
+        });
+        let args = kmm_core::slab::CacheArgs { align, flags, ctor: core_ctor, freeptr_offset };
+        let r = self.m.kmem_cache_create(name, size, args).map_err(to_py_err)?;
+        let alias = r.merged.then(|| name.to_string());
+        Ok(PyKmemCache::new(&self.m, r.cache, alias, ctor))
+    }
+    /// `kmem_cache_alloc(cache, gfp)`.
+    #[pyo3(signature = (cache, gfp=kmm_core::gfp::GFP_KERNEL))]
+    fn kmem_cache_alloc(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>, gfp: u32) -> PyResult<PyBlock> {
+        cache.get().alloc_block(py, gfp)
+    }
+    /// `kmem_cache_free(cache, obj)`.
+    fn kmem_cache_free(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        cache.get().free_obj(py, obj)
+    }
+    /// `kmem_cache_alloc_bulk(cache, gfp, n)`: an array('Q') of addresses.
+    fn kmem_cache_alloc_bulk<'py>(&self, py: Python<'py>, cache: &Bound<'py, PyKmemCache>, gfp: u32, n: usize) -> PyResult<Bound<'py, PyAny>> {
+        let c = cache.get().c.clone();
+        let m = self.m.clone();
+        let r = py.detach(move || {
+            let mut v = Vec::with_capacity(n);
+            m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
+        });
+        match r {
+            Ok(v) => to_array(py, &v),
+            Err(e) => Err(alloc_err(py, e)),
+        }
+    }
+    /// `kmem_cache_free_bulk(cache, objs)`.
+    fn kmem_cache_free_bulk(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>, objs: &Bound<'_, PyAny>) -> PyResult<()> {
+        let v = addresses(objs)?;
+        let c = cache.get().c.clone();
+        let m = self.m.clone();
+        py.detach(move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
+    }
+    /// `kmem_cache_shrink(cache)`: pages given back.
+    fn kmem_cache_shrink(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>) -> u64 {
+        let c = cache.get().c.clone();
+        let m = self.m.clone();
+        py.detach(move || m.kmem_cache_shrink(&c))
+    }
+    /// `kmem_cache_destroy(cache)`.
+    fn kmem_cache_destroy(&self, cache: &Bound<'_, PyKmemCache>) -> PyResult<()> {
+        self.m.kmem_cache_destroy(&cache.get().c).map_err(to_py_err)
+    }
+    /// A live cache by name (e.g. "kmalloc-64"), or None.
+    fn kmem_cache(&self, name: &str) -> Option<PyKmemCache> {
+        self.m.slab.find(name).map(|c| PyKmemCache::new(&self.m, c, None, None))
+    }
+    /// Every live cache, newest first (/proc/slabinfo order).
+    #[getter]
+    fn caches(&self) -> Vec<PyKmemCache> {
+        self.m.slab.caches().into_iter().map(|c| PyKmemCache::new(&self.m, c, None, None)).collect()
+    }
+    /// /sys/kernel/slab/<name>/ attributes, or None.
+    fn sysfs_slab<'py>(&self, py: Python<'py>, name: &str) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(attrs) = self.m.sysfs_slab(name) else { return Ok(None) };
+        let d = PyDict::new(py);
+        for (k, v) in attrs {
+            match v.parse::<i64>() {
+                Ok(n) => d.set_item(k, n)?,
+                Err(_) => d.set_item(k, v)?,
+            }
+        }
+        Ok(Some(d))
+    }
+    /// A Block over a live allocation at `addr` of `size` bytes (for memory
+    /// that came back as an address, e.g. from alloc_bulk).
+    fn block(&self, addr: u64, size: usize) -> PyResult<PyBlock> {
+        let b = PyBlock::new(&self.m, addr, size);
+        b.check_alive()?;
+        Ok(b)
+    }
+
     // ---- views, checks, tracing ----------------------------------------------
 
     /// The kernel's /proc views of this machine.
@@ -327,6 +516,10 @@ impl PyProc {
     /// /proc/vmstat
     fn vmstat(&self) -> String {
         self.m.proc_vmstat()
+    }
+    /// /proc/slabinfo (version 2.1)
+    fn slabinfo(&self) -> String {
+        self.m.proc_slabinfo()
     }
     /// /proc/meminfo as a dict of kB values (HugePages_* are counts, as in the file).
     fn meminfo_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {

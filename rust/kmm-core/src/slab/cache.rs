@@ -994,6 +994,45 @@ impl KmemCache {
         (n.total_objects - free_partial, n.total_objects, n.nr_slabs)
     }
 
+    /// Per CPU, in CPU order: (has an active slab, slabs on its partial
+    /// list). What sysfs `cpu_slabs` and `slabs_cpu_partial` read.
+    pub fn cpu_slab_counts(&self) -> Vec<(bool, u32)> {
+        self.cpus
+            .iter()
+            .map(|p| {
+                let c = p.lock.lock();
+                (c.slab != NIL, c.partial.len() as u32)
+            })
+            .collect()
+    }
+
+    /// Slabs in the seed book's three lists, by how many free objects they
+    /// have: (full, partial, empty). The cpu slab's free objects include its
+    /// CPU freelist.
+    pub fn seed_lists(&self, m: &Machine) -> (u64, u64, u64) {
+        let cpus: Vec<MutexGuard<'_, CpuSlab>> = self.cpus.iter().map(|p| p.lock.lock()).collect();
+        let n = self.node.lock();
+        let mut t = (0, 0, 0);
+        for (id, s) in n.slabs.iter().enumerate() {
+            let Some(s) = s else { continue };
+            let mut free = (s.objects - s.inuse) as u64;
+            if let SlabList::Cpu(cpu) = s.list {
+                let c = &cpus[cpu as usize];
+                if c.slab == id as u32 {
+                    free += self.cpu_freelist_len(m, c);
+                }
+            }
+            if free == 0 {
+                t.0 += 1;
+            } else if free == s.objects as u64 {
+                t.2 += 1;
+            } else {
+                t.1 += 1;
+            }
+        }
+        t
+    }
+
     /// Slabs per state: (cpu, cpu partial, node partial, full).
     pub fn slab_states(&self) -> (u64, u64, u64, u64) {
         let n = self.node.lock();

@@ -1,0 +1,550 @@
+//! Blocks (real, writable memory with the buffer protocol) and kmem caches.
+//!
+//! This file holds the binding's one `unsafe` region: filling a `Py_buffer`
+//! with a host pointer into the machine's memory. It is sound because:
+//! - the pointer comes from `PhysMem::direct_ptr` for exactly the object's
+//!   bytes, and the mapping lives as long as the `Arc<Machine>` the Block holds;
+//! - while an export is alive the object is pinned in the shadow, and every
+//!   free path refuses a pinned object (BufferError), so the bytes cannot be
+//!   handed to anyone else under the memoryview.
+
+use std::ffi::{c_int, c_void};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, OnceLock};
+
+use kmm_core::kmalloc::ZERO_SIZE_PTR;
+use kmm_core::slab::KmemCache;
+use kmm_core::trace::{CallSite, EventId};
+use kmm_core::{KmmError, Machine, VirtAddr};
+use pyo3::exceptions::{PyBufferError, PyIndexError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PySlice};
+use pyo3::{ffi, IntoPyObjectExt};
+
+use crate::errors::{warn_alloc, UseAfterFreeError};
+use crate::to_py_err;
+
+/// Events whose call site is worth computing from the Python stack.
+const SLAB_EVENTS: u64 = 1 << (EventId::Kmalloc as u8)
+    | 1 << (EventId::Kfree as u8)
+    | 1 << (EventId::KmemCacheAlloc as u8)
+    | 1 << (EventId::KmemCacheFree as u8);
+
+fn no_call_site() -> &'static CallSite {
+    static CS: OnceLock<CallSite> = OnceLock::new();
+    CS.get_or_init(|| Arc::from("python"))
+}
+
+/// The Python caller as a `%pS`-like "function+0xline" (only when tracing).
+pub(crate) fn call_site(py: Python<'_>, m: &Machine) -> CallSite {
+    if !m.trace.any(SLAB_EVENTS) {
+        return no_call_site().clone();
+    }
+    let r = (|| -> PyResult<String> {
+        let f = py.import("sys")?.getattr("_getframe")?.call1((0,))?;
+        let code = f.getattr("f_code")?;
+        let name: String = code.getattr("co_qualname").or_else(|_| code.getattr("co_name"))?.extract()?;
+        let line: u32 = f.getattr("f_lineno")?.extract()?;
+        Ok(format!("{name}+{line:#x}"))
+    })();
+    Arc::from(r.unwrap_or_else(|_| "python".into()).as_str())
+}
+
+/// What a Block is a view of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Kind {
+    /// kmalloc / cache object (or a large kmalloc).
+    Object,
+    /// ZERO_SIZE_PTR from kmalloc(0).
+    Zero,
+}
+
+/// A live allocation: real bytes of the simulated machine.
+#[pyclass(frozen, name = "Block", module = "kmm._kmm")]
+pub struct PyBlock {
+    pub(crate) m: Arc<Machine>,
+    pub(crate) addr: u64,
+    pub(crate) len: usize,
+    gen: u16,
+    kind: Kind,
+    freed: AtomicBool,
+    exports: AtomicUsize,
+}
+
+impl PyBlock {
+    pub(crate) fn new(m: &Arc<Machine>, addr: u64, len: usize) -> PyBlock {
+        if addr == ZERO_SIZE_PTR {
+            return PyBlock {
+                m: m.clone(),
+                addr,
+                len: 0,
+                gen: 0,
+                kind: Kind::Zero,
+                freed: AtomicBool::new(false),
+                exports: AtomicUsize::new(0),
+            };
+        }
+        let gen = m.shadow.get(addr - m.cfg.arch.page_offset()) >> 2;
+        PyBlock {
+            m: m.clone(),
+            addr,
+            len,
+            gen,
+            kind: Kind::Object,
+            freed: AtomicBool::new(false),
+            exports: AtomicUsize::new(0),
+        }
+    }
+
+    fn phys(&self) -> u64 {
+        self.addr - self.m.cfg.arch.page_offset()
+    }
+
+    /// Is the memory still this Block's allocation?
+    pub(crate) fn alive(&self) -> bool {
+        if self.freed.load(Relaxed) {
+            return false;
+        }
+        match self.kind {
+            Kind::Zero => true,
+            Kind::Object => self.m.shadow.is_live_gen(self.phys(), self.gen),
+        }
+    }
+
+    pub(crate) fn check_alive(&self) -> PyResult<()> {
+        if self.alive() {
+            Ok(())
+        } else {
+            Err(UseAfterFreeError::new_err(format!(
+                "BUG: KASAN: use-after-free on Block {:#x} ({} bytes): its memory was freed",
+                self.addr, self.len
+            )))
+        }
+    }
+
+    /// Free through this Block (kfree or kmem_cache_free).
+    pub(crate) fn free_with(&self, f: impl FnOnce(u64) -> kmm_core::Result<()>) -> PyResult<()> {
+        if self.kind == Kind::Zero {
+            self.freed.store(true, Relaxed);
+            return f(self.addr).map_err(to_py_err);
+        }
+        if !self.alive() {
+            if self.freed.load(Relaxed) || !self.m.shadow.is_live(self.phys()) {
+                return Err(crate::errors::DoubleFreeError::new_err(format!(
+                    "double free or corruption: Block {:#x} was already freed",
+                    self.addr
+                )));
+            }
+            return Err(UseAfterFreeError::new_err(format!(
+                "BUG: KASAN: use-after-free: Block {:#x} was freed and its memory belongs to another allocation now",
+                self.addr
+            )));
+        }
+        if self.exports.load(Relaxed) > 0 {
+            return Err(PyBufferError::new_err(format!(
+                "cannot free Block {:#x}: {} buffer export(s) (memoryview) still alive",
+                self.addr,
+                self.exports.load(Relaxed)
+            )));
+        }
+        f(self.addr).map_err(to_py_err)?;
+        self.freed.store(true, Relaxed);
+        Ok(())
+    }
+
+    fn range(&self, idx: &Bound<'_, PyAny>) -> PyResult<(usize, usize, bool)> {
+        if let Ok(s) = idx.cast::<PySlice>() {
+            let i = s.indices(self.len as isize)?;
+            if i.step != 1 {
+                return Err(PyValueError::new_err("Block slices must have step 1"));
+            }
+            let (a, b) = (i.start as usize, (i.start + i.slicelength as isize) as usize);
+            return Ok((a, b.max(a), true));
+        }
+        let mut i: isize = idx.extract()?;
+        if i < 0 {
+            i += self.len as isize;
+        }
+        if i < 0 || i as usize >= self.len {
+            return Err(PyIndexError::new_err("Block index out of range"));
+        }
+        Ok((i as usize, i as usize + 1, false))
+    }
+}
+
+#[pymethods]
+impl PyBlock {
+    /// The simulated kernel virtual address.
+    #[getter]
+    fn addr(&self) -> u64 {
+        self.addr
+    }
+    /// False once the memory was freed.
+    #[getter]
+    fn alive_(&self) -> bool {
+        self.alive()
+    }
+    fn __len__(&self) -> PyResult<usize> {
+        self.check_alive()?;
+        Ok(self.len)
+    }
+    fn __int__(&self) -> u64 {
+        self.addr
+    }
+    fn __index__(&self) -> u64 {
+        self.addr
+    }
+    fn __bytes__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_alive()?;
+        let v = self.m.read(VirtAddr(self.addr), self.len).map_err(to_py_err)?;
+        Ok(PyBytes::new(py, &v))
+    }
+    fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.check_alive()?;
+        let (a, b, slice) = self.range(idx)?;
+        let v = self.m.read(VirtAddr(self.addr + a as u64), b - a).map_err(to_py_err)?;
+        if slice {
+            Ok(PyBytes::new(py, &v).into_any())
+        } else {
+            v[0].into_bound_py_any(py)
+        }
+    }
+    fn __setitem__(&self, idx: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.check_alive()?;
+        let (a, b, slice) = self.range(idx)?;
+        if slice {
+            let data: Vec<u8> = if let Ok(bytes) = value.cast::<PyBytes>() {
+                bytes.as_bytes().to_vec()
+            } else {
+                value.extract::<Vec<u8>>().map_err(|_| PyTypeError::new_err("a bytes-like value is required"))?
+            };
+            if data.len() != b - a {
+                return Err(PyValueError::new_err(format!(
+                    "Block slice assignment cannot change the size ({} bytes into {})",
+                    data.len(),
+                    b - a
+                )));
+            }
+            self.m.write(VirtAddr(self.addr + a as u64), &data).map_err(to_py_err)
+        } else {
+            let v: u8 = value.extract()?;
+            self.m.write(VirtAddr(self.addr + a as u64), &[v]).map_err(to_py_err)
+        }
+    }
+    /// Read `n` bytes at `offset` (bounds-checked).
+    #[pyo3(signature = (offset=0, n=None))]
+    fn read<'py>(&self, py: Python<'py>, offset: usize, n: Option<usize>) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_alive()?;
+        let n = n.unwrap_or(self.len.saturating_sub(offset));
+        if offset.checked_add(n).is_none_or(|e| e > self.len) {
+            return Err(PyIndexError::new_err("read beyond the Block"));
+        }
+        let v = self.m.read(VirtAddr(self.addr + offset as u64), n).map_err(to_py_err)?;
+        Ok(PyBytes::new(py, &v))
+    }
+    /// Write bytes at `offset` (bounds-checked).
+    #[pyo3(signature = (data, offset=0))]
+    fn write(&self, data: &[u8], offset: usize) -> PyResult<()> {
+        self.check_alive()?;
+        if offset.checked_add(data.len()).is_none_or(|e| e > self.len) {
+            return Err(PyIndexError::new_err("write beyond the Block"));
+        }
+        self.m.write(VirtAddr(self.addr + offset as u64), data).map_err(to_py_err)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "<Block addr={:#x} len={}{}>",
+            self.addr,
+            self.len,
+            if self.alive() { "" } else { " freed" }
+        )
+    }
+
+    unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
+        if view.is_null() {
+            return Err(PyBufferError::new_err("View is null"));
+        }
+        let b = slf.get();
+        b.check_alive()?;
+        static EMPTY: [u8; 1] = [0];
+        let ptr = if b.len == 0 {
+            EMPTY.as_ptr() as *mut u8
+        } else {
+            b.m.phys
+                .direct_ptr(b.phys(), b.len)
+                .ok_or_else(|| PyBufferError::new_err("the Block has no host mapping"))?
+                .as_ptr()
+        };
+        if b.exports.fetch_add(1, Relaxed) == 0 && b.kind == Kind::Object {
+            b.m.shadow.set_pinned(b.phys(), true);
+        }
+        let len = b.len as isize;
+        let readonly = if b.len == 0 { 1 } else { 0 };
+        if readonly == 1 && flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
+            b.exports.fetch_sub(1, Relaxed);
+            return Err(PyBufferError::new_err("an empty Block is not writable"));
+        }
+        static FORMAT: &[u8; 2] = b"B\0";
+        // SAFETY: `view` is non-null (checked) and points to a Py_buffer the
+        // caller owns; `ptr` covers exactly the Block's bytes inside the live
+        // mapping (see the module header for why they stay valid), or a
+        // static byte for an empty Block; `obj` takes a new reference to the
+        // Block, which keeps the Machine (and its mapping) alive.
+        unsafe {
+            (*view).obj = slf.into_any().into_ptr();
+            (*view).buf = ptr as *mut c_void;
+            (*view).len = len;
+            (*view).readonly = readonly;
+            (*view).itemsize = 1;
+            (*view).format = if flags & ffi::PyBUF_FORMAT == ffi::PyBUF_FORMAT {
+                FORMAT.as_ptr() as *mut std::ffi::c_char
+            } else {
+                std::ptr::null_mut()
+            };
+            (*view).ndim = 1;
+            (*view).shape = if flags & ffi::PyBUF_ND == ffi::PyBUF_ND { &mut (*view).len } else { std::ptr::null_mut() };
+            (*view).strides =
+                if flags & ffi::PyBUF_STRIDES == ffi::PyBUF_STRIDES { &mut (*view).itemsize } else { std::ptr::null_mut() };
+            (*view).suboffsets = std::ptr::null_mut();
+            (*view).internal = std::ptr::null_mut();
+        }
+        Ok(())
+    }
+
+    unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        if self.exports.fetch_sub(1, Relaxed) == 1 && self.kind == Kind::Object && self.alive() {
+            self.m.shadow.set_pinned(self.phys(), false);
+        }
+    }
+}
+
+/// A `struct kmem_cache`.
+#[pyclass(frozen, name = "KmemCache", module = "kmm._kmm")]
+pub struct PyKmemCache {
+    pub(crate) m: Arc<Machine>,
+    pub(crate) c: Arc<KmemCache>,
+    /// The name asked for when this handle came from a merge.
+    alias: Option<String>,
+    ctor: Option<Py<PyAny>>,
+}
+
+impl PyKmemCache {
+    pub(crate) fn new(m: &Arc<Machine>, c: Arc<KmemCache>, alias: Option<String>, ctor: Option<Py<PyAny>>) -> Self {
+        PyKmemCache { m: m.clone(), c, alias, ctor }
+    }
+
+    pub(crate) fn alloc_block(&self, py: Python<'_>, gfp: u32) -> PyResult<PyBlock> {
+        let cs = call_site(py, &self.m);
+        match self.m.kmem_cache_alloc(&self.c, gfp, &cs) {
+            Ok(a) => Ok(PyBlock::new(&self.m, a.0, self.c.geo.object_size as usize)),
+            Err(e) => {
+                warn_alloc(py, &e);
+                Err(to_py_err(e))
+            }
+        }
+    }
+
+    pub(crate) fn free_obj(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let cs = call_site(py, &self.m);
+        if let Ok(b) = obj.cast::<PyBlock>() {
+            let b = b.get();
+            return b.free_with(|a| self.m.kmem_cache_free(&self.c, VirtAddr(a), &cs));
+        }
+        let a: u64 = obj.extract().map_err(|_| PyTypeError::new_err("expected a Block or an address"))?;
+        self.m.kmem_cache_free(&self.c, VirtAddr(a), &cs).map_err(to_py_err)
+    }
+}
+
+/// Addresses from a Python sequence, array('Q'), numpy array or list of Blocks.
+pub(crate) fn addresses(objs: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+    if let Ok(buf) = pyo3::buffer::PyBuffer::<u64>::get(objs) {
+        return buf.to_vec(objs.py());
+    }
+    let mut v = Vec::new();
+    for o in objs.try_iter()? {
+        let o = o?;
+        if let Ok(b) = o.cast::<PyBlock>() {
+            v.push(b.get().addr);
+        } else {
+            v.push(o.extract::<u64>()?);
+        }
+    }
+    Ok(v)
+}
+
+pub(crate) fn to_array<'py>(py: Python<'py>, v: &[u64]) -> PyResult<Bound<'py, PyAny>> {
+    let arr = py.import("array")?.getattr("array")?.call1(("Q",))?;
+    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
+    arr.call_method1("frombytes", (PyBytes::new(py, &bytes),))?;
+    Ok(arr)
+}
+
+#[pymethods]
+impl PyKmemCache {
+    /// The cache's name (for a merged cache, the existing cache's name, as in the kernel).
+    #[getter]
+    fn name(&self) -> String {
+        self.c.name.clone()
+    }
+    /// The name this handle was created with, when it was merged into another cache.
+    #[getter]
+    fn alias(&self) -> Option<String> {
+        self.alias.clone()
+    }
+    #[getter]
+    fn object_size(&self) -> u32 {
+        self.c.geo.object_size
+    }
+    /// `slab_size`: the slot stride.
+    #[getter]
+    fn size(&self) -> u32 {
+        self.c.geo.size
+    }
+    #[getter]
+    fn align(&self) -> u32 {
+        self.c.geo.align
+    }
+    #[getter]
+    fn objs_per_slab(&self) -> u32 {
+        self.c.geo.objects
+    }
+    #[getter]
+    fn order(&self) -> u32 {
+        self.c.geo.order
+    }
+    #[getter]
+    fn flags(&self) -> u32 {
+        self.c.flags
+    }
+    #[getter]
+    fn min_partial(&self) -> u32 {
+        self.c.geo.min_partial
+    }
+    #[getter]
+    fn cpu_partial(&self) -> u32 {
+        self.c.geo.cpu_partial
+    }
+    /// The free pointer's offset inside the slot.
+    #[getter]
+    fn offset(&self) -> u32 {
+        self.c.geo.offset
+    }
+    /// Usable bytes per object (`slab_ksize`).
+    #[getter]
+    fn ksize(&self) -> u32 {
+        self.c.ksize()
+    }
+    #[getter]
+    fn ctor(&self, py: Python<'_>) -> Option<Py<PyAny>> {
+        self.ctor.as_ref().map(|c| c.clone_ref(py))
+    }
+    /// Destroyed?
+    #[getter]
+    fn destroyed(&self) -> bool {
+        self.c.dead.load(Relaxed)
+    }
+    /// `kmem_cache_alloc(cache, gfp)`: one object as a Block.
+    #[pyo3(signature = (gfp=kmm_core::gfp::GFP_KERNEL))]
+    fn alloc(&self, py: Python<'_>, gfp: u32) -> PyResult<PyBlock> {
+        self.alloc_block(py, gfp)
+    }
+    /// `kmem_cache_free(cache, obj)`: a Block or an address.
+    fn free(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.free_obj(py, obj)
+    }
+    /// `kmem_cache_alloc_bulk`: `n` objects (all or none) as an array('Q') of
+    /// addresses. Releases the GIL.
+    fn alloc_bulk<'py>(&self, py: Python<'py>, gfp: u32, n: usize) -> PyResult<Bound<'py, PyAny>> {
+        let (m, c) = (self.m.clone(), self.c.clone());
+        let r = py.detach(move || {
+            let mut v = Vec::with_capacity(n);
+            m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
+        });
+        match r {
+            Ok(v) => to_array(py, &v),
+            Err(e) => {
+                warn_alloc(py, &e);
+                Err(to_py_err(e))
+            }
+        }
+    }
+    /// `kmem_cache_free_bulk`: addresses (array('Q'), numpy uint64, or a
+    /// sequence of ints/Blocks). All are checked first; on error none is freed.
+    /// Releases the GIL.
+    fn free_bulk(&self, py: Python<'_>, objs: &Bound<'_, PyAny>) -> PyResult<()> {
+        let v = addresses(objs)?;
+        let (m, c) = (self.m.clone(), self.c.clone());
+        py.detach(move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
+    }
+    /// `kmem_cache_shrink`: give empty slabs back; returns pages freed.
+    fn shrink(&self, py: Python<'_>) -> u64 {
+        let (m, c) = (self.m.clone(), self.c.clone());
+        py.detach(move || m.kmem_cache_shrink(&c))
+    }
+    /// `kmem_cache_destroy`. Refused (KmmError) while objects are allocated;
+    /// the cache then stays usable.
+    fn destroy(&self) -> PyResult<()> {
+        self.m.kmem_cache_destroy(&self.c).map_err(to_py_err)
+    }
+    /// Slabs by state, in the seed book's words: full, partial, empty
+    /// (plus SLUB's own view: cpu, cpu_partial, node_partial).
+    fn slabs<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (cpu, cpu_partial, node_partial, _untracked) = self.c.slab_states();
+        let (full, partial, empty) = self.c.seed_lists(&self.m);
+        let d = PyDict::new(py);
+        d.set_item("full", full)?;
+        d.set_item("partial", partial)?;
+        d.set_item("empty", empty)?;
+        d.set_item("cpu", cpu)?;
+        d.set_item("cpu_partial", cpu_partial)?;
+        d.set_item("node_partial", node_partial)?;
+        Ok(d)
+    }
+    /// Objects allocated and not freed.
+    fn objects_in_use(&self) -> u64 {
+        self.c.objects_in_use(&self.m)
+    }
+    /// SLUB statistics (CONFIG_SLUB_STATS names), summed over CPUs.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.c.stats();
+        let d = PyDict::new(py);
+        for (k, v) in [
+            ("alloc_fastpath", s.alloc_fastpath),
+            ("alloc_slowpath", s.alloc_slowpath),
+            ("free_fastpath", s.free_fastpath),
+            ("free_slowpath", s.free_slowpath),
+            ("alloc_refill", s.alloc_refill),
+            ("alloc_from_partial", s.alloc_from_partial),
+            ("cpu_partial_alloc", s.cpu_partial_alloc),
+            ("cpu_partial_free", s.cpu_partial_free),
+            ("cpu_partial_node", s.cpu_partial_node),
+            ("cpu_partial_drain", s.cpu_partial_drain),
+            ("alloc_slab", s.alloc_slab),
+            ("free_slab", s.free_slab),
+            ("free_frozen", s.free_frozen),
+            ("free_remote", s.free_remote),
+            ("deactivate_full", s.deactivate_full),
+            ("deactivate_empty", s.deactivate_empty),
+            ("order_fallback", s.order_fallback),
+        ] {
+            d.set_item(k, v)?;
+        }
+        Ok(d)
+    }
+    /// Times each CPU's slab lock was found held (0 when threads keep to their CPUs).
+    fn cpu_contention(&self) -> Vec<u64> {
+        self.c.cpu_contention()
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "<KmemCache {} object_size={} size={} align={} objs_per_slab={} order={}>",
+            self.c.name, self.c.geo.object_size, self.c.geo.size, self.c.geo.align, self.c.geo.objects, self.c.geo.order
+        )
+    }
+}
+
+/// Map a core error from an allocation, logging it like warn_alloc.
+pub(crate) fn alloc_err(py: Python<'_>, e: KmmError) -> PyErr {
+    warn_alloc(py, &e);
+    to_py_err(e)
+}
