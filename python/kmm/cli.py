@@ -85,6 +85,33 @@ def demo(a: argparse.Namespace) -> int:
     m.free_page(addr)
     _section("Everything freed: buddies merged back (/proc/buddyinfo)")
     print(m.proc.buddyinfo(), end="")
+    _section("The slab layer: kmalloc and a cache of your own")
+    before = m.nr_free_pages()
+    blk = m.kmalloc(100, kmm.GFP_KERNEL)
+    print(f"  kmalloc(100) -> {blk!r}: ksize {m.ksize(blk)} (served by kmalloc-128)")
+    blk[0:5] = b"hello"
+    print(f"  bytes(block)[:5] = {bytes(blk)[:5]!r}; memoryview works: {memoryview(blk)[:5].tobytes()!r}")
+    m.kfree(blk)
+    try:
+        len(blk)
+    except kmm.UseAfterFreeError as e:
+        print(f"  after kfree: UseAfterFreeError: {e}")
+    seen = []
+    cache = m.kmem_cache_create("demo_obj", 200, flags=kmm.SLAB_HWCACHE_ALIGN, ctor=lambda b: seen.append(b.addr))
+    print(f"  {cache!r}")
+    objs = [cache.alloc(kmm.GFP_KERNEL) for _ in range(cache.objs_per_slab + 3)]
+    print(f"  {len(objs)} objects: ctor ran {len(seen)} times (once per object of each new slab); slabs {cache.slabs()}")
+    for o in objs:
+        cache.free(o)
+    print(f"  all freed: slabs {cache.slabs()}; shrink gave back {cache.shrink()} pages")
+    print("  /proc/slabinfo (head):")
+    for line in m.proc.slabinfo().splitlines()[:4]:
+        print("   " + line)
+    cache.destroy()
+    k128 = m.kmem_cache("kmalloc-128")
+    print(f"  kmalloc-128 still holds its empty cpu slab: free pages {before} -> {m.nr_free_pages()}; "
+          f"after its shrink: {k128.shrink() and m.nr_free_pages()}")
+
     _section("/proc/zoneinfo (the DMA32 zone, without the node's stats)")
     print(_zone_block(m.proc.zoneinfo(), "DMA32"), end="")
     errs = m.check()
