@@ -178,20 +178,22 @@ impl Machine {
 
     /// `__kmalloc_large_node`: compound pages from the page allocator.
     fn kmalloc_large(&self, size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
-        let gfp = self.slab_gfp(gfp) | gfp::__GFP_COMP;
+        // The pages get __GFP_COMP; the events show the caller's flags.
+        let gfp = self.slab_gfp(gfp);
+        let page_gfp = gfp | gfp::__GFP_COMP;
         let order = get_order(size, self.page_size as u32);
         let r = if size > KMALLOC_MAX_SIZE {
             Err(KmmError::OutOfMemory {
                 order,
-                gfp,
+                gfp: page_gfp,
                 message: format!(
                     "WARNING: kmalloc of {size} bytes exceeds KMALLOC_MAX_SIZE ({KMALLOC_MAX_SIZE}): page allocation failure: order:{order}, mode:{:#x}({}), nodemask=(null)",
-                    gfp,
-                    gfp::format_pgg(gfp)
+                    page_gfp,
+                    gfp::format_pgg(page_gfp)
                 ),
             })
         } else {
-            self.alloc_pages(gfp, order).map(|pfn| {
+            self.alloc_pages(page_gfp, order).map(|pfn| {
                 let va = self.page_address(pfn).expect("kmalloc pages are lowmem").0;
                 self.shadow.alloc(va - self.cfg.arch.page_offset());
                 self.vmstat.nr_slab_unreclaimable_b.fetch_add((self.page_size << order) as i64, Relaxed);
@@ -342,9 +344,10 @@ impl Machine {
             _ => self.ksize(va)?,
         };
         if ks >= new_size && va > ZERO_SIZE_PTR {
+            // "Zero out spare memory": with no orig_size stored (no
+            // SLAB_STORE_USER), the kernel zeroes [new_size, ks).
             if gfp & gfp::__GFP_ZERO != 0 {
-                // Nothing to zero when shrinking in place; growing in place
-                // zeroes nothing the caller had.
+                self.phys.zero(va - self.cfg.arch.page_offset() + new_size, ks - new_size)?;
             }
             return Ok(VirtAddr(va));
         }

@@ -43,6 +43,7 @@ pub mod kmalloc;
 pub mod machine;
 pub mod page;
 pub mod page_alloc;
+pub mod pcp;
 pub mod physmem;
 pub mod slab;
 pub mod proc;

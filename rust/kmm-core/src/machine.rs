@@ -426,6 +426,9 @@ impl Machine {
 
     /// Read `n` bytes at a mapped simulated address (the direct map for now).
     pub fn read(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
+        if n == 0 {
+            return Ok(Vec::new()); // touches no memory, like memcpy(dst, p, 0)
+        }
         let pa = self.virt_to_phys(va)?;
         self.check_mapped_range(va, pa, n)?;
         let mut buf = vec![0u8; n];
@@ -435,6 +438,9 @@ impl Machine {
 
     /// Write bytes at a mapped simulated address (the direct map for now).
     pub fn write(&self, va: VirtAddr, data: &[u8]) -> Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
         let pa = self.virt_to_phys(va)?;
         self.check_mapped_range(va, pa, data.len())?;
         self.phys.write(pa.0, data)

@@ -380,10 +380,14 @@ impl PyMachine {
             let m = self.m.clone();
             let f: kmm_core::slab::Ctor = Arc::new(move |va: VirtAddr| {
                 Python::attach(|py| {
-                    let blk = PyBlock::new(&m, va.0, size as usize);
-                    if let Err(e) = c.call1(py, (blk,)) {
+                    let blk = match Py::new(py, PyBlock::for_ctor(&m, va.0, size as usize)) {
+                        Ok(b) => b,
+                        Err(e) => return e.write_unraisable(py, Some(c.bind(py))),
+                    };
+                    if let Err(e) = c.call1(py, (blk.clone_ref(py),)) {
                         e.write_unraisable(py, Some(c.bind(py)));
                     }
+                    blk.get().expire();
                 })
             });
             f

@@ -57,6 +57,8 @@ pub(crate) enum Kind {
     Object,
     /// ZERO_SIZE_PTR from kmalloc(0).
     Zero,
+    /// An object handed to a ctor: valid for the length of the ctor call.
+    Ctor,
 }
 
 /// A live allocation: real bytes of the simulated machine.
@@ -96,6 +98,24 @@ impl PyBlock {
         }
     }
 
+    /// A Block for a ctor call (the object is not allocated yet).
+    pub(crate) fn for_ctor(m: &Arc<Machine>, addr: u64, len: usize) -> PyBlock {
+        PyBlock {
+            m: m.clone(),
+            addr,
+            len,
+            gen: 0,
+            kind: Kind::Ctor,
+            freed: AtomicBool::new(false),
+            exports: AtomicUsize::new(0),
+        }
+    }
+
+    /// End of the ctor call: the Block stops being usable.
+    pub(crate) fn expire(&self) {
+        self.freed.store(true, Relaxed);
+    }
+
     fn phys(&self) -> u64 {
         self.addr - self.m.cfg.arch.page_offset()
     }
@@ -106,7 +126,7 @@ impl PyBlock {
             return false;
         }
         match self.kind {
-            Kind::Zero => true,
+            Kind::Zero | Kind::Ctor => true,
             Kind::Object => self.m.shadow.is_live_gen(self.phys(), self.gen),
         }
     }
@@ -124,12 +144,19 @@ impl PyBlock {
 
     /// Free through this Block (kfree or kmem_cache_free).
     pub(crate) fn free_with(&self, f: impl FnOnce(u64) -> kmm_core::Result<()>) -> PyResult<()> {
+        if self.kind == Kind::Ctor {
+            return Err(crate::errors::InvalidFreeError::new_err(
+                "a ctor's Block is not an allocation: it cannot be freed",
+            ));
+        }
         if self.kind == Kind::Zero {
             self.freed.store(true, Relaxed);
             return f(self.addr).map_err(to_py_err);
         }
         if !self.alive() {
-            if self.freed.load(Relaxed) || !self.m.shadow.is_live(self.phys()) {
+            // Free memory: a double free. Reallocated memory: the stale
+            // handle is a use after free (the new owner is left alone).
+            if !self.m.shadow.is_live(self.phys()) {
                 return Err(crate::errors::DoubleFreeError::new_err(format!(
                     "double free or corruption: Block {:#x} was already freed",
                     self.addr
@@ -275,6 +302,9 @@ impl PyBlock {
                 .ok_or_else(|| PyBufferError::new_err("the Block has no host mapping"))?
                 .as_ptr()
         };
+        if b.kind == Kind::Ctor {
+            return Err(PyBufferError::new_err("a ctor's Block cannot be exported (it is valid only during the ctor call)"));
+        }
         if b.exports.fetch_add(1, Relaxed) == 0 && b.kind == Kind::Object {
             b.m.shadow.set_pinned(b.phys(), true);
         }
@@ -336,7 +366,7 @@ impl PyKmemCache {
     pub(crate) fn alloc_block(&self, py: Python<'_>, gfp: u32) -> PyResult<PyBlock> {
         let cs = call_site(py, &self.m);
         match self.m.kmem_cache_alloc(&self.c, gfp, &cs) {
-            Ok(a) => Ok(PyBlock::new(&self.m, a.0, self.c.geo.object_size as usize)),
+            Ok(a) => Ok(PyBlock::new(&self.m, a.0, self.object_size() as usize)),
             Err(e) => {
                 warn_alloc(py, &e);
                 Err(to_py_err(e))
@@ -391,9 +421,10 @@ impl PyKmemCache {
     fn alias(&self) -> Option<String> {
         self.alias.clone()
     }
+    /// `object_size` (raised by merged requests, as `__kmem_cache_alias` does).
     #[getter]
     fn object_size(&self) -> u32 {
-        self.c.geo.object_size
+        self.c.object_size()
     }
     /// `slab_size`: the slot stride.
     #[getter]

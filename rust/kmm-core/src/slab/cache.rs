@@ -174,8 +174,10 @@ pub struct KmemCache {
     /// `refcount`: 1 + aliases merged into this cache.
     pub refcount: AtomicU32,
     pub dead: AtomicBool,
-    /// The cache's own sysfs-style unique id (":0000064" for merged caches).
+    /// Names of the caches merged into this one.
     pub aliases: Mutex<Vec<String>>,
+    /// `s->object_size` as raised by merges (`__kmem_cache_alias`).
+    object_size: AtomicU32,
 }
 
 /// Result of classifying an address for a free.
@@ -220,7 +222,19 @@ impl KmemCache {
             refcount: AtomicU32::new(1),
             dead: AtomicBool::new(false),
             aliases: Mutex::new(Vec::new()),
+            object_size: AtomicU32::new(geo.object_size),
         }
+    }
+
+    /// `s->object_size`: the created size, raised by merged requests.
+    #[inline]
+    pub fn object_size(&self) -> u32 {
+        self.object_size.load(Relaxed)
+    }
+
+    /// `__kmem_cache_alias`: a merged request of `size` bytes.
+    pub(crate) fn merge_size(&self, size: u32) {
+        self.object_size.fetch_max(size, Relaxed);
     }
 
     /// Debug caches skip the per-CPU fast paths (`kmem_cache_debug`).
@@ -268,7 +282,7 @@ impl KmemCache {
     /// Bytes the user may use in an object (`slab_ksize`).
     pub fn ksize(&self) -> u32 {
         if self.flags & (SLAB_RED_ZONE | SLAB_POISON) != 0 {
-            self.geo.object_size
+            self.object_size()
         } else if self.flags & (SLAB_TYPESAFE_BY_RCU | SLAB_STORE_USER) != 0 {
             self.geo.inuse
         } else {
@@ -915,8 +929,11 @@ impl KmemCache {
     }
 
     /// `flush_all` + `__kmem_cache_shrink`: flush every CPU, then free every
-    /// empty slab on the node list. Returns pages given back.
+    /// empty slab on the node list. Returns the pages given back (the
+    /// kernel returns only whether slabs remain).
     pub fn shrink(&self, m: &Machine) -> u64 {
+        let pages = |n: &Node| -> u64 { n.slabs.iter().flatten().map(|s| 1u64 << s.order).sum() };
+        let before = pages(&self.node.lock());
         for cpu in 0..self.nr_cpus() {
             self.flush_cpu(m, cpu);
         }
@@ -943,7 +960,8 @@ impl KmemCache {
                 Self::add_partial(&mut n, id, false);
             }
         }
-        freed
+        let _ = freed;
+        before - pages(&n)
     }
 
     /// Free every slab left (all empty): the end of `__kmem_cache_shutdown`.

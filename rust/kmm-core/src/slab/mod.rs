@@ -196,6 +196,7 @@ impl Machine {
         let mut list = self.slab.list.lock(); // slab_mutex
         if let Some(c) = self.find_mergeable(&list, size, a.align, a.flags, &a) {
             c.refcount.fetch_add(1, Relaxed);
+            c.merge_size(size);
             c.aliases.lock().push(name.to_string());
             return Ok(Created { cache: c, merged: true });
         }
@@ -221,7 +222,7 @@ impl Machine {
         let phys = obj - self.cfg.arch.page_offset();
         self.shadow.alloc(phys);
         if gfp & gfp::__GFP_ZERO != 0 {
-            let _ = self.phys.zero(phys, c.geo.object_size as u64);
+            let _ = self.phys.zero(phys, c.object_size() as u64);
         }
         obj
     }
@@ -259,7 +260,7 @@ impl Machine {
                     call_site: call_site.clone(),
                     ptr: *obj.as_ref().unwrap_or(&0),
                     name: c.name.clone().into(),
-                    bytes_req: c.geo.object_size as u64,
+                    bytes_req: c.object_size() as u64,
                     bytes_alloc: c.geo.size as u64,
                     gfp_flags: gfp,
                     node: -1,
