@@ -25,7 +25,7 @@
 //! slab list_lock) and released after them.
 #![forbid(unsafe_code)]
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
@@ -38,6 +38,8 @@ thread_local! {
     /// (machine id, cpu): where an unbound thread last ran ("the scheduler
     /// put it there"); sticky, assigned round-robin on first use.
     static HOME: RefCell<Vec<(u64, u32)>> = const { RefCell::new(Vec::new()) };
+    /// (machine id, cpu) of the last `this_cpu` answer: the fast path.
+    static LAST: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
 }
 
 /// A fresh machine id (for thread-local lookups).
@@ -109,6 +111,16 @@ impl Cpus {
     /// (assigned round-robin the first time the thread touches this machine).
     #[inline]
     pub fn this_cpu(&self) -> u32 {
+        let (m, c) = LAST.with(|l| l.get());
+        if m == self.machine {
+            return c;
+        }
+        let cpu = self.this_cpu_slow();
+        LAST.with(|l| l.set((self.machine, cpu)));
+        cpu
+    }
+
+    fn this_cpu_slow(&self) -> u32 {
         if let Some(c) = self.current() {
             return c;
         }
@@ -139,6 +151,7 @@ impl Cpus {
     }
 
     fn push(&self, cpu: u32) {
+        LAST.with(|l| l.set((0, 0)));
         let id = self.machine;
         BOUND.with(|b| {
             let mut b = b.borrow_mut();
@@ -231,6 +244,7 @@ impl Cpus {
 
     /// Undo one `bind`; the claim is released when the last nesting ends.
     pub fn unbind(&self) -> Result<u32, String> {
+        LAST.with(|l| l.set((0, 0)));
         let id = self.machine;
         let popped = BOUND.with(|b| {
             let mut b = b.borrow_mut();
@@ -279,6 +293,7 @@ impl Cpus {
 impl Drop for CpuGuard<'_> {
     fn drop(&mut self) {
         if self.owned {
+            LAST.with(|l| l.set((0, 0)));
             let id = self.cpus.machine;
             let cpu = self.cpu;
             BOUND.with(|b| {

@@ -100,10 +100,11 @@ pub struct KmallocCaches {
 }
 
 /// What a pointer given to kfree/ksize is.
-pub enum KObj {
+pub enum KObj<'a> {
     /// NULL or ZERO_SIZE_PTR.
     Zero,
-    Slab(std::sync::Arc<KmemCache>),
+    /// A slab object: its cache and its slab's head pfn.
+    Slab(&'a std::sync::Arc<KmemCache>, u64),
     /// A large kmalloc: head pfn and order.
     Large(Pfn, u32),
 }
@@ -224,7 +225,7 @@ impl Machine {
     }
 
     /// What kind of kmalloc'd object `va` is, or why it is not one.
-    pub fn kobj(&self, va: u64) -> Result<KObj> {
+    pub fn kobj(&self, va: u64) -> Result<KObj<'_>> {
         if va <= ZERO_SIZE_PTR {
             return Ok(KObj::Zero);
         }
@@ -236,8 +237,8 @@ impl Machine {
         let head = self.compound_head(pfn);
         let p = self.mem_map.get(head.0);
         if p.has(PG_SLAB) {
-            let c = self.slab.get(p.refcount() as u32).expect("slab page names its cache").clone();
-            return Ok(KObj::Slab(c));
+            let c = self.slab.get(p.refcount() as u32).expect("slab page names its cache");
+            return Ok(KObj::Slab(c, head.0));
         }
         let hp = self.phys_of_pfn(head);
         if p.refcount() > 0 && self.shadow.is_live(hp) && p.has(PG_HEAD) {
@@ -258,8 +259,9 @@ impl Machine {
         let k = self.kobj(va)?;
         match &k {
             KObj::Zero => {}
-            KObj::Slab(c) => {
-                let o = self.check_slab_free(c, va)?;
+            KObj::Slab(c, head) => {
+                let o = c.locate_at(self, *head, va)?;
+                let o = self.check_slab_free_at(c, o, va)?;
                 self.trace_kfree(va, call_site);
                 self.slab_free_checked(c, &o, va, self.this_cpu());
                 return Ok(());
@@ -297,9 +299,8 @@ impl Machine {
     pub fn ksize(&self, va: u64) -> Result<u64> {
         match self.kobj(va)? {
             KObj::Zero => Ok(0),
-            KObj::Slab(c) => {
-                let o = c.locate(self, va)?;
-                let _ = o;
+            KObj::Slab(c, head) => {
+                c.locate_at(self, head, va)?;
                 if !self.shadow.is_live(va - self.cfg.arch.page_offset()) {
                     return Err(KmmError::UseAfterFree(format!("ksize: {va:#x} was freed")));
                 }

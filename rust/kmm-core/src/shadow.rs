@@ -72,6 +72,13 @@ impl Shadow {
         c.store(c.load(Relaxed) & !(LIVE | PINNED), Relaxed);
     }
 
+    /// Undo `free` (same generation): for rolling back a refused bulk free.
+    #[inline]
+    pub fn revive(&self, phys: u64) {
+        let c = self.cell(phys);
+        c.store(c.load(Relaxed) | LIVE, Relaxed);
+    }
+
     #[inline]
     pub fn is_live(&self, phys: u64) -> bool {
         self.get(phys) & LIVE != 0

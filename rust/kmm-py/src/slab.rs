@@ -35,11 +35,32 @@ fn no_call_site() -> &'static CallSite {
     CS.get_or_init(|| Arc::from("python"))
 }
 
-/// The Python caller as a `%pS`-like "function+0xline" (only when tracing).
-pub(crate) fn call_site(py: Python<'_>, m: &Machine) -> CallSite {
+/// The Python caller as a `%pS`-like "function+0xline", computed only when a
+/// slab tracepoint is on (otherwise a shared placeholder, no allocation).
+pub(crate) fn call_site(py: Python<'_>, m: &Machine) -> CallSiteRef {
     if !m.trace.any(SLAB_EVENTS) {
-        return no_call_site().clone();
+        return CallSiteRef::Static;
     }
+    CallSiteRef::Owned(caller(py))
+}
+
+/// A call site, borrowed from a static when tracing is off.
+pub(crate) enum CallSiteRef {
+    Static,
+    Owned(CallSite),
+}
+
+impl std::ops::Deref for CallSiteRef {
+    type Target = CallSite;
+    fn deref(&self) -> &CallSite {
+        match self {
+            CallSiteRef::Static => no_call_site(),
+            CallSiteRef::Owned(c) => c,
+        }
+    }
+}
+
+fn caller(py: Python<'_>) -> CallSite {
     let r = (|| -> PyResult<String> {
         let f = py.import("sys")?.getattr("_getframe")?.call1((0,))?;
         let code = f.getattr("f_code")?;

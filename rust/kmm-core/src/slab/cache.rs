@@ -43,7 +43,8 @@
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard};
+use parking_lot::Mutex;
+use spin::MutexGuard;
 
 use super::geometry::*;
 use crate::error::{KmmError, Result};
@@ -99,6 +100,9 @@ pub struct CpuSlab {
     pub slab: u32,
     /// Its pfn (for the free fast path's "is it my slab" test).
     pub slab_pfn: u64,
+    /// Address of its first object and one past its last (free-pointer checks).
+    pub slab_base: u64,
+    pub slab_end: u64,
     pub tid: u64,
     /// Per-CPU partial slabs, most recently added last.
     pub partial: Vec<u32>,
@@ -151,10 +155,11 @@ pub struct Node {
     pub total_objects: u64,
 }
 
-/// A per-CPU lock padded to its own cache line.
+/// A per-CPU lock padded to its own cache line: a spin lock (one CAS to
+/// take, a plain release store to drop), never held across a callback.
 #[repr(align(64))]
 pub struct PerCpu {
-    pub lock: Mutex<CpuSlab>,
+    pub lock: spin::Mutex<CpuSlab>,
     /// Times this CPU's lock was found held (two threads on one CPU, or a flush).
     pub contended: AtomicU64,
 }
@@ -181,6 +186,7 @@ pub struct KmemCache {
 }
 
 /// Result of classifying an address for a free.
+#[derive(Clone, Copy, Debug)]
 pub(crate) struct ObjRef {
     pub slab_id: u32,
     pub slab_pfn: u64,
@@ -207,10 +213,12 @@ impl KmemCache {
             allocflags,
             cpus: (0..ncpus)
                 .map(|_| PerCpu {
-                    lock: Mutex::new(CpuSlab {
+                    lock: spin::Mutex::new(CpuSlab {
                         freelist: 0,
                         slab: NIL,
                         slab_pfn: u64::MAX,
+                        slab_base: 0,
+                        slab_end: 0,
                         tid: 0,
                         partial: Vec::new(),
                         stats: CpuStats::default(),
@@ -394,12 +402,36 @@ impl KmemCache {
     /// Is `next` a valid free pointer inside the slab at `pfn` (or 0)?
     #[inline]
     fn fp_ok(&self, m: &Machine, pfn: u64, order: u32, next: u64) -> bool {
-        if next == 0 {
-            return true;
-        }
         let base = self.slab_base(m, pfn);
-        let objects = ((m.page_size << order) / self.geo.size as u64) as u32;
-        next >= base && (next - base) % self.geo.size as u64 == 0 && (next - base) / (self.geo.size as u64) < objects as u64
+        let end = base + self.objects_in(m, order) as u64 * self.geo.size as u64;
+        self.fp_in(base, end, next)
+    }
+
+    /// `fp_ok` against a known slab range (the cpu slab's, on the fast path).
+    #[inline]
+    fn fp_in(&self, base: u64, end: u64, next: u64) -> bool {
+        next == 0 || (next >= base && next < end && self.geo.index_of(next - base).is_some())
+    }
+
+    /// Objects in a slab of `order` (`s->oo` or, after a fallback, `s->min`).
+    #[inline]
+    fn objects_in(&self, m: &Machine, order: u32) -> u32 {
+        if order == self.geo.order {
+            self.geo.objects
+        } else if order == self.geo.min_order {
+            self.geo.min_objects
+        } else {
+            ((m.page_size << order) / self.geo.size as u64) as u32
+        }
+    }
+
+    /// Make `id` (at `pfn`, of `order`) the cpu slab.
+    #[inline]
+    fn install_cpu_slab(&self, m: &Machine, c: &mut CpuSlab, id: u32, pfn: u64, order: u32) {
+        c.slab = id;
+        c.slab_pfn = pfn;
+        c.slab_base = self.slab_base(m, pfn);
+        c.slab_end = c.slab_base + self.objects_in(m, order) as u64 * self.geo.size as u64;
     }
 
     fn freepointer_corrupt(&self, obj: u64, next: u64) -> KmmError {
@@ -412,15 +444,19 @@ impl KmemCache {
     /// Which object of which slab is `va`? Err for anything that is not an object start.
     pub(crate) fn locate(&self, m: &Machine, va: u64) -> Result<ObjRef> {
         let pfn = m.virt_to_pfn(VirtAddr(va)).map_err(|_| self.invalid_ptr(va))?;
-        let head = m.compound_head(pfn).0;
+        self.locate_at(m, m.compound_head(pfn).0, va)
+    }
+
+    /// `locate` when the slab's head page is known (`check_valid_pointer`).
+    #[inline]
+    pub(crate) fn locate_at(&self, m: &Machine, head: u64, va: u64) -> Result<ObjRef> {
         let page = m.mem_map.get(head);
         if !page.has(PG_SLAB) || page.refcount() != self.id as i32 {
             return Err(self.invalid_ptr(va));
         }
         let base = self.slab_base(m, head);
-        let order = page.order();
-        let objects = ((m.page_size << order) / self.geo.size as u64) as u32;
-        if va < base || (va - base) % self.geo.size as u64 != 0 || (va - base) / self.geo.size as u64 >= objects as u64 {
+        let end = base + self.objects_in(m, page.order()) as u64 * self.geo.size as u64;
+        if va < base || va >= end || self.geo.index_of(va - base).is_none() {
             return Err(self.invalid_ptr(va));
         }
         Ok(ObjRef { slab_id: page.next(), slab_pfn: head })
@@ -442,7 +478,7 @@ impl KmemCache {
         let obj = c.freelist;
         if obj != 0 {
             let next = self.get_fp(m, obj);
-            if !self.fp_ok(m, c.slab_pfn, m.mem_map.get(c.slab_pfn).order(), next) {
+            if !self.fp_in(c.slab_base, c.slab_end, next) {
                 c.freelist = 0;
                 return Err(self.freepointer_corrupt(obj, next));
             }
@@ -487,10 +523,9 @@ impl KmemCache {
                 continue;
             }
             s.list = SlabList::Cpu(cpu);
-            let pfn = s.pfn;
+            let (pfn, order) = (s.pfn, s.order);
             drop(n);
-            c.slab = id;
-            c.slab_pfn = pfn;
+            self.install_cpu_slab(m, &mut c, id, pfn, order);
             c.stats.cpu_partial_alloc += 1;
             return self.load_freelist(m, &mut c, fl);
         }
@@ -519,10 +554,9 @@ impl KmemCache {
                 let fl = std::mem::take(&mut s.freelist);
                 s.inuse = s.objects;
                 s.list = SlabList::Cpu(cpu);
-                let pfn = s.pfn;
+                let (pfn, order) = (s.pfn, s.order);
                 drop(n);
-                c.slab = first;
-                c.slab_pfn = pfn;
+                self.install_cpu_slab(m, &mut c, first, pfn, order);
                 c.stats.alloc_from_partial += 1;
                 return self.load_freelist(m, &mut c, fl);
             }
@@ -538,16 +572,15 @@ impl KmemCache {
             let (old, old_fl) = (c.slab, std::mem::take(&mut c.freelist));
             self.deactivate_slab(m, old, old_fl, &mut c.stats);
         }
-        c.slab = id;
-        c.slab_pfn = pfn;
+        let order = m.mem_map.get(pfn).order();
+        self.install_cpu_slab(m, &mut c, id, pfn, order);
         self.load_freelist(m, &mut c, fl)
     }
 
     /// `load_freelist`: hand out the first object, keep the rest on the CPU.
     fn load_freelist(&self, m: &Machine, c: &mut CpuSlab, fl: u64) -> Result<u64> {
         let next = self.get_fp(m, fl);
-        let order = m.mem_map.get(c.slab_pfn).order();
-        if !self.fp_ok(m, c.slab_pfn, order, next) {
+        if !self.fp_in(c.slab_base, c.slab_end, next) {
             c.freelist = 0;
             return Err(self.freepointer_corrupt(fl, next));
         }
@@ -721,33 +754,47 @@ impl KmemCache {
             return self.free_to_partial_list(m, o, obj);
         }
         let mut c = self.cpu_lock(cpu);
-        if c.slab_pfn == o.slab_pfn {
-            self.set_fp(m, obj, c.freelist);
-            c.freelist = obj;
-            c.tid += 1;
-            c.stats.free_fastpath += 1;
-            return;
-        }
-        c.stats.free_slowpath += 1;
-        self.slab_free_slow(m, o.slab_id, obj, cpu, c);
+        self.free_chain(m, &mut c, o, &[obj], cpu);
     }
 
-    /// `__slab_free`.
-    fn slab_free_slow(&self, m: &Machine, id: u32, obj: u64, cpu: u32, mut c: MutexGuard<'_, CpuSlab>) {
+    /// `do_slab_free` of a chain of objects of one slab (`head`..`tail`,
+    /// `cnt`): onto the CPU freelist when the slab is the cpu slab, else one
+    /// `__slab_free` for the whole chain.
+    fn free_chain(&self, m: &Machine, c: &mut CpuSlab, o: &ObjRef, objs: &[u64], cpu: u32) {
+        let n = objs.len() as u64;
+        if c.slab_pfn == o.slab_pfn {
+            for &obj in objs {
+                self.set_fp(m, obj, c.freelist);
+                c.freelist = obj;
+            }
+            c.tid += 1;
+            c.stats.free_fastpath += n;
+            return;
+        }
+        c.stats.free_slowpath += n;
+        self.slab_free_slow(m, o.slab_id, objs, cpu, c);
+    }
+
+    /// `__slab_free` of `objs`, all in slab `id`.
+    fn slab_free_slow(&self, m: &Machine, id: u32, objs: &[u64], cpu: u32, c: &mut CpuSlab) {
         let mut n = self.node.lock();
         let s = Self::slab_mut(&mut n, id);
         let prior = s.freelist;
-        self.set_fp(m, obj, prior);
-        s.freelist = obj;
-        s.inuse -= 1;
+        let mut head = prior;
+        for &obj in objs.iter().rev() {
+            self.set_fp(m, obj, head);
+            head = obj;
+        }
+        s.freelist = head;
+        s.inuse -= objs.len() as u32;
         let list = s.list;
         let inuse = s.inuse;
         if let SlabList::Cpu(owner) = list {
             // Frozen: another CPU's active slab collects it at its next refill.
             drop(n);
-            c.stats.free_frozen += 1;
+            c.stats.free_frozen += objs.len() as u64;
             if owner != cpu {
-                c.stats.free_remote += 1;
+                c.stats.free_remote += objs.len() as u64;
             }
             return;
         }
@@ -756,7 +803,7 @@ impl KmemCache {
             s.list = SlabList::CpuPartial(cpu);
             drop(n);
             c.stats.cpu_partial_free += 1;
-            self.put_cpu_partial(m, &mut c, id);
+            self.put_cpu_partial(m, c, id);
             return;
         }
         let on_node_partial = list == SlabList::NodePartial;
@@ -775,6 +822,64 @@ impl KmemCache {
             // No cpu partial lists (debug/cpu_partial 0): a full slab that gained a free object.
             Self::add_partial(&mut n, id, true);
         }
+    }
+
+    /// `kmem_cache_free_bulk` after the checks: runs of objects of one slab
+    /// are freed together (`build_detached_freelist`), under one CPU lock.
+    pub(crate) fn free_bulk_raw(&self, m: &Machine, objs: &[(u64, ObjRef)], cpu: u32) {
+        if self.is_debug() {
+            for (obj, o) in objs {
+                self.free_to_partial_list(m, o, *obj);
+            }
+            return;
+        }
+        let mut c = self.cpu_lock(cpu);
+        let mut run: Vec<u64> = Vec::with_capacity(64);
+        let mut i = 0;
+        while i < objs.len() {
+            let o = &objs[i].1;
+            run.clear();
+            while i < objs.len() && objs[i].1.slab_pfn == o.slab_pfn {
+                run.push(objs[i].0);
+                i += 1;
+            }
+            self.free_chain(m, &mut c, o, &run, cpu);
+        }
+    }
+
+    /// `__kmem_cache_alloc_bulk`: `n` objects under one CPU lock, taking the
+    /// slow path whenever the CPU freelist runs dry.
+    pub(crate) fn alloc_bulk_raw(&self, m: &Machine, gfp: Gfp, cpu: u32, n: usize, out: &mut Vec<u64>) -> Result<()> {
+        if self.is_debug() {
+            for _ in 0..n {
+                out.push(self.alloc_single(m, gfp)?);
+            }
+            return Ok(());
+        }
+        let mut left = n;
+        while left > 0 {
+            let mut c = self.cpu_lock(cpu);
+            while left > 0 && c.freelist != 0 {
+                let obj = c.freelist;
+                let next = self.get_fp(m, obj);
+                if !self.fp_in(c.slab_base, c.slab_end, next) {
+                    c.freelist = 0;
+                    return Err(self.freepointer_corrupt(obj, next));
+                }
+                c.freelist = next;
+                c.stats.alloc_fastpath += 1;
+                out.push(obj);
+                left -= 1;
+            }
+            c.tid += 1;
+            if left == 0 {
+                break;
+            }
+            c.stats.alloc_slowpath += 1;
+            out.push(self.slab_alloc_slow(m, gfp, cpu, c)?);
+            left -= 1;
+        }
+        Ok(())
     }
 
     /// `put_cpu_partial(s, slab, drain=1)`: push on this CPU's partial list,

@@ -137,6 +137,21 @@ pub struct Geometry {
     pub cpu_partial_slabs: u32,
     /// The flags in force (with SLAB_OBJECT_POISON resolved).
     pub flags: u32,
+    /// `reciprocal_value(size)`: ceil(2^64 / size), so that offset / size is
+    /// `(offset * recip) >> 64` exactly for offsets below 2^32 (the kernel's
+    /// `obj_to_index` avoids the division the same way).
+    pub recip: u64,
+}
+
+impl Geometry {
+    /// `obj_to_index` for an offset from the first object: the index, or
+    /// None when the offset is not on an object boundary.
+    #[inline]
+    pub fn index_of(&self, offset: u64) -> Option<u64> {
+        debug_assert!(offset < 1 << 32);
+        let q = ((offset as u128 * self.recip as u128) >> 64) as u64;
+        (q * self.size as u64 == offset).then_some(q)
+    }
 }
 
 fn align_up(x: u32, a: u32) -> u32 {
@@ -295,6 +310,7 @@ pub fn calculate_sizes(
         cpu_partial,
         cpu_partial_slabs,
         flags,
+        recip: u64::MAX / size as u64 + 1,
     })
 }
 
@@ -329,6 +345,18 @@ mod tests {
             for (i, cpus) in [1u32, 4, 8, 16].into_iter().enumerate() {
                 let g = calculate_sizes(size, kmalloc_align(size), SLAB_KMALLOC, false, None, &t(cpus)).unwrap();
                 assert_eq!((g.order, g.objects), exp[i], "size {size} cpus {cpus}");
+            }
+        }
+    }
+
+    #[test]
+    fn reciprocal_index_is_exact() {
+        for size in [8u32, 24, 96, 104, 192, 696, 1280, 2368, 4232, 8192] {
+            let g = calculate_sizes(size, 8, 0, false, None, &t(2)).unwrap();
+            let span = (4096u64 << g.order) + 2 * g.size as u64;
+            for off in 0..span {
+                let want = (off % g.size as u64 == 0).then_some(off / g.size as u64);
+                assert_eq!(g.index_of(off), want, "size {} off {off}", g.size);
             }
         }
     }

@@ -272,8 +272,9 @@ impl Machine {
     }
 
     /// Classify `va` as an object of cache `c` that may be freed.
-    pub(crate) fn check_slab_free(&self, c: &KmemCache, va: u64) -> Result<cache::ObjRef> {
-        let o = c.locate(self, va)?;
+    /// `check_slab_free` once the object is located.
+    #[inline]
+    pub(crate) fn check_slab_free_at(&self, c: &KmemCache, o: cache::ObjRef, va: u64) -> Result<cache::ObjRef> {
         let phys = va - self.cfg.arch.page_offset();
         let sh = self.shadow.get(phys);
         if sh & crate::shadow::LIVE == 0 {
@@ -298,27 +299,37 @@ impl Machine {
     }
 
     /// The cache a slab object belongs to (`virt_to_cache`), if it is one.
-    pub fn virt_to_cache(&self, va: u64) -> Option<Arc<KmemCache>> {
+    pub fn virt_to_cache(&self, va: u64) -> Option<&Arc<KmemCache>> {
+        self.virt_to_slab(va).map(|(_, c)| c)
+    }
+
+    /// The head page of the slab holding `va`, and its cache.
+    #[inline]
+    pub(crate) fn virt_to_slab(&self, va: u64) -> Option<(u64, &Arc<KmemCache>)> {
         let pfn = self.virt_to_pfn(VirtAddr(va)).ok()?;
         let head = self.compound_head(pfn).0;
         let p = self.mem_map.get(head);
         if !p.has(crate::page::PG_SLAB) {
             return None;
         }
-        self.slab.get(p.refcount() as u32).cloned()
+        Some((head, self.slab.get(p.refcount() as u32)?))
     }
 
     /// `kmem_cache_free(s, obj)`; with `cache_from_obj`'s wrong-cache check.
     pub fn kmem_cache_free(&self, c: &KmemCache, va: VirtAddr, call_site: &CallSite) -> Result<()> {
-        if let Some(owner) = self.virt_to_cache(va.0) {
-            if owner.id != c.id {
-                return Err(KmmError::InvalidFree(format!(
-                    "kmem_cache_free: Wrong slab cache. {} but object is from {}",
-                    c.name, owner.name
-                )));
+        let o = match self.virt_to_slab(va.0) {
+            Some((head, owner)) => {
+                if owner.id != c.id {
+                    return Err(KmmError::InvalidFree(format!(
+                        "kmem_cache_free: Wrong slab cache. {} but object is from {}",
+                        c.name, owner.name
+                    )));
+                }
+                c.locate_at(self, head, va.0)?
             }
-        }
-        let o = self.check_slab_free(c, va.0)?;
+            None => c.locate(self, va.0)?,
+        };
+        let o = self.check_slab_free_at(c, o, va.0)?;
         if self.trace.on(EventId::KmemCacheFree) {
             self.trace.emit(
                 self.this_cpu(),
@@ -332,52 +343,67 @@ impl Machine {
     /// `kmem_cache_alloc_bulk`: `n` objects or none (objects already taken
     /// are freed on failure). No per-object tracepoint, as in the kernel.
     pub fn kmem_cache_alloc_bulk(&self, c: &KmemCache, gfp: Gfp, n: usize, out: &mut Vec<u64>) -> Result<()> {
+        if c.dead.load(Relaxed) {
+            return Err(KmmError::UseAfterFree(format!("kmem_cache_alloc_bulk: cache {} was destroyed", c.name)));
+        }
+        let gfp = self.slab_gfp(gfp);
         let start = out.len();
         let cpu = self.this_cpu();
-        for _ in 0..n {
-            match self.kmem_cache_alloc_inner(c, gfp, Some(cpu)) {
-                Ok(o) => out.push(o),
-                Err(e) => {
-                    for &o in &out[start..] {
-                        if let Ok(r) = self.check_slab_free(c, o) {
-                            self.slab_free_checked(c, &r, o, cpu);
-                        }
-                    }
-                    out.truncate(start);
-                    return Err(e);
-                }
+        out.reserve(n);
+        if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out) {
+            // All or nothing: what was taken goes back.
+            let got: Vec<(u64, cache::ObjRef)> =
+                out[start..].iter().filter_map(|&o| c.locate(self, o).ok().map(|r| (o, r))).collect();
+            c.free_bulk_raw(self, &got, cpu);
+            out.truncate(start);
+            return Err(e);
+        }
+        let po = self.cfg.arch.page_offset();
+        let zero = gfp & gfp::__GFP_ZERO != 0;
+        for &o in &out[start..] {
+            self.shadow.alloc(o - po);
+            if zero {
+                let _ = self.phys.zero(o - po, c.object_size() as u64);
             }
         }
         Ok(())
     }
 
-    /// `kmem_cache_free_bulk`: every object is checked first; if any is bad
-    /// nothing is freed.
+    /// `kmem_cache_free_bulk`: every object is checked first (a duplicate in
+    /// the array is a double free); if any is bad nothing is freed.
     pub fn kmem_cache_free_bulk(&self, c: &KmemCache, objs: &[u64]) -> Result<()> {
+        let po = self.cfg.arch.page_offset();
         let mut refs = Vec::with_capacity(objs.len());
+        let mut fail = None;
         for &o in objs {
-            if let Some(owner) = self.virt_to_cache(o) {
-                if owner.id != c.id {
-                    return Err(KmmError::InvalidFree(format!(
-                        "kmem_cache_free_bulk: Wrong slab cache. {} but object {o:#x} is from {}",
-                        c.name, owner.name
-                    )));
+            let r = match self.virt_to_slab(o) {
+                Some((_, owner)) if owner.id != c.id => Err(KmmError::InvalidFree(format!(
+                    "kmem_cache_free_bulk: Wrong slab cache. {} but object {o:#x} is from {}",
+                    c.name, owner.name
+                ))),
+                Some((head, _)) => c.locate_at(self, head, o),
+                None => c.locate(self, o),
+            }
+            .and_then(|r| self.check_slab_free_at(c, r, o));
+            match r {
+                Ok(r) => {
+                    // Marked free now, so a duplicate later in the array is caught.
+                    self.shadow.free(o - po);
+                    refs.push((o, r));
+                }
+                Err(e) => {
+                    fail = Some(e);
+                    break;
                 }
             }
-            refs.push(self.check_slab_free(c, o)?);
         }
-        let mut sorted: Vec<u64> = objs.to_vec();
-        sorted.sort_unstable();
-        if sorted.windows(2).any(|w| w[0] == w[1]) {
-            return Err(KmmError::DoubleFree(format!(
-                "BUG {} (Not tainted): Object already free: an object appears twice in kmem_cache_free_bulk",
-                c.name
-            )));
+        if let Some(e) = fail {
+            for (o, _) in &refs {
+                self.shadow.revive(o - po);
+            }
+            return Err(e);
         }
-        let cpu = self.this_cpu();
-        for (o, r) in objs.iter().zip(refs.iter()) {
-            self.slab_free_checked(c, r, *o, cpu);
-        }
+        c.free_bulk_raw(self, &refs, self.this_cpu());
         Ok(())
     }
 
