@@ -37,7 +37,15 @@ def small() -> kmm.Machine:
 
 
 def buddyinfo(m: kmm.Machine) -> list[list[int]]:
+    """Free blocks per zone and order, after draining the per-CPU page lists
+    (as /proc/buddyinfo would read once drain_all_pages() ran)."""
+    m.drain_all_pages()
     return [z.nr_free for z in m.zones]
+
+
+def free_pages(m: kmm.Machine) -> int:
+    """Every free page: in the buddy allocator or on a per-CPU list."""
+    return m.nr_free_pages() + m.nr_pcp_pages()
 
 
 def assert_healthy(m: kmm.Machine) -> None:

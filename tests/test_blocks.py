@@ -11,11 +11,11 @@ import sys
 import pytest
 
 import kmm
-from conftest import assert_healthy, buddyinfo, sample_trace_lines
+from conftest import assert_healthy, buddyinfo, sample_trace_lines, free_pages
 
 
 def snapshot(m: kmm.Machine):
-    return m.proc.slabinfo(), m.nr_free_pages(), buddyinfo(m)
+    return m.proc.slabinfo(), free_pages(m), buddyinfo(m)
 
 
 def test_block_basics(m):
@@ -197,9 +197,9 @@ def test_kfree_by_address(m):
     with pytest.raises(kmm.UseAfterFreeError):
         b[0]
     big = m.kmalloc(50000)
-    free = m.nr_free_pages()
+    free = free_pages(m)
     m.kfree(int(big))
-    assert m.nr_free_pages() == free + 16
+    assert free_pages(m) == free + 16
     assert_healthy(m)
 
 

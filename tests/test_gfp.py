@@ -7,7 +7,7 @@ import re
 import pytest
 
 import kmm
-from conftest import sample_trace_lines
+from conftest import sample_trace_lines, free_pages
 
 
 def test_composite_values_are_the_kernels():
@@ -101,7 +101,7 @@ def test_gfp_zone_and_zonelists(m):
 def test_bad_zone_combinations_raise(m, bad):
     with pytest.raises(kmm.BadGfpError):
         m.gfp_zone(bad)
-    before = m.nr_free_pages()
+    before = free_pages(m)
     with pytest.raises(kmm.BadGfpError):
         m.alloc_pages(kmm.GFP_KERNEL | bad, 0)
-    assert m.nr_free_pages() == before
+    assert free_pages(m) == before

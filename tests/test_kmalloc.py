@@ -14,7 +14,7 @@ import re
 import pytest
 
 import kmm
-from conftest import assert_healthy, buddyinfo, real, sample_trace_lines
+from conftest import assert_healthy, buddyinfo, real, sample_trace_lines, free_pages
 
 PAGE = 4096
 RECLAIMABLE = kmm.gfp.__GFP_RECLAIMABLE
@@ -124,7 +124,7 @@ def test_kmalloc_caches_have_the_real_machines_geometry(m):
 
 
 def test_kmalloc_zero_is_zero_size_ptr(m):
-    free = m.nr_free_pages()
+    free = free_pages(m)
     slabinfo = m.proc.slabinfo()
     z = m.kmalloc(0)
     assert z.addr == 16 == kmm.ZERO_SIZE_PTR
@@ -138,7 +138,7 @@ def test_kmalloc_zero_is_zero_size_ptr(m):
     m.kfree(kmm.ZERO_SIZE_PTR)
     m.kfree(None)  # kfree(NULL)
     m.kfree(0)
-    assert m.nr_free_pages() == free
+    assert free_pages(m) == free
     assert m.proc.slabinfo() == slabinfo
     assert_healthy(m)
 
@@ -148,7 +148,7 @@ def test_kmalloc_zero_is_zero_size_ptr(m):
 
 @pytest.mark.parametrize("size", [8193, 12288, 16384, 16385, 65536, 100000, 1 << 20, 4 << 20])
 def test_large_kmalloc_is_a_compound_page(m, size):
-    free = m.nr_free_pages()
+    free = free_pages(m)
     sunreclaim = m.proc.meminfo_dict()["SUnreclaim"]
     order = get_order(size)
     b = m.kmalloc(size)
@@ -161,13 +161,13 @@ def test_large_kmalloc_is_a_compound_page(m, size):
     assert head.order == order
     if order:
         assert "tail" in m.pfn_to_page(head.pfn + (1 << order) - 1).flags
-    assert m.nr_free_pages() == free - (1 << order)
+    assert free_pages(m) == free - (1 << order)
     # Large kmallocs are NR_SLAB_UNRECLAIMABLE_B (mm/slub.c ___kmalloc_large_node).
     assert m.proc.meminfo_dict()["SUnreclaim"] == sunreclaim + (PAGE << order) // 1024
     b[size - 1] = 0x5A
     assert m.read(b.addr + size - 1, 1) == b"\x5a"
     m.kfree(b)
-    assert m.nr_free_pages() == free
+    assert free_pages(m) == free
     assert m.proc.meminfo_dict()["SUnreclaim"] == sunreclaim
     assert_healthy(m)
 
@@ -183,10 +183,10 @@ def test_large_kmalloc_is_unreclaimable_even_with_gfp_reclaimable(m):
 
 def test_kmalloc_beyond_kmalloc_max_size_fails_and_changes_nothing(m):
     assert kmm.KMALLOC_MAX_SIZE == 4 << 20
-    free, bi = m.nr_free_pages(), buddyinfo(m)
+    free, bi = free_pages(m), buddyinfo(m)
     with pytest.raises(kmm.OutOfMemoryError):
         m.kmalloc(kmm.KMALLOC_MAX_SIZE + 1, kmm.GFP_KERNEL | kmm.__GFP_NOWARN)
-    assert m.nr_free_pages() == free and buddyinfo(m) == bi
+    assert free_pages(m) == free and buddyinfo(m) == bi
     assert_healthy(m)
 
 
@@ -243,12 +243,12 @@ def test_kmalloc_array(m):
 @pytest.mark.parametrize("n,size", [(1 << 32, 1 << 32), (2**63, 2), (2**64 - 1, 3)])
 def test_kmalloc_array_overflow_allocates_nothing(m, fn, n, size):
     keep = m.kmalloc(100)  # something live, so slabinfo is not trivially empty
-    slabinfo, free, bi = m.proc.slabinfo(), m.nr_free_pages(), buddyinfo(m)
+    slabinfo, free, bi = m.proc.slabinfo(), free_pages(m), buddyinfo(m)
     with m.trace.record("kmem:*") as rec:
         with pytest.raises(ValueError):
             getattr(m, fn)(n, size)
     assert m.proc.slabinfo() == slabinfo
-    assert m.nr_free_pages() == free and buddyinfo(m) == bi
+    assert free_pages(m) == free and buddyinfo(m) == bi
     assert [e.name for e in rec.events] == []
     m.kfree(keep)
     assert_healthy(m)

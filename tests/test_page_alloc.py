@@ -179,15 +179,19 @@ def _drain(m, gfp, order=0):
 def test_watermarks_atomic_dips_below_min_and_nofail(small):
     m = small
     dma = lambda: [z for z in m.zones if z.name == "DMA"][0]  # noqa: E731
+    # The watermark is checked before each allocation; a per-CPU list refill
+    # then takes up to a batch at once: at most batch << PCP_BATCH_SCALE_MAX
+    # = 1 << 5 pages for the DMA zone (batch 1), which bounds the overshoot.
+    overshoot = 32
     kernel = _drain(m, kmm.GFP_KERNEL | kmm.GFP_DMA)
     z = dma()
     # GFP_KERNEL stops at the min watermark (slow path, ALLOC_WMARK_MIN).
-    assert z.free_pages <= z.min + 1 and z.free_pages > z.min * 3 // 8
+    assert z.min - overshoot < z.free_pages <= z.min
     # GFP_ATOMIC (__GFP_HIGH, cannot block) may go down to 3/8 of min.
     atomic = _drain(m, kmm.GFP_ATOMIC | kmm.GFP_DMA)
     assert atomic
     z = dma()
-    assert z.min * 3 // 8 - 1 <= z.free_pages <= z.min * 3 // 8 + 1
+    assert z.min * 3 // 8 - overshoot < z.free_pages <= z.min * 3 // 8 + 1
     # __GFP_NOFAIL never fails while a page exists.
     nofail = _drain(m, kmm.GFP_KERNEL | kmm.GFP_DMA | kmm.gfp.__GFP_NOFAIL)
     z = dma()
@@ -209,7 +213,9 @@ def test_lowmem_reserve_protects_dma(small):
     normal_idx = [z.name for z in m.zones].index("Normal")
     # highest_zoneidx of GFP_KERNEL is Normal on x86_64.
     assert dma.lowmem_reserve[normal_idx] > 0
-    assert dma.free_pages > dma.min + dma.lowmem_reserve[normal_idx] - 1
+    # Stopped at min + protection (less at most one per-CPU refill, 32 pages).
+    protected = dma.min + dma.lowmem_reserve[normal_idx]
+    assert protected - 32 < dma.free_pages <= protected
     assert dma.lowmem_reserve[dma32_idx] <= dma.lowmem_reserve[normal_idx]
     # Yet a GFP_DMA request can still use DMA's pages.
     extra = m.alloc_pages(kmm.GFP_DMA | kmm.GFP_KERNEL)

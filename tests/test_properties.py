@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kmm
+from conftest import buddyinfo, free_pages
 
 # Module-level aliases: inside a class body `kmm.__GFP_X` would be name-mangled.
 NOWARN = kmm.__GFP_NOWARN
@@ -38,7 +39,7 @@ class PageAllocator(RuleBasedStateMachine):
         super().__init__()
         arch = "x86_64"
         self.m = kmm.Machine(arch=arch, memory="48M")
-        self.boot = [z.nr_free for z in self.m.zones]
+        self.boot = buddyinfo(self.m)
         self.live: dict[int, tuple[int, int]] = {}  # pfn -> (order, gfp)
         self.written: set[int] = set()
 
@@ -68,13 +69,13 @@ class PageAllocator(RuleBasedStateMachine):
         page = self.m.pfn_to_page(pfn)
         if data.draw(st.booleans()):
             # Bad frees first: they must change nothing.
-            before = [z.nr_free for z in self.m.zones]
+            before = buddyinfo(self.m)
             try:
                 self.m.free_pages(page, (order + 1) % 11)
                 raise AssertionError("wrong order accepted")
             except kmm.InvalidFreeError:
                 pass
-            assert [z.nr_free for z in self.m.zones] == before
+            assert buddyinfo(self.m) == before
         self.m.free_pages(page, order)
         del self.live[pfn]
         self.written.discard(pfn)
@@ -94,7 +95,7 @@ class PageAllocator(RuleBasedStateMachine):
     def free_plus_allocated_is_managed(self):
         managed = sum(z.managed for z in self.m.zones)
         allocated = sum(1 << o for o, _ in self.live.values())
-        assert self.m.nr_free_pages() + allocated == managed
+        assert free_pages(self.m) + allocated == managed
 
     @invariant()
     def structure_is_consistent(self):
@@ -111,7 +112,7 @@ class PageAllocator(RuleBasedStateMachine):
     def teardown(self):
         for pfn, (order, _) in list(self.live.items()):
             self.m.free_pages(self.m.pfn_to_page(pfn), order)
-        assert [z.nr_free for z in self.m.zones] == self.boot
+        assert buddyinfo(self.m) == self.boot
         assert self.m.check() == []
 
 

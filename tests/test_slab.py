@@ -17,7 +17,7 @@ from functools import cache
 import pytest
 
 import kmm
-from conftest import LINUX, assert_healthy, buddyinfo
+from conftest import LINUX, assert_healthy, buddyinfo, free_pages
 
 PANIC = kmm.SLAB_PANIC
 HWCACHE = kmm.SLAB_HWCACHE_ALIGN
@@ -37,7 +37,7 @@ def nomerge() -> kmm.Machine:
 
 
 def snapshot(m: kmm.Machine):
-    return m.proc.slabinfo(), m.nr_free_pages(), buddyinfo(m)
+    return m.proc.slabinfo(), free_pages(m), buddyinfo(m)
 
 
 # ---- geometry -------------------------------------------------------------------------------
@@ -305,19 +305,19 @@ def test_slab_states_of_a_simple_scenario():
 
 def test_shrink_gives_every_page_back():
     m = nomerge()
-    free0, bi0 = m.nr_free_pages(), buddyinfo(m)
+    free0, bi0 = free_pages(m), buddyinfo(m)
     c = m.kmem_cache_create("t_shrink", 1240, flags=HWCACHE)  # order-2 slabs
     objs = [c.alloc() for _ in range(5 * c.objs_per_slab + 3)]
-    assert m.nr_free_pages() == free0 - 6 * 4
+    assert free_pages(m) == free0 - 6 * 4
     for o in objs[::2]:
         c.free(o)
-    held = m.nr_free_pages()
+    held = free_pages(m)
     c.shrink()  # no slab is empty yet: nothing to give back
-    assert m.nr_free_pages() == held
+    assert free_pages(m) == held
     for o in objs[1::2]:
         c.free(o)
     c.shrink()
-    assert m.nr_free_pages() == free0
+    assert free_pages(m) == free0
     assert buddyinfo(m) == bi0
     s = c.slabs()
     assert (s["full"], s["partial"], s["empty"]) == (0, 0, 0)
@@ -327,7 +327,7 @@ def test_shrink_gives_every_page_back():
 
 def test_empty_slabs_beyond_min_partial_go_back_without_shrink():
     m = nomerge()
-    free0 = m.nr_free_pages()
+    free0 = free_pages(m)
     c = m.kmem_cache_create("t_minpart", 1024)
     assert c.min_partial == 5
     objs = [c.alloc() for _ in range(20 * c.objs_per_slab)]
@@ -342,9 +342,9 @@ def test_empty_slabs_beyond_min_partial_go_back_without_shrink():
     assert kept == 7
     s = c.slabs()
     assert (s["cpu"], s["cpu_partial"], s["node_partial"]) == (1, 1, 5)
-    assert m.nr_free_pages() == free0 - (kept << c.order)
+    assert free_pages(m) == free0 - (kept << c.order)
     c.shrink()
-    assert m.nr_free_pages() == free0
+    assert free_pages(m) == free0
     assert c.slabs()["empty"] == 0
 
 
@@ -393,7 +393,7 @@ def test_ctor_runs_once_per_object_when_a_slab_is_set_up():
 
 def test_destroy_refused_while_objects_live():
     m = nomerge()
-    free0 = m.nr_free_pages()
+    free0 = free_pages(m)
     c = m.kmem_cache_create("t_destroy", 300)
     objs = [c.alloc() for _ in range(3)]
     with pytest.raises(kmm.KmmError, match="Slab cache still has objects"):
@@ -414,7 +414,7 @@ def test_destroy_refused_while_objects_live():
     assert c.destroyed
     assert m.kmem_cache("t_destroy") is None
     assert "t_destroy" not in m.proc.slabinfo()
-    assert m.nr_free_pages() == free0
+    assert free_pages(m) == free0
     with pytest.raises(kmm.KmmError):
         c.alloc()
     assert_healthy(m)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 import kmm
+from conftest import buddyinfo, free_pages
 
 # Module-level aliases: inside a class body `kmm.__GFP_X` would be name-mangled.
 ZERO = kmm.__GFP_ZERO
@@ -45,8 +46,8 @@ class SlabMachine(RuleBasedStateMachine):
     def __init__(self):
         super().__init__()
         self.m = kmm.Machine(memory="256M")
-        self.free0 = self.m.nr_free_pages()
-        self.buddy0 = [z.nr_free for z in self.m.zones]
+        self.free0 = free_pages(self.m)
+        self.buddy0 = buddyinfo(self.m)
         self.caches = [self.m.kmem_cache_create(n, s, flags=f) for n, s, f in CACHES]
         self.live = {}  # key -> [block, cache index or None, expected bytes]
         self.next_key = 0
@@ -175,8 +176,8 @@ class SlabMachine(RuleBasedStateMachine):
             c.shrink()
             assert c.objects_in_use() == 0, c.name
         assert self.m.check() == []
-        assert self.m.nr_free_pages() == self.free0
-        assert [z.nr_free for z in self.m.zones] == self.buddy0
+        assert free_pages(self.m) == self.free0
+        assert buddyinfo(self.m) == self.buddy0
 
 
 SlabMachine.TestCase.settings = settings(

@@ -125,6 +125,22 @@ _FORWARDED = (
     "kmem_cache",
     "sysfs_slab",
     "block",
+    "on_cpu",
+    "smp_processor_id",
+    "get_cpu",
+    "put_cpu",
+    "preempt_disable",
+    "preempt_enable",
+    "preempt_disabled",
+    "atomic",
+    "irq",
+    "in_atomic",
+    "in_interrupt",
+    "irqs_disabled",
+    "preempt_count",
+    "drain_all_pages",
+    "drain_local_pages",
+    "nr_pcp_pages",
 )
 
 

@@ -27,6 +27,9 @@
 //! - buddy-6: free blocks do not overlap.
 #![forbid(unsafe_code)]
 
+use std::sync::atomic::{AtomicU8, Ordering::Relaxed};
+use std::sync::Arc;
+
 use crate::arch::{MAX_PAGE_ORDER, NR_PAGE_ORDERS};
 use crate::page::{MemMap, PG_BUDDY, PG_LRU, NIL};
 
@@ -87,6 +90,22 @@ pub enum BuddyEvent {
     },
 }
 
+/// A lock-free view of a zone's pageblock migratetypes.
+#[derive(Clone)]
+pub struct PageblockFlags {
+    base: u64,
+    order: u32,
+    mt: Arc<[AtomicU8]>,
+}
+
+impl PageblockFlags {
+    /// `get_pfnblock_migratetype`.
+    #[inline]
+    pub fn get(&self, pfn: u64) -> u8 {
+        self.mt[((pfn - self.base) >> self.order) as usize].load(Relaxed)
+    }
+}
+
 /// Where `__rmqueue` found pages last time (`enum rmqueue_mode`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RmqueueMode {
@@ -111,8 +130,9 @@ pub struct FreeArea {
     lists: [[ListHead; MIGRATE_TYPES]; NR_PAGE_ORDERS],
     pub nr_free: [u64; NR_PAGE_ORDERS],
     pub nr_free_mt: [[u64; MIGRATE_TYPES]; NR_PAGE_ORDERS],
-    /// Migratetype of each pageblock (`pageblock_flags`).
-    pageblock_mt: Vec<u8>,
+    /// Migratetype of each pageblock (`pageblock_flags`): written under the
+    /// zone lock, read without it (the per-CPU free path), as in the kernel.
+    pageblock_mt: Arc<[AtomicU8]>,
     /// Pages on the free lists (NR_FREE_PAGES).
     pub free_pages: u64,
     /// Free pages in blocks of order >= pageblock_order (NR_FREE_PAGES_BLOCKS).
@@ -143,7 +163,7 @@ impl FreeArea {
             nr_free: [0; NR_PAGE_ORDERS],
             nr_free_mt: [[0; MIGRATE_TYPES]; NR_PAGE_ORDERS],
             // memmap_init marks every pageblock MIGRATE_MOVABLE at boot.
-            pageblock_mt: vec![MIGRATE_MOVABLE; nblocks as usize],
+            pageblock_mt: (0..nblocks).map(|_| AtomicU8::new(MIGRATE_MOVABLE)).collect(),
             free_pages: 0,
             free_pages_blocks: 0,
             free_highatomic: 0,
@@ -160,13 +180,18 @@ impl FreeArea {
 
     #[inline]
     pub fn pageblock_migratetype(&self, pfn: u64) -> u8 {
-        self.pageblock_mt[((pfn - self.pb_base) >> self.pageblock_order) as usize]
+        self.pageblock_mt[((pfn - self.pb_base) >> self.pageblock_order) as usize].load(Relaxed)
     }
 
     #[inline]
     pub fn set_pageblock_migratetype(&mut self, pfn: u64, mt: u8) {
         let i = ((pfn - self.pb_base) >> self.pageblock_order) as usize;
-        self.pageblock_mt[i] = mt;
+        self.pageblock_mt[i].store(mt, Relaxed);
+    }
+
+    /// The pageblock types, shared for lock-free reads (`get_pfnblock_migratetype`).
+    pub fn pageblock_flags(&self) -> PageblockFlags {
+        PageblockFlags { base: self.pb_base, order: self.pageblock_order, mt: self.pageblock_mt.clone() }
     }
 
     /// `change_pageblock_range`: retype every pageblock of a block of `order`.
@@ -180,8 +205,8 @@ impl FreeArea {
     /// Number of pageblocks of each type (pagetypeinfo's second table).
     pub fn pageblock_counts(&self) -> [u64; MIGRATE_TYPES] {
         let mut c = [0u64; MIGRATE_TYPES];
-        for &mt in &self.pageblock_mt {
-            c[mt as usize] += 1;
+        for mt in self.pageblock_mt.iter() {
+            c[mt.load(Relaxed) as usize] += 1;
         }
         c
     }

@@ -40,6 +40,45 @@ thread_local! {
     static HOME: RefCell<Vec<(u64, u32)>> = const { RefCell::new(Vec::new()) };
     /// (machine id, cpu) of the last `this_cpu` answer: the fast path.
     static LAST: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
+    /// Per machine: this thread's `preempt_count` and irq-disable depth.
+    static CTX: RefCell<Vec<(u64, Ctx)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `preempt_count` layout (include/linux/preempt.h).
+pub const PREEMPT_OFFSET: u32 = 1;
+pub const SOFTIRQ_OFFSET: u32 = 1 << 8;
+pub const HARDIRQ_OFFSET: u32 = 1 << 16;
+pub const NMI_OFFSET: u32 = 1 << 20;
+pub const PREEMPT_MASK: u32 = 0xff;
+pub const SOFTIRQ_MASK: u32 = 0xff << 8;
+pub const HARDIRQ_MASK: u32 = 0xf << 16;
+pub const NMI_MASK: u32 = 0xf << 20;
+
+/// A thread's execution context on a machine.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Ctx {
+    /// `preempt_count()`.
+    pub preempt_count: u32,
+    /// `local_irq_disable` nesting (hard irq entry disables interrupts).
+    pub irq_disabled: u32,
+    /// The CPU claimed while the count is non-zero.
+    pub claimed: Option<u32>,
+}
+
+type WaitHook = fn(&mut (dyn FnMut() + Send));
+static WAIT_HOOK: std::sync::OnceLock<WaitHook> = std::sync::OnceLock::new();
+
+/// Install how to wait for a busy CPU (the Python binding releases the GIL
+/// while it waits, so the thread holding the CPU can run).
+pub fn set_wait_hook(h: WaitHook) {
+    let _ = WAIT_HOOK.set(h);
+}
+
+fn wait_with_hook(f: &mut (dyn FnMut() + Send)) {
+    match WAIT_HOOK.get() {
+        Some(h) => h(f),
+        None => f(),
+    }
 }
 
 /// A fresh machine id (for thread-local lookups).
@@ -267,6 +306,150 @@ impl Cpus {
             }
             None => Err("this thread is not bound to a CPU".into()),
         }
+    }
+
+    // ---- contexts: preemption and interrupts (include/linux/preempt.h) -----
+
+    /// This thread's context on this machine.
+    pub fn ctx(&self) -> Ctx {
+        let id = self.machine;
+        CTX.with(|c| c.borrow().iter().find(|e| e.0 == id).map(|e| e.1).unwrap_or_default())
+    }
+
+    fn set_ctx(&self, ctx: Ctx) {
+        let id = self.machine;
+        CTX.with(|c| {
+            let mut c = c.borrow_mut();
+            if let Some(e) = c.iter_mut().find(|e| e.0 == id) {
+                e.1 = ctx;
+            } else {
+                c.push((id, ctx));
+            }
+        });
+    }
+
+    /// Wait until no other thread holds `cpu` exclusively (a thread with
+    /// preemption disabled or in interrupt context keeps its CPU: others
+    /// run there only when it is done, as the scheduler would).
+    #[inline]
+    pub fn wait_runnable(&self, cpu: u32) {
+        let s = &self.slots[cpu as usize];
+        let o = s.owner.load(Relaxed);
+        if o == 0 || o == token() {
+            return;
+        }
+        s.contended.fetch_add(1, Relaxed);
+        let tok = token();
+        let mut f = || {
+            let mut spins = 0u32;
+            loop {
+                let o = s.owner.load(Acquire);
+                if o == 0 || o == tok {
+                    return;
+                }
+                spins += 1;
+                if spins < 64 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+            }
+        };
+        wait_with_hook(&mut f);
+    }
+
+    /// Add to `preempt_count` (preempt_disable, irq_enter...): the first
+    /// step up claims this thread's CPU until the count is back to 0.
+    pub fn preempt_add(&self, val: u32, irq_off: bool) -> u32 {
+        let mut ctx = self.ctx();
+        if ctx.preempt_count == 0 && ctx.claimed.is_none() {
+            let cpu = self.this_cpu();
+            let tok = token();
+            let s = &self.slots[cpu as usize];
+            if !self.try_claim(cpu, tok) {
+                let mut f = || {
+                    let mut spins = 0u32;
+                    while s.owner.compare_exchange(0, tok, Acquire, Relaxed).is_err() {
+                        spins += 1;
+                        if spins < 64 {
+                            std::hint::spin_loop();
+                        } else {
+                            std::thread::yield_now();
+                        }
+                    }
+                };
+                wait_with_hook(&mut f);
+            }
+            ctx.claimed = Some(cpu);
+        }
+        ctx.preempt_count += val;
+        if irq_off {
+            ctx.irq_disabled += 1;
+        }
+        if let Some(cpu) = ctx.claimed {
+            self.slots[cpu as usize].preempt_count.store(ctx.preempt_count, Relaxed);
+        }
+        self.set_ctx(ctx);
+        ctx.claimed.expect("claimed above")
+    }
+
+    /// Subtract from `preempt_count`; releasing the CPU at 0. Err if the
+    /// count would go negative in that field (an unbalanced enable).
+    pub fn preempt_sub(&self, val: u32, mask: u32, irq_on: bool) -> Result<(), String> {
+        let mut ctx = self.ctx();
+        if ctx.preempt_count & mask < val || (irq_on && ctx.irq_disabled == 0) {
+            return Err(format!(
+                "WARNING: DEBUG_LOCKS_WARN_ON(val > preempt_count()): unbalanced enable (preempt_count {:#x}, subtracting {val:#x})",
+                ctx.preempt_count
+            ));
+        }
+        ctx.preempt_count -= val;
+        if irq_on {
+            ctx.irq_disabled -= 1;
+        }
+        if let Some(cpu) = ctx.claimed {
+            self.slots[cpu as usize].preempt_count.store(ctx.preempt_count, Relaxed);
+            if ctx.preempt_count == 0 && ctx.irq_disabled == 0 {
+                ctx.claimed = None;
+                self.slots[cpu as usize].owner.store(0, Release);
+            }
+        }
+        self.set_ctx(ctx);
+        Ok(())
+    }
+
+    /// `in_atomic()`.
+    pub fn in_atomic(&self) -> bool {
+        self.ctx().preempt_count != 0
+    }
+
+    /// `in_interrupt()`.
+    pub fn in_interrupt(&self) -> bool {
+        self.ctx().preempt_count & (HARDIRQ_MASK | SOFTIRQ_MASK | NMI_MASK) != 0
+    }
+
+    /// `irqs_disabled()`.
+    pub fn irqs_disabled(&self) -> bool {
+        self.ctx().irq_disabled != 0
+    }
+
+    /// `__might_sleep`: the kernel's report when a sleeping call is made
+    /// in atomic context (CONFIG_DEBUG_ATOMIC_SLEEP), as an error message.
+    pub fn might_sleep(&self, file_line: &str) -> Result<(), String> {
+        let ctx = self.ctx();
+        if ctx.preempt_count == 0 && ctx.irq_disabled == 0 {
+            return Ok(());
+        }
+        Err(format!(
+            "BUG: sleeping function called from invalid context at {file_line}\n\
+             in_atomic(): {}, irqs_disabled(): {}, non_block: 0, pid: {}, name: {}\n\
+             preempt_count: {:x}, expected: 0",
+            u8::from(ctx.preempt_count != 0),
+            u8::from(ctx.irq_disabled != 0),
+            std::process::id(),
+            std::thread::current().name().unwrap_or("python"),
+            ctx.preempt_count
+        ))
     }
 
     /// Is `cpu` held by some thread right now?

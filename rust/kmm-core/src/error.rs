@@ -35,6 +35,8 @@ pub enum KmmError {
     Host(String),
     /// An object is still in use (e.g. destroying a cache with live objects).
     Busy(String),
+    /// Misuse the kernel answers with a BUG/WARN (e.g. an unbalanced put_cpu).
+    Bug(String),
 }
 
 impl KmmError {
@@ -53,6 +55,7 @@ impl KmmError {
             KmmError::BufferBusy(_) => "buffer_busy",
             KmmError::Host(_) => "host",
             KmmError::Busy(_) => "busy",
+            KmmError::Bug(_) => "bug",
         }
     }
 
@@ -70,6 +73,7 @@ impl KmmError {
         "buffer_busy",
         "host",
         "busy",
+        "bug",
     ];
 
     pub fn message(&self) -> &str {
@@ -85,7 +89,8 @@ impl KmmError {
             | KmmError::InvalidArgument(m)
             | KmmError::BufferBusy(m)
             | KmmError::Host(m)
-            | KmmError::Busy(m) => m,
+            | KmmError::Busy(m)
+            | KmmError::Bug(m) => m,
         }
     }
 }

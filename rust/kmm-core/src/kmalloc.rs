@@ -179,6 +179,7 @@ impl Machine {
 
     /// `__kmalloc_large_node`: compound pages from the page allocator.
     fn kmalloc_large(&self, size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
+        self.might_alloc(gfp, "mm/slub.c (__kmalloc_large_node -> might_alloc)")?;
         // The pages get __GFP_COMP; the events show the caller's flags.
         let gfp = self.slab_gfp(gfp);
         let page_gfp = gfp | gfp::__GFP_COMP;
@@ -263,7 +264,7 @@ impl Machine {
                 let o = c.locate_at(self, *head, va)?;
                 let o = self.check_slab_free_at(c, o, va)?;
                 self.trace_kfree(va, call_site);
-                self.slab_free_checked(c, &o, va, self.this_cpu());
+                self.slab_free_checked(c, &o, va, self.run_cpu());
                 return Ok(());
             }
             KObj::Large(pfn, order) => {

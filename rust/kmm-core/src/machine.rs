@@ -206,6 +206,8 @@ impl Machine {
             .enumerate()
             .map(|(idx, &(kind, start, end))| {
                 let spanned = end - start;
+                let area = FreeArea::new(start, end, pageblock_order);
+                let pageblocks = area.pageblock_flags();
                 Zone {
                     idx,
                     kind,
@@ -213,7 +215,15 @@ impl Machine {
                     spanned,
                     present: spanned,
                     managed: spanned,
-                    area: parking_lot::Mutex::new(FreeArea::new(start, end, pageblock_order)),
+                    area: parking_lot::Mutex::new(area),
+                    pageblocks,
+                    // Boot pagesets (high 0, batch 1) until setup_watermarks sizes them.
+                    pcp: (0..cfg.cpus)
+                        .map(|_| crate::zone::PcpSlot {
+                            lists: spin::Mutex::new(crate::pcp::PerCpuPages::new(1, 0, 0)),
+                            contended: AtomicU64::new(0),
+                        })
+                        .collect(),
                     nr_free_pages: Default::default(),
                     nr_free_pages_blocks: Default::default(),
                     nr_free_highatomic: Default::default(),
@@ -350,9 +360,21 @@ impl Machine {
             z.watermark[3].store(w.promo, Relaxed);
             let batch = zone::zone_batchsize(z.managed, self.page_size).max(1);
             let cpus = self.cfg.cpus as u64;
+            let (high_min, high_max) = if z.managed == 0 {
+                (0, 0)
+            } else {
+                (zone::zone_highsize(w.low, z.managed, batch, cpus, 0), zone::zone_highsize(w.low, z.managed, batch, cpus, 8))
+            };
             z.pcp_batch.store(batch, Relaxed);
-            z.pcp_high_min.store(zone::zone_highsize(w.low, z.managed, batch, cpus, 0), Relaxed);
-            z.pcp_high_max.store(zone::zone_highsize(w.low, z.managed, batch, cpus, 8), Relaxed);
+            z.pcp_high_min.store(high_min, Relaxed);
+            z.pcp_high_max.store(high_max, Relaxed);
+            // zone_set_pageset_high_and_batch: every CPU's pageset.
+            for slot in z.pcp.iter() {
+                let mut p = slot.lists.lock();
+                p.batch = batch;
+                p.high_min = high_min;
+                p.high_max = high_max;
+            }
         }
         let ratio: Vec<u64> = match &self.cfg.lowmem_reserve_ratio {
             Some(r) => (0..self.zones.len()).map(|i| r.get(i).copied().unwrap_or(0)).collect(),
@@ -505,6 +527,7 @@ impl Machine {
             errs.push(format!("machine-1: zones end at {prev_end:#x}, RAM at {:#x}", self.nr_pages));
         }
         errs.extend(self.cpus.check());
+        errs.extend(self.check_pcp());
         errs.extend(self.check_slab());
         errs
     }

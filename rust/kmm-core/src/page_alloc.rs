@@ -53,6 +53,25 @@ impl Machine {
         self.cpus.this_cpu()
     }
 
+    /// The CPU to run on, once no other thread holds it with preemption
+    /// disabled (see `Cpus::wait_runnable`).
+    #[inline]
+    pub fn run_cpu(&self) -> u32 {
+        let cpu = self.cpus.this_cpu();
+        self.cpus.wait_runnable(cpu);
+        cpu
+    }
+
+    /// `might_alloc(gfp)`: an allocation that may sleep, in atomic context,
+    /// is the kernel's "sleeping function called from invalid context".
+    #[inline]
+    pub fn might_alloc(&self, gfp: Gfp, at: &str) -> Result<()> {
+        if gfp::allow_blocking(gfp) {
+            self.cpus.might_sleep(at).map_err(KmmError::SleepInAtomic)?;
+        }
+        Ok(())
+    }
+
     /// `gfp_zone()` resolved to this machine's zone index.
     pub fn gfp_zone(&self, gfp: Gfp) -> Result<usize> {
         let has_high = self.zone_index(ZoneKind::HighMem).is_some();
@@ -82,6 +101,7 @@ impl Machine {
             )));
         }
         let highest_zoneidx = self.gfp_zone(gfp)?;
+        self.might_alloc(gfp, "mm/page_alloc.c (prepare_alloc_pages -> might_alloc)")?;
         if order > MAX_PAGE_ORDER {
             return Err(self.alloc_failure(gfp, order, "order > MAX_PAGE_ORDER"));
         }
@@ -336,8 +356,68 @@ impl Machine {
         z.area.lock().has_usable_block(order, alloc_flags)
     }
 
-    /// `rmqueue` -> `rmqueue_buddy`: take a block from one zone's buddy lists.
+    /// `rmqueue`: the per-CPU lists for pcp-sized orders, else the buddy lists.
     fn rmqueue(&self, z: &Zone, order: u32, alloc_flags: u32, mt: u8) -> Option<u64> {
+        if crate::pcp_allowed_order(order, self.pageblock_order) {
+            if let Some(p) = self.rmqueue_pcplist(z, order, alloc_flags, mt) {
+                return Some(p);
+            }
+        }
+        self.rmqueue_buddy(z, order, alloc_flags, mt)
+    }
+
+    /// `rmqueue_pcplist`: the head of this CPU's (order, migratetype) list,
+    /// refilled from the buddy allocator in a batch (`rmqueue_bulk`) when empty.
+    fn rmqueue_pcplist(&self, z: &Zone, order: u32, alloc_flags: u32, mt: u8) -> Option<u64> {
+        let cpu = self.run_cpu();
+        let slot = &z.pcp[cpu as usize];
+        let Some(mut pcp) = slot.lists.try_lock() else {
+            slot.contended.fetch_add(1, Relaxed);
+            return None; // pcp_spin_trylock failed: take the buddy path
+        };
+        pcp.free_count >>= 1;
+        let pindex = crate::pcp::order_to_pindex(mt, order, self.pageblock_order);
+        let mut events = Vec::new();
+        if pcp.lists[pindex].is_empty() {
+            let batch = pcp.nr_pcp_alloc(order, z.below_high.load(Relaxed));
+            let tracing = self.trace.any(EventId::MmPageAllocZoneLocked.bit() | EventId::MmPageAllocExtfrag.bit());
+            let mut ev = if tracing { Some(&mut events) } else { None };
+            let boosts;
+            {
+                let mut a = z.area.lock();
+                let mut mode = RmqueueMode::Normal;
+                for _ in 0..batch {
+                    let Some(p) = a.rmqueue(&self.mem_map, order, mt, alloc_flags, &mut mode, &mut ev) else {
+                        break;
+                    };
+                    self.mem_map.get(p).set(PG_PCP, order);
+                    pcp.lists[pindex].push_back(p as u32);
+                    pcp.count += 1 << order;
+                }
+                z.sync_counters(&a);
+                boosts = std::mem::take(&mut a.boost_requests);
+            }
+            for _ in 0..boosts {
+                self.boost_watermark(z);
+            }
+            if boosts > 0 && alloc_flags & ALLOC_KSWAPD != 0 {
+                z.watermark_boost.store(0, Relaxed);
+            }
+        }
+        let pfn = pcp.lists[pindex].pop_front().map(|p| p as u64);
+        if pfn.is_some() {
+            pcp.count -= 1 << order;
+        }
+        drop(pcp);
+        self.emit_buddy_events(z, &events);
+        let pfn = pfn?;
+        self.mem_map.get(pfn).set(0, 0);
+        z.counters.pgalloc.fetch_add(1 << order, Relaxed);
+        Some(pfn)
+    }
+
+    /// `rmqueue_buddy`: take a block from one zone's buddy lists.
+    fn rmqueue_buddy(&self, z: &Zone, order: u32, alloc_flags: u32, mt: u8) -> Option<u64> {
         let tracing = self.trace.any(EventId::MmPageAllocZoneLocked.bit() | EventId::MmPageAllocExtfrag.bit());
         let mut events = Vec::new();
         let mut ev = if tracing { Some(&mut events) } else { None };
@@ -537,7 +617,7 @@ impl Machine {
         if p.refcount() <= 0 {
             // Inside a free block, or a tail of an allocated block?
             let z = self.pfn_zone(pfn).expect("valid pfn has a zone");
-            if z.area.lock().find_free_block(&self.mem_map, pfn.0).is_some() {
+            if z.area.lock().find_free_block(&self.mem_map, pfn.0).is_some() || self.in_pcp_block(pfn.0) {
                 return Err(KmmError::DoubleFree(format!(
                     "double free or corruption: pfn:{:05x} lies in a free block (page dumped because: VM_BUG_ON_PAGE(page_ref_count(page) == 0))",
                     pfn.0
@@ -557,6 +637,15 @@ impl Machine {
             )));
         }
         Ok(p.order())
+    }
+
+    /// Is `pfn` inside a block sitting on a per-CPU list?
+    fn in_pcp_block(&self, pfn: u64) -> bool {
+        (0..=self.pageblock_order).any(|o| {
+            let head = pfn >> o << o;
+            let m = self.mem_map.get(head);
+            m.has(PG_PCP) && pfn < head + (1u64 << m.order())
+        })
     }
 
     /// `__free_pages`: drop a reference; free the block when it was the last.
@@ -587,8 +676,8 @@ impl Machine {
         self.free_pages(self.phys_to_pfn(pa), order)
     }
 
-    /// `free_pages_prepare` + `__free_pages_ok`: clear page state, give the
-    /// block to the buddy allocator.
+    /// `free_pages_prepare` + `__free_frozen_pages`: clear page state, then
+    /// the per-CPU lists for pcp-sized orders, or the buddy allocator.
     fn free_block(&self, pfn: Pfn, order: u32) {
         let head = self.mem_map.get(pfn.0);
         if head.has(PG_HEAD) {
@@ -598,23 +687,185 @@ impl Machine {
         }
         head.clear();
         let z = self.pfn_zone(pfn).expect("allocated page has a zone");
+        if crate::pcp_allowed_order(order, self.pageblock_order) && self.free_to_pcp(z, pfn.0, order) {
+            return;
+        }
+        self.free_one_page(z, pfn.0, order);
+    }
+
+    /// `free_one_page`: straight to the buddy lists under the zone lock.
+    fn free_one_page(&self, z: &Zone, pfn: u64, order: u32) {
         {
             let mut a = z.area.lock();
-            let mt = a.pageblock_migratetype(pfn.0);
-            a.free_one_page(&self.mem_map, pfn.0, order, mt, false);
+            let mt = a.pageblock_migratetype(pfn);
+            a.free_one_page(&self.mem_map, pfn, order, mt, false);
             z.sync_counters(&a);
         }
         z.counters.pgfree.fetch_add(1 << order, Relaxed);
-        // Frees of pcp-sized orders clear ZONE_BELOW_HIGH once the zone is
-        // back above its high watermark (free_frozen_page_commit).
+        self.clear_below_high(z, order);
+    }
+
+    /// ZONE_BELOW_HIGH is cleared once a free brings the zone back above
+    /// its high watermark (free_frozen_page_commit).
+    fn clear_below_high(&self, z: &Zone, order: u32) {
         if crate::pcp_allowed_order(order, self.pageblock_order) && z.below_high.load(Relaxed) {
             let high = z.wmark(crate::zone::WMARK_HIGH);
-            let movable = self.zones.len() - 1;
-            let hz = self.zone_index(ZoneKind::Movable).unwrap_or(movable);
+            let hz = self.zone_index(ZoneKind::Movable).unwrap_or(self.zones.len() - 1);
             if self.zone_watermark_ok(z, 0, high, hz, 0, z.nr_free_pages.load(Relaxed)) {
                 z.below_high.store(false, Relaxed);
             }
         }
+    }
+
+    /// `free_frozen_page_commit`: onto this CPU's list; drain a batch back
+    /// to the buddy allocator when the lists pass `high`. False when the
+    /// page must go to the buddy allocator instead (isolated pageblock, or
+    /// the pcp lock is busy).
+    fn free_to_pcp(&self, z: &Zone, pfn: u64, order: u32) -> bool {
+        let mut mt = z.pageblocks.get(pfn);
+        if mt >= crate::buddy::MIGRATE_PCPTYPES {
+            if mt == crate::buddy::MIGRATE_ISOLATE {
+                return false;
+            }
+            mt = crate::buddy::MIGRATE_MOVABLE; // HIGHATOMIC pages use the movable list
+        }
+        let cpu = self.run_cpu();
+        let slot = &z.pcp[cpu as usize];
+        let Some(mut pcp) = slot.lists.try_lock() else {
+            slot.contended.fetch_add(1, Relaxed);
+            return false;
+        };
+        let free_high = pcp.note_free(order);
+        let pindex = crate::pcp::order_to_pindex(mt, order, self.pageblock_order);
+        self.mem_map.get(pfn).set(PG_PCP, order);
+        pcp.lists[pindex].push_front(pfn as u32);
+        pcp.count += 1 << order;
+        z.counters.pgfree.fetch_add(1 << order, Relaxed);
+        let below_high = z.below_high.load(Relaxed);
+        let high = pcp.nr_pcp_high(free_high, below_high);
+        if pcp.count >= high {
+            let n = pcp.nr_pcp_free(high, free_high);
+            let drained = self.free_pcppages_bulk(z, &mut pcp, n, pindex);
+            drop(pcp);
+            self.emit_drain(&drained, cpu);
+            self.clear_below_high(z, order);
+        }
+        true
+    }
+
+    /// `free_pcppages_bulk`: give `count` pages back, round-robin over the
+    /// lists starting with `pindex`, each list from its tail. Returns the
+    /// (pfn, order, migratetype) of each page for `mm_page_pcpu_drain`.
+    fn free_pcppages_bulk(
+        &self,
+        z: &Zone,
+        pcp: &mut crate::pcp::PerCpuPages,
+        count: u64,
+        pindex: usize,
+    ) -> Vec<(u64, u32, u8)> {
+        let mut count = count.min(pcp.count) as i64;
+        let tracing = self.trace.on(EventId::MmPagePcpuDrain);
+        let mut out = Vec::new();
+        let nlists = pcp.lists.len();
+        let mut p = (pindex + nlists - 1) % nlists;
+        let mut a = z.area.lock();
+        while count > 0 {
+            loop {
+                p = (p + 1) % nlists;
+                if !pcp.lists[p].is_empty() {
+                    break;
+                }
+            }
+            let order = crate::pcp::pindex_to_order(p, self.pageblock_order);
+            let nr = 1i64 << order;
+            while count > 0 {
+                let Some(pfn) = pcp.lists[p].pop_back() else { break };
+                let pfn = pfn as u64;
+                let mt = a.pageblock_migratetype(pfn);
+                count -= nr;
+                pcp.count -= nr as u64;
+                self.mem_map.get(pfn).set(0, 0);
+                a.free_one_page(&self.mem_map, pfn, order, mt, false);
+                if tracing {
+                    out.push((pfn, order, mt));
+                }
+            }
+        }
+        z.sync_counters(&a);
+        out
+    }
+
+    fn emit_drain(&self, drained: &[(u64, u32, u8)], cpu: u32) {
+        for &(pfn, order, mt) in drained {
+            self.trace.emit(cpu, Payload::MmPagePcpuDrain { pfn, order, migratetype: mt as i32 });
+        }
+    }
+
+    /// `drain_all_pages(NULL)`: empty every CPU's lists in every zone.
+    pub fn drain_all_pages(&self) {
+        for z in &self.zones {
+            for (cpu, slot) in z.pcp.iter().enumerate() {
+                let mut pcp = slot.lists.lock();
+                let n = pcp.count;
+                let drained = if n > 0 { self.free_pcppages_bulk(z, &mut pcp, n, 0) } else { Vec::new() };
+                drop(pcp);
+                self.emit_drain(&drained, cpu as u32);
+            }
+        }
+    }
+
+    /// `drain_local_pages`: this CPU's lists only.
+    pub fn drain_local_pages(&self) {
+        let cpu = self.run_cpu();
+        for z in &self.zones {
+            let mut pcp = z.pcp[cpu as usize].lists.lock();
+            let n = pcp.count;
+            let drained = if n > 0 { self.free_pcppages_bulk(z, &mut pcp, n, 0) } else { Vec::new() };
+            drop(pcp);
+            self.emit_drain(&drained, cpu);
+        }
+    }
+
+    /// Pages sitting on per-CPU lists, all zones and CPUs.
+    pub fn nr_pcp_pages(&self) -> u64 {
+        self.zones.iter().flat_map(|z| z.pcp.iter()).map(|s| s.lists.lock().count).sum()
+    }
+
+    /// Check pcp-1/pcp-2.
+    pub fn check_pcp(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        for z in &self.zones {
+            for (cpu, slot) in z.pcp.iter().enumerate() {
+                let pcp = slot.lists.lock();
+                let mut pages = 0u64;
+                for (i, l) in pcp.lists.iter().enumerate() {
+                    let order = crate::pcp::pindex_to_order(i, self.pageblock_order);
+                    for &pfn in l {
+                        let m = self.mem_map.get(pfn as u64);
+                        if !m.has(PG_PCP) || m.has(PG_BUDDY) || m.order() != order {
+                            errs.push(format!(
+                                "pcp-2: {} cpu {cpu}: pfn {pfn:#x} on the order-{order} list has flags {:#x} order {}",
+                                z.kind.name(),
+                                m.flags(),
+                                m.order()
+                            ));
+                        }
+                        if !z.spans(pfn as u64) {
+                            errs.push(format!("pcp-2: {} cpu {cpu}: pfn {pfn:#x} is not in the zone", z.kind.name()));
+                        }
+                        pages += 1 << order;
+                    }
+                }
+                if pages != pcp.count {
+                    errs.push(format!(
+                        "pcp-1: {} cpu {cpu}: count {} but the lists hold {pages} pages",
+                        z.kind.name(),
+                        pcp.count
+                    ));
+                }
+            }
+        }
+        errs
     }
 
     /// Turn freshly allocated (compound) pages into a slab of cache `cache_id`:

@@ -301,8 +301,8 @@ impl Machine {
             nr_free_mt,
             pageblocks,
             nr_reserved_highatomic: z.nr_reserved_highatomic.load(Relaxed),
-            pcp_count: 0,
-            pcp_high: 0,
+            pcp_count: z.pcp.iter().map(|p| p.lists.lock().count).sum(),
+            pcp_high: z.pcp.iter().map(|p| p.lists.lock().high).max().unwrap_or(0),
             pcp_batch: z.pcp_batch.load(Relaxed),
             pcp_high_min: z.pcp_high_min.load(Relaxed),
             pcp_high_max: z.pcp_high_max.load(Relaxed),
@@ -646,11 +646,13 @@ impl Machine {
             }
             s.push_str("\n  pagesets");
             for cpu in 0..self.cfg.cpus {
+                let p = z.pcp[cpu as usize].lists.lock();
                 let _ = write!(
                     s,
                     "\n    cpu: {cpu}\n              count:    {}\n              high:     {}\n              batch:    {}\n              high_min: {}\n              high_max: {}",
-                    zi.pcp_count, zi.pcp_high, zi.pcp_batch, zi.pcp_high_min, zi.pcp_high_max
+                    p.count, p.high, p.batch, p.high_min, p.high_max
                 );
+                drop(p);
                 let _ = write!(s, "\n  vm stats threshold: {}", zi.vmstat_threshold);
             }
             let _ = write!(s, "\n  node_unreclaimable:  {}\n  start_pfn:           {}\n", 0, zi.start_pfn);

@@ -25,7 +25,17 @@ use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::Relaxed};
 use parking_lot::Mutex;
 
 use crate::arch::ZoneKind;
-use crate::buddy::FreeArea;
+use crate::buddy::{FreeArea, PageblockFlags};
+use crate::pcp::PerCpuPages;
+
+/// One CPU's page lists for one zone, on its own cache line, behind a spin
+/// lock (the kernel's `pcp->lock`, taken with a trylock).
+#[repr(align(64))]
+pub struct PcpSlot {
+    pub lists: spin::Mutex<PerCpuPages>,
+    /// Times the lock was found held (threads sharing a CPU, or a drain).
+    pub contended: AtomicU64,
+}
 
 /// Watermark indices (`enum zone_watermarks`).
 pub const WMARK_MIN: usize = 0;
@@ -63,6 +73,10 @@ pub struct Zone {
     pub managed: u64,
     /// `zone->lock` and what it protects: free lists and pageblock types.
     pub area: Mutex<FreeArea>,
+    /// Pageblock migratetypes, readable without the zone lock.
+    pub pageblocks: PageblockFlags,
+    /// Per-CPU page lists (`zone->per_cpu_pageset`), one per CPU.
+    pub pcp: Box<[PcpSlot]>,
     /// NR_FREE_PAGES, readable without the lock (kept in step under it).
     pub nr_free_pages: AtomicI64,
     /// NR_FREE_PAGES_BLOCKS (6.18): free pages in blocks >= pageblock_order.

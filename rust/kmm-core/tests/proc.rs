@@ -93,11 +93,16 @@ fn assert_same<T: PartialEq + std::fmt::Debug>(ours: &[T], theirs: &[T], what: &
     assert_eq!(ours.len(), theirs.len(), "{what}: line counts differ");
 }
 
+/// A meminfo value, read after draining the per-CPU page lists, so that
+/// MemFree counts every free page (pcp pages are not in NR_FREE_PAGES).
 fn field(m: &Machine, name: &str) -> u64 {
+    m.drain_all_pages();
     m.meminfo_fields().into_iter().find(|(n, _)| *n == name).unwrap_or_else(|| panic!("no {name}")).1
 }
 
+/// A vmstat value, after draining the per-CPU page lists (see `field`).
 fn vmstat(m: &Machine, name: &str) -> u64 {
+    m.drain_all_pages();
     let text = m.proc_vmstat();
     let line = text.lines().find(|l| l.split(' ').next() == Some(name)).unwrap_or_else(|| panic!("no {name}"));
     line.split(' ').nth(1).unwrap().parse().unwrap()
@@ -688,7 +693,7 @@ fn slabinfo_and_meminfo_follow_kmalloc() {
     assert_eq!(sysfs(&m, k, "cpu_slabs"), "2");
     assert_eq!(sysfs(&m, k, "slabs_cpu_partial"), format!("32(1) C{cpu}=32(1)"));
     let cache = m.kmalloc_slab(64, GFP_KERNEL).clone();
-    assert_eq!(m.kmem_cache_shrink(&cache), 2);
+    assert_eq!(m.kmem_cache_shrink(&cache).unwrap(), 2);
     assert_eq!(slab_counts(&m, "kmalloc-64"), (0, 0, 0));
     assert_eq!(sysfs(&m, k, "cpu_slabs"), "0");
     assert_eq!((field(&m, "SUnreclaim"), field(&m, "Slab"), field(&m, "MemFree")), (unrecl0, slab0, free0));
@@ -708,7 +713,7 @@ fn node_partial_free_objects_are_inactive() {
         m.kfree(o, &cs).unwrap();
     }
     let cache = m.kmalloc_slab(64, GFP_KERNEL).clone();
-    m.kmem_cache_shrink(&cache);
+    m.kmem_cache_shrink(&cache).unwrap();
     // Slab 1: 32 free on the node list; slab 2 was the (full) cpu slab.
     assert_eq!(slab_counts(&m, "kmalloc-64"), (96, 128, 2));
     assert_eq!(sysfs(&m, "kmalloc-64", "objects"), "96");
@@ -717,7 +722,7 @@ fn node_partial_free_objects_are_inactive() {
     for &o in &objs[32..] {
         m.kfree(o, &cs).unwrap();
     }
-    m.kmem_cache_shrink(&cache);
+    m.kmem_cache_shrink(&cache).unwrap();
     assert_eq!(slab_counts(&m, "kmalloc-64"), (0, 0, 0));
     assert!(m.check().is_empty());
 }
@@ -740,7 +745,7 @@ fn reclaimable_kmalloc_counts_as_sreclaimable() {
     // (less min(1 / 2, low watermarks) = 0): unchanged.
     assert_eq!(field(&m, "MemAvailable"), avail0);
     m.kfree(o.0, &cs).unwrap();
-    m.kmem_cache_shrink(m.kmalloc_slab(64, GFP_KERNEL | __GFP_RECLAIMABLE));
+    m.kmem_cache_shrink(m.kmalloc_slab(64, GFP_KERNEL | __GFP_RECLAIMABLE)).unwrap();
     assert_eq!(field(&m, "SReclaimable"), recl0);
     assert_eq!(vmstat(&m, "nr_slab_reclaimable"), 0);
 }

@@ -32,7 +32,7 @@ pub(crate) fn to_py_err(e: KmmError) -> PyErr {
         KmmError::InvalidArgument(_) => PyValueError::new_err(msg),
         KmmError::BufferBusy(_) => PyBufferError::new_err(msg),
         KmmError::Host(_) => PyOSError::new_err(msg),
-        KmmError::Busy(_) => base::KmmError::new_err(msg),
+        KmmError::Busy(_) | KmmError::Bug(_) => base::KmmError::new_err(msg),
     }
 }
 

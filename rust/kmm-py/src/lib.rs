@@ -7,6 +7,7 @@
 
 use pyo3::prelude::*;
 
+mod cpu;
 mod errors;
 mod machine;
 mod objects;
@@ -18,6 +19,9 @@ pub(crate) use errors::to_py_err;
 /// The compiled core of kmm.
 #[pymodule(gil_used = false)]
 fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    kmm_core::cpu::set_wait_hook(cpu::wait_hook);
+    m.add_class::<cpu::PyOnCpu>()?;
+    m.add_class::<cpu::PyContext>()?;
     m.add_class::<machine::PyMachine>()?;
     m.add_class::<objects::PyPage>()?;
     m.add_class::<objects::PyZone>()?;

@@ -427,10 +427,10 @@ impl PyMachine {
         py.detach(move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
     }
     /// `kmem_cache_shrink(cache)`: pages given back.
-    fn kmem_cache_shrink(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>) -> u64 {
+    fn kmem_cache_shrink(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>) -> PyResult<u64> {
         let c = cache.get().c.clone();
         let m = self.m.clone();
-        py.detach(move || m.kmem_cache_shrink(&c))
+        py.detach(move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
     }
     /// `kmem_cache_destroy(cache)`.
     fn kmem_cache_destroy(&self, cache: &Bound<'_, PyKmemCache>) -> PyResult<()> {
@@ -463,6 +463,92 @@ impl PyMachine {
         let b = PyBlock::new(&self.m, addr, size);
         b.check_alive()?;
         Ok(b)
+    }
+
+    // ---- CPUs, preemption, interrupts, per-CPU page lists ---------------------
+
+    /// `with m.on_cpu(k):` run the calling thread on simulated CPU k.
+    fn on_cpu(&self, cpu: u32) -> PyResult<crate::cpu::PyOnCpu> {
+        if cpu >= self.m.cfg.cpus {
+            return Err(PyValueError::new_err(format!(
+                "cpu {cpu} does not exist (the machine has {} CPUs)",
+                self.m.cfg.cpus
+            )));
+        }
+        Ok(crate::cpu::PyOnCpu::new(&self.m, cpu))
+    }
+    /// `smp_processor_id()`: the CPU the calling thread runs on.
+    fn smp_processor_id(&self) -> u32 {
+        self.m.cpus.this_cpu()
+    }
+    /// `get_cpu()`: disable preemption (the thread keeps its CPU) and return it.
+    fn get_cpu(&self) -> u32 {
+        self.m.cpus.preempt_add(kmm_core::cpu::PREEMPT_OFFSET, false)
+    }
+    /// `put_cpu()`: enable preemption again; unbalanced calls raise.
+    fn put_cpu(&self) -> PyResult<()> {
+        self.m
+            .cpus
+            .preempt_sub(kmm_core::cpu::PREEMPT_OFFSET, kmm_core::cpu::PREEMPT_MASK, false)
+            .map_err(|e| to_py_err(KmmError::Bug(e)))
+    }
+    /// `preempt_disable()`.
+    fn preempt_disable(&self) {
+        self.m.cpus.preempt_add(kmm_core::cpu::PREEMPT_OFFSET, false);
+    }
+    /// `preempt_enable()`.
+    fn preempt_enable(&self) -> PyResult<()> {
+        self.put_cpu()
+    }
+    /// `with m.preempt_disabled():` a preempt_disable/enable pair.
+    fn preempt_disabled(&self) -> crate::cpu::PyContext {
+        crate::cpu::PyContext::new(&self.m, crate::cpu::CtxKind::Preempt)
+    }
+    /// `with m.atomic():` atomic context (preemption disabled, as under a spinlock).
+    fn atomic(&self) -> crate::cpu::PyContext {
+        crate::cpu::PyContext::new(&self.m, crate::cpu::CtxKind::Preempt)
+    }
+    /// `with m.irq():` hard-interrupt context on the current CPU (irq_enter/irq_exit).
+    fn irq(&self) -> crate::cpu::PyContext {
+        crate::cpu::PyContext::new(&self.m, crate::cpu::CtxKind::Irq)
+    }
+    /// `in_atomic()`.
+    fn in_atomic(&self) -> bool {
+        self.m.cpus.in_atomic()
+    }
+    /// `in_interrupt()`.
+    fn in_interrupt(&self) -> bool {
+        self.m.cpus.in_interrupt()
+    }
+    /// `irqs_disabled()`.
+    fn irqs_disabled(&self) -> bool {
+        self.m.cpus.irqs_disabled()
+    }
+    /// `preempt_count()` (the kernel's layout: preempt, softirq, hardirq fields).
+    fn preempt_count(&self) -> u32 {
+        self.m.cpus.ctx().preempt_count
+    }
+    /// `drain_all_pages()`: empty every CPU's per-CPU page lists.
+    fn drain_all_pages(&self, py: Python<'_>) {
+        let m = self.m.clone();
+        py.detach(move || m.drain_all_pages())
+    }
+    /// `drain_local_pages()`: this CPU's lists only.
+    fn drain_local_pages(&self) {
+        self.m.drain_local_pages()
+    }
+    /// Pages on per-CPU lists (free, but not in the buddy allocator).
+    fn nr_pcp_pages(&self) -> u64 {
+        self.m.nr_pcp_pages()
+    }
+    /// Per CPU: claims taken and times a thread found the CPU busy.
+    fn cpu_stats(&self) -> Vec<(u64, u64)> {
+        (0..self.m.cfg.cpus)
+            .map(|c| {
+                let s = self.m.cpus.slot(c);
+                (s.claims.load(std::sync::atomic::Ordering::Relaxed), s.contended.load(std::sync::atomic::Ordering::Relaxed))
+            })
+            .collect()
     }
 
     // ---- views, checks, tracing ----------------------------------------------

@@ -529,9 +529,9 @@ impl PyKmemCache {
         py.detach(move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
     }
     /// `kmem_cache_shrink`: give empty slabs back; returns pages freed.
-    fn shrink(&self, py: Python<'_>) -> u64 {
+    fn shrink(&self, py: Python<'_>) -> PyResult<u64> {
         let (m, c) = (self.m.clone(), self.c.clone());
-        py.detach(move || m.kmem_cache_shrink(&c))
+        py.detach(move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
     }
     /// `kmem_cache_destroy`. Refused (KmmError) while objects are allocated;
     /// the cache then stays usable.

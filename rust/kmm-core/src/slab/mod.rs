@@ -193,6 +193,7 @@ impl Machine {
                 )));
             }
         }
+        self.might_sleep_mutex()?;
         let mut list = self.slab.list.lock(); // slab_mutex
         if let Some(c) = self.find_mergeable(&list, size, a.align, a.flags, &a) {
             c.refcount.fetch_add(1, Relaxed);
@@ -245,7 +246,8 @@ impl Machine {
             return Err(KmmError::UseAfterFree(format!("kmem_cache_alloc: cache {} was destroyed", c.name)));
         }
         let gfp = self.slab_gfp(gfp);
-        let cpu = cpu.unwrap_or_else(|| self.this_cpu());
+        self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
+        let cpu = cpu.unwrap_or_else(|| self.run_cpu());
         let obj = c.alloc_raw(self, gfp, cpu)?;
         Ok(self.slab_post_alloc(c, obj, gfp))
     }
@@ -336,7 +338,7 @@ impl Machine {
                 Payload::KmemCacheFree { call_site: call_site.clone(), ptr: va.0, name: c.name.clone().into() },
             );
         }
-        self.slab_free_checked(c, &o, va.0, self.this_cpu());
+        self.slab_free_checked(c, &o, va.0, self.run_cpu());
         Ok(())
     }
 
@@ -347,8 +349,9 @@ impl Machine {
             return Err(KmmError::UseAfterFree(format!("kmem_cache_alloc_bulk: cache {} was destroyed", c.name)));
         }
         let gfp = self.slab_gfp(gfp);
+        self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
         let start = out.len();
-        let cpu = self.this_cpu();
+        let cpu = self.run_cpu();
         out.reserve(n);
         if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out) {
             // All or nothing: what was taken goes back.
@@ -403,21 +406,28 @@ impl Machine {
             }
             return Err(e);
         }
-        c.free_bulk_raw(self, &refs, self.this_cpu());
+        c.free_bulk_raw(self, &refs, self.run_cpu());
         Ok(())
     }
 
     /// `kmem_cache_shrink`: flush CPU slabs and give empty slabs back.
     /// Returns the pages freed.
-    pub fn kmem_cache_shrink(&self, c: &KmemCache) -> u64 {
+    pub fn kmem_cache_shrink(&self, c: &KmemCache) -> Result<u64> {
+        self.might_sleep_mutex()?;
         let _l = self.slab.list.lock();
-        c.shrink(self)
+        Ok(c.shrink(self))
+    }
+
+    /// `mutex_lock(&slab_mutex)` may sleep.
+    fn might_sleep_mutex(&self) -> Result<()> {
+        self.cpus.might_sleep("kernel/locking/mutex.c (mutex_lock)").map_err(KmmError::SleepInAtomic)
     }
 
     /// `kmem_cache_destroy`: drop a reference; the last one shuts the cache
     /// down. A cache with objects still allocated is kept (and usable), with
     /// the kernel's report as the error.
     pub fn kmem_cache_destroy(&self, c: &KmemCache) -> Result<()> {
+        self.might_sleep_mutex()?;
         let mut list = self.slab.list.lock();
         if c.dead.load(Relaxed) {
             return Err(KmmError::UseAfterFree(format!(

@@ -1,0 +1,78 @@
+//! CPU binding and execution contexts for Python: `with m.on_cpu(k)`,
+//! `with m.preempt_disabled()`, `with m.atomic()`, `with m.irq()`.
+
+use std::sync::Arc;
+
+use kmm_core::cpu::{HARDIRQ_MASK, HARDIRQ_OFFSET, PREEMPT_MASK, PREEMPT_OFFSET};
+use kmm_core::{KmmError, Machine};
+use pyo3::prelude::*;
+
+use crate::to_py_err;
+
+/// Release the GIL while waiting for a CPU another thread holds.
+pub(crate) fn wait_hook(f: &mut (dyn FnMut() + Send)) {
+    Python::attach(|py| py.detach(f));
+}
+
+/// `with m.on_cpu(k):` binds the calling thread to CPU k for the block.
+#[pyclass(frozen, name = "OnCpu", module = "kmm._kmm")]
+pub struct PyOnCpu {
+    m: Arc<Machine>,
+    cpu: u32,
+}
+
+impl PyOnCpu {
+    pub(crate) fn new(m: &Arc<Machine>, cpu: u32) -> Self {
+        PyOnCpu { m: m.clone(), cpu }
+    }
+}
+
+#[pymethods]
+impl PyOnCpu {
+    fn __enter__(&self) -> PyResult<u32> {
+        self.m.cpus.bind(self.cpu).map_err(|e| pyo3::exceptions::PyValueError::new_err(e))?;
+        Ok(self.cpu)
+    }
+    fn __exit__(&self, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> PyResult<bool> {
+        self.m.cpus.unbind().map_err(|e| pyo3::exceptions::PyValueError::new_err(e))?;
+        Ok(false)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum CtxKind {
+    Preempt,
+    Irq,
+}
+
+/// A preempt-disabled or interrupt section as a context manager.
+#[pyclass(frozen, name = "Context", module = "kmm._kmm")]
+pub struct PyContext {
+    m: Arc<Machine>,
+    kind: CtxKind,
+}
+
+impl PyContext {
+    pub(crate) fn new(m: &Arc<Machine>, kind: CtxKind) -> Self {
+        PyContext { m: m.clone(), kind }
+    }
+}
+
+#[pymethods]
+impl PyContext {
+    /// Enter: returns the CPU the section runs on.
+    fn __enter__(&self) -> u32 {
+        match self.kind {
+            CtxKind::Preempt => self.m.cpus.preempt_add(PREEMPT_OFFSET, false),
+            CtxKind::Irq => self.m.cpus.preempt_add(HARDIRQ_OFFSET, true),
+        }
+    }
+    fn __exit__(&self, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> PyResult<bool> {
+        let r = match self.kind {
+            CtxKind::Preempt => self.m.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false),
+            CtxKind::Irq => self.m.cpus.preempt_sub(HARDIRQ_OFFSET, HARDIRQ_MASK, true),
+        };
+        r.map_err(|e| to_py_err(KmmError::Bug(e)))?;
+        Ok(false)
+    }
+}
