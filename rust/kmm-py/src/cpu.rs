@@ -30,11 +30,11 @@ impl PyOnCpu {
 #[pymethods]
 impl PyOnCpu {
     fn __enter__(&self) -> PyResult<u32> {
-        self.m.cpus.bind(self.cpu).map_err(|e| pyo3::exceptions::PyValueError::new_err(e))?;
+        self.m.cpus.bind(self.cpu).map_err(pyo3::exceptions::PyValueError::new_err)?;
         Ok(self.cpu)
     }
     fn __exit__(&self, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> PyResult<bool> {
-        self.m.cpus.unbind().map_err(|e| pyo3::exceptions::PyValueError::new_err(e))?;
+        self.m.cpus.unbind().map_err(pyo3::exceptions::PyValueError::new_err)?;
         Ok(false)
     }
 }
