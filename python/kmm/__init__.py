@@ -141,6 +141,13 @@ _FORWARDED = (
     "drain_all_pages",
     "drain_local_pages",
     "nr_pcp_pages",
+    "alloc_percpu",
+    "free_percpu",
+    "per_cpu_ptr",
+    "this_cpu_ptr",
+    "define_per_cpu",
+    "per_cpu",
+    "get_cpu_var",
 )
 
 

@@ -19,7 +19,7 @@
 //!
 //! # Invariants
 //! - cpu-1: a CPU's `owner` is 0 or the token of the one thread running on it.
-//! - cpu-2: a thread's binding stack holds only CPUs whose owner is its token.
+//! - cpu-2: a thread with preemption disabled owns the CPU it runs on.
 //!
 //! Lock order: a CPU claim is taken before any allocator lock (zone lock,
 //! slab list_lock) and released after them.
@@ -237,51 +237,29 @@ impl Cpus {
         }
     }
 
-    /// Claim a specific CPU (blocking until it is free) and keep it until
-    /// `unbind`. Nested binds of the same CPU nest; binding a different CPU
-    /// while bound is refused.
+    /// Run this thread on `cpu` until `unbind` (affinity, like
+    /// `sched_setaffinity` to one CPU). Several threads may be bound to one
+    /// CPU: they take turns through its per-CPU locks, and a thread with
+    /// preemption disabled keeps the CPU to itself. Nested binds of the same
+    /// CPU nest; binding a different CPU while bound is refused.
     pub fn bind(&self, cpu: u32) -> Result<(), String> {
         if cpu >= self.len() {
             return Err(format!("cpu {cpu} does not exist (the machine has {} CPUs)", self.len()));
         }
         if let Some(cur) = self.current() {
-            if cur == cpu {
-                self.push(cpu);
-                return Ok(());
+            if cur != cpu {
+                return Err(format!("this thread already runs on cpu {cur}; it cannot also run on cpu {cpu}"));
             }
-            return Err(format!("this thread already runs on cpu {cur}; it cannot also run on cpu {cpu}"));
         }
-        let tok = token();
-        let mut spins = 0u32;
-        while !self.try_claim(cpu, tok) {
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
+        if self.ctx().claimed.is_some_and(|c| c != cpu) {
+            return Err(format!("cannot move to cpu {cpu} with preemption disabled"));
         }
         self.push(cpu);
+        self.slots[cpu as usize].claims.fetch_add(1, Relaxed);
         Ok(())
     }
 
-    /// Try to bind without waiting.
-    pub fn try_bind(&self, cpu: u32) -> Result<bool, String> {
-        if cpu >= self.len() {
-            return Err(format!("cpu {cpu} does not exist (the machine has {} CPUs)", self.len()));
-        }
-        if self.current().is_some() {
-            return self.bind(cpu).map(|_| true);
-        }
-        if self.try_claim(cpu, token()) {
-            self.push(cpu);
-            Ok(true)
-        } else {
-            Ok(false)
-        }
-    }
-
-    /// Undo one `bind`; the claim is released when the last nesting ends.
+    /// Undo one `bind`.
     pub fn unbind(&self) -> Result<u32, String> {
         LAST.with(|l| l.set((0, 0)));
         let id = self.machine;
@@ -298,12 +276,7 @@ impl Cpus {
             }
         });
         match popped {
-            Some((cpu, last)) => {
-                if last {
-                    self.slots[cpu as usize].owner.store(0, Release);
-                }
-                Ok(cpu)
-            }
+            Some((cpu, _last)) => Ok(cpu),
             None => Err("this thread is not bound to a CPU".into()),
         }
     }
@@ -366,7 +339,7 @@ impl Cpus {
             let cpu = self.this_cpu();
             let tok = token();
             let s = &self.slots[cpu as usize];
-            if !self.try_claim(cpu, tok) {
+            if s.owner.load(Relaxed) != tok && !self.try_claim(cpu, tok) {
                 let mut f = || {
                     let mut spins = 0u32;
                     while s.owner.compare_exchange(0, tok, Acquire, Relaxed).is_err() {
@@ -462,13 +435,12 @@ impl Cpus {
         let mut errs = Vec::new();
         let tok = token();
         let id = self.machine;
-        BOUND.with(|b| {
-            for e in b.borrow().iter().filter(|e| e.0 == id) {
-                if self.slots[e.1 as usize].owner.load(Relaxed) != tok {
-                    errs.push(format!("cpu-2: this thread is bound to cpu {} but does not own it", e.1));
-                }
+        if let Some(cpu) = self.ctx().claimed {
+            if self.slots[cpu as usize].owner.load(Relaxed) != tok {
+                errs.push(format!("cpu-2: this thread has preemption disabled on cpu {cpu} but does not own it"));
             }
-        });
+        }
+        let _ = id;
         errs
     }
 }
@@ -512,20 +484,39 @@ mod tests {
         assert!(!c.is_claimed(0) && !c.is_claimed(1));
         c.bind(1).unwrap();
         assert_eq!(c.current(), Some(1));
+        assert_eq!(c.this_cpu(), 1);
         assert!(c.bind(0).is_err());
         c.bind(1).unwrap();
         assert_eq!(c.unbind(), Ok(1));
-        assert!(c.is_claimed(1));
         assert_eq!(c.unbind(), Ok(1));
-        assert!(!c.is_claimed(1));
         assert!(c.unbind().is_err());
         assert!(c.bind(5).is_err());
+    }
+
+    #[test]
+    fn preemption_keeps_the_cpu() {
+        let c = std::sync::Arc::new(Cpus::new(2));
+        c.bind(0).unwrap();
+        assert_eq!(c.preempt_add(PREEMPT_OFFSET, false), 0);
+        assert!(c.in_atomic() && c.is_claimed(0));
+        assert!(c.might_sleep("here").unwrap_err().starts_with("BUG: sleeping function called from invalid context at here"));
+        assert_eq!(c.preempt_add(PREEMPT_OFFSET, false), 0);
+        c.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false).unwrap();
+        assert!(c.is_claimed(0));
+        c.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false).unwrap();
+        assert!(!c.is_claimed(0) && !c.in_atomic());
+        assert!(c.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false).is_err());
+        c.preempt_add(HARDIRQ_OFFSET, true);
+        assert!(c.in_interrupt() && c.irqs_disabled());
+        c.preempt_sub(HARDIRQ_OFFSET, HARDIRQ_MASK, true).unwrap();
+        c.unbind().unwrap();
     }
 
     #[test]
     fn two_threads_get_two_cpus() {
         let c = std::sync::Arc::new(Cpus::new(2));
         c.bind(0).unwrap();
+        c.preempt_add(PREEMPT_OFFSET, false);
         let c2 = c.clone();
         let other = std::thread::spawn(move || {
             let g = c2.try_enter().unwrap();
@@ -533,10 +524,8 @@ mod tests {
         })
         .join()
         .unwrap();
-        assert_eq!(other, 1);
-        let c3 = c.clone();
-        let busy = std::thread::spawn(move || c3.try_bind(0).unwrap()).join().unwrap();
-        assert!(!busy);
+        assert_eq!(other, 1, "cpu 0 is held with preemption disabled");
+        c.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false).unwrap();
         c.unbind().unwrap();
     }
 }

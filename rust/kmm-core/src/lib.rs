@@ -44,6 +44,7 @@ pub mod machine;
 pub mod page;
 pub mod page_alloc;
 pub mod pcp;
+pub mod percpu;
 pub mod physmem;
 pub mod slab;
 pub mod proc;

@@ -144,6 +144,8 @@ pub struct Machine {
     pub slab: SlabRegistry,
     /// The kmalloc caches (set at boot).
     pub kmalloc_caches: OnceLock<KmallocCaches>,
+    /// The per-CPU allocator.
+    pub percpu: crate::percpu::Percpu,
 }
 
 impl Machine {
@@ -257,6 +259,7 @@ impl Machine {
             shadow: Shadow::new(cfg.memory),
             slab: Machine::new_slab_registry(&cfg),
             kmalloc_caches: OnceLock::new(),
+            percpu: crate::percpu::Percpu::default(),
             cfg,
         };
 
@@ -528,6 +531,7 @@ impl Machine {
         }
         errs.extend(self.cpus.check());
         errs.extend(self.check_pcp());
+        errs.extend(self.check_percpu());
         errs.extend(self.check_slab());
         errs
     }

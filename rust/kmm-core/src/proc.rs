@@ -501,7 +501,7 @@ impl Machine {
             ("VmallocTotal", self.vmalloc_total() >> 10),
             ("VmallocUsed", 0),
             ("VmallocChunk", 0),
-            ("Percpu", 0),
+            ("Percpu", self.pcpu_nr_pages() * (self.page_size >> 10)),
             ("AnonHugePages", 0),
             ("ShmemHugePages", 0),
             ("ShmemPmdMapped", 0),

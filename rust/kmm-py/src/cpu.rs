@@ -76,3 +76,37 @@ impl PyContext {
         Ok(false)
     }
 }
+
+/// `with m.get_cpu_var(name) as v:` — preemption disabled, `v` this CPU's copy.
+#[pyclass(frozen, name = "CpuVar", module = "kmm._kmm")]
+pub struct PyCpuVar {
+    m: Arc<Machine>,
+    ptr: u64,
+}
+
+impl PyCpuVar {
+    pub(crate) fn new(m: &Arc<Machine>, ptr: u64) -> Self {
+        PyCpuVar { m: m.clone(), ptr }
+    }
+}
+
+#[pymethods]
+impl PyCpuVar {
+    fn __enter__(&self) -> PyResult<crate::slab::PyBlock> {
+        let cpu = self.m.cpus.preempt_add(PREEMPT_OFFSET, false);
+        match crate::slab::PyBlock::for_percpu(&self.m, self.ptr, cpu) {
+            Ok(b) => Ok(b),
+            Err(e) => {
+                let _ = self.m.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false);
+                Err(e)
+            }
+        }
+    }
+    fn __exit__(&self, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> PyResult<bool> {
+        self.m
+            .cpus
+            .preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false)
+            .map_err(|e| to_py_err(KmmError::Bug(e)))?;
+        Ok(false)
+    }
+}

@@ -22,6 +22,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kmm_core::cpu::set_wait_hook(cpu::wait_hook);
     m.add_class::<cpu::PyOnCpu>()?;
     m.add_class::<cpu::PyContext>()?;
+    m.add_class::<cpu::PyCpuVar>()?;
     m.add_class::<machine::PyMachine>()?;
     m.add_class::<objects::PyPage>()?;
     m.add_class::<objects::PyZone>()?;

@@ -465,6 +465,44 @@ impl PyMachine {
         Ok(b)
     }
 
+    // ---- the per-CPU allocator -------------------------------------------------
+
+    /// `__alloc_percpu_gfp(size, align, gfp)`: zeroed memory in every CPU's
+    /// unit; returns the `__percpu` pointer (an int).
+    #[pyo3(signature = (size, align=8, gfp=kmm_core::gfp::GFP_KERNEL))]
+    fn alloc_percpu(&self, py: Python<'_>, size: u64, align: u64, gfp: u32) -> PyResult<u64> {
+        let cs = call_site(py, &self.m);
+        self.m.alloc_percpu(size, align, gfp, &cs).map_err(|e| alloc_err(py, e))
+    }
+    /// `free_percpu(ptr)` (0 is a no-op).
+    fn free_percpu(&self, ptr: u64) -> PyResult<()> {
+        self.m.free_percpu(ptr).map_err(to_py_err)
+    }
+    /// `per_cpu_ptr(ptr, cpu)`: a Block over that CPU's copy.
+    fn per_cpu_ptr(&self, ptr: u64, cpu: u32) -> PyResult<PyBlock> {
+        PyBlock::for_percpu(&self.m, ptr, cpu)
+    }
+    /// `this_cpu_ptr(ptr)`: the calling CPU's copy.
+    fn this_cpu_ptr(&self, ptr: u64) -> PyResult<PyBlock> {
+        PyBlock::for_percpu(&self.m, ptr, self.m.cpus.this_cpu())
+    }
+    /// `DEFINE_PER_CPU`: a named per-CPU variable of `size` bytes; returns its pointer.
+    #[pyo3(signature = (name, size, align=8))]
+    fn define_per_cpu(&self, name: &str, size: u64, align: u64) -> PyResult<u64> {
+        self.m.define_per_cpu(name, size, align).map_err(to_py_err)
+    }
+    /// `per_cpu(name, cpu)`: a Block over that CPU's copy of a named variable.
+    fn per_cpu(&self, name: &str, cpu: u32) -> PyResult<PyBlock> {
+        let ptr = self.m.per_cpu_var(name).map_err(to_py_err)?;
+        PyBlock::for_percpu(&self.m, ptr, cpu)
+    }
+    /// `with m.get_cpu_var(name) as v:` this CPU's copy with preemption
+    /// disabled (get_cpu_var/put_cpu_var).
+    fn get_cpu_var(&self, name: &str) -> PyResult<crate::cpu::PyCpuVar> {
+        let ptr = self.m.per_cpu_var(name).map_err(to_py_err)?;
+        Ok(crate::cpu::PyCpuVar::new(&self.m, ptr))
+    }
+
     // ---- CPUs, preemption, interrupts, per-CPU page lists ---------------------
 
     /// `with m.on_cpu(k):` run the calling thread on simulated CPU k.

@@ -80,6 +80,8 @@ pub(crate) enum Kind {
     Zero,
     /// An object handed to a ctor: valid for the length of the ctor call.
     Ctor,
+    /// One CPU's copy of a per-CPU allocation.
+    Percpu,
 }
 
 /// A live allocation: real bytes of the simulated machine.
@@ -92,6 +94,8 @@ pub struct PyBlock {
     kind: Kind,
     freed: AtomicBool,
     exports: AtomicUsize,
+    /// For per-CPU copies: the `__percpu` pointer and its generation.
+    pcpu: (u64, u64),
 }
 
 impl PyBlock {
@@ -105,6 +109,7 @@ impl PyBlock {
                 kind: Kind::Zero,
                 freed: AtomicBool::new(false),
                 exports: AtomicUsize::new(0),
+                pcpu: (0, 0),
             };
         }
         let gen = m.shadow.get(addr - m.cfg.arch.page_offset()) >> 2;
@@ -116,7 +121,23 @@ impl PyBlock {
             kind: Kind::Object,
             freed: AtomicBool::new(false),
             exports: AtomicUsize::new(0),
+            pcpu: (0, 0),
         }
+    }
+
+    /// A Block over CPU `cpu`'s copy of per-CPU allocation `ptr`.
+    pub(crate) fn for_percpu(m: &Arc<Machine>, ptr: u64, cpu: u32) -> PyResult<PyBlock> {
+        let (va, size, gen) = m.per_cpu_ptr(ptr, cpu).map_err(to_py_err)?;
+        Ok(PyBlock {
+            m: m.clone(),
+            addr: va.0,
+            len: size as usize,
+            gen: 0,
+            kind: Kind::Percpu,
+            freed: AtomicBool::new(false),
+            exports: AtomicUsize::new(0),
+            pcpu: (ptr, gen),
+        })
     }
 
     /// A Block for a ctor call (the object is not allocated yet).
@@ -129,6 +150,7 @@ impl PyBlock {
             kind: Kind::Ctor,
             freed: AtomicBool::new(false),
             exports: AtomicUsize::new(0),
+            pcpu: (0, 0),
         }
     }
 
@@ -149,6 +171,7 @@ impl PyBlock {
         match self.kind {
             Kind::Zero | Kind::Ctor => true,
             Kind::Object => self.m.shadow.is_live_gen(self.phys(), self.gen),
+            Kind::Percpu => self.m.percpu_live(self.pcpu.0, self.pcpu.1),
         }
     }
 
@@ -168,6 +191,11 @@ impl PyBlock {
         if self.kind == Kind::Ctor {
             return Err(crate::errors::InvalidFreeError::new_err(
                 "a ctor's Block is not an allocation: it cannot be freed",
+            ));
+        }
+        if self.kind == Kind::Percpu {
+            return Err(crate::errors::InvalidFreeError::new_err(
+                "a per-CPU copy is freed with free_percpu(ptr), not kfree",
             ));
         }
         if self.kind == Kind::Zero {
@@ -326,8 +354,12 @@ impl PyBlock {
         if b.kind == Kind::Ctor {
             return Err(PyBufferError::new_err("a ctor's Block cannot be exported (it is valid only during the ctor call)"));
         }
-        if b.exports.fetch_add(1, Relaxed) == 0 && b.kind == Kind::Object {
-            b.m.shadow.set_pinned(b.phys(), true);
+        if b.exports.fetch_add(1, Relaxed) == 0 {
+            match b.kind {
+                Kind::Object => b.m.shadow.set_pinned(b.phys(), true),
+                Kind::Percpu => b.m.percpu_pin(b.pcpu.0, true),
+                _ => {}
+            }
         }
         let len = b.len as isize;
         let readonly = if b.len == 0 { 1 } else { 0 };
@@ -363,8 +395,12 @@ impl PyBlock {
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
-        if self.exports.fetch_sub(1, Relaxed) == 1 && self.kind == Kind::Object && self.alive() {
-            self.m.shadow.set_pinned(self.phys(), false);
+        if self.exports.fetch_sub(1, Relaxed) == 1 && self.alive() {
+            match self.kind {
+                Kind::Object => self.m.shadow.set_pinned(self.phys(), false),
+                Kind::Percpu => self.m.percpu_pin(self.pcpu.0, false),
+                _ => {}
+            }
         }
     }
 }

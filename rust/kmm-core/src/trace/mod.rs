@@ -176,6 +176,21 @@ pub enum Payload {
     },
     /// `kmem:kmem_cache_free`
     KmemCacheFree { call_site: CallSite, ptr: u64, name: std::sync::Arc<str> },
+    /// `percpu:percpu_alloc_percpu` (6.0+ fields)
+    PercpuAllocPercpu {
+        call_site: CallSite,
+        reserved: bool,
+        is_atomic: bool,
+        size: u64,
+        align: u64,
+        base_addr: u64,
+        off: i64,
+        ptr: u64,
+        bytes_alloc: u64,
+        gfp_flags: u32,
+    },
+    /// `percpu:percpu_free_percpu`
+    PercpuFreePercpu { base_addr: u64, off: i64, ptr: u64 },
     /// pfn None = allocation failure (page=NULL, pfn=0x0).
     MmPageAlloc { pfn: Option<u64>, order: u32, migratetype: i32, gfp_flags: u32 },
     MmPageFree { pfn: u64, order: u32 },
@@ -216,6 +231,8 @@ impl Payload {
             Payload::Kfree { .. } => EventId::Kfree,
             Payload::KmemCacheAlloc { .. } => EventId::KmemCacheAlloc,
             Payload::KmemCacheFree { .. } => EventId::KmemCacheFree,
+            Payload::PercpuAllocPercpu { .. } => EventId::PercpuAllocPercpu,
+            Payload::PercpuFreePercpu { .. } => EventId::PercpuFreePercpu,
         }
     }
 
@@ -255,6 +272,34 @@ impl Payload {
                     ("ptr", UInt(*ptr)),
                     ("name", Str(name.to_string())),
                 ]
+            }
+            Payload::PercpuAllocPercpu {
+                call_site,
+                reserved,
+                is_atomic,
+                size,
+                align,
+                base_addr,
+                off,
+                ptr,
+                bytes_alloc,
+                gfp_flags,
+            } => {
+                return vec![
+                    ("call_site", Str(call_site.to_string())),
+                    ("reserved", Bool(*reserved)),
+                    ("is_atomic", Bool(*is_atomic)),
+                    ("size", UInt(*size)),
+                    ("align", UInt(*align)),
+                    ("base_addr", UInt(*base_addr)),
+                    ("off", Int(*off)),
+                    ("ptr", UInt(*ptr)),
+                    ("bytes_alloc", UInt(*bytes_alloc)),
+                    ("gfp_flags", UInt(*gfp_flags as u64)),
+                ]
+            }
+            Payload::PercpuFreePercpu { base_addr, off, ptr } => {
+                return vec![("base_addr", UInt(*base_addr)), ("off", Int(*off)), ("ptr", UInt(*ptr))]
             }
             _ => {}
         }
@@ -332,6 +377,33 @@ impl Payload {
             }
             Payload::KmemCacheFree { call_site, ptr: p, name } => {
                 let _ = write!(s, "call_site={call_site} ptr={} name={name}", ptr(*p));
+                return s;
+            }
+            Payload::PercpuAllocPercpu {
+                call_site,
+                reserved,
+                is_atomic,
+                size,
+                align,
+                base_addr,
+                off,
+                ptr: p,
+                bytes_alloc,
+                gfp_flags,
+            } => {
+                let _ = write!(
+                    s,
+                    "call_site={call_site} reserved={} is_atomic={} size={size} align={align} base_addr={} off={off} ptr={} bytes_alloc={bytes_alloc} gfp_flags={}",
+                    u8::from(*reserved),
+                    u8::from(*is_atomic),
+                    ptr(*base_addr),
+                    ptr(*p),
+                    gfp::format(*gfp_flags)
+                );
+                return s;
+            }
+            Payload::PercpuFreePercpu { base_addr, off, ptr: p } => {
+                let _ = write!(s, "base_addr={} off={off} ptr={}", ptr(*base_addr), ptr(*p));
                 return s;
             }
             _ => {}
@@ -571,6 +643,27 @@ mod tests {
         assert_eq!(f.text(), "call_site=__fput+0x141 ptr=0xffff888101beb468 name=lsm_file_cache");
         let kf = Payload::Kfree { call_site: "single_release+0x17".into(), ptr: 0xffff888104311000 };
         assert_eq!(kf.text(), "call_site=single_release+0x17 ptr=0xffff888104311000");
+    }
+
+    #[test]
+    fn percpu_events_match_perf_script() {
+        // sample.perf.txt: "call_site=mm_init+0x2bf reserved=0 is_atomic=0 size=16 align=8
+        // base_addr=0xffffe8ffffc00000 off=96880 ptr=0x60795bb10a70 bytes_alloc=64 gfp_flags=GFP_KERNEL"
+        let a = Payload::PercpuAllocPercpu {
+            call_site: "mm_init+0x2bf".into(),
+            reserved: false,
+            is_atomic: false,
+            size: 16,
+            align: 8,
+            base_addr: 0xffffe8ffffc00000,
+            off: 96880,
+            ptr: 0x60795bb10a70,
+            bytes_alloc: 64,
+            gfp_flags: gfp::GFP_KERNEL,
+        };
+        assert_eq!(a.text(), "call_site=mm_init+0x2bf reserved=0 is_atomic=0 size=16 align=8 base_addr=0xffffe8ffffc00000 off=96880 ptr=0x60795bb10a70 bytes_alloc=64 gfp_flags=GFP_KERNEL");
+        let f = Payload::PercpuFreePercpu { base_addr: 0xffffe8ffffc00000, off: 60976, ptr: 0x60795bb07e30 };
+        assert_eq!(f.text(), "base_addr=0xffffe8ffffc00000 off=60976 ptr=0x60795bb07e30");
     }
 
     #[test]
