@@ -112,6 +112,33 @@ def demo(a: argparse.Namespace) -> int:
     print(f"  kmalloc-128 still holds its empty cpu slab: free pages {before} -> {m.nr_free_pages()}; "
           f"after its shrink: {k128.shrink() and m.nr_free_pages()}")
 
+    _section("Per-CPU: CPUs, preemption, per-CPU page lists and variables")
+    with m.on_cpu(1):
+        cpu = m.get_cpu()
+        print(f"  get_cpu() -> {cpu}; in_atomic() {m.in_atomic()}, preempt_count() {m.preempt_count():#x}")
+        try:
+            m.kmalloc(64, kmm.GFP_KERNEL)
+        except kmm.SleepInAtomicError as e:
+            print("  GFP_KERNEL with preemption disabled: SleepInAtomicError:")
+            for line in str(e).splitlines():
+                print("    " + line)
+        blk = m.kmalloc(64, kmm.GFP_ATOMIC)
+        print(f"  GFP_ATOMIC works: {blk!r}")
+        m.put_cpu()
+        m.kfree(blk)
+        pages = [m.alloc_page(kmm.GFP_KERNEL) for _ in range(3)]
+        for p in pages:
+            m.free_page(p)
+    print(f"  3 order-0 pages freed on cpu 1 wait on its per-CPU lists: {m.nr_pcp_pages()} pages "
+          f"on pcp lists (a refill brought a batch); drain_all_pages() gives them back")
+    m.drain_all_pages()
+    m.define_per_cpu("counter", 8)
+    for k in range(m.cpus):
+        with m.on_cpu(k), m.get_cpu_var("counter") as v:
+            v[0:8] = (100 + k).to_bytes(8, "little")
+    print("  per-CPU variable 'counter':",
+          [int.from_bytes(bytes(m.per_cpu("counter", k)), "little") for k in range(m.cpus)])
+
     _section("/proc/zoneinfo (the DMA32 zone, without the node's stats)")
     print(_zone_block(m.proc.zoneinfo(), "DMA32"), end="")
     errs = m.check()
