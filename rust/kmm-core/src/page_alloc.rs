@@ -573,17 +573,11 @@ impl Machine {
         Ok(())
     }
 
-    /// `__get_free_pages`: allocate and return the direct-map address.
-    /// `__GFP_HIGHMEM` is refused (the pages might have no address).
+    /// `__get_free_pages` (`get_free_pages_noprof`): allocate and return the
+    /// direct-map address. It never hands out highmem: `__GFP_HIGHMEM` is
+    /// masked off, as the kernel does ("Never use with __GFP_HIGHMEM").
     pub fn get_free_pages(&self, gfp: Gfp, order: u32) -> Result<VirtAddr> {
-        if gfp & gfp::__GFP_HIGHMEM != 0 {
-            return Err(KmmError::BadGfp(format!(
-                "__get_free_pages: __GFP_HIGHMEM in mode:{:#x}({}): highmem pages have no page_address (VM_BUG_ON)",
-                gfp,
-                gfp::format_pgg(gfp)
-            )));
-        }
-        let pfn = self.alloc_pages(gfp, order)?;
+        let pfn = self.alloc_pages(gfp & !gfp::__GFP_HIGHMEM, order)?;
         Ok(self.page_address(pfn).expect("non-highmem page has an address"))
     }
 
@@ -801,15 +795,18 @@ impl Machine {
         }
     }
 
-    /// `drain_all_pages(NULL)`: empty every CPU's lists in every zone.
+    /// `drain_all_pages(NULL)`: empty every CPU's lists in every zone. As in
+    /// 6.2+ `__drain_all_pages`, the caller drains them all itself, so the
+    /// `mm_page_pcpu_drain` events carry the calling CPU.
     pub fn drain_all_pages(&self) {
+        let me = self.cpus.this_cpu();
         for z in &self.zones {
-            for (cpu, slot) in z.pcp.iter().enumerate() {
+            for slot in z.pcp.iter() {
                 let mut pcp = slot.lists.lock();
                 let n = pcp.count;
                 let drained = if n > 0 { self.free_pcppages_bulk(z, &mut pcp, n, 0) } else { Vec::new() };
                 drop(pcp);
-                self.emit_drain(&drained, cpu as u32);
+                self.emit_drain(&drained, me);
             }
         }
     }
