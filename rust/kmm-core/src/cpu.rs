@@ -81,6 +81,19 @@ fn wait_with_hook(f: &mut (dyn FnMut() + Send)) {
     }
 }
 
+/// Spin (then yield) until `done()`; the one busy-wait of the module.
+fn spin_until(mut done: impl FnMut() -> bool) {
+    let mut spins = 0u32;
+    while !done() {
+        spins += 1;
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else {
+            std::thread::yield_now();
+        }
+    }
+}
+
 /// A fresh machine id (for thread-local lookups).
 pub fn new_machine_id() -> u64 {
     NEXT_MACHINE.fetch_add(1, Relaxed)
@@ -223,18 +236,12 @@ impl Cpus {
 
     /// Like `try_enter`, but waits (yielding) for a CPU to become free.
     pub fn enter(&self) -> CpuGuard<'_> {
-        let mut spins = 0u32;
-        loop {
-            if let Some(g) = self.try_enter() {
-                return g;
-            }
-            spins += 1;
-            if spins < 64 {
-                std::hint::spin_loop();
-            } else {
-                std::thread::yield_now();
-            }
-        }
+        let mut g = None;
+        spin_until(|| {
+            g = self.try_enter();
+            g.is_some()
+        });
+        g.expect("spin_until returned")
     }
 
     /// Run this thread on `cpu` until `unbind` (affinity, like
@@ -314,19 +321,10 @@ impl Cpus {
         s.contended.fetch_add(1, Relaxed);
         let tok = token();
         let mut f = || {
-            let mut spins = 0u32;
-            loop {
+            spin_until(|| {
                 let o = s.owner.load(Acquire);
-                if o == 0 || o == tok {
-                    return;
-                }
-                spins += 1;
-                if spins < 64 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-            }
+                o == 0 || o == tok
+            })
         };
         wait_with_hook(&mut f);
     }
@@ -340,17 +338,7 @@ impl Cpus {
             let tok = token();
             let s = &self.slots[cpu as usize];
             if s.owner.load(Relaxed) != tok && !self.try_claim(cpu, tok) {
-                let mut f = || {
-                    let mut spins = 0u32;
-                    while s.owner.compare_exchange(0, tok, Acquire, Relaxed).is_err() {
-                        spins += 1;
-                        if spins < 64 {
-                            std::hint::spin_loop();
-                        } else {
-                            std::thread::yield_now();
-                        }
-                    }
-                };
+                let mut f = || spin_until(|| s.owner.compare_exchange(0, tok, Acquire, Relaxed).is_ok());
                 wait_with_hook(&mut f);
             }
             ctx.claimed = Some(cpu);
