@@ -171,6 +171,24 @@ def test_get_cpu_put_cpu_count_and_balance(m):
     assert_healthy(m)
 
 
+def test_get_cpu_on_a_bound_cpu(m):
+    """get_cpu() on a thread pinned to CPU 1 is CPU 1; atomic allocations there
+    use CPU 1's per-CPU list."""
+    with m.on_cpu(1):
+        assert m.get_cpu() == 1
+        assert m.preempt_count() == 1 and m.in_atomic()
+        with pytest.raises(kmm.SleepInAtomicError):
+            m.alloc_pages(kmm.GFP_KERNEL)
+        p = m.alloc_pages(kmm.GFP_ATOMIC)
+        sets = pagesets(m, p.zone)
+        assert sets[1]["count"] > 0 and sets[0]["count"] == 0
+        m.free_pages(p)
+        m.put_cpu()
+        assert m.preempt_count() == 0
+        assert m.smp_processor_id() == 1
+    assert_healthy(m)
+
+
 def test_preempt_disable_enable_pair_and_unbalanced_enable(m):
     m.preempt_disable()
     assert m.preempt_count() == PREEMPT_OFFSET and m.in_atomic()

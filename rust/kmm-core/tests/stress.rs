@@ -326,3 +326,122 @@ fn bulk_on_two_cpus_with_cross_frees() {
     assert_eq!(all_free(&m), boot_free);
     assert_eq!(buddy(&m), boot_buddy);
 }
+
+/// Binding is affinity: two threads per CPU (four threads on two CPUs) take
+/// turns through the per-CPU locks; the pcp trylock falls back to the buddy
+/// allocator when the other thread holds it. 200k operations in all.
+#[test]
+fn two_threads_per_cpu_share_its_locks() {
+    const THREADS: u32 = 4;
+    const OPS: u64 = 50_000;
+    let m = Arc::new(boot(2));
+    let boot_free = all_free(&m);
+    let boot_buddy = buddy(&m);
+    let cache = m.kmem_cache_create("shared_obj", 88, CacheArgs { flags: SLAB_NO_MERGE, ..Default::default() }).unwrap().cache;
+    let mut txs = Vec::new();
+    let mut rxs = Vec::new();
+    for _ in 0..THREADS {
+        let (tx, rx) = mpsc::channel::<Item>();
+        txs.push(Some(tx));
+        rxs.push(Some(rx));
+    }
+    let barrier = Barrier::new(THREADS as usize);
+    std::thread::scope(|s| {
+        for k in 0..THREADS {
+            // Thread k sends to thread k+1: sometimes the same CPU, sometimes not.
+            let tx = txs[((k + 1) % THREADS) as usize].take().unwrap();
+            let rx = rxs[k as usize].take().unwrap();
+            let (m, c, barrier) = (m.clone(), cache.clone(), &barrier);
+            s.spawn(move || {
+                let cpu = k / 2;
+                m.cpus.bind(cpu).unwrap();
+                barrier.wait();
+                let mut rng = Rng::new(7 + k as u64);
+                let mut live: Vec<Item> = Vec::new();
+                for seq in 0..OPS {
+                    assert_eq!(m.this_cpu(), cpu);
+                    while let Ok(it) = rx.try_recv() {
+                        free_item(&m, &c, it);
+                    }
+                    let r = rng.below(100);
+                    if r < 50 || live.is_empty() {
+                        live.push(alloc_item(&m, &c, &mut rng, ((k as u64 + 1) << 56) | seq));
+                    } else {
+                        let i = rng.below(live.len() as u64) as usize;
+                        let it = live.swap_remove(i);
+                        if r < 85 {
+                            free_item(&m, &c, it);
+                        } else {
+                            tx.send(it).unwrap();
+                        }
+                    }
+                    if live.len() > 2000 {
+                        for it in live.drain(..500) {
+                            free_item(&m, &c, it);
+                        }
+                    }
+                }
+                for it in live.drain(..) {
+                    free_item(&m, &c, it);
+                }
+                drop(tx);
+                for it in rx {
+                    free_item(&m, &c, it);
+                }
+                m.cpus.unbind().unwrap();
+            });
+        }
+    });
+    assert_eq!(cache.objects_in_use(&m), 0);
+    ok(&m);
+    settle(&m);
+    ok(&m);
+    assert_eq!(all_free(&m), boot_free);
+    assert_eq!(buddy(&m), boot_buddy);
+}
+
+/// A thread with preemption disabled keeps its CPU: another thread bound to
+/// the same CPU allocates only after preempt_enable.
+#[test]
+fn preempt_disabled_cpu_makes_the_other_thread_wait() {
+    use kmm_core::cpu::{PREEMPT_MASK, PREEMPT_OFFSET};
+    use std::sync::atomic::AtomicU32;
+    let m = Arc::new(boot(2));
+    let step = AtomicU32::new(0);
+    let (a_at, b_at) = (AtomicU32::new(0), AtomicU32::new(0));
+    let cs = unknown_call_site();
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            m.cpus.bind(0).unwrap();
+            assert_eq!(m.cpus.preempt_add(PREEMPT_OFFSET, false), 0);
+            let contended0 = m.cpus.slot(0).contended.load(Relaxed);
+            step.store(1, Relaxed); // B may go
+            // Wait (bounded) until B is seen waiting for CPU 0.
+            let mut waited = false;
+            for _ in 0..2_000_000 {
+                if m.cpus.slot(0).contended.load(Relaxed) > contended0 {
+                    waited = true;
+                    break;
+                }
+                std::thread::yield_now();
+            }
+            assert!(waited, "B never waited for CPU 0");
+            a_at.store(step.fetch_add(1, Relaxed) + 1, Relaxed);
+            m.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false).unwrap();
+            m.cpus.unbind().unwrap();
+        });
+        s.spawn(|| {
+            m.cpus.bind(0).unwrap();
+            while step.load(Relaxed) == 0 {
+                std::thread::yield_now();
+            }
+            assert!(!m.cpus.in_atomic(), "preempt_count is per thread");
+            let va = m.kmalloc(64, GFP_KERNEL, &cs).unwrap();
+            b_at.store(step.fetch_add(1, Relaxed) + 1, Relaxed);
+            m.kfree(va.0, &cs).unwrap();
+            m.cpus.unbind().unwrap();
+        });
+    });
+    assert_eq!((a_at.load(Relaxed), b_at.load(Relaxed)), (2, 3), "B allocated only after A's preempt_enable");
+    ok(&m);
+}

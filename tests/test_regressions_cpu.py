@@ -1,5 +1,5 @@
-"""Bugs found while writing test_cpu.py / test_threads.py: each test states
-what the kernel does and fails against the current model.
+"""Regression tests for bugs found while writing test_cpu.py / test_threads.py
+(all fixed): each test states what the kernel does.
 
 The hangs are real deadlocks (a thread spinning forever, some of them while
 holding the GIL, so no in-process timeout can interrupt them): those scenarios
@@ -41,9 +41,9 @@ def run_child(code: str) -> str:
 # ---- 1. get_cpu()/preempt_disable()/atomic()/irq() inside on_cpu(k) deadlocks -----------------
 #
 # kernel: get_cpu() is preempt_disable(); smp_processor_id() on a task pinned to
-# CPU k. It never waits. kmm: Cpus::preempt_add tries to claim the CPU with a
+# CPU k. It never waits. kmm (was): Cpus::preempt_add tried to claim the CPU with a
 # CAS from 0 to this thread's token, but the thread already owns the CPU
-# through its on_cpu binding, so the CAS fails forever (cpu.rs, preempt_add).
+# through its on_cpu binding, so the CAS failed forever (cpu.rs, preempt_add).
 
 
 @pytest.mark.parametrize(
@@ -92,10 +92,10 @@ def test_nested_get_cpu_inside_on_cpu():
 
 # ---- 2. on_cpu(k) while another thread holds k hangs the whole process -----------------------
 #
-# kernel: two tasks pinned to one CPU take turns on it. kmm: binding is
-# exclusive, so the second on_cpu(k) waits for the first to end; but
-# Cpus::bind spins without the wait hook, i.e. still holding the GIL, so the
-# first thread (a Python thread too) can never run to its unbind: deadlock. The
+# kernel: two tasks pinned to one CPU take turns on it. kmm (was): binding was
+# exclusive, so the second on_cpu(k) waited for the first to end; but
+# Cpus::bind spun without the wait hook, i.e. still holding the GIL, so the
+# first thread (a Python thread too) could never run to its unbind: deadlock. The
 # core's own comment on wait hooks: "the Python binding releases the GIL while
 # it waits, so the thread holding the CPU can run".
 
@@ -165,9 +165,9 @@ def test_thread_bound_to_a_cpu_held_by_get_cpu_waits_for_put_cpu():
 #
 # kernel: while preemption is disabled the task cannot migrate, so
 # smp_processor_id() is stable (that is what get_cpu() is for); changing the
-# affinity from atomic context is a "scheduling while atomic" bug. kmm: binding
-# another CPU inside atomic() succeeds and smp_processor_id() changes while
-# the section still holds the first CPU, so this-CPU data (pcp lists, slab cpu
+# affinity from atomic context is a "scheduling while atomic" bug. kmm (was): binding
+# another CPU inside atomic() succeeded and smp_processor_id() changed while
+# the section still held the first CPU, so this-CPU data (pcp lists, slab cpu
 # slabs) of a CPU the section did not pin is used.
 
 
@@ -188,7 +188,7 @@ def test_no_migration_while_preemption_is_disabled():
 # kernel (6.2+): __drain_all_pages drains every CPU's lists from the calling
 # CPU (drain_pages(cpu) in a loop, no IPI/work item), so free_pcppages_bulk and
 # its trace_mm_page_pcpu_drain run on the caller: perf shows the caller's CPU.
-# kmm: the events carry the CPU whose list was drained.
+# kmm (was): the events carried the CPU whose list was drained.
 
 
 def test_drain_all_pages_events_are_on_the_calling_cpu():
@@ -207,9 +207,8 @@ def test_drain_all_pages_events_are_on_the_calling_cpu():
 #
 # kernel 6.18 mm/page_alloc.c get_free_pages_noprof():
 #     page = alloc_pages_noprof(gfp_mask & ~__GFP_HIGHMEM, order);
-# (the old VM_BUG_ON on __GFP_HIGHMEM is long gone). kmm raises BadGfpError.
-# Note tests/test_page_alloc.py::test_i386_highmem_has_no_page_address asserts
-# the old behaviour.
+# (the old VM_BUG_ON on __GFP_HIGHMEM is long gone). kmm raised BadGfpError
+# (and tests/test_page_alloc.py asserted that; changed with the fix).
 
 
 @pytest.mark.parametrize("arch", ["x86_64", "i386"])
