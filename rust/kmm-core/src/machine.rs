@@ -224,6 +224,8 @@ impl Machine {
                         .map(|_| crate::zone::PcpSlot {
                             lists: spin::Mutex::new(crate::pcp::PerCpuPages::new(1, 0, 0)),
                             contended: AtomicU64::new(0),
+                            pgalloc: AtomicU64::new(0),
+                            pgfree: AtomicU64::new(0),
                         })
                         .collect(),
                     nr_free_pages: Default::default(),

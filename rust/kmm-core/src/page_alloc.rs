@@ -412,7 +412,7 @@ impl Machine {
         self.emit_buddy_events(z, &events);
         let pfn = pfn?;
         self.mem_map.get(pfn).set(0, 0);
-        z.counters.pgalloc.fetch_add(1 << order, Relaxed);
+        slot.pgalloc.fetch_add(1 << order, Relaxed);
         Some(pfn)
     }
 
@@ -734,7 +734,7 @@ impl Machine {
         self.mem_map.get(pfn).set(PG_PCP, order);
         pcp.lists[pindex].push_front(pfn as u32);
         pcp.count += 1 << order;
-        z.counters.pgfree.fetch_add(1 << order, Relaxed);
+        slot.pgfree.fetch_add(1 << order, Relaxed);
         let below_high = z.below_high.load(Relaxed);
         let high = pcp.nr_pcp_high(free_high, below_high);
         if pcp.count >= high {

@@ -311,8 +311,8 @@ impl Machine {
             } else {
                 0
             },
-            pgalloc: z.counters.pgalloc.load(Relaxed),
-            pgfree: z.counters.pgfree.load(Relaxed),
+            pgalloc: z.pgalloc(),
+            pgfree: z.pgfree(),
         }
     }
 
@@ -549,14 +549,14 @@ impl Machine {
             v.push((n, 0));
         }
         for z in &self.zones {
-            v.push((zone_event_names(z.kind)[0], z.counters.pgalloc.load(Relaxed)));
+            v.push((zone_event_names(z.kind)[0], z.pgalloc()));
         }
         for k in 1..3 {
             for z in &self.zones {
                 v.push((zone_event_names(z.kind)[k], 0));
             }
         }
-        v.push(("pgfree", self.zones.iter().map(|z| z.counters.pgfree.load(Relaxed)).sum()));
+        v.push(("pgfree", self.zones.iter().map(|z| z.pgfree()).sum()));
         v.push(("nr_unstable", 0));
         v
     }

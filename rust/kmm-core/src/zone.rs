@@ -35,6 +35,10 @@ pub struct PcpSlot {
     pub lists: spin::Mutex<PerCpuPages>,
     /// Times the lock was found held (threads sharing a CPU, or a drain).
     pub contended: AtomicU64,
+    /// This CPU's share of PGALLOC / PGFREE (per-CPU vm events, as the
+    /// kernel's `vm_event_states`, so CPUs do not bounce a shared line).
+    pub pgalloc: AtomicU64,
+    pub pgfree: AtomicU64,
 }
 
 /// Watermark indices (`enum zone_watermarks`).
@@ -119,6 +123,14 @@ impl Zone {
         self.nr_free_pages.store(a.free_pages as i64, Relaxed);
         self.nr_free_pages_blocks.store(a.free_pages_blocks as i64, Relaxed);
         self.nr_free_highatomic.store(a.free_highatomic as i64, Relaxed);
+    }
+    /// PGALLOC for this zone: the zone-wide count plus every CPU's share.
+    pub fn pgalloc(&self) -> u64 {
+        self.counters.pgalloc.load(Relaxed) + self.pcp.iter().map(|p| p.pgalloc.load(Relaxed)).sum::<u64>()
+    }
+    /// PGFREE attributed to this zone.
+    pub fn pgfree(&self) -> u64 {
+        self.counters.pgfree.load(Relaxed) + self.pcp.iter().map(|p| p.pgfree.load(Relaxed)).sum::<u64>()
     }
     pub fn is_highmem(&self) -> bool {
         self.kind == ZoneKind::HighMem

@@ -160,8 +160,8 @@ impl PyZone {
             lowmem_reserve: z.lowmem_reserve.iter().map(|r| r.load(Relaxed)).collect(),
             nr_free: a.nr_free.to_vec(),
             nr_reserved_highatomic: z.nr_reserved_highatomic.load(Relaxed),
-            pgalloc: z.counters.pgalloc.load(Relaxed),
-            pgfree: z.counters.pgfree.load(Relaxed),
+            pgalloc: z.pgalloc(),
+            pgfree: z.pgfree(),
             nr_free_mt: (0..kmm_core::buddy::MIGRATE_TYPES)
                 .map(|mt| a.nr_free_mt.iter().map(|o| o[mt]).collect())
                 .collect(),
