@@ -582,7 +582,7 @@ impl FreeArea {
         map: &MemMap,
         mut pfn: u64,
         mut order: u32,
-        mut mt: u8,
+        mt: u8,
         to_tail: bool,
     ) -> (u64, u32) {
         let mut buddy_pfn = pfn;
@@ -608,7 +608,6 @@ impl FreeArea {
             pfn &= buddy_pfn;
             order += 1;
         }
-        let _ = &mut mt;
         let tail = to_tail || self.buddy_merge_likely(map, pfn, buddy_pfn, order);
         self.add(map, pfn, order, mt, tail);
         (pfn, order)

@@ -422,13 +422,11 @@ impl Cpus {
     pub fn check(&self) -> Vec<String> {
         let mut errs = Vec::new();
         let tok = token();
-        let id = self.machine;
         if let Some(cpu) = self.ctx().claimed {
             if self.slots[cpu as usize].owner.load(Relaxed) != tok {
                 errs.push(format!("cpu-2: this thread has preemption disabled on cpu {cpu} but does not own it"));
             }
         }
-        let _ = id;
         errs
     }
 }

@@ -113,7 +113,7 @@ impl Machine {
         let ac = self.prepare_alloc(gfp, order)?;
         let mut alloc_flags = ALLOC_WMARK_LOW;
         alloc_flags |= self.alloc_flags_nofragment(ac.highest_zoneidx, gfp);
-        let mut page = self.get_page_from_freelist(gfp, order, alloc_flags, &ac);
+        let mut page = self.get_page_from_freelist(order, alloc_flags, &ac);
         if page.is_none() {
             page = self.alloc_pages_slowpath(gfp, order, &ac);
         }
@@ -213,20 +213,20 @@ impl Machine {
         if alloc_flags & ALLOC_KSWAPD != 0 {
             self.wake_all_kswapds(ac.highest_zoneidx);
         }
-        if let Some(p) = self.get_page_from_freelist(gfp, order, alloc_flags, ac) {
+        if let Some(p) = self.get_page_from_freelist(order, alloc_flags, ac) {
             return Some(p);
         }
         let reserve = self.pfmemalloc_flags(gfp);
         if reserve != 0 {
             alloc_flags = reserve | (alloc_flags & ALLOC_KSWAPD);
-            if let Some(p) = self.get_page_from_freelist(gfp, order, alloc_flags, ac) {
+            if let Some(p) = self.get_page_from_freelist(order, alloc_flags, ac) {
                 return Some(p);
             }
         }
         if gfp & gfp::__GFP_NOFAIL != 0 {
             // __alloc_pages_cpuset_fallback(ALLOC_MIN_RESERVE), then (model) no watermarks.
             for f in [ALLOC_MIN_RESERVE, ALLOC_NO_WATERMARKS] {
-                if let Some(p) = self.get_page_from_freelist(gfp, order, f, ac) {
+                if let Some(p) = self.get_page_from_freelist(order, f, ac) {
                     return Some(p);
                 }
             }
@@ -245,7 +245,6 @@ impl Machine {
     /// `get_page_from_freelist`: walk the zonelist, check watermarks, take pages.
     pub fn get_page_from_freelist(
         &self,
-        gfp: Gfp,
         order: u32,
         mut alloc_flags: u32,
         ac: &AllocContext,
@@ -277,7 +276,6 @@ impl Machine {
                     if alloc_flags & ALLOC_HIGHATOMIC != 0 {
                         self.reserve_highatomic_pageblock(z, pfn, order);
                     }
-                    let _ = gfp;
                     return Some(Pfn(pfn));
                 }
             }
@@ -397,12 +395,7 @@ impl Machine {
                 z.sync_counters(&a);
                 boosts = std::mem::take(&mut a.boost_requests);
             }
-            for _ in 0..boosts {
-                self.boost_watermark(z);
-            }
-            if boosts > 0 && alloc_flags & ALLOC_KSWAPD != 0 {
-                z.watermark_boost.store(0, Relaxed);
-            }
+            self.apply_boosts(z, boosts, alloc_flags);
         }
         let pfn = pcp.lists[pindex].pop_front().map(|p| p as u64);
         if pfn.is_some() {
@@ -438,18 +431,23 @@ impl Machine {
             let b = std::mem::take(&mut a.boost_requests);
             (page, b)
         };
-        for _ in 0..boosts {
-            if self.boost_watermark(z) && alloc_flags & ALLOC_KSWAPD != 0 {
-                // ZONE_BOOSTED_WATERMARK: kswapd is woken after this allocation.
-            }
-        }
-        if boosts > 0 && alloc_flags & ALLOC_KSWAPD != 0 {
-            z.watermark_boost.store(0, Relaxed);
-        }
+        self.apply_boosts(z, boosts, alloc_flags);
         self.emit_buddy_events(z, &events);
         let pfn = page?;
         z.counters.pgalloc.fetch_add(1 << order, Relaxed);
         Some(pfn)
+    }
+
+    /// `boost_watermark` once per fragmenting fallback the buddy layer
+    /// reported; with ALLOC_KSWAPD, kswapd is woken (ZONE_BOOSTED_WATERMARK)
+    /// and, having nothing to reclaim, resets the boost at once.
+    fn apply_boosts(&self, z: &Zone, boosts: u64, alloc_flags: u32) {
+        for _ in 0..boosts {
+            self.boost_watermark(z);
+        }
+        if boosts > 0 && alloc_flags & ALLOC_KSWAPD != 0 {
+            z.watermark_boost.store(0, Relaxed);
+        }
     }
 
     fn emit_buddy_events(&self, _z: &Zone, events: &[BuddyEvent]) {

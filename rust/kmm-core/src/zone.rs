@@ -245,10 +245,6 @@ pub fn vmstat_threshold(managed: u64, page_shift: u32, online_cpus: u64) -> u64 
     threshold.min(125)
 }
 
-/// Stand-alone counter used by tests and the machine.
-pub fn load(a: &AtomicU64) -> u64 {
-    a.load(Relaxed)
-}
 
 #[cfg(test)]
 mod tests {

@@ -157,9 +157,8 @@ impl PyRecording {
         }
         self.collect();
     }
-    fn __enter__(slf: Py<Self>, py: Python<'_>) -> Py<Self> {
+    fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf.get().start();
-        let _ = py;
         slf
     }
     fn __exit__(&self, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> bool {

@@ -159,6 +159,7 @@ impl Machine {
     /// `__alloc_percpu_gfp(size, align, gfp)`: zeroed memory in every CPU's
     /// unit. Returns the `__percpu` pointer.
     pub fn alloc_percpu(&self, size: u64, align: u64, gfp: Gfp, call_site: &CallSite) -> Result<u64> {
+        let _d = self.trace.defer(); // page events under pcpu state lock
         let align = align.max(PCPU_MIN_ALLOC_SIZE);
         let size = size.next_multiple_of(PCPU_MIN_ALLOC_SIZE);
         if size == 0 || size > PCPU_MIN_UNIT_SIZE || align > self.page_size || !align.is_power_of_two() {
@@ -247,6 +248,7 @@ impl Machine {
 
     /// `free_percpu(ptr)`: NULL is a no-op; callable from atomic context.
     pub fn free_percpu(&self, ptr: u64) -> Result<()> {
+        let _d = self.trace.defer(); // page events under pcpu state lock
         let mut st = self.percpu.state.lock();
         let Some(&a) = st.allocs.get(&ptr) else {
             if ptr == 0 {

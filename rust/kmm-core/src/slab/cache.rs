@@ -50,7 +50,7 @@ use super::geometry::*;
 use crate::error::{KmmError, Result};
 use crate::gfp::{self, Gfp};
 use crate::machine::{Machine, VirtAddr};
-use crate::page::{Pfn, PG_SLAB, PG_TAIL};
+use crate::page::{Pfn, PG_SLAB};
 
 /// An object constructor (`ctor`), called with each object's address when its
 /// slab is set up.
@@ -471,6 +471,8 @@ impl KmemCache {
     /// `slab_alloc_node`: the per-CPU fast path, else `___slab_alloc`.
     /// Returns the object's address; the caller runs the post-alloc hooks.
     pub fn alloc_raw(&self, m: &Machine, gfp: Gfp, cpu: u32) -> Result<u64> {
+        // Page events emitted under the cpu/node locks reach sinks after they drop.
+        let _d = m.trace.defer();
         if self.is_debug() {
             return self.alloc_single(m, gfp);
         }
@@ -609,7 +611,7 @@ impl KmemCache {
                         self.cpu_lock(cpu).stats.order_fallback += 1;
                         p
                     }
-                    Err(e) => return Err(self.slab_out_of_memory(m, gfp, e)),
+                    Err(e) => return Err(self.slab_out_of_memory(gfp, e)),
                 }
             }
         };
@@ -662,7 +664,7 @@ impl KmemCache {
     }
 
     /// The "SLUB: Unable to allocate memory" report as an OutOfMemory error.
-    fn slab_out_of_memory(&self, m: &Machine, gfp: Gfp, e: KmmError) -> KmmError {
+    fn slab_out_of_memory(&self, gfp: Gfp, e: KmmError) -> KmmError {
         let n = self.node.lock();
         let free: u64 = n.slabs.iter().flatten().map(|s| (s.objects - s.inuse) as u64).sum();
         let msg = format!(
@@ -679,7 +681,6 @@ impl KmemCache {
             free,
             e.message()
         );
-        let _ = m;
         KmmError::OutOfMemory { order: self.geo.order, gfp, message: msg }
     }
 
@@ -750,6 +751,7 @@ impl KmemCache {
     /// `do_slab_free`: the fast path onto this CPU's freelist when the object
     /// belongs to the cpu slab, else `__slab_free`.
     pub(crate) fn free_raw(&self, m: &Machine, o: &ObjRef, obj: u64, cpu: u32) {
+        let _d = m.trace.defer();
         if self.is_debug() {
             return self.free_to_partial_list(m, o, obj);
         }
@@ -827,6 +829,7 @@ impl KmemCache {
     /// `kmem_cache_free_bulk` after the checks: runs of objects of one slab
     /// are freed together (`build_detached_freelist`), under one CPU lock.
     pub(crate) fn free_bulk_raw(&self, m: &Machine, objs: &[(u64, ObjRef)], cpu: u32) {
+        let _d = m.trace.defer();
         if self.is_debug() {
             for (obj, o) in objs {
                 self.free_to_partial_list(m, o, *obj);
@@ -850,6 +853,7 @@ impl KmemCache {
     /// `__kmem_cache_alloc_bulk`: `n` objects under one CPU lock, taking the
     /// slow path whenever the CPU freelist runs dry.
     pub(crate) fn alloc_bulk_raw(&self, m: &Machine, gfp: Gfp, cpu: u32, n: usize, out: &mut Vec<u64>) -> Result<()> {
+        let _d = m.trace.defer();
         if self.is_debug() {
             for _ in 0..n {
                 out.push(self.alloc_single(m, gfp)?);
@@ -1037,6 +1041,7 @@ impl KmemCache {
     /// empty slab on the node list. Returns the pages given back (the
     /// kernel returns only whether slabs remain).
     pub fn shrink(&self, m: &Machine) -> u64 {
+        let _d = m.trace.defer();
         let pages = |n: &Node| -> u64 { n.slabs.iter().flatten().map(|s| 1u64 << s.order).sum() };
         let before = pages(&self.node.lock());
         for cpu in 0..self.nr_cpus() {
@@ -1046,13 +1051,11 @@ impl KmemCache {
         // not apply), and move the fullest slabs (1..=32 free) to the head,
         // fullest first, so allocations fill them before the emptier ones.
         let mut n = self.node.lock();
-        let mut freed = 0;
         let mut promote: Vec<Vec<u32>> = vec![Vec::new(); 32];
         for id in Self::partial_ids(&n) {
             let s = n.slabs[id as usize].as_ref().expect("partial slab");
             let free = s.objects - s.inuse;
             if s.inuse == 0 {
-                freed += 1u64 << s.order;
                 Self::remove_partial(&mut n, id);
                 self.discard_slab(m, &mut n, id);
             } else if free <= 32 {
@@ -1065,12 +1068,12 @@ impl KmemCache {
                 Self::add_partial(&mut n, id, false);
             }
         }
-        let _ = freed;
         before - pages(&n)
     }
 
     /// Free every slab left (all empty): the end of `__kmem_cache_shutdown`.
     pub(crate) fn release_all_slabs(&self, m: &Machine) {
+        let _d = m.trace.defer();
         let mut n = self.node.lock();
         for id in Self::partial_ids(&n) {
             Self::remove_partial(&mut n, id);
@@ -1244,7 +1247,6 @@ impl KmemCache {
         if total != n.total_objects {
             errs.push(format!("slub-2: {name}: total_objects {} but slabs hold {total}", n.total_objects));
         }
-        let _ = PG_TAIL;
         errs
     }
 }

@@ -413,6 +413,7 @@ impl Machine {
     /// `kmem_cache_shrink`: flush CPU slabs and give empty slabs back.
     /// Returns the pages freed.
     pub fn kmem_cache_shrink(&self, c: &KmemCache) -> Result<u64> {
+        let _d = self.trace.defer(); // page events under slab_mutex
         self.might_sleep_mutex()?;
         let _l = self.slab.list.lock();
         Ok(c.shrink(self))
@@ -427,6 +428,7 @@ impl Machine {
     /// down. A cache with objects still allocated is kept (and usable), with
     /// the kernel's report as the error.
     pub fn kmem_cache_destroy(&self, c: &KmemCache) -> Result<()> {
+        let _d = self.trace.defer(); // page events under slab_mutex
         self.might_sleep_mutex()?;
         let mut list = self.slab.list.lock();
         if c.dead.load(Relaxed) {

@@ -19,9 +19,13 @@
 //! - trace-1: `enabled` is the union of the masks of the attached sinks.
 //!
 //! Lock order: `sinks` (RwLock) is taken after every allocator lock has been
-//! released; sinks may call back into the machine.
+//! released; sinks may call back into the machine. Paths that emit while
+//! holding allocator locks (a slab discard frees pages under the node
+//! `list_lock`) run inside `Tracing::defer`: their events are queued on the
+//! thread and delivered, in order, when the outermost deferral ends.
 #![forbid(unsafe_code)]
 
+use std::cell::{Cell, RefCell};
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -488,6 +492,37 @@ impl Event {
 /// A receiver of events.
 pub type Sink = Arc<dyn Fn(&Event) + Send + Sync>;
 
+thread_local! {
+    /// Nesting depth of `Tracing::defer` on this thread.
+    static DEFER: Cell<u32> = const { Cell::new(0) };
+    /// Events waiting for the deferral to end, with the sinks that take them.
+    static PENDING: RefCell<Vec<(Vec<Sink>, Event)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// While alive, events emitted on this thread are queued (see `Tracing::defer`).
+pub struct Deferral {
+    active: bool,
+}
+
+impl Drop for Deferral {
+    fn drop(&mut self) {
+        if !self.active {
+            return;
+        }
+        let depth = DEFER.with(|d| {
+            d.set(d.get() - 1);
+            d.get()
+        });
+        if depth == 0 {
+            for (sinks, ev) in PENDING.with(|p| std::mem::take(&mut *p.borrow_mut())) {
+                for s in sinks {
+                    s(&ev);
+                }
+            }
+        }
+    }
+}
+
 struct Attached {
     id: u64,
     mask: u64,
@@ -538,9 +573,25 @@ impl Tracing {
         // (a sink may attach or detach).
         let sinks: Vec<Sink> =
             self.sinks.read().iter().filter(|a| a.mask & bit != 0).map(|a| a.sink.clone()).collect();
+        if DEFER.with(|d| d.get()) > 0 {
+            PENDING.with(|p| p.borrow_mut().push((sinks, ev)));
+            return;
+        }
         for s in sinks {
             s(&ev);
         }
+    }
+
+    /// Queue this thread's events until the returned guard drops: for calls
+    /// that may emit while holding allocator locks. Costs one relaxed load
+    /// when no tracepoint is on.
+    #[inline]
+    pub fn defer(&self) -> Deferral {
+        if self.enabled.load(Relaxed) == 0 {
+            return Deferral { active: false };
+        }
+        DEFER.with(|d| d.set(d.get() + 1));
+        Deferral { active: true }
     }
 
     /// Attach a sink for the events in `mask`; returns a handle for `detach`.
@@ -664,6 +715,31 @@ mod tests {
         assert_eq!(a.text(), "call_site=mm_init+0x2bf reserved=0 is_atomic=0 size=16 align=8 base_addr=0xffffe8ffffc00000 off=96880 ptr=0x60795bb10a70 bytes_alloc=64 gfp_flags=GFP_KERNEL");
         let f = Payload::PercpuFreePercpu { base_addr: 0xffffe8ffffc00000, off: 60976, ptr: 0x60795bb07e30 };
         assert_eq!(f.text(), "base_addr=0xffffe8ffffc00000 off=60976 ptr=0x60795bb07e30");
+    }
+
+    #[test]
+    fn deferred_events_arrive_in_order_when_the_deferral_ends() {
+        let t = Tracing::default();
+        let r = Arc::new(Recorder::default());
+        t.attach(EventId::MmPageFree.bit(), r.sink());
+        {
+            let _outer = t.defer();
+            t.emit(0, Payload::MmPageFree { pfn: 1, order: 0 });
+            {
+                let _inner = t.defer();
+                t.emit(0, Payload::MmPageFree { pfn: 2, order: 0 });
+            }
+            assert!(r.take().is_empty(), "held until the outermost deferral ends");
+        }
+        let pfns: Vec<_> = r
+            .take()
+            .into_iter()
+            .map(|e| match e.payload {
+                Payload::MmPageFree { pfn, .. } => pfn,
+                _ => unreachable!(),
+            })
+            .collect();
+        assert_eq!(pfns, vec![1, 2]);
     }
 
     #[test]
