@@ -38,6 +38,15 @@ def state(m: kmm.Machine):
     return buddyinfo(m), active_objs(m), m.proc.slabinfo(), free_pages(m)
 
 
+def seen_contended(m, cpu: int, before: int) -> bool:
+    """Poll (bounded, ~20 s) until another thread is seen waiting for `cpu`."""
+    for _ in range(200_000):
+        if m.cpu_stats()[cpu][1] > before:
+            return True
+        threading.Event().wait(0.0001)
+    return False
+
+
 def run_threads(targets) -> None:
     """Run the callables in threads; re-raise the first failure here."""
     errors: list[BaseException] = []
@@ -249,12 +258,7 @@ def test_a_cpu_held_with_preemption_disabled_makes_others_wait():
         contended0 = m.cpu_stats()[0][1]
         held.set()
         b_trying.wait()
-        # Wait (bounded) until B is seen waiting for CPU 0.
-        for _ in range(200_000):
-            if m.cpu_stats()[0][1] > contended0:
-                break
-            threading.Event().wait(0.0001)
-        result["b_waited"] = m.cpu_stats()[0][1] > contended0
+        result["b_waited"] = seen_contended(m, 0, contended0)
         log.append("A put_cpu")
         m.put_cpu()
 
@@ -290,12 +294,8 @@ def test_bound_thread_waits_for_put_cpu_on_its_cpu():
             contended0 = m.cpu_stats()[0][1]
             held.set()
             b_trying.wait()
-            # A runs Python here while B waits: bounded poll for B's wait.
-            for _ in range(200_000):
-                if m.cpu_stats()[0][1] > contended0:
-                    break
-                threading.Event().wait(0.0001)
-            result["b_waited"] = m.cpu_stats()[0][1] > contended0
+            # A runs Python here while B waits.
+            result["b_waited"] = seen_contended(m, 0, contended0)
             log.append("A put_cpu")
             m.put_cpu()
             assert m.preempt_count() == 0
