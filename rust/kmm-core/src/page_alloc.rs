@@ -402,7 +402,7 @@ impl Machine {
             pcp.count -= 1 << order;
         }
         drop(pcp);
-        self.emit_buddy_events(z, &events);
+        self.emit_buddy_events(&events);
         let pfn = pfn?;
         self.mem_map.get(pfn).set(0, 0);
         slot.pgalloc.fetch_add(1 << order, Relaxed);
@@ -432,7 +432,7 @@ impl Machine {
             (page, b)
         };
         self.apply_boosts(z, boosts, alloc_flags);
-        self.emit_buddy_events(z, &events);
+        self.emit_buddy_events(&events);
         let pfn = page?;
         z.counters.pgalloc.fetch_add(1 << order, Relaxed);
         Some(pfn)
@@ -450,7 +450,7 @@ impl Machine {
         }
     }
 
-    fn emit_buddy_events(&self, _z: &Zone, events: &[BuddyEvent]) {
+    fn emit_buddy_events(&self, events: &[BuddyEvent]) {
         let cpu = self.this_cpu();
         for e in events {
             match *e {
