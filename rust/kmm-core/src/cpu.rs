@@ -74,6 +74,12 @@ pub fn set_wait_hook(h: WaitHook) {
     let _ = WAIT_HOOK.set(h);
 }
 
+/// Block the calling thread in `f` (a sleep on a wait queue), through the
+/// installed hook (which releases the GIL).
+pub fn wait_blocking(f: &mut (dyn FnMut() + Send)) {
+    wait_with_hook(f)
+}
+
 fn wait_with_hook(f: &mut (dyn FnMut() + Send)) {
     match WAIT_HOOK.get() {
         Some(h) => h(f),

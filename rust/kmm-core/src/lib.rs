@@ -24,6 +24,8 @@
 //!   machine      <- physmem, page, zone, buddy, trace, arch
 //!   page_alloc   <- machine, buddy, gfp, trace          (the page-allocator API)
 //!   proc         <- machine, page_alloc                  (/proc renderers)
+//!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
+//!                   vmalloc, kmap, stacks; Machine::read/write go through it)
 //! ```
 //! ## How to read it
 //! Start with `machine.rs` (boot and address conversions), then
@@ -50,6 +52,7 @@ pub mod slab;
 pub mod proc;
 pub mod shadow;
 pub mod trace;
+pub mod vm;
 pub mod zone;
 
 pub use arch::Arch;

@@ -63,6 +63,8 @@ pub struct MachineConfig {
     pub seed: u64,
     /// `slab_nomerge`: never merge new caches into existing ones.
     pub slab_nomerge: bool,
+    /// The TLB geometry of every CPU.
+    pub tlb: crate::vm::tlb::TlbConfig,
 }
 
 impl Default for MachineConfig {
@@ -78,6 +80,7 @@ impl Default for MachineConfig {
             transparent_hugepage: true,
             seed: 0,
             slab_nomerge: false,
+            tlb: crate::vm::tlb::TlbConfig::default(),
         }
     }
 }
@@ -95,6 +98,7 @@ impl MachineConfig {
         ("transparent_hugepage", "true", "khugepaged's recommended min_free_kbytes (as on most distros)"),
         ("seed", "0", "seed for the model's random choices"),
         ("slab_nomerge", "false", "slab_nomerge: keep every kmem_cache separate instead of merging compatible ones"),
+        ("tlb", "Skylake", "TLB arrays {name: (entries, ways)}: l1_4k 64/4, l1_2m 32/4, l1_1g 4/4, stlb 1536/12, stlb_1g 16/4"),
     ];
 
     /// Parse `memory` from a size string.
@@ -146,6 +150,8 @@ pub struct Machine {
     pub kmalloc_caches: OnceLock<KmallocCaches>,
     /// The per-CPU allocator.
     pub percpu: crate::percpu::Percpu,
+    /// Page tables, TLBs, vmalloc, kmap, kernel stacks.
+    pub vm: crate::vm::Vm,
 }
 
 impl Machine {
@@ -158,6 +164,13 @@ impl Machine {
         }
         if cfg.cpus == 0 || cfg.cpus > 1024 {
             return invalid(format!("cpus must be 1..=1024, not {}", cfg.cpus));
+        }
+        if cfg.arch != Arch::X86_64 && cfg.cpus > 32 {
+            return invalid(format!(
+                "cpus must be 1..=32 on {} (NR_CPUS of 32-bit x86: the fixmap holds 16 kmap_local slots per CPU), not {}",
+                cfg.arch.name(),
+                cfg.cpus
+            ));
         }
         if !(1..=3000).contains(&cfg.watermark_scale_factor) {
             return invalid("watermark_scale_factor must be 1..=3000");
@@ -198,6 +211,7 @@ impl Machine {
         }
         let max_low_pfn = (cfg.arch.direct_map_span().min(cfg.memory)) / ps;
         let phys = PhysMem::new(cfg.memory, max_low_pfn * ps)?;
+        let vm = crate::vm::Vm::new(&cfg, page_shift, max_low_pfn, &phys)?;
         let mem_map = MemMap::new(nr_pages);
         mem_map.get(0).set(PG_RESERVED, 0);
         mem_map.get(0).set_refcount(1);
@@ -262,6 +276,7 @@ impl Machine {
             slab: Machine::new_slab_registry(&cfg),
             kmalloc_caches: OnceLock::new(),
             percpu: crate::percpu::Percpu::default(),
+            vm,
             cfg,
         };
 
@@ -451,39 +466,6 @@ impl Machine {
         self.zones.iter().find(|z| z.spans(pfn.0))
     }
 
-    /// Read `n` bytes at a mapped simulated address (the direct map for now).
-    pub fn read(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
-        if n == 0 {
-            return Ok(Vec::new()); // touches no memory, like memcpy(dst, p, 0)
-        }
-        let pa = self.virt_to_phys(va)?;
-        self.check_mapped_range(va, pa, n)?;
-        let mut buf = vec![0u8; n];
-        self.phys.read(pa.0, &mut buf)?;
-        Ok(buf)
-    }
-
-    /// Write bytes at a mapped simulated address (the direct map for now).
-    pub fn write(&self, va: VirtAddr, data: &[u8]) -> Result<()> {
-        if data.is_empty() {
-            return Ok(());
-        }
-        let pa = self.virt_to_phys(va)?;
-        self.check_mapped_range(va, pa, data.len())?;
-        self.phys.write(pa.0, data)
-    }
-
-    fn check_mapped_range(&self, va: VirtAddr, pa: PhysAddr, n: usize) -> Result<()> {
-        let end = pa.0.checked_add(n as u64);
-        if end.is_none_or(|e| e > self.max_low_pfn << self.page_shift) {
-            return Err(KmmError::PageFault(format!(
-                "BUG: unable to handle page fault for address: {:#x} (access of {n} bytes runs off the direct map)",
-                va.0
-            )));
-        }
-        Ok(())
-    }
-
     /// Total managed pages.
     pub fn totalram_pages(&self) -> u64 {
         self.zones.iter().map(|z| z.managed).sum()
@@ -535,6 +517,7 @@ impl Machine {
         errs.extend(self.check_pcp());
         errs.extend(self.check_percpu());
         errs.extend(self.check_slab());
+        errs.extend(self.check_vm());
         errs
     }
 }

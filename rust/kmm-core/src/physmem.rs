@@ -13,11 +13,20 @@
 //!   the kernel). Bytes outside it are reached with `pread`/`pwrite`.
 //! - Zeroing large ranges punches holes (`FALLOC_FL_PUNCH_HOLE`), which also
 //!   gives the memory back to the host.
+//! - A `HostMap` makes scattered pages virtually contiguous for the host (a
+//!   vmalloc area exported to Python): a reserved range with each run of
+//!   contiguous pfns mapped MAP_FIXED|MAP_SHARED from the memfd, so a write
+//!   through it is visible through the direct map. Host mappings are a budget
+//!   (`vm.max_map_count`, 65530 by default): `HOST_MAP_BUDGET` caps what kmm
+//!   holds at once, and `map_pages` refuses beyond it.
 //!
 //! # Invariants
 //! - physmem-1: the direct mapping is `direct_len` bytes, MAP_SHARED of the
 //!   memfd at offset 0, and lives as long as the `PhysMem`.
-//! - physmem-2: every host pointer handed out lies inside that mapping.
+//! - physmem-2: every host pointer handed out lies inside that mapping, or
+//!   inside a live `HostMap` (which the caller keeps alive while using it).
+//! - physmem-3: `host_maps` counts the mappings of live `HostMap`s and never
+//!   exceeds `HOST_MAP_BUDGET`.
 //!
 //! Concurrency: simulated memory is plain bytes shared by every thread, like
 //! RAM. Two threads writing the same simulated bytes at once race exactly as
@@ -25,15 +34,21 @@
 
 use std::os::fd::OwnedFd;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::sync::Arc;
 
 use rustix::fs::{fallocate, ftruncate, memfd_create, FallocateFlags, MemfdFlags};
 use rustix::io::{pread, pwrite};
-use rustix::mm::{mmap, munmap, MapFlags, ProtFlags};
+use rustix::mm::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use crate::error::{KmmError, Result};
 
 /// Below this many bytes, zeroing is a memset; at or above, a hole punch.
 const PUNCH_THRESHOLD: u64 = 64 << 10;
+
+/// Host mappings kmm may hold at once for `HostMap`s: half of Linux's
+/// default `vm.max_map_count` (65530), leaving the rest to the process.
+pub const HOST_MAP_BUDGET: usize = 32768;
 
 /// The simulated machine's physical memory.
 pub struct PhysMem {
@@ -41,6 +56,52 @@ pub struct PhysMem {
     size: u64,
     direct: NonNull<u8>,
     direct_len: usize,
+    /// Mappings held by live `HostMap`s (physmem-3).
+    host_maps: Arc<AtomicUsize>,
+}
+
+/// Scattered physical pages mapped contiguously in the host (see the module
+/// header). Unmapped when dropped.
+pub struct HostMap {
+    ptr: NonNull<u8>,
+    len: usize,
+    maps: usize,
+    budget: Arc<AtomicUsize>,
+}
+
+// SAFETY: the mapping is owned by this struct; it is shared memory, plain bytes
+// any thread may touch (see the module header).
+unsafe impl Send for HostMap {}
+// SAFETY: as above.
+unsafe impl Sync for HostMap {}
+
+impl HostMap {
+    /// Host address of the first byte.
+    pub fn ptr(&self) -> NonNull<u8> {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Host mappings this map uses (one per run of contiguous pfns).
+    pub fn mappings(&self) -> usize {
+        self.maps
+    }
+}
+
+impl Drop for HostMap {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly the range reserved in `map_pages`; the
+        // owner guarantees no pointer into it is used after the drop.
+        let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.len) };
+        self.budget.fetch_sub(self.maps, Relaxed);
+    }
 }
 
 // SAFETY: the mapping is shared memory owned by this struct for its whole
@@ -81,7 +142,71 @@ impl PhysMem {
             .map_err(|e| host_err("mmap of the direct map", e))?;
             NonNull::new(p.cast::<u8>()).expect("mmap returned null")
         };
-        Ok(PhysMem { fd, size, direct, direct_len })
+        Ok(PhysMem { fd, size, direct, direct_len, host_maps: Arc::new(AtomicUsize::new(0)) })
+    }
+
+    /// Host mappings held by live `HostMap`s.
+    pub fn host_mappings(&self) -> usize {
+        self.host_maps.load(Relaxed)
+    }
+
+    /// Map the pages at physical addresses `pages` (each `page_size` bytes)
+    /// one after another in a fresh host range: one mapping per run of
+    /// physically contiguous pages. Refused (BufferBusy) beyond the budget.
+    pub fn map_pages(&self, pages: &[u64], page_size: u64) -> Result<HostMap> {
+        let ps = page_size as usize;
+        let mut runs: Vec<(usize, u64, usize)> = Vec::new(); // (first index, phys, pages)
+        for (i, &p) in pages.iter().enumerate() {
+            self.check(p, ps)?;
+            match runs.last_mut() {
+                Some(r) if r.1 + (r.2 * ps) as u64 == p => r.2 += 1,
+                _ => runs.push((i, p, 1)),
+            }
+        }
+        let len = pages.len() * ps;
+        if len == 0 {
+            return Err(KmmError::InvalidArgument("map_pages: no pages".into()));
+        }
+        let held = self.host_maps.fetch_add(runs.len(), Relaxed);
+        if held + runs.len() > HOST_MAP_BUDGET {
+            self.host_maps.fetch_sub(runs.len(), Relaxed);
+            return Err(KmmError::BufferBusy(format!(
+                "host mapping budget spent: exporting this buffer needs {} host mappings and kmm holds {held} of its \
+                 budget of {HOST_MAP_BUDGET} (half of the vm.max_map_count sysctl's default); release other \
+                 exports, or use Machine.read/write, which need no host mapping",
+                runs.len()
+            )));
+        }
+        // SAFETY: a fresh private reservation at an address the kernel picks.
+        let base = match unsafe { mmap_anonymous(std::ptr::null_mut(), len, ProtFlags::empty(), MapFlags::PRIVATE | MapFlags::NORESERVE) } {
+            Ok(p) => p.cast::<u8>(),
+            Err(e) => {
+                self.host_maps.fetch_sub(runs.len(), Relaxed);
+                return Err(host_err("mmap (reserve)", e));
+            }
+        };
+        let map = HostMap {
+            ptr: NonNull::new(base).expect("mmap returned null"),
+            len,
+            maps: runs.len(),
+            budget: self.host_maps.clone(),
+        };
+        for &(i, phys, n) in &runs {
+            // SAFETY: the target lies inside the reservation made above, which
+            // `map` owns; MAP_FIXED replaces only our own reserved pages.
+            unsafe {
+                mmap(
+                    base.add(i * ps).cast(),
+                    n * ps,
+                    ProtFlags::READ | ProtFlags::WRITE,
+                    MapFlags::SHARED | MapFlags::FIXED,
+                    &self.fd,
+                    phys,
+                )
+            }
+            .map_err(|e| host_err("mmap (MAP_FIXED of a page run)", e))?;
+        }
+        Ok(map)
     }
 
     pub fn size(&self) -> u64 {
@@ -256,5 +381,28 @@ mod tests {
         pm.read(1 << 20, &mut r).unwrap();
         assert_eq!(r, [0; 16]);
         assert!(pm.read(64 << 30, &mut r).is_err());
+    }
+
+    #[test]
+    fn host_map_aliases_scattered_pages() {
+        let pm = PhysMem::new(1 << 30, 1 << 30).unwrap();
+        pm.write(5 * 4096, b"five").unwrap();
+        pm.write(2 * 4096, b"two").unwrap();
+        pm.write((5 << 30) / 8, b"far").unwrap(); // beyond both, same file
+        // pages 5, 2, 3: runs [5], [2, 3] -> two mappings
+        let m = pm.map_pages(&[5 * 4096, 2 * 4096, 3 * 4096], 4096).unwrap();
+        assert_eq!(m.mappings(), 2);
+        assert_eq!(pm.host_mappings(), 2);
+        // SAFETY: the map is alive and 3 pages long.
+        let s = unsafe { std::slice::from_raw_parts_mut(m.ptr().as_ptr(), m.len()) };
+        assert_eq!(&s[..4], b"five");
+        assert_eq!(&s[4096..4099], b"two");
+        s[2 * 4096] = b'X'; // page 3 through the alias
+        let mut b = [0u8; 1];
+        pm.read(3 * 4096, &mut b).unwrap();
+        assert_eq!(&b, b"X");
+        drop(m);
+        assert_eq!(pm.host_mappings(), 0);
+        assert!(pm.map_pages(&[1 << 30], 4096).is_err(), "beyond RAM");
     }
 }

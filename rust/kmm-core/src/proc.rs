@@ -351,6 +351,9 @@ impl Machine {
         match name {
             "nr_slab_reclaimable" => pages(self.vmstat.nr_slab_reclaimable_b.load(Relaxed)),
             "nr_slab_unreclaimable" => pages(self.vmstat.nr_slab_unreclaimable_b.load(Relaxed)),
+            // NR_KERNEL_STACK_KB is kept in kB, as the kernel keeps it.
+            "nr_kernel_stack" => self.vm.stacks.kernel_stack_kb.load(Relaxed),
+            "nr_page_table_pages" => self.vm.pt.nr_runtime_tables.load(Relaxed),
             _ => 0,
         }
     }
@@ -407,9 +410,9 @@ impl Machine {
 
     /// `VMALLOC_END - VMALLOC_START` in bytes, as meminfo's VmallocTotal uses it.
     fn vmalloc_total(&self) -> u64 {
-        let lowmem = self.max_low_pfn * self.page_size;
-        let (start, end) = self.cfg.arch.vmalloc_range(lowmem);
-        end - start
+        let v = &self.vm.vmalloc;
+        // x86_64's VMALLOC_END is its last byte; i386's is one past it.
+        v.end - v.start - u64::from(self.cfg.arch.is_64bit())
     }
 
     /// The direct map's page-size split (`arch_report_meminfo`): (label, kB).
@@ -489,7 +492,7 @@ impl Machine {
             ("Slab", slab_r + slab_u),
             ("SReclaimable", slab_r),
             ("SUnreclaim", slab_u),
-            ("KernelStack", ns("nr_kernel_stack")),
+            ("KernelStack", self.node_stat("nr_kernel_stack")),
             ("PageTables", ns("nr_page_table_pages")),
             ("SecPageTables", ns("nr_sec_page_table_pages")),
             ("NFS_Unstable", 0),
@@ -499,7 +502,7 @@ impl Machine {
             ("CommitLimit", kb(totalram * OVERCOMMIT_RATIO / 100)),
             ("Committed_AS", 0),
             ("VmallocTotal", self.vmalloc_total() >> 10),
-            ("VmallocUsed", 0),
+            ("VmallocUsed", kb(self.vmalloc_nr_pages())),
             ("VmallocChunk", 0),
             ("Percpu", self.pcpu_nr_pages() * (self.page_size >> 10)),
             ("AnonHugePages", 0),

@@ -13,6 +13,7 @@ mod machine;
 mod objects;
 mod slab;
 mod tracing;
+mod vm;
 
 pub(crate) use errors::to_py_err;
 
@@ -33,6 +34,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tracing::PyTraceHandle>()?;
     m.add_class::<machine::PyProc>()?;
     m.add_class::<machine::PyTrace>()?;
+    m.add_class::<vm::PyThreadStack>()?;
     m.add_function(wrap_pyfunction!(gfp_format, m)?)?;
     m.add_function(wrap_pyfunction!(gfp_parse, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
@@ -51,6 +53,8 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("ZERO_SIZE_PTR", kmm_core::kmalloc::ZERO_SIZE_PTR)?;
     m.add("KMALLOC_MAX_CACHE_SIZE", kmm_core::kmalloc::KMALLOC_MAX_CACHE_SIZE)?;
     m.add("KMALLOC_MAX_SIZE", kmm_core::kmalloc::KMALLOC_MAX_SIZE)?;
+    m.add("STACK_END_MAGIC", kmm_core::vm::stack::STACK_END_MAGIC)?;
+    m.add("KM_MAX_IDX", kmm_core::vm::highmem::KM_MAX_IDX)?;
     Ok(())
 }
 

@@ -83,7 +83,7 @@ impl PyMachine {
     #[new]
     #[pyo3(signature = (arch="x86_64", memory=None, cpus=2, page_size=4096, min_free_kbytes=None,
                         watermark_scale_factor=10, lowmem_reserve_ratio=None,
-                        transparent_hugepage=true, seed=0, slab_nomerge=false))]
+                        transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -97,6 +97,7 @@ impl PyMachine {
         transparent_hugepage: bool,
         seed: u64,
         slab_nomerge: bool,
+        tlb: Option<std::collections::HashMap<String, (u32, u32)>>,
     ) -> PyResult<PyMachine> {
         let memory = match memory {
             Some(v) => size_arg(v)?,
@@ -113,7 +114,12 @@ impl PyMachine {
             transparent_hugepage,
             seed,
             slab_nomerge,
+            tlb: Default::default(),
         };
+        let mut cfg = cfg;
+        for (name, (entries, ways)) in tlb.unwrap_or_default() {
+            cfg.tlb.set(&name, entries, ways).map_err(PyValueError::new_err)?;
+        }
         let m = py.detach(|| Machine::new(cfg)).map_err(to_py_err)?;
         Ok(PyMachine { m: Arc::new(m) })
     }
@@ -236,10 +242,11 @@ impl PyMachine {
 
     // ---- addresses -----------------------------------------------------------
 
-    /// `page_address(page)`: its direct-map address, None for highmem pages.
+    /// `page_address(page)`: its direct-map address; for a highmem page its
+    /// kmap() address while kmapped, else None.
     fn page_address(&self, page: &Bound<'_, PyPage>) -> PyResult<Option<u64>> {
         let pfn = self.own_page(page)?;
-        Ok(self.m.page_address(Pfn(pfn)).map(|v| v.0))
+        Ok(self.m.page_address_any(Pfn(pfn)).map(|v| v.0))
     }
     /// `virt_to_page(addr)` for direct-map addresses.
     fn virt_to_page(&self, addr: u64) -> PyResult<PyPage> {
@@ -265,12 +272,13 @@ impl PyMachine {
     fn page_to_pfn(&self, page: &Bound<'_, PyPage>) -> PyResult<u64> {
         self.own_page(page)
     }
-    /// Read `n` bytes at a mapped address.
+    /// Read `n` bytes at a mapped address (through this CPU's TLB and the
+    /// page tables; PageFaultError where nothing is mapped).
     fn read<'py>(&self, py: Python<'py>, addr: u64, n: usize) -> PyResult<Bound<'py, PyBytes>> {
         let v = self.m.read(VirtAddr(addr), n).map_err(to_py_err)?;
         Ok(PyBytes::new(py, &v))
     }
-    /// Write bytes at a mapped address.
+    /// Write bytes at a mapped address (through the MMU model, like `read`).
     fn write(&self, addr: u64, data: &[u8]) -> PyResult<()> {
         self.m.write(VirtAddr(addr), data).map_err(to_py_err)
     }
@@ -620,7 +628,7 @@ impl PyMachine {
 /// The /proc files of a machine, in the kernel's formats.
 #[pyclass(frozen, name = "Proc", module = "kmm._kmm")]
 pub struct PyProc {
-    m: Arc<Machine>,
+    pub(crate) m: Arc<Machine>,
 }
 
 #[pymethods]

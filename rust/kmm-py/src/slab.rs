@@ -6,14 +6,20 @@
 //!   bytes, and the mapping lives as long as the `Arc<Machine>` the Block holds;
 //! - while an export is alive the object is pinned in the shadow, and every
 //!   free path refuses a pinned object (BufferError), so the bytes cannot be
-//!   handed to anyone else under the memoryview.
+//!   handed to anyone else under the memoryview;
+//! - a vmalloc Block's pointer is the area's `HostMap` (owned by the area,
+//!   which the Block holds by `Arc`), and vfree refuses a pinned area; a
+//!   highmem kmap_local Block's is its own one-page `HostMap`, and
+//!   kunmap_local through the Block is refused while it is exported.
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use kmm_core::kmalloc::ZERO_SIZE_PTR;
+use kmm_core::physmem::HostMap;
 use kmm_core::slab::KmemCache;
+use kmm_core::vm::vmalloc::VmArea;
 use kmm_core::trace::{CallSite, EventId};
 use kmm_core::{KmmError, Machine, VirtAddr};
 use pyo3::exceptions::{PyBufferError, PyIndexError, PyTypeError, PyValueError};
@@ -60,7 +66,7 @@ impl std::ops::Deref for CallSiteRef {
     }
 }
 
-fn caller(py: Python<'_>) -> CallSite {
+pub(crate) fn caller(py: Python<'_>) -> CallSite {
     let r = (|| -> PyResult<String> {
         let f = py.import("sys")?.getattr("_getframe")?.call1((0,))?;
         let code = f.getattr("f_code")?;
@@ -82,6 +88,10 @@ pub(crate) enum Kind {
     Ctor,
     /// One CPU's copy of a per-CPU allocation.
     Percpu,
+    /// A vmalloc or vmap area.
+    Vmalloc,
+    /// A kmap_local_page mapping.
+    Kmap,
 }
 
 /// A live allocation: real bytes of the simulated machine.
@@ -96,6 +106,10 @@ pub struct PyBlock {
     exports: AtomicUsize,
     /// For per-CPU copies: the `__percpu` pointer and its generation.
     pcpu: (u64, u64),
+    /// For vmalloc/vmap Blocks: the area.
+    area: Option<Arc<VmArea>>,
+    /// For kmap_local Blocks of highmem pages: the host alias made on export.
+    host: OnceLock<HostMap>,
 }
 
 impl PyBlock {
@@ -110,6 +124,8 @@ impl PyBlock {
                 freed: AtomicBool::new(false),
                 exports: AtomicUsize::new(0),
                 pcpu: (0, 0),
+                area: None,
+                host: OnceLock::new(),
             };
         }
         let gen = m.shadow.get(addr - m.cfg.arch.page_offset()) >> 2;
@@ -122,6 +138,8 @@ impl PyBlock {
             freed: AtomicBool::new(false),
             exports: AtomicUsize::new(0),
             pcpu: (0, 0),
+            area: None,
+            host: OnceLock::new(),
         }
     }
 
@@ -137,6 +155,8 @@ impl PyBlock {
             freed: AtomicBool::new(false),
             exports: AtomicUsize::new(0),
             pcpu: (ptr, gen),
+            area: None,
+            host: OnceLock::new(),
         })
     }
 
@@ -151,7 +171,64 @@ impl PyBlock {
             freed: AtomicBool::new(false),
             exports: AtomicUsize::new(0),
             pcpu: (0, 0),
+            area: None,
+            host: OnceLock::new(),
         }
+    }
+
+    /// A Block over a vmalloc or vmap area's usable bytes.
+    pub(crate) fn for_area(m: &Arc<Machine>, a: Arc<VmArea>, len: usize) -> PyBlock {
+        PyBlock {
+            m: m.clone(),
+            addr: a.addr,
+            len,
+            gen: 0,
+            kind: Kind::Vmalloc,
+            freed: AtomicBool::new(false),
+            exports: AtomicUsize::new(0),
+            pcpu: (0, 0),
+            area: Some(a),
+            host: OnceLock::new(),
+        }
+    }
+
+    /// A Block over a kmap_local mapping of one page (a context manager
+    /// that unmaps it on exit).
+    pub(crate) fn for_kmap(m: &Arc<Machine>, addr: u64, pfn: u64) -> PyBlock {
+        PyBlock {
+            m: m.clone(),
+            addr,
+            len: m.page_size as usize,
+            gen: 0,
+            kind: Kind::Kmap,
+            freed: AtomicBool::new(false),
+            exports: AtomicUsize::new(0),
+            pcpu: (pfn, 0),
+            area: None,
+            host: OnceLock::new(),
+        }
+    }
+
+    /// kunmap_local through this Block (refused while exported).
+    pub(crate) fn kunmap(&self) -> PyResult<()> {
+        if self.kind != Kind::Kmap {
+            return Err(PyTypeError::new_err("only a kmap_local_page Block is unmapped with kunmap_local"));
+        }
+        if self.freed.load(Relaxed) {
+            return Err(to_py_err(KmmError::Bug(format!(
+                "WARNING: kunmap_local({:#x}): this mapping was already unmapped",
+                self.addr
+            ))));
+        }
+        if self.exports.load(Relaxed) > 0 {
+            return Err(PyBufferError::new_err(format!(
+                "cannot kunmap_local {:#x}: a buffer export (memoryview) of it is alive",
+                self.addr
+            )));
+        }
+        self.m.kunmap_local(VirtAddr(self.addr)).map_err(to_py_err)?;
+        self.freed.store(true, Relaxed);
+        Ok(())
     }
 
     /// End of the ctor call: the Block stops being usable.
@@ -169,7 +246,8 @@ impl PyBlock {
             return false;
         }
         match self.kind {
-            Kind::Zero | Kind::Ctor => true,
+            Kind::Zero | Kind::Ctor | Kind::Kmap => true,
+            Kind::Vmalloc => self.area.as_ref().is_some_and(|a| !a.freed.load(Relaxed)),
             Kind::Object => self.m.shadow.is_live_gen(self.phys(), self.gen),
             Kind::Percpu => self.m.percpu_live(self.pcpu.0, self.pcpu.1),
         }
@@ -196,6 +274,11 @@ impl PyBlock {
         if self.kind == Kind::Percpu {
             return Err(crate::errors::InvalidFreeError::new_err(
                 "a per-CPU copy is freed with free_percpu(ptr), not kfree",
+            ));
+        }
+        if self.kind == Kind::Kmap {
+            return Err(crate::errors::InvalidFreeError::new_err(
+                "a kmap_local mapping is undone with kunmap_local, not freed",
             ));
         }
         if self.kind == Kind::Zero {
@@ -336,6 +419,19 @@ impl PyBlock {
         )
     }
 
+    /// A kmap_local_page Block is a context manager: the mapping is undone
+    /// (kunmap_local) when the block exits.
+    fn __enter__(slf: Bound<'_, Self>) -> PyResult<Bound<'_, Self>> {
+        if slf.get().kind != Kind::Kmap {
+            return Err(PyTypeError::new_err("only a kmap_local_page Block is a context manager"));
+        }
+        Ok(slf)
+    }
+    fn __exit__(&self, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> PyResult<bool> {
+        self.kunmap()?;
+        Ok(false)
+    }
+
     unsafe fn __getbuffer__(slf: Bound<'_, Self>, view: *mut ffi::Py_buffer, flags: c_int) -> PyResult<()> {
         if view.is_null() {
             return Err(PyBufferError::new_err("View is null"));
@@ -346,10 +442,27 @@ impl PyBlock {
         let ptr = if b.len == 0 {
             EMPTY.as_ptr() as *mut u8
         } else {
-            b.m.phys
-                .direct_ptr(b.phys(), b.len)
-                .ok_or_else(|| PyBufferError::new_err("the Block has no host mapping"))?
-                .as_ptr()
+            match b.kind {
+                Kind::Vmalloc => {
+                    let a = b.area.as_ref().expect("a vmalloc Block has its area");
+                    a.host(&b.m).map_err(to_py_err)?.ptr().as_ptr()
+                }
+                Kind::Kmap if b.m.virt_to_phys(VirtAddr(b.addr)).is_err() => {
+                    // A highmem page in a fixmap slot: alias its frame in the host.
+                    if b.host.get().is_none() {
+                        let h = b.m.phys.map_pages(&[b.pcpu.0 << b.m.page_shift], b.m.page_size).map_err(to_py_err)?;
+                        let _ = b.host.set(h);
+                    }
+                    b.host.get().expect("set above").ptr().as_ptr()
+                }
+                _ => {
+                    let phys = b.m.virt_to_phys(VirtAddr(b.addr)).map_err(to_py_err)?.0;
+                    b.m.phys
+                        .direct_ptr(phys, b.len)
+                        .ok_or_else(|| PyBufferError::new_err("the Block has no host mapping"))?
+                        .as_ptr()
+                }
+            }
         };
         if b.kind == Kind::Ctor {
             return Err(PyBufferError::new_err("a ctor's Block cannot be exported (it is valid only during the ctor call)"));
@@ -358,6 +471,9 @@ impl PyBlock {
             match b.kind {
                 Kind::Object => b.m.shadow.set_pinned(b.phys(), true),
                 Kind::Percpu => b.m.percpu_pin(b.pcpu.0, true),
+                Kind::Vmalloc => {
+                    b.area.as_ref().expect("area").pinned.fetch_add(1, Relaxed);
+                }
                 _ => {}
             }
         }
@@ -399,6 +515,9 @@ impl PyBlock {
             match self.kind {
                 Kind::Object => self.m.shadow.set_pinned(self.phys(), false),
                 Kind::Percpu => self.m.percpu_pin(self.pcpu.0, false),
+                Kind::Vmalloc => {
+                    self.area.as_ref().expect("area").pinned.fetch_sub(1, Relaxed);
+                }
                 _ => {}
             }
         }

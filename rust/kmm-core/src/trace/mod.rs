@@ -211,6 +211,12 @@ pub enum Payload {
         fragmenting: bool,
         change_ownership: bool,
     },
+    /// `vmalloc:alloc_vmap_area` (mm/vmalloc.c alloc_vmap_area; failed=1 with addr 0).
+    AllocVmapArea { addr: u64, size: u64, align: u64, vstart: u64, vend: u64, failed: bool },
+    /// `vmalloc:free_vmap_area_noflush` (an area put on the lazy purge list).
+    FreeVmapAreaNoflush { va_start: u64, nr_lazy: u64, nr_lazy_max: u64 },
+    /// `vmalloc:purge_vmap_area_lazy` (one purge: the flushed range and areas freed).
+    PurgeVmapAreaLazy { start: u64, end: u64, npurged: u32 },
 }
 
 /// A field value, for Python and for generic consumers.
@@ -237,6 +243,9 @@ impl Payload {
             Payload::KmemCacheFree { .. } => EventId::KmemCacheFree,
             Payload::PercpuAllocPercpu { .. } => EventId::PercpuAllocPercpu,
             Payload::PercpuFreePercpu { .. } => EventId::PercpuFreePercpu,
+            Payload::AllocVmapArea { .. } => EventId::AllocVmapArea,
+            Payload::FreeVmapAreaNoflush { .. } => EventId::FreeVmapAreaNoflush,
+            Payload::PurgeVmapAreaLazy { .. } => EventId::PurgeVmapAreaLazy,
         }
     }
 
@@ -348,6 +357,24 @@ impl Payload {
                 ("fragmenting", Bool(fragmenting)),
                 ("change_ownership", Bool(change_ownership)),
             ],
+            Payload::AllocVmapArea { addr, size, align, vstart, vend, failed } => vec![
+                ("addr", UInt(addr)),
+                ("size", UInt(size)),
+                ("align", UInt(align)),
+                ("vstart", UInt(vstart)),
+                ("vend", UInt(vend)),
+                ("failed", Int(failed as i64)),
+            ],
+            Payload::FreeVmapAreaNoflush { va_start, nr_lazy, nr_lazy_max } => vec![
+                ("va_start", UInt(va_start)),
+                ("nr_lazy", UInt(nr_lazy)),
+                ("nr_lazy_max", UInt(nr_lazy_max)),
+            ],
+            Payload::PurgeVmapAreaLazy { start, end, npurged } => vec![
+                ("start", UInt(start)),
+                ("end", UInt(end)),
+                ("npurged", UInt(npurged as u64)),
+            ],
             _ => unreachable!("handled above"),
         }
     }
@@ -455,6 +482,21 @@ impl Payload {
                     "page={pfn:#x} pfn={pfn:#x} alloc_order={alloc_order} fallback_order={fallback_order} pageblock_order={pageblock_order} alloc_migratetype={alloc_migratetype} fallback_migratetype={fallback_migratetype} fragmenting={} change_ownership={}",
                     fragmenting as u8, change_ownership as u8
                 );
+            }
+            // include/trace/events/vmalloc.h: alloc_vmap_area prints va_start
+            // with "%lu" after a colon, as the real trace shows.
+            Payload::AllocVmapArea { addr, size, align, vstart, vend, failed } => {
+                let _ = write!(
+                    s,
+                    "va_start: {addr} size={size} align={align} vstart={vstart:#x} vend={vend:#x} failed={}",
+                    failed as u8
+                );
+            }
+            Payload::FreeVmapAreaNoflush { va_start, nr_lazy, nr_lazy_max } => {
+                let _ = write!(s, "va_start={va_start:#x} nr_lazy={nr_lazy} nr_lazy_max={nr_lazy_max}");
+            }
+            Payload::PurgeVmapAreaLazy { start, end, npurged } => {
+                let _ = write!(s, "start={start:#x} end={end:#x} num_purged={npurged}");
             }
             _ => unreachable!("handled above"),
         }

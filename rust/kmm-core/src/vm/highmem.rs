@@ -1,0 +1,459 @@
+//! High memory: the persistent kmap window (pkmap) and the per-CPU
+//! kmap_local/kmap_atomic fixmap slots.
+//!
+//! # Kernel
+//! `mm/highmem.c` (`kmap_high`, `map_new_virtual`, `flush_all_zero_pkmaps`,
+//! `kunmap_high`, `kmap_flush_unused`, `__kmap_local_pfn_prot`,
+//! `kunmap_local_indexed`, `page_address`), `include/linux/highmem-internal.h`
+//! (`kmap`, `kmap_local_page`, `kmap_atomic`), `include/asm-generic/kmap_size.h`
+//! (KM_MAX_IDX 16), `arch/x86/include/asm/pgtable_32_areas.h` (PKMAP_BASE,
+//! LAST_PKMAP: one PTE table), `arch/x86/include/asm/fixmap.h`.
+//!
+//! ```text
+//!   pkmap_count[nr]: 0 free and TLB-clean | 1 unused but still mapped
+//!                    (stale until flush_all_zero_pkmaps) | n>=2: n-1 users
+//! ```
+//!
+//! SIMPLIFICATION: the fixmap holds only the kmap_local slots (from index
+//! FIX_KMAP_BEGIN = 16; the kernel's earlier fixmap slots vary by config),
+//! and PKMAP_BASE sits at the first PMD boundary below them; VMALLOC_END is
+//! PKMAP_BASE - 2 pages, as the kernel defines it.
+//! SIMPLIFICATION: kmap_local_page disables preemption, as kmap_atomic does
+//! (the kernel only disables migration): kmm's threads keep their CPU, and
+//! so their fixmap slots, only with preemption disabled. Sleeping calls
+//! inside kmap_local therefore raise, as DESIGN.md §3 specifies.
+//!
+//! # Invariants
+//! - kmap-1: a pkmap slot with count >= 1 has its PTE set and is recorded as
+//!   its page's address; a slot with count 0 has no PTE.
+//! - kmap-2: a CPU's kmap_local stack holds at most KM_MAX_IDX entries, and
+//!   each fixmap slot below its depth maps the page recorded for it.
+//!
+//! Lock order: `kmap_lock` -> page_table_lock -> TLB locks. A CPU's
+//! kmap_local stack is that CPU's (preemption is disabled while it is
+//! non-empty), behind an uncontended spin lock.
+#![forbid(unsafe_code)]
+
+use std::collections::HashMap;
+
+use parking_lot::{Condvar, Mutex};
+
+use crate::arch::Arch;
+use crate::cpu::{PREEMPT_MASK, PREEMPT_OFFSET};
+use crate::error::{KmmError, Result};
+use crate::machine::{Machine, VirtAddr};
+use crate::page::Pfn;
+
+/// `KM_MAX_IDX`: kmap_local slots per CPU (without CONFIG_DEBUG_KMAP_LOCAL).
+pub const KM_MAX_IDX: u32 = 16;
+/// First fixmap index of the kmap_local slots (see the SIMPLIFICATION).
+pub const FIX_KMAP_BEGIN: u64 = 16;
+
+/// Where the highmem windows sit.
+#[derive(Clone, Copy, Debug)]
+pub struct Layout {
+    pub highmem: bool,
+    pub page_shift: u32,
+    pub last_pkmap: u64,
+    pub pkmap_base: u64,
+    pub fixaddr_top: u64,
+    pub cpus: u32,
+    pmd_size: u64,
+}
+
+impl Layout {
+    pub fn new(arch: Arch, page_shift: u32, cpus: u32, _lowmem: u64) -> Layout {
+        let ps = 1u64 << page_shift;
+        let (highmem, entry_bytes) = match arch {
+            Arch::X86_64 => (false, 8),
+            Arch::I386 => (true, 4),
+            Arch::I386Pae => (true, 8),
+        };
+        let last_pkmap = ps / entry_bytes;
+        let pmd_size = ps * last_pkmap;
+        let fixaddr_top = (1u64 << 32) - ps;
+        let mut l = Layout { highmem, page_shift, last_pkmap, pkmap_base: 0, fixaddr_top, cpus, pmd_size };
+        if highmem {
+            l.pkmap_base = (l.fixmap_bottom() - last_pkmap * ps) & !(pmd_size - 1);
+        }
+        l
+    }
+
+    /// `__fix_to_virt(FIX_KMAP_BEGIN + idx)` for slot `idx` of CPU `cpu`.
+    pub fn slot_addr(&self, cpu: u32, idx: u32) -> u64 {
+        self.fixaddr_top - ((FIX_KMAP_BEGIN + idx as u64 + (KM_MAX_IDX * cpu) as u64) << self.page_shift)
+    }
+
+    /// Lowest fixmap address of any kmap_local slot.
+    pub fn fixmap_bottom(&self) -> u64 {
+        self.slot_addr(self.cpus - 1, KM_MAX_IDX - 1)
+    }
+
+    /// PTE tables the fixmap needs.
+    pub fn fixmap_tables(&self) -> usize {
+        if !self.highmem {
+            return 0;
+        }
+        ((self.fixaddr_top + (1 << self.page_shift) - (self.fixmap_bottom() & !(self.pmd_size - 1))) / self.pmd_size) as usize + 1
+    }
+
+    pub fn pkmap_addr(&self, nr: u64) -> u64 {
+        self.pkmap_base + (nr << self.page_shift)
+    }
+
+    fn is_kmap_local_addr(&self, va: u64) -> bool {
+        self.highmem && va >= self.fixmap_bottom() && va <= self.slot_addr(0, 0)
+    }
+
+    /// [VMALLOC_START, VMALLOC_END): x86_64's 32 TiB; i386's between
+    /// high_memory + VMALLOC_OFFSET (8 MiB) and PKMAP_BASE - 2 pages.
+    pub fn vmalloc_range(&self, arch: Arch, lowmem: u64) -> (u64, u64) {
+        match arch {
+            Arch::X86_64 => {
+                let (s, e) = arch.vmalloc_range(lowmem);
+                (s, e + 1)
+            }
+            _ => (arch.page_offset() + lowmem + (8 << 20), self.pkmap_base - 2 * (1 << self.page_shift)),
+        }
+    }
+}
+
+struct Pkmap {
+    count: Vec<u32>,
+    slot_page: Vec<Option<Pfn>>,
+    last_pkmap_nr: u64,
+    /// `page_address_htable`: highmem pages with a pkmap address.
+    page_address: HashMap<u64, u64>,
+    flushes: u64,
+    waits: u64,
+    /// Bumped by every kunmap that frees a slot (the wake-up of pkmap_map_wait).
+    wake_gen: u64,
+}
+
+/// One kmap_local mapping on a CPU's stack.
+#[derive(Clone, Copy, Debug)]
+struct Local {
+    va: u64,
+    /// The fixmap slot used (None for a lowmem page: its direct-map address).
+    slot: Option<u32>,
+}
+
+/// The highmem state of a machine.
+pub struct Highmem {
+    pub layout: Layout,
+    pkmap: Mutex<Pkmap>,
+    pkmap_wait: Condvar,
+    local: Box<[spin::Mutex<Vec<Local>>]>,
+}
+
+impl Highmem {
+    pub fn new(layout: Layout, cpus: u32) -> Highmem {
+        let n = if layout.highmem { layout.last_pkmap as usize } else { 0 };
+        Highmem {
+            layout,
+            pkmap: Mutex::new(Pkmap {
+                count: vec![0; n],
+                slot_page: vec![None; n],
+                last_pkmap_nr: 0,
+                page_address: HashMap::new(),
+                flushes: 0,
+                waits: 0,
+                wake_gen: 0,
+            }),
+            pkmap_wait: Condvar::new(),
+            local: (0..cpus).map(|_| spin::Mutex::new(Vec::new())).collect(),
+        }
+    }
+}
+
+/// Counters of the pkmap window.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PkmapStats {
+    /// Slots with a user (count >= 2).
+    pub in_use: u64,
+    /// Slots unused but still mapped (count 1).
+    pub stale: u64,
+    /// `flush_all_zero_pkmaps` runs that cleared something.
+    pub flushes: u64,
+    /// Times a kmap waited for a free slot.
+    pub waits: u64,
+}
+
+impl Machine {
+    fn highmem_page(&self, pfn: Pfn) -> Result<bool> {
+        if !self.pfn_valid(pfn) {
+            return Err(KmmError::InvalidArgument(format!("pfn {:#x} is not RAM", pfn.0)));
+        }
+        Ok(!self.pfn_is_lowmem(pfn))
+    }
+
+    /// `page_address`: the direct map for lowmem, the pkmap address of a
+    /// kmap()ed highmem page, None otherwise.
+    pub fn page_address_any(&self, pfn: Pfn) -> Option<VirtAddr> {
+        if self.pfn_is_lowmem(pfn) {
+            return self.page_address(pfn);
+        }
+        self.vm.highmem.pkmap.lock().page_address.get(&pfn.0).map(|&v| VirtAddr(v))
+    }
+
+    /// `flush_all_zero_pkmaps`: clear every count-1 slot; one kernel-range
+    /// TLB flush over the window if any was cleared. Called with kmap_lock.
+    fn flush_all_zero_pkmaps(&self, p: &mut Pkmap) {
+        let l = &self.vm.highmem.layout;
+        let mut need_flush = false;
+        for nr in 0..l.last_pkmap as usize {
+            if p.count[nr] != 1 {
+                continue;
+            }
+            p.count[nr] = 0;
+            let page = p.slot_page[nr].take().expect("a mapped slot records its page");
+            self.unmap_pages_at(l.pkmap_addr(nr as u64), 1);
+            p.page_address.remove(&page.0);
+            need_flush = true;
+        }
+        if need_flush {
+            p.flushes += 1;
+            self.flush_tlb_kernel_range(l.pkmap_addr(0), l.pkmap_addr(l.last_pkmap));
+        }
+    }
+
+    /// `kmap_flush_unused`.
+    pub fn kmap_flush_unused(&self) {
+        if !self.vm.highmem.layout.highmem {
+            return;
+        }
+        let mut p = self.vm.highmem.pkmap.lock();
+        self.flush_all_zero_pkmaps(&mut p);
+    }
+
+    /// `map_new_virtual`: a free slot for `pfn`, or None when every slot is
+    /// in use (the caller waits).
+    fn map_new_virtual(&self, p: &mut Pkmap, pfn: Pfn) -> Result<Option<u64>> {
+        let l = self.vm.highmem.layout;
+        let mut count = l.last_pkmap;
+        loop {
+            p.last_pkmap_nr = (p.last_pkmap_nr + 1) & (l.last_pkmap - 1);
+            if p.last_pkmap_nr == 0 {
+                self.flush_all_zero_pkmaps(p);
+                count = l.last_pkmap;
+            }
+            let nr = p.last_pkmap_nr as usize;
+            if p.count[nr] == 0 {
+                let va = l.pkmap_addr(nr as u64);
+                self.map_pages_at(va, &[pfn])?;
+                p.count[nr] = 1;
+                p.slot_page[nr] = Some(pfn);
+                p.page_address.insert(pfn.0, va);
+                return Ok(Some(va));
+            }
+            count -= 1;
+            if count == 0 {
+                return Ok(None);
+            }
+        }
+    }
+
+    /// `kmap(page)`: may sleep; a lowmem page's direct-map address; a
+    /// highmem page gets a pkmap slot (shared by every kmap of that page),
+    /// waiting with the GIL released while all LAST_PKMAP slots are in use.
+    pub fn kmap(&self, pfn: Pfn) -> Result<VirtAddr> {
+        self.cpus.might_sleep("include/linux/highmem-internal.h (kmap)").map_err(KmmError::SleepInAtomic)?;
+        if !self.highmem_page(pfn)? {
+            return Ok(self.page_address(pfn).expect("lowmem page"));
+        }
+        let h = &self.vm.highmem;
+        let mut p = h.pkmap.lock();
+        loop {
+            let va = match p.page_address.get(&pfn.0) {
+                Some(&va) => va,
+                None => match self.map_new_virtual(&mut p, pfn)? {
+                    Some(va) => va,
+                    None => {
+                        // Every slot busy: sleep on pkmap_map_wait with kmap_lock
+                        // dropped (and, from Python, the GIL released).
+                        p.waits += 1;
+                        let gen = p.wake_gen;
+                        drop(p);
+                        let mut wait = || {
+                            let mut g = h.pkmap.lock();
+                            while g.wake_gen == gen {
+                                h.pkmap_wait.wait(&mut g);
+                            }
+                        };
+                        crate::cpu::wait_blocking(&mut wait);
+                        p = h.pkmap.lock();
+                        continue;
+                    }
+                },
+            };
+            let nr = ((va - h.layout.pkmap_base) >> self.page_shift) as usize;
+            p.count[nr] += 1;
+            return Ok(VirtAddr(va));
+        }
+    }
+
+    /// `kunmap(page)`: drop a user of the page's slot; the mapping stays
+    /// (count 1) until the next flush. An unbalanced kunmap is the kernel's BUG.
+    pub fn kunmap(&self, pfn: Pfn) -> Result<()> {
+        self.cpus.might_sleep("include/linux/highmem-internal.h (kunmap)").map_err(KmmError::SleepInAtomic)?;
+        if !self.highmem_page(pfn)? {
+            return Ok(());
+        }
+        let h = &self.vm.highmem;
+        let mut p = h.pkmap.lock();
+        let va = *p.page_address.get(&pfn.0).ok_or_else(|| {
+            KmmError::Bug(format!("kernel BUG at mm/highmem.c (kunmap_high): page pfn:{:05x} is not kmapped", pfn.0))
+        })?;
+        let nr = ((va - h.layout.pkmap_base) >> self.page_shift) as usize;
+        if p.count[nr] < 2 {
+            return Err(KmmError::Bug(format!(
+                "kernel BUG at mm/highmem.c (kunmap_high): BUG_ON(!pkmap_count[{nr}]) (unbalanced kunmap of pfn:{:05x})",
+                pfn.0
+            )));
+        }
+        p.count[nr] -= 1;
+        if p.count[nr] == 1 {
+            p.wake_gen += 1;
+            h.pkmap_wait.notify_all();
+        }
+        Ok(())
+    }
+
+    /// pkmap occupancy and counters.
+    pub fn pkmap_stats(&self) -> PkmapStats {
+        let p = self.vm.highmem.pkmap.lock();
+        PkmapStats {
+            in_use: p.count.iter().filter(|&&c| c >= 2).count() as u64,
+            stale: p.count.iter().filter(|&&c| c == 1).count() as u64,
+            flushes: p.flushes,
+            waits: p.waits,
+        }
+    }
+
+    /// `kmap_local_page(page)`: preemption off (see the SIMPLIFICATION);
+    /// a highmem page takes the CPU's next fixmap slot, a lowmem page is
+    /// its direct-map address. More than KM_MAX_IDX nested maps is a BUG.
+    pub fn kmap_local_page(&self, pfn: Pfn) -> Result<VirtAddr> {
+        let high = self.highmem_page(pfn)?;
+        let cpu = self.cpus.preempt_add(PREEMPT_OFFSET, false);
+        let r = (|| {
+            let mut st = self.vm.highmem.local[cpu as usize].lock();
+            if st.len() as u32 >= KM_MAX_IDX {
+                return Err(KmmError::Bug(format!(
+                    "kernel BUG at mm/highmem.c (kmap_local_idx_push): BUG_ON(idx >= KM_MAX_IDX): \
+                     {KM_MAX_IDX} kmap_local mappings already held on cpu {cpu}"
+                )));
+            }
+            if !high {
+                let va = self.page_address(pfn).expect("lowmem").0;
+                st.push(Local { va, slot: None });
+                return Ok(VirtAddr(va));
+            }
+            let idx = st.iter().filter(|l| l.slot.is_some()).count() as u32;
+            let va = self.vm.highmem.layout.slot_addr(cpu, idx);
+            self.map_pages_at(va, &[pfn])?;
+            st.push(Local { va, slot: Some(idx) });
+            Ok(VirtAddr(va))
+        })();
+        if r.is_err() {
+            let _ = self.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false);
+        }
+        r
+    }
+
+    /// `kunmap_local(addr)`: LIFO; unmapping anything but the most recent
+    /// mapping is the kernel's WARN in kunmap_local_indexed, and changes nothing here.
+    pub fn kunmap_local(&self, va: VirtAddr) -> Result<()> {
+        let Some(cpu) = self.cpus.ctx().claimed else {
+            return Err(KmmError::Bug(format!(
+                "WARNING: kunmap_local({:#x}) with no kmap_local mapping held on this thread",
+                va.0
+            )));
+        };
+        {
+            let mut st = self.vm.highmem.local[cpu as usize].lock();
+            let page = va.0 & !(self.page_size - 1);
+            match st.last() {
+                Some(top) if top.va == page => {}
+                Some(top) => {
+                    let known = st.iter().any(|l| l.va == page);
+                    return Err(KmmError::Bug(format!(
+                        "WARNING: CPU: {cpu} at mm/highmem.c kunmap_local_indexed: WARN_ON_ONCE(addr != \
+                         __fix_to_virt(FIX_KMAP_BEGIN + idx)): {:#x} {} but the most recent mapping is {:#x} \
+                         (kunmap_local must undo kmap_local_page in reverse order)",
+                        va.0,
+                        if known { "is mapped" } else { "is not a kmap_local mapping" },
+                        top.va
+                    )));
+                }
+                None => {
+                    return Err(KmmError::Bug(format!(
+                        "WARNING: kunmap_local({:#x}) on cpu {cpu}, which holds no kmap_local mapping",
+                        va.0
+                    )))
+                }
+            }
+            let top = st.pop().expect("checked");
+            if top.slot.is_some() {
+                self.unmap_pages_at(top.va, 1);
+                self.flush_tlb_one_kernel(top.va);
+            }
+        }
+        self.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false).map_err(KmmError::Bug)
+    }
+
+    /// `kmap_atomic(page)`: pagefault_disable + preempt_disable + kmap_local.
+    pub fn kmap_atomic(&self, pfn: Pfn) -> Result<VirtAddr> {
+        self.kmap_local_page(pfn)
+    }
+
+    /// `kunmap_atomic(addr)`.
+    pub fn kunmap_atomic(&self, va: VirtAddr) -> Result<()> {
+        self.kunmap_local(va)
+    }
+
+    /// kmap_local mappings held on a CPU.
+    pub fn kmap_local_depth(&self, cpu: u32) -> usize {
+        self.vm.highmem.local[cpu as usize].lock().len()
+    }
+
+    /// Is `va` in the kmap_local fixmap range?
+    pub fn is_kmap_local_addr(&self, va: u64) -> bool {
+        self.vm.highmem.layout.is_kmap_local_addr(va)
+    }
+
+    pub(crate) fn check_highmem(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let l = self.vm.highmem.layout;
+        if !l.highmem {
+            return errs;
+        }
+        {
+            let p = self.vm.highmem.pkmap.lock();
+            for nr in 0..l.last_pkmap as usize {
+                let mapped = self.vm.pt.walk(&self.phys, l.pkmap_addr(nr as u64)).ok();
+                match (p.count[nr], p.slot_page[nr], mapped) {
+                    (0, None, None) => {}
+                    (c, Some(pg), Some(t)) if c >= 1 && t.phys == self.pfn_to_phys(pg).0 => {
+                        if p.page_address.get(&pg.0) != Some(&l.pkmap_addr(nr as u64)) {
+                            errs.push(format!("kmap-1: slot {nr} maps pfn {:#x} but page_address disagrees", pg.0));
+                        }
+                    }
+                    other => errs.push(format!("kmap-1: slot {nr} is inconsistent: {other:?}")),
+                }
+            }
+        }
+        for (cpu, st) in self.vm.highmem.local.iter().enumerate() {
+            let st = st.lock();
+            if st.len() as u32 > KM_MAX_IDX {
+                errs.push(format!("kmap-2: cpu {cpu} holds {} kmap_local mappings", st.len()));
+            }
+            for e in st.iter().filter(|e| e.slot.is_some()) {
+                if self.vm.pt.walk(&self.phys, e.va).is_err() {
+                    errs.push(format!("kmap-2: cpu {cpu} slot at {:#x} has no PTE", e.va));
+                }
+            }
+        }
+        errs
+    }
+}

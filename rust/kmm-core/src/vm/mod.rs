@@ -1,0 +1,326 @@
+//! Virtual memory: the kernel's page tables, a per-CPU TLB model, vmalloc,
+//! high-memory kmap and kernel stacks.
+//!
+//! ```text
+//!   Machine::read/write/access(va)
+//!      -> this CPU's TLB (tlb.rs) --miss--> page walk (pgtable.rs) -> fill
+//!      -> physical bytes (physmem.rs)
+//!   vmalloc.rs: vmap areas over [VMALLOC_START, VMALLOC_END), pages mapped
+//!               one by one, lazy unmap + batched TLB flush
+//!   highmem.rs: pkmap window (kmap), per-CPU fixmap slots (kmap_local)
+//!   stack.rs:   THREAD_SIZE stacks, vmapped with a guard page or not
+//! ```
+//!
+//! # Kernel
+//! `arch/x86/mm/init.c`, `arch/x86/mm/init_64.c` / `init_32.c` (the direct
+//! map), `arch/x86/mm/tlb.c` (flush_tlb_kernel_range, flush_tlb_all),
+//! `arch/x86/mm/fault.c` (the oops text), and the files each submodule names.
+//!
+//! # Invariants
+//! - vm-1: the direct map translates every lowmem virtual address to
+//!   `va - PAGE_OFFSET` (checked on a sample in `check`).
+//! - the submodules' own (pgtable-1, tlb-1, vmalloc-1.., kmap-1..).
+//!
+//! Lock order: vmap_area_lock / kmap_lock -> page_table_lock -> zone lock;
+//! a CPU's TLB lock is innermost and never held while another is taken.
+#![forbid(unsafe_code)]
+
+pub mod highmem;
+pub mod pgtable;
+pub mod stack;
+pub mod tlb;
+pub mod vmalloc;
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use crate::arch::Arch;
+use crate::error::{KmmError, Result};
+use crate::gfp;
+use crate::machine::{Machine, MachineConfig, VirtAddr};
+use crate::page::{Pfn, PG_TABLE};
+use pgtable::{PageTables, Translation, WalkErr};
+use tlb::{Tlb, TlbConfig, TlbStats};
+
+/// `tlb_single_page_flush_ceiling` (arch/x86/mm/tlb.c): above this many
+/// pages a range flush becomes a full flush.
+pub const TLB_SINGLE_PAGE_FLUSH_CEILING: u64 = 33;
+
+/// The virtual-memory state of a machine.
+pub struct Vm {
+    pub pt: PageTables,
+    pub tlbs: Box<[spin::Mutex<Tlb>]>,
+    pub tlb_cfg: TlbConfig,
+    pub vmalloc: vmalloc::Vmalloc,
+    pub highmem: highmem::Highmem,
+    pub stacks: stack::Stacks,
+    /// Flush IPIs sent, machine-wide.
+    pub ipis: AtomicU64,
+}
+
+impl Vm {
+    /// Boot-time page tables: the direct map, and on highmem machines the
+    /// pkmap and fixmap PTE tables.
+    pub fn new(cfg: &MachineConfig, page_shift: u32, max_low_pfn: u64, pm: &crate::physmem::PhysMem) -> Result<Vm> {
+        let ps = 1u64 << page_shift;
+        let lowmem = max_low_pfn << page_shift;
+        let (levels, _) = PageTables::geometry(cfg.arch);
+        let hm = highmem::Layout::new(cfg.arch, page_shift, cfg.cpus, lowmem);
+        let entries_guess = ps / 8;
+        let arena = 8 + (lowmem / (entries_guess * entries_guess * ps)) as usize + hm.fixmap_tables() + 2;
+        let pt = PageTables::new(cfg.arch, page_shift, cfg.memory, arena);
+        let mut next = 1usize;
+        let mut alloc = || -> Result<u64> {
+            let t = pt.arena_table(next);
+            next += 1;
+            Ok(t)
+        };
+        // init_memory_mapping / split_mem_range, as proc.rs's DirectMap lines
+        // describe it: 4K pages below the first PMD, PMD-size pages after,
+        // 1 GiB pages (x86_64) from 1 GiB to the last whole GiB, then PMD
+        // and 4K pages for the tail.
+        let base = cfg.arch.page_offset();
+        let pmd = pt.level_size(1);
+        let head_end = lowmem.min(pmd);
+        let big_end = (lowmem / pmd * pmd).max(head_end);
+        let gb = if cfg.arch == Arch::X86_64 && levels > 2 { pt.level_size(2) } else { u64::MAX };
+        let gb_end = if gb == u64::MAX { 0 } else { lowmem / gb * gb };
+        let mut pa = 0u64;
+        while pa < lowmem {
+            let level = if pa < head_end || pa >= big_end {
+                0
+            } else if pa >= gb && pa < gb_end {
+                2
+            } else {
+                1
+            };
+            pt.map(pm, base + pa, pa, level, &mut alloc)?;
+            pa += pt.level_size(level);
+        }
+        if hm.highmem {
+            // permanent_kmaps_init / kmap_init: one PTE table for the pkmap
+            // window, and the fixmap's PTE tables for the kmap_local slots.
+            let t = alloc()?;
+            pt.link_table(pm, hm.pkmap_base, 0, t, &mut alloc)?;
+            let mut va = hm.fixmap_bottom() & !(pt.level_size(1) - 1);
+            while va < hm.fixaddr_top + ps {
+                let t = alloc()?;
+                pt.link_table(pm, va, 0, t, &mut alloc)?;
+                va += pt.level_size(1);
+                if va == 0 {
+                    break; // wrapped past the top of the 32-bit space
+                }
+            }
+        }
+        let shifts = [page_shift, pt.level_size(1).trailing_zeros(), pt.level_size(2).trailing_zeros()];
+        let tlbs = (0..cfg.cpus).map(|_| spin::Mutex::new(Tlb::new(&cfg.tlb, shifts))).collect();
+        let (vstart, vend) = hm.vmalloc_range(cfg.arch, lowmem);
+        Ok(Vm {
+            pt,
+            tlbs,
+            tlb_cfg: cfg.tlb,
+            vmalloc: vmalloc::Vmalloc::new(vstart, vend, cfg.cpus),
+            highmem: highmem::Highmem::new(hm, cfg.cpus),
+            stacks: stack::Stacks::new(cfg.cpus),
+            ipis: AtomicU64::new(0),
+        })
+    }
+}
+
+impl Machine {
+    /// The page-walk oops text (arch/x86/mm/fault.c `show_fault_oops`).
+    pub(crate) fn fault(&self, va: u64, write: bool, why: &str) -> KmmError {
+        KmmError::PageFault(format!(
+            "BUG: unable to handle page fault for address: {va:#x}\n#PF: supervisor {} access in kernel mode\n\
+             #PF: error_code({:#06x}) - not-present page{why}",
+            if write { "write" } else { "read" },
+            if write { 2 } else { 0 }
+        ))
+    }
+
+    /// Walk the kernel page tables for `va` (no TLB): `m.translate(addr)`.
+    pub fn translate(&self, va: VirtAddr) -> Result<Translation> {
+        self.vm.pt.walk(&self.phys, va.0).map_err(|WalkErr::NotPresent { .. }| self.fault(va.0, false, ""))
+    }
+
+    /// The MMU: translate `va` through this CPU's TLB, walking the page
+    /// tables on a miss. Returns (physical address, bytes to the page end).
+    #[inline]
+    pub fn mmu(&self, va: u64, write: bool) -> Result<(u64, u64)> {
+        let cpu = self.this_cpu() as usize;
+        let mut t = self.vm.tlbs[cpu].lock();
+        if let Some(h) = t.lookup(va) {
+            let size = self.vm.pt.level_size(h.class as u32);
+            let off = va & (size - 1);
+            return Ok((h.base + off, size - off));
+        }
+        t.stats.walks += 1;
+        match self.vm.pt.walk(&self.phys, va) {
+            Ok(tr) => {
+                t.stats.walk_reads += tr.reads as u64;
+                let class = t.class_of(tr.page_size);
+                t.fill(va, tr.phys & !(tr.page_size - 1), class);
+                Ok((tr.phys, tr.page_size - (va & (tr.page_size - 1))))
+            }
+            Err(WalkErr::NotPresent { level }) => {
+                t.stats.walk_reads += (self.vm.pt.levels - level) as u64;
+                drop(t);
+                Err(self.fault(va, write, ""))
+            }
+        }
+    }
+
+    /// Touch `[va, va+n)` through the MMU (each page once), as a load or a
+    /// store would, without moving data. Faults change nothing but the TLB.
+    pub fn access(&self, va: VirtAddr, n: usize, write: bool) -> Result<()> {
+        let mut at = va.0;
+        let end = va.0.checked_add(n as u64).ok_or_else(|| self.fault(va.0, write, ""))?;
+        while at < end {
+            let (_, room) = self.mmu(at, write)?;
+            at = at.saturating_add(room);
+        }
+        Ok(())
+    }
+
+    /// Check the whole range translates before touching any byte (so a
+    /// faulting access changes no memory), then return the chunks.
+    fn chunks(&self, va: u64, n: usize, write: bool) -> Result<Vec<(u64, usize)>> {
+        let mut out = Vec::with_capacity(1);
+        let mut at = va;
+        let mut left = n as u64;
+        while left > 0 {
+            let (pa, room) = self.mmu(at, write)?;
+            let k = room.min(left);
+            out.push((pa, k as usize));
+            at = at.wrapping_add(k);
+            left -= k;
+        }
+        Ok(out)
+    }
+
+    /// `memcpy` from kernel virtual memory, through the MMU model.
+    pub fn read(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
+        let mut buf = vec![0u8; n];
+        let mut done = 0;
+        for (pa, k) in self.chunks(va.0, n, false)? {
+            self.phys.read(pa, &mut buf[done..done + k])?;
+            done += k;
+        }
+        Ok(buf)
+    }
+
+    /// `memcpy` into kernel virtual memory, through the MMU model.
+    pub fn write(&self, va: VirtAddr, data: &[u8]) -> Result<()> {
+        let mut done = 0;
+        for (pa, k) in self.chunks(va.0, data.len(), true)? {
+            self.phys.write(pa, &data[done..done + k])?;
+            done += k;
+        }
+        Ok(())
+    }
+
+    /// Per-CPU TLB counters.
+    pub fn tlb_stats(&self) -> Vec<TlbStats> {
+        self.vm.tlbs.iter().map(|t| t.lock().stats).collect()
+    }
+
+    /// Valid TLB entries per CPU: (first level, second level).
+    pub fn tlb_occupancy(&self) -> Vec<(usize, usize)> {
+        self.vm.tlbs.iter().map(|t| t.lock().occupancy()).collect()
+    }
+
+    /// `flush_tlb_one_kernel`: INVLPG on this CPU only.
+    pub fn flush_tlb_one_kernel(&self, va: u64) {
+        let cpu = self.this_cpu() as usize;
+        self.vm.tlbs[cpu].lock().flush_one(va);
+    }
+
+    /// `flush_tlb_kernel_range(start, end)`: every CPU, through IPIs
+    /// (counted on the sender and each receiver); a full flush above
+    /// `TLB_SINGLE_PAGE_FLUSH_CEILING` pages, else one INVLPG per page.
+    pub fn flush_tlb_kernel_range(&self, start: u64, end: u64) {
+        let me = self.this_cpu() as usize;
+        let pages = end.saturating_sub(start).div_ceil(self.page_size);
+        let full = pages > TLB_SINGLE_PAGE_FLUSH_CEILING;
+        for (c, t) in self.vm.tlbs.iter().enumerate() {
+            let mut t = t.lock();
+            if c != me {
+                t.stats.ipis += 1;
+            }
+            if full {
+                t.flush_all();
+            } else {
+                let mut va = start & !(self.page_size - 1);
+                while va < end {
+                    t.flush_one(va);
+                    va += self.page_size;
+                }
+            }
+        }
+        let others = self.vm.tlbs.len() as u64 - 1;
+        self.vm.tlbs[me].lock().stats.shootdowns += others;
+        self.vm.ipis.fetch_add(others, Relaxed);
+    }
+
+    /// `flush_tlb_all`: a full flush on every CPU.
+    pub fn flush_tlb_all(&self) {
+        self.flush_tlb_kernel_range(0, u64::MAX);
+    }
+
+    /// A zeroed page-table page from the buddy allocator
+    /// (`__pte_alloc_kernel` -> `pte_alloc_one_kernel`, GFP_PGTABLE_KERNEL).
+    pub(crate) fn alloc_table_page(&self) -> Result<u64> {
+        let pfn = self.alloc_pages(gfp::GFP_KERNEL | gfp::__GFP_ZERO, 0)?;
+        self.mem_map.get(pfn.0).set_flag(PG_TABLE);
+        self.vm.pt.nr_runtime_tables.fetch_add(1, Relaxed);
+        Ok(self.pfn_to_phys(pfn).0)
+    }
+
+    /// Map `pfns` at `va` with base pages (vmap_pages_range), allocating
+    /// tables as needed, under the page-table lock. On error, unmaps what
+    /// it mapped.
+    pub(crate) fn map_pages_at(&self, va: u64, pfns: &[Pfn]) -> Result<()> {
+        let _g = self.vm.pt.lock.lock();
+        for (i, p) in pfns.iter().enumerate() {
+            let r = self.vm.pt.map(&self.phys, va + i as u64 * self.page_size, self.pfn_to_phys(*p).0, 0, &mut || {
+                self.alloc_table_page()
+            });
+            if let Err(e) = r {
+                for j in 0..i {
+                    self.vm.pt.unmap(&self.phys, va + j as u64 * self.page_size);
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// `vunmap_range_noflush`: clear the PTEs of `[va, va + n pages)`.
+    pub(crate) fn unmap_pages_at(&self, va: u64, n: u64) {
+        let _g = self.vm.pt.lock.lock();
+        for i in 0..n {
+            self.vm.pt.unmap(&self.phys, va + i * self.page_size);
+        }
+    }
+
+    pub(crate) fn check_vm(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let ram = self.cfg.memory;
+        let is_table = |pa: u64| self.mem_map.get(pa >> self.page_shift).has(PG_TABLE);
+        errs.extend(self.vm.pt.check(&self.phys, ram, &is_table, 64));
+        // vm-1 on a sample of lowmem pages.
+        let step = (self.max_low_pfn / 7).max(1);
+        for pfn in (1..self.max_low_pfn).step_by(step as usize) {
+            let va = self.cfg.arch.page_offset() + (pfn << self.page_shift) + 8;
+            match self.vm.pt.walk(&self.phys, va) {
+                Ok(t) if t.phys == (pfn << self.page_shift) + 8 => {}
+                other => errs.push(format!("vm-1: direct map of pfn {pfn:#x} walks to {other:?}")),
+            }
+        }
+        for t in self.vm.tlbs.iter() {
+            errs.extend(t.lock().check());
+        }
+        errs.extend(self.check_vmalloc());
+        errs.extend(self.check_highmem());
+        errs
+    }
+}

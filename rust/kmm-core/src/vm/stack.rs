@@ -1,0 +1,227 @@
+//! Kernel stacks: THREAD_SIZE per task, vmapped with a guard page
+//! (CONFIG_VMAP_STACK) or taken from the page allocator, and per-CPU IRQ
+//! stacks.
+//!
+//! # Kernel
+//! `kernel/fork.c` (`alloc_thread_stack_node`: `__vmalloc_node_range(THREAD_SIZE,
+//! THREAD_ALIGN, VMALLOC_START, VMALLOC_END, THREADINFO_GFP, ...)` with
+//! VMAP_STACK, else `alloc_pages_node(THREADINFO_GFP, THREAD_SIZE_ORDER)`;
+//! `set_task_stack_end_magic`), `include/linux/sched/task_stack.h`
+//! (`end_of_stack`, `task_stack_end_corrupted`), `include/uapi/linux/magic.h`
+//! (STACK_END_MAGIC 0x57AC6E9D), `arch/x86/include/asm/page_64_types.h`
+//! (THREAD_SIZE_ORDER 2: 16 KiB; IRQ_STACK_ORDER 2), `page_32_types.h`
+//! (THREAD_SIZE_ORDER 1: 8 KiB), `arch/x86/kernel/irq_64.c`
+//! (`map_irq_stack`: the IRQ stack's pages vmap()ed with a guard),
+//! `arch/x86/kernel/traps.c` (`handle_stack_overflow`), `kernel/sched/core.c`
+//! (`schedule_debug`: "corrupted stack end detected inside scheduler").
+//!
+//! ```text
+//!   low address                                   high address
+//!   | STACK_END_MAGIC | ........ stack grows down <- sp | top
+//!   ^ base (end_of_stack)                               ^ base + THREAD_SIZE
+//!   vmapped: the page below base is unmapped (a guard) -> overflow faults
+//!   not vmapped: below base is the previous physical page -> silently corrupted
+//! ```
+//!
+//! SIMPLIFICATION: no per-CPU cache of freed vmapped stacks (the kernel
+//! keeps NR_CACHED_STACKS = 2 per CPU); IRQ stacks are made on first use
+//! rather than at boot (so that boot leaves the buddy allocator untouched).
+//! CONFIG_VMAP_STACK exists on x86_64 only, as in the kernel's Kconfig.
+//!
+//! # Invariants
+//! - stack-1: a live stack is THREAD_SIZE bytes at a THREAD_ALIGN-aligned base.
+//!
+//! Lock order: `irq` (the IRQ stack table) -> vmap_area_lock.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+
+use crate::arch::Arch;
+use crate::error::{KmmError, Result};
+use crate::gfp;
+use crate::machine::{Machine, VirtAddr};
+use crate::page::Pfn;
+use crate::trace::CallSite;
+
+use super::vmalloc::VmArea;
+
+/// `STACK_END_MAGIC`.
+pub const STACK_END_MAGIC: u32 = 0x57AC_6E9D;
+
+/// Where a stack's memory comes from.
+#[derive(Clone, Debug)]
+pub enum Backing {
+    /// A vmalloc area (VMAP_STACK).
+    Vmap(Arc<VmArea>),
+    /// 2^order pages from the page allocator, in the direct map.
+    Pages(Pfn, u32),
+}
+
+/// A kernel stack.
+#[derive(Clone, Debug)]
+pub struct KStack {
+    /// Lowest address (`task_stack_page`, where the end magic lives).
+    pub base: u64,
+    pub size: u64,
+    pub backing: Backing,
+    /// An IRQ stack (owned by its CPU, never freed).
+    pub irq_cpu: Option<u32>,
+}
+
+impl KStack {
+    pub fn top(&self) -> u64 {
+        self.base + self.size
+    }
+
+    pub fn vmapped(&self) -> bool {
+        matches!(self.backing, Backing::Vmap(_))
+    }
+}
+
+/// Per-CPU IRQ stacks, made on first use.
+pub struct Stacks {
+    irq: Mutex<Vec<Option<KStack>>>,
+    /// `NR_KERNEL_STACK_KB` (meminfo KernelStack): task stacks, in kB.
+    pub kernel_stack_kb: AtomicU64,
+}
+
+impl Stacks {
+    pub fn new(cpus: u32) -> Stacks {
+        Stacks { irq: Mutex::new(vec![None; cpus as usize]), kernel_stack_kb: AtomicU64::new(0) }
+    }
+}
+
+impl Machine {
+    /// `THREAD_SIZE`: 16 KiB on x86_64, 8 KiB on i386 (at least a page).
+    pub fn thread_size(&self) -> u64 {
+        let t: u64 = if self.cfg.arch == Arch::X86_64 { 16 << 10 } else { 8 << 10 };
+        t.max(self.page_size)
+    }
+
+    fn thread_size_order(&self) -> u32 {
+        (self.thread_size() / self.page_size).trailing_zeros()
+    }
+
+    /// `alloc_thread_stack_node` + `set_task_stack_end_magic`. `vmap`:
+    /// CONFIG_VMAP_STACK (x86_64 only).
+    pub fn alloc_thread_stack(&self, vmap: bool, caller: &CallSite) -> Result<KStack> {
+        let size = self.thread_size();
+        let threadinfo_gfp = gfp::GFP_KERNEL_ACCOUNT | gfp::__GFP_ZERO;
+        let st = if vmap {
+            if self.cfg.arch != Arch::X86_64 {
+                return Err(KmmError::InvalidArgument(format!(
+                    "CONFIG_VMAP_STACK is not available on {} (HAVE_ARCH_VMAP_STACK is x86_64-only): use vmap=False",
+                    self.cfg.arch.name()
+                )));
+            }
+            // THREAD_ALIGN = THREAD_SIZE with VMAP_STACK.
+            let a = self.vmalloc_node_range(size, size, threadinfo_gfp, 0, caller)?;
+            KStack { base: a.addr, size, backing: Backing::Vmap(a), irq_cpu: None }
+        } else {
+            let order = self.thread_size_order();
+            let pfn = self.alloc_pages(threadinfo_gfp, order)?;
+            let base = self.page_address(pfn).expect("THREADINFO_GFP has no __GFP_HIGHMEM").0;
+            KStack { base, size, backing: Backing::Pages(pfn, order), irq_cpu: None }
+        };
+        self.write(VirtAddr(st.base), &STACK_END_MAGIC.to_ne_bytes())?;
+        // account_kernel_stack
+        self.vm.stacks.kernel_stack_kb.fetch_add(size >> 10, Relaxed);
+        Ok(st)
+    }
+
+    /// `free_thread_stack`.
+    pub fn free_thread_stack(&self, st: &KStack) -> Result<()> {
+        if st.irq_cpu.is_some() {
+            return Err(KmmError::InvalidFree("an IRQ stack belongs to its CPU and is never freed".into()));
+        }
+        match &st.backing {
+            Backing::Vmap(a) => self.vfree(a.addr)?,
+            Backing::Pages(pfn, order) => self.free_pages(*pfn, *order)?,
+        }
+        self.vm.stacks.kernel_stack_kb.fetch_sub(st.size >> 10, Relaxed);
+        Ok(())
+    }
+
+    /// `task_stack_end_corrupted`: the end magic was overwritten.
+    pub fn stack_end_corrupted(&self, st: &KStack) -> Result<bool> {
+        let b = self.read(VirtAddr(st.base), 4)?;
+        Ok(u32::from_ne_bytes(b.try_into().expect("4 bytes")) != STACK_END_MAGIC)
+    }
+
+    /// The scheduler's check (`schedule_debug`): a corrupted end magic is
+    /// the kernel's panic, reported as MemoryCorruption.
+    pub fn check_stack(&self, st: &KStack) -> Result<()> {
+        if self.stack_end_corrupted(st)? {
+            return Err(KmmError::MemoryCorruption(format!(
+                "Kernel panic - not syncing: corrupted stack end detected inside scheduler\n\
+                 (STACK_END_MAGIC at {:#x}, the lowest word of the stack {:#x}..{:#x}, was overwritten: the stack overflowed)",
+                st.base,
+                st.base,
+                st.top()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Use `depth` bytes of the stack, as nested calls would: write a frame
+    /// pattern from the top down to `top - depth`. Past the base, a vmapped
+    /// stack hits its guard page (a fault; nothing is written), a stack from
+    /// the page allocator silently overwrites its end magic and the memory
+    /// below it.
+    pub fn stack_use(&self, st: &KStack, depth: u64) -> Result<()> {
+        let Some(low) = st.top().checked_sub(depth) else {
+            return Err(KmmError::InvalidArgument(format!("stack depth {depth} is beyond the address space")));
+        };
+        if depth == 0 {
+            return Ok(());
+        }
+        let pattern: Vec<u8> = (0..depth).map(|i| 0xa0 | (i % 16) as u8).collect();
+        match self.write(VirtAddr(low), &pattern) {
+            Err(KmmError::PageFault(_)) if st.vmapped() && low < st.base => Err(KmmError::PageFault(format!(
+                "BUG: stack guard page was hit at {:#x} (stack is {:#x}..{:#x})\n\
+                 kernel stack overflow (double-fault): 0000 [#1] SMP\n\
+                 (a stack use of {depth} bytes overflows the {}-byte stack)",
+                st.base - 8,
+                st.base,
+                st.top() - 1,
+                st.size
+            ))),
+            r => r,
+        }
+    }
+
+    /// This CPU's IRQ stack (`irq_init_percpu_irqstack`): on x86_64 its
+    /// pages are vmap()ed with a guard page ("vmap" in vmallocinfo); on
+    /// i386 it is THREAD_SIZE from the page allocator.
+    pub fn irq_stack(&self, cpu: u32) -> Result<KStack> {
+        if cpu >= self.cfg.cpus {
+            return Err(KmmError::InvalidArgument(format!("cpu {cpu} does not exist")));
+        }
+        let mut t = self.vm.stacks.irq.lock();
+        if let Some(s) = &t[cpu as usize] {
+            return Ok(s.clone());
+        }
+        let size = self.thread_size();
+        let order = self.thread_size_order();
+        let pfn = self.alloc_pages(gfp::GFP_KERNEL | gfp::__GFP_ZERO, order)?;
+        let st = if self.cfg.arch == Arch::X86_64 {
+            let pages: Vec<Pfn> = (0..1u64 << order).map(|i| Pfn(pfn.0 + i)).collect();
+            match self.vmap(&pages, &std::sync::Arc::from("irq_init_percpu_irqstack+0xca/0x100")) {
+                Ok(a) => KStack { base: a.addr, size, backing: Backing::Vmap(a), irq_cpu: Some(cpu) },
+                Err(e) => {
+                    let _ = self.free_pages(pfn, order);
+                    return Err(e);
+                }
+            }
+        } else {
+            let base = self.page_address(pfn).expect("lowmem").0;
+            KStack { base, size, backing: Backing::Pages(pfn, order), irq_cpu: Some(cpu) }
+        };
+        self.write(VirtAddr(st.base), &STACK_END_MAGIC.to_ne_bytes())?;
+        t[cpu as usize] = Some(st.clone());
+        Ok(st)
+    }
+}
