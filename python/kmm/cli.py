@@ -139,6 +139,42 @@ def demo(a: argparse.Namespace) -> int:
     print("  per-CPU variable 'counter':",
           [int.from_bytes(bytes(m.per_cpu("counter", k)), "little") for k in range(m.cpus)])
 
+    _section("Virtual memory: vmalloc over page tables, the TLB, kernel stacks")
+    po = m.page_offset
+    for off in (0x1000, 2 << 20):
+        phys, size = m.translate(po + off)
+        print(f"  direct map {po + off:#x} -> phys {phys:#x} in a {size >> 10} KiB page")
+    v = m.vmalloc(3 * m.page_size + 100)
+    v[0:6] = b"vmaddr"
+    pages = [m.vmalloc_to_page(v.addr + i * m.page_size) for i in range(4)]
+    print(f"  vmalloc({len(v)}) -> {v.addr:#x}: virtually contiguous, pages at pfns "
+          f"{[hex(p.pfn) for p in pages]} (order-0 pages, each mapped on its own PTE)")
+    print(f"  the same bytes through the first page's direct-map address: {m.read(pages[0].address, 6)!r}")
+    try:
+        m.read(v.addr + 4 * m.page_size, 1)
+    except kmm.PageFaultError as e:
+        print(f"  reading the guard page: PageFaultError: {str(e).splitlines()[0]}")
+    st = m.alloc_thread_stack()
+    print(f"  a kernel stack: {st!r}, STACK_END_MAGIC at its base: {m.read(st.base, 4)[::-1].hex()}")
+    print("  /proc/vmallocinfo:")
+    for line in m.proc.vmallocinfo().splitlines():
+        print("   " + line)
+    m.vfree(v)
+    m.free_thread_stack(st)
+    print(f"  after vfree the ranges wait for a lazy purge ({m.vmap_lazy_nr} of {m.lazy_max_pages} pages); "
+          f"vm_unmap_aliases() purges {m.vm_unmap_aliases()} areas with one TLB flush")
+    t = m.tlb_stats()
+    print(f"  TLB of this CPU: {t[m.smp_processor_id()]}")
+    h = kmm.Machine(arch="i386", memory="2G", cpus=2)
+    hp = h.alloc_pages(kmm.GFP_HIGHUSER, 0)
+    a = h.kmap(hp)
+    print(f"  i386: a HighMem page has no address ({hp!r}); kmap() gives it pkmap slot {a:#x}")
+    h.kunmap(hp)
+    with h.kmap_local_page(hp) as mem:
+        mem[0:2] = b"hi"
+        print(f"  kmap_local_page() -> fixmap slot {mem.addr:#x} (preemption off: in_atomic() {h.in_atomic()})")
+    h.free_pages(hp, 0)
+
     _section("/proc/zoneinfo (the DMA32 zone, without the node's stats)")
     print(_zone_block(m.proc.zoneinfo(), "DMA32"), end="")
     errs = m.check()
@@ -185,7 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     _machine_args(d)
     d.set_defaults(func=demo)
     pr = sub.add_parser("proc", help="print a /proc file of a freshly booted machine")
-    pr.add_argument("file", choices=["buddyinfo", "zoneinfo", "pagetypeinfo", "meminfo", "vmstat"])
+    pr.add_argument("file", choices=["buddyinfo", "zoneinfo", "pagetypeinfo", "meminfo", "vmstat", "slabinfo", "vmallocinfo"])
     _machine_args(pr)
     pr.set_defaults(func=proc)
     return p
