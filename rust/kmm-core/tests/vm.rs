@@ -126,3 +126,36 @@ fn kmap_sleeps_until_a_slot_is_free() {
     assert_eq!(b.len(), 4);
     assert_eq!(m.check(), Vec::<String>::new());
 }
+
+#[test]
+fn trace_sinks_can_reenter_vmalloc_from_its_page_events() {
+    // vmalloc allocates page-table pages under init_mm's page_table_lock;
+    // their mm_page_alloc events must reach sinks only after it drops, or a
+    // sink calling back into vmalloc would deadlock.
+    use kmm_core::trace::{mask_for, EventId};
+    let m = Arc::new(machine(Arch::X86_64, 1 << 30, 2));
+    let weak = Arc::downgrade(&m);
+    let inner = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let inner2 = inner.clone();
+    let id = m.trace.attach(
+        mask_for("kmem:mm_page_alloc"),
+        Arc::new(move |ev: &kmm_core::trace::Event| {
+            assert_eq!(ev.payload.id(), EventId::MmPageAlloc);
+            let Some(m) = weak.upgrade() else { return };
+            // The sink runs with no page-table lock held (single thread here).
+            assert!(!m.vm.pt.lock.is_locked(), "a page event reached a sink under page_table_lock");
+            if inner2.fetch_add(1, SeqCst) == 0 {
+                let a = m.vmalloc(3 * 4096, GFP_KERNEL, &unknown_call_site()).unwrap();
+                assert!(m.vmallocinfo().contains("pages=3"));
+                m.vfree(a.addr).unwrap();
+            }
+        }),
+    );
+    assert_eq!(m.vm.pt.nr_runtime_tables.load(SeqCst), 0, "a fresh machine has only boot tables");
+    let a = m.vmalloc(64 << 10, GFP_KERNEL, &unknown_call_site()).unwrap();
+    m.trace.detach(id);
+    assert!(m.vm.pt.nr_runtime_tables.load(SeqCst) >= 2, "vmalloc's PMD and PTE tables were built while traced");
+    assert!(inner.load(SeqCst) > 16, "each of the 16 pages (and the tables) was traced");
+    m.vfree(a.addr).unwrap();
+    assert_eq!(m.check(), Vec::<String>::new());
+}

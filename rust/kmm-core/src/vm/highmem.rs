@@ -258,6 +258,7 @@ impl Machine {
     /// waiting with the GIL released while all LAST_PKMAP slots are in use.
     pub fn kmap(&self, pfn: Pfn) -> Result<VirtAddr> {
         self.cpus.might_sleep("include/linux/highmem-internal.h (kmap)").map_err(KmmError::SleepInAtomic)?;
+        let _defer = self.trace.defer(); // no event may reach a sink under kmap_lock
         if !self.highmem_page(pfn)? {
             return Ok(self.page_address(pfn).expect("lowmem page"));
         }

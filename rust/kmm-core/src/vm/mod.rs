@@ -279,6 +279,9 @@ impl Machine {
     /// tables as needed, under the page-table lock. On error, unmaps what
     /// it mapped.
     pub(crate) fn map_pages_at(&self, va: u64, pfns: &[Pfn]) -> Result<()> {
+        // A table page's mm_page_alloc event is delivered after the lock
+        // drops (a trace sink may call back into vmalloc).
+        let _defer = self.trace.defer();
         let _g = self.vm.pt.lock.lock();
         for (i, p) in pfns.iter().enumerate() {
             let r = self.vm.pt.map(&self.phys, va + i as u64 * self.page_size, self.pfn_to_phys(*p).0, 0, &mut || {
