@@ -468,6 +468,15 @@ impl PyMachine {
     /// A Block over a live allocation at `addr` of `size` bytes (for memory
     /// that came back as an address, e.g. from alloc_bulk).
     fn block(&self, addr: u64, size: usize) -> PyResult<PyBlock> {
+        if self.m.is_vmalloc_addr(addr) {
+            return match self.m.find_vm_area(addr) {
+                Some(a) if a.addr == addr && size as u64 <= a.usable() => Ok(PyBlock::for_area(&self.m, a, size)),
+                _ => Err(PyValueError::new_err(format!("{addr:#x} is not the start of a live vmalloc area of >= {size} bytes"))),
+            };
+        }
+        if self.m.virt_to_phys(VirtAddr(addr)).is_err() && addr != kmm_core::kmalloc::ZERO_SIZE_PTR {
+            return Err(PyValueError::new_err(format!("{addr:#x} is neither a direct-map nor a vmalloc address")));
+        }
         let b = PyBlock::new(&self.m, addr, size);
         b.check_alive()?;
         Ok(b)
