@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import threading as _threading
 
-from kmm import errors, gfp
+from kmm import errors, gfp, snapshots
+from kmm.snapshots import Snapshot, Statistic, StatisticDiff
 from kmm._kmm import (
     ERROR_CODES,
     KMALLOC_MAX_CACHE_SIZE,
@@ -179,6 +180,7 @@ _FORWARDED = (
     "alloc_thread_stack",
     "free_thread_stack",
     "irq_stack",
+    "snapshot",
 )
 
 
@@ -214,6 +216,10 @@ __all__ = [
     "parse_size",
     "errors",
     "gfp",
+    "snapshots",
+    "Snapshot",
+    "Statistic",
+    "StatisticDiff",
     *errors.__all__,
     "MAX_PAGE_ORDER",
     "MIGRATETYPE_NAMES",

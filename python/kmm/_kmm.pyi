@@ -3,6 +3,8 @@
 from types import TracebackType
 from typing import Any, Callable, Final, final
 
+from kmm.snapshots import Snapshot
+
 __all__ = [
     "Block",
     "Context",
@@ -438,3 +440,4 @@ class Machine:
     def alloc_thread_stack(self, vmap: bool | None = None) -> ThreadStack: ...
     def free_thread_stack(self, stack: ThreadStack) -> None: ...
     def irq_stack(self, cpu: int) -> ThreadStack: ...
+    def snapshot(self) -> Snapshot: ...

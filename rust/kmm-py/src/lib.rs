@@ -12,6 +12,7 @@ mod errors;
 mod machine;
 mod objects;
 mod slab;
+mod snapshot;
 mod tracing;
 mod vm;
 

@@ -1,0 +1,16 @@
+//! `Machine.snapshot()`: defined in Python (`kmm/snapshots.py`), reached
+//! from the Machine like every other method.
+
+use pyo3::prelude::*;
+
+use crate::machine::PyMachine;
+
+#[pymethods]
+impl PyMachine {
+    /// A `kmm.Snapshot` of the allocator state (free pages per
+    /// zone/order/migratetype, slab caches, per-CPU lists, vmalloc areas,
+    /// meminfo); `new.compare_to(old, key_type)` lists what changed.
+    fn snapshot<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        slf.py().import("kmm.snapshots")?.getattr("take")?.call1((slf,))
+    }
+}
