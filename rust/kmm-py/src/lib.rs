@@ -12,6 +12,7 @@ mod errors;
 mod machine;
 mod objects;
 mod slab;
+mod trace_import;
 mod tracing;
 
 pub(crate) use errors::to_py_err;
@@ -31,6 +32,10 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tracing::PyEvent>()?;
     m.add_class::<tracing::PyRecording>()?;
     m.add_class::<tracing::PyTraceHandle>()?;
+    m.add_class::<trace_import::PyTraceParser>()?;
+    m.add_class::<trace_import::PyTraceLog>()?;
+    m.add_class::<trace_import::PyTraceEvent>()?;
+    m.add_class::<trace_import::PyKmemStat>()?;
     m.add_class::<machine::PyProc>()?;
     m.add_class::<machine::PyTrace>()?;
     m.add_function(wrap_pyfunction!(gfp_format, m)?)?;
