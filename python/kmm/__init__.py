@@ -52,9 +52,11 @@ from kmm.errors import (
     OutOfMemoryError,
     PageFaultError,
     SleepInAtomicError,
+    TraceFormatError,
     UseAfterFreeError,
 )
 from kmm.gfp import *  # noqa: F401,F403  (GFP_KERNEL, __GFP_ZERO, ...)
+from kmm import trace  # noqa: E402  (the trace-file module; m.trace is a machine's tracepoints)
 
 #: SLAB_* cache flags with the kernel's values (include/linux/slab.h, 6.18).
 globals().update(dict(SLAB_FLAGS))
@@ -220,6 +222,7 @@ __all__ = [
     "Snapshot",
     "Statistic",
     "StatisticDiff",
+    "trace",
     *errors.__all__,
     "MAX_PAGE_ORDER",
     "MIGRATETYPE_NAMES",

@@ -207,6 +207,35 @@ def proc(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _load(a: argparse.Namespace, path) -> "kmm.trace.TraceLog":
+    t = kmm.trace.load(path, lenient=a.lenient, progress=a.progress)
+    if t.skipped:
+        first = t.skipped_examples[0]
+        print(f"kmm: skipped {t.skipped} malformed line(s) (first: line {first[0]}: {first[1]})", file=sys.stderr)
+    return t
+
+
+def stat(a: argparse.Namespace) -> int:
+    both = not a.slab and not a.page
+    slab, page = a.slab or both, a.page or both
+    if a.sort:
+        for mode, keys in (("slab", kmm.trace.SLAB_SORT_KEYS), ("page", kmm.trace.PAGE_SORT_KEYS)):
+            if (mode == "slab" and slab) or (mode == "page" and page):
+                bad = [k for k in a.sort.split(",") if k not in keys]
+                if bad:
+                    a.parser.error(f"unknown {mode} --sort key: '{bad[0]}' (keys: {', '.join(keys)})")
+    t = _load(a, a.file)
+    st = kmm.trace.stat(t)
+    sys.stdout.write(st.format(slab=slab, page=page, caller=a.caller, alloc=a.alloc, sort=a.sort, lines=a.lines))
+    return EXIT_OK
+
+
+def _trace_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--lenient", action="store_true", help="skip malformed lines (counted) instead of stopping at the first")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                   help="progress bar on stderr (default: for files over 4 MiB when stderr is a terminal)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     tunables = "\n".join(f"  {n:24s} {d:16s} {h}" for n, d, h in kmm.TUNABLES)
     p = argparse.ArgumentParser(
@@ -224,6 +253,23 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("file", choices=["buddyinfo", "zoneinfo", "pagetypeinfo", "meminfo", "vmstat", "slabinfo", "vmallocinfo"])
     _machine_args(pr)
     pr.set_defaults(func=proc)
+    st = sub.add_parser(
+        "stat",
+        help="perf kmem stat over a perf script / trace_pipe text file (plain, .gz, .xz)",
+        description="The numbers of `perf kmem --slab stat` and `perf kmem --page stat` (perf 6.1), "
+        "in perf's layout. With neither --slab nor --page, both.",
+    )
+    st.add_argument("file", metavar="FILE", help="`perf script` or trace_pipe text (plain, .gz or .xz)")
+    st.add_argument("--slab", action="store_true", help="analyze the slab allocator")
+    st.add_argument("--page", action="store_true", help="analyze the page allocator")
+    st.add_argument("--caller", action="store_true", help="show per-callsite statistics")
+    st.add_argument("--alloc", action="store_true", help="show per-allocation statistics")
+    st.add_argument("-s", "--sort", metavar="KEYS",
+                    help="sort keys, comma-separated: slab: ptr, callsite, bytes, hit, pingpong, frag "
+                    "(default frag,hit,bytes); page: page, callsite, bytes, hit, order, migtype, gfp (default bytes,hit)")
+    st.add_argument("-l", "--line", dest="lines", type=int, default=None, metavar="N", help="show N lines per table")
+    _trace_args(st)
+    st.set_defaults(func=stat, parser=st)
     return p
 
 
@@ -238,6 +284,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return a.func(a)
+    except OSError as e:
+        print(f"kmm: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_ERROR
     except (ValueError, kmm.KmmError) as e:
         print(f"kmm: error: {e}", file=sys.stderr)
         return EXIT_ERROR

@@ -18,6 +18,7 @@ __all__ = [
     "BadGfpError",
     "PageFaultError",
     "MemoryCorruptionError",
+    "TraceFormatError",
 ]
 
 
@@ -73,3 +74,10 @@ class MemoryCorruptionError(KmmError):
     """Redzone, poison or freelist corruption detected."""
 
     code = "memory_corruption"
+
+
+class TraceFormatError(KmmError, ValueError):
+    """A malformed line in a trace file; ``line`` is its 1-based number."""
+
+    code = "trace_format"
+    line: int = 0

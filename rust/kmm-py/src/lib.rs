@@ -13,6 +13,7 @@ mod machine;
 mod objects;
 mod slab;
 mod snapshot;
+mod trace_import;
 mod tracing;
 mod vm;
 
@@ -33,6 +34,10 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<tracing::PyEvent>()?;
     m.add_class::<tracing::PyRecording>()?;
     m.add_class::<tracing::PyTraceHandle>()?;
+    m.add_class::<trace_import::PyTraceParser>()?;
+    m.add_class::<trace_import::PyTraceLog>()?;
+    m.add_class::<trace_import::PyTraceEvent>()?;
+    m.add_class::<trace_import::PyKmemStat>()?;
     m.add_class::<machine::PyProc>()?;
     m.add_class::<machine::PyTrace>()?;
     m.add_class::<vm::PyThreadStack>()?;

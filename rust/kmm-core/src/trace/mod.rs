@@ -35,6 +35,9 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::gfp;
 
+pub mod perf_script;
+pub mod stat;
+
 /// Every tracepoint kmm knows, by id (bit in the enabled mask).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[repr(u8)]

@@ -198,10 +198,9 @@ impl PageTables {
     #[inline]
     pub fn walk(&self, pm: &PhysMem, va: u64) -> std::result::Result<Translation, WalkErr> {
         let mut table = self.root;
-        let mut reads = 0;
-        for level in (0..self.levels).rev() {
+        for (k, level) in (0..self.levels).rev().enumerate() {
+            let reads = k as u32 + 1;
             let e = self.read_entry(pm, table, self.index(va, level));
-            reads += 1;
             if e & _PAGE_PRESENT == 0 {
                 return Err(WalkErr::NotPresent { level });
             }

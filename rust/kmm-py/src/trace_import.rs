@@ -1,0 +1,241 @@
+//! Trace import, `perf kmem stat` and replay for Python: conversions and GIL
+//! release around `kmm_core::trace::{perf_script, stat}`.
+
+use std::sync::Arc;
+
+use kmm_core::trace::perf_script::{ParseError, Parser, TraceLog};
+use kmm_core::trace::stat::{kmem_stat, page_keys, slab_keys, KmemStat, StatOptions};
+use kmm_core::trace::Value;
+use parking_lot::Mutex;
+use pyo3::exceptions::{PyIndexError, PyKeyError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+pyo3::import_exception!(kmm.errors, TraceFormatError);
+
+fn parse_err(py: Python<'_>, e: ParseError) -> PyErr {
+    let err = TraceFormatError::new_err(e.to_string());
+    let _ = err.value(py).setattr("line", e.line);
+    err
+}
+
+fn set_value<'py>(d: &Bound<'py, PyDict>, k: &str, v: Value) -> PyResult<()> {
+    match v {
+        Value::Int(i) => d.set_item(k, i),
+        Value::UInt(u) => d.set_item(k, u),
+        Value::Str(s) => d.set_item(k, s),
+        Value::Bool(b) => d.set_item(k, b),
+    }
+}
+
+/// A streaming parser for `perf script` / `trace_pipe` text: `feed(bytes)`
+/// chunks (parsed with the GIL released), then `finish()`.
+#[pyclass(frozen, name = "TraceParser", module = "kmm._kmm")]
+pub struct PyTraceParser {
+    inner: Mutex<Option<Parser>>,
+}
+
+#[pymethods]
+impl PyTraceParser {
+    #[new]
+    #[pyo3(signature = (lenient=false))]
+    fn new(lenient: bool) -> Self {
+        PyTraceParser { inner: Mutex::new(Some(Parser::new(lenient))) }
+    }
+    /// Parse the complete lines of `data`; a partial last line waits for the next chunk.
+    fn feed(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
+        let r = py.detach(|| match self.inner.lock().as_mut() {
+            Some(p) => Ok(p.feed(data)),
+            None => Err(()),
+        });
+        match r {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(parse_err(py, e)),
+            Err(()) => Err(PyValueError::new_err("parser already finished")),
+        }
+    }
+    /// Parse what is left and return the trace.
+    fn finish(&self, py: Python<'_>) -> PyResult<PyTraceLog> {
+        let p = self.inner.lock().take().ok_or_else(|| PyValueError::new_err("parser already finished"))?;
+        let log = py.detach(|| p.finish()).map_err(|e| parse_err(py, e))?;
+        Ok(PyTraceLog { log: Arc::new(log) })
+    }
+    /// Bytes fed so far.
+    #[getter]
+    fn bytes(&self) -> u64 {
+        self.inner.lock().as_ref().map_or(0, |p| p.bytes())
+    }
+    /// Events parsed so far.
+    #[getter]
+    fn events(&self) -> usize {
+        self.inner.lock().as_ref().map_or(0, |p| p.events())
+    }
+}
+
+/// A parsed trace: a sequence of events, with counts per event name.
+#[pyclass(frozen, name = "TraceLog", module = "kmm._kmm", sequence)]
+pub struct PyTraceLog {
+    pub(crate) log: Arc<TraceLog>,
+}
+
+#[pymethods]
+impl PyTraceLog {
+    fn __len__(&self) -> usize {
+        self.log.len()
+    }
+    fn __getitem__(&self, i: isize) -> PyResult<PyTraceEvent> {
+        let n = self.log.len() as isize;
+        let j = if i < 0 { i + n } else { i };
+        if j < 0 || j >= n {
+            return Err(PyIndexError::new_err("event index out of range"));
+        }
+        Ok(PyTraceEvent { log: self.log.clone(), i: j as usize })
+    }
+    /// Events per `system:event` name.
+    fn counts(&self) -> Vec<(String, u64)> {
+        self.log.counts()
+    }
+    /// Events whose name is not a tracepoint kmm knows (kept, not decoded).
+    #[getter]
+    fn unknown(&self) -> u64 {
+        self.log.unknown
+    }
+    /// Malformed lines skipped in lenient mode.
+    #[getter]
+    fn skipped(&self) -> u64 {
+        self.log.skipped
+    }
+    /// The first skipped lines: (line number, reason).
+    #[getter]
+    fn skipped_examples(&self) -> Vec<(u64, String)> {
+        self.log.skipped_examples.clone()
+    }
+    /// Lines read.
+    #[getter]
+    fn lines(&self) -> u64 {
+        self.log.lines
+    }
+    /// `perf kmem stat` numbers (computed with the GIL released).
+    #[pyo3(signature = (page_size=4096))]
+    fn kmem_stat(&self, py: Python<'_>, page_size: u64) -> PyKmemStat {
+        let log = self.log.clone();
+        PyKmemStat { st: py.detach(move || kmem_stat(&log, page_size)) }
+    }
+    fn __repr__(&self) -> String {
+        format!("<TraceLog: {} events, {} unknown, {} skipped lines>", self.log.len(), self.log.unknown, self.log.skipped)
+    }
+}
+
+/// One imported event: name, cpu, timestamp (ns), comm, pid and fields.
+#[pyclass(frozen, name = "TraceEvent", module = "kmm._kmm")]
+pub struct PyTraceEvent {
+    log: Arc<TraceLog>,
+    i: usize,
+}
+
+#[pymethods]
+impl PyTraceEvent {
+    /// `system:name`, e.g. "kmem:kmalloc".
+    #[getter]
+    fn name(&self) -> &str {
+        self.log.name(self.i)
+    }
+    #[getter]
+    fn cpu(&self) -> u32 {
+        self.log.events[self.i].cpu
+    }
+    /// Nanoseconds, from the trace's timestamp.
+    #[getter]
+    fn timestamp(&self) -> u64 {
+        self.log.events[self.i].ts_ns
+    }
+    #[getter]
+    fn comm(&self) -> &str {
+        self.log.comm(self.i)
+    }
+    #[getter]
+    fn pid(&self) -> u32 {
+        self.log.events[self.i].pid
+    }
+    /// The fields, by the kernel's names.
+    #[getter]
+    fn fields<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, v) in self.log.fields(self.i) {
+            set_value(&d, &k, v)?;
+        }
+        Ok(d)
+    }
+    fn __getitem__(&self, key: &str, py: Python<'_>) -> PyResult<Py<PyAny>> {
+        match self.fields(py)?.get_item(key)? {
+            Some(v) => Ok(v.unbind()),
+            None => Err(PyKeyError::new_err(key.to_string())),
+        }
+    }
+    fn __repr__(&self) -> String {
+        format!("<TraceEvent {} cpu={} ts={}>", self.log.name(self.i), self.cpu(), self.timestamp())
+    }
+}
+
+/// The numbers of `perf kmem --slab stat` and `perf kmem --page stat`.
+#[pyclass(frozen, name = "KmemStat", module = "kmm._kmm")]
+pub struct PyKmemStat {
+    st: KmemStat,
+}
+
+#[pymethods]
+impl PyKmemStat {
+    /// The slab summary numbers.
+    fn slab_summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = &self.st.slab;
+        let d = PyDict::new(py);
+        d.set_item("total_requested", s.total_requested)?;
+        d.set_item("total_allocated", s.total_allocated)?;
+        d.set_item("total_freed", s.total_freed)?;
+        d.set_item("nr_allocs", s.nr_allocs)?;
+        d.set_item("nr_cross_allocs", s.nr_cross_allocs)?;
+        d.set_item("fragmentation", s.fragmentation())?;
+        Ok(d)
+    }
+    /// The page summary numbers (bytes, not KB).
+    fn page_summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let p = &self.st.page;
+        let d = PyDict::new(py);
+        d.set_item("page_size", p.page_size)?;
+        d.set_item("nr_page_allocs", p.nr_page_allocs)?;
+        d.set_item("nr_page_frees", p.nr_page_frees)?;
+        d.set_item("nr_page_fails", p.nr_page_fails)?;
+        d.set_item("nr_page_nomatch", p.nr_page_nomatch)?;
+        d.set_item("nr_alloc_freed", p.nr_alloc_freed())?;
+        d.set_item("total_page_alloc_bytes", p.total_page_alloc_bytes)?;
+        d.set_item("total_page_free_bytes", p.total_page_free_bytes)?;
+        d.set_item("total_page_fail_bytes", p.total_page_fail_bytes)?;
+        d.set_item("total_page_nomatch_bytes", p.total_page_nomatch_bytes)?;
+        d.set_item("total_alloc_freed_bytes", p.total_alloc_freed_bytes())?;
+        d.set_item("order_stats", p.order_stats.iter().map(|r| r.to_vec()).collect::<Vec<_>>())?;
+        Ok(d)
+    }
+    /// perf's text for these options (`sort`: perf's -s keys; `lines`: -l, None = all).
+    #[pyo3(signature = (slab=true, page=true, caller=false, alloc=false, sort=None, lines=None))]
+    fn format(
+        &self,
+        slab: bool,
+        page: bool,
+        caller: bool,
+        alloc: bool,
+        sort: Option<&str>,
+        lines: Option<i64>,
+    ) -> PyResult<String> {
+        let lines = lines.unwrap_or(-1);
+        let mut o = StatOptions { slab, page, caller, alloc, lines, ..Default::default() };
+        if let Some(keys) = sort {
+            if slab {
+                o.slab_sort = slab_keys(keys).map_err(PyValueError::new_err)?;
+            }
+            if page {
+                o.page_sort = page_keys(keys).map_err(PyValueError::new_err)?;
+            }
+        }
+        Ok(self.st.format(&o))
+    }
+}
