@@ -21,6 +21,9 @@
 //! - cpu-1: a CPU's `owner` is 0 or the token of the one thread running on it.
 //! - cpu-2: a thread with preemption disabled owns the CPU it runs on.
 //!
+//! The claim word and the thread-locals come through `crate::sync`, loom's
+//! under `cfg(loom)`.
+//!
 //! Lock order: a CPU claim is taken before any allocator lock (zone lock,
 //! slab list_lock) and released after them.
 #![forbid(unsafe_code)]
@@ -28,20 +31,25 @@
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
+use crate::sync;
+
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 static NEXT_MACHINE: AtomicU64 = AtomicU64::new(1);
 
-thread_local! {
+// Through the loom seam: under `cfg(loom)` each loom thread has its own.
+sync::thread_local! {
     static TOKEN: u64 = NEXT_TOKEN.fetch_add(1, Relaxed);
+}
+sync::const_thread_local! {
     /// (machine id, cpu, nesting depth) for every machine this thread runs on.
-    static BOUND: RefCell<Vec<(u64, u32, u32)>> = const { RefCell::new(Vec::new()) };
+    static BOUND: RefCell<Vec<(u64, u32, u32)>> = RefCell::new(Vec::new());
     /// (machine id, cpu): where an unbound thread last ran ("the scheduler
     /// put it there"); sticky, assigned round-robin on first use.
-    static HOME: RefCell<Vec<(u64, u32)>> = const { RefCell::new(Vec::new()) };
+    static HOME: RefCell<Vec<(u64, u32)>> = RefCell::new(Vec::new());
     /// (machine id, cpu) of the last `this_cpu` answer: the fast path.
-    static LAST: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
+    static LAST: Cell<(u64, u32)> = Cell::new((0, 0));
     /// Per machine: this thread's `preempt_count` and irq-disable depth.
-    static CTX: RefCell<Vec<(u64, Ctx)>> = const { RefCell::new(Vec::new()) };
+    static CTX: RefCell<Vec<(u64, Ctx)>> = RefCell::new(Vec::new());
 }
 
 /// `preempt_count` layout (include/linux/preempt.h).
@@ -87,9 +95,9 @@ fn spin_until(mut done: impl FnMut() -> bool) {
     while !done() {
         spins += 1;
         if spins < 64 {
-            std::hint::spin_loop();
+            sync::spin_loop();
         } else {
-            std::thread::yield_now();
+            sync::yield_now();
         }
     }
 }
@@ -107,7 +115,8 @@ fn token() -> u64 {
 #[derive(Default)]
 #[repr(align(64))]
 pub struct CpuSlot {
-    owner: AtomicU64,
+    /// The claim word (cpu-1); loom's atomic under `cfg(loom)`.
+    owner: sync::AtomicU64,
     /// Claims taken on this CPU (each per-call claim or bind counts once).
     pub claims: AtomicU64,
     /// Times a thread found this CPU busy and had to try another or wait.

@@ -38,13 +38,15 @@
 //! - slub-4: a live object is marked live in the shadow; a free one is not.
 //!
 //! Lock order: per-CPU lock -> node `list_lock` -> zone lock (through the
-//! page allocator). `ctor` callbacks run with no lock held.
+//! page allocator). `ctor` callbacks run with no lock held. The per-CPU
+//! lock and `list_lock` come through `crate::sync` (loom's under `cfg(loom)`).
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use spin::MutexGuard;
+
+use crate::sync::{ListLock, SpinGuard as MutexGuard, SpinLock};
 
 use super::geometry::*;
 use crate::error::{KmmError, Result};
@@ -159,7 +161,7 @@ pub struct Node {
 /// take, a plain release store to drop), never held across a callback.
 #[repr(align(64))]
 pub struct PerCpu {
-    pub lock: spin::Mutex<CpuSlab>,
+    pub lock: SpinLock<CpuSlab>,
     /// Times this CPU's lock was found held (two threads on one CPU, or a flush).
     pub contended: AtomicU64,
 }
@@ -175,7 +177,7 @@ pub struct KmemCache {
     /// Page-allocator flags every slab of this cache adds (`s->allocflags`).
     pub allocflags: Gfp,
     cpus: Box<[PerCpu]>,
-    pub node: Mutex<Node>,
+    pub node: ListLock<Node>,
     /// `refcount`: 1 + aliases merged into this cache.
     pub refcount: AtomicU32,
     pub dead: AtomicBool,
@@ -213,7 +215,7 @@ impl KmemCache {
             allocflags,
             cpus: (0..ncpus)
                 .map(|_| PerCpu {
-                    lock: spin::Mutex::new(CpuSlab {
+                    lock: SpinLock::new(CpuSlab {
                         freelist: 0,
                         slab: NIL,
                         slab_pfn: u64::MAX,
@@ -226,7 +228,7 @@ impl KmemCache {
                     contended: AtomicU64::new(0),
                 })
                 .collect(),
-            node: Mutex::new(Node { partial_head: NIL, partial_tail: NIL, ..Node::default() }),
+            node: ListLock::new(Node { partial_head: NIL, partial_tail: NIL, ..Node::default() }),
             refcount: AtomicU32::new(1),
             dead: AtomicBool::new(false),
             aliases: Mutex::new(Vec::new()),
