@@ -17,15 +17,38 @@
 //! have put it on one); two such threads may share a CPU, and then take turns
 //! through the per-CPU locks of the structures they touch.
 //!
+//! SIMPLIFICATION: a thread that runs on a CPU without claiming it (bound
+//! threads, and every allocation through `wait_runnable`) checks the claim
+//! word once and then holds nothing, so an operation already past that
+//! check can still be running when another thread disables preemption on
+//! the CPU. Per-CPU data stays consistent (each per-CPU structure has its
+//! own lock, or is updated with atomic read-modify-writes); only the
+//! kernel's "nothing else runs here" promise has that window. loom shows
+//! it (`runner_in_flight_overlaps_a_later_preempt_disable`).
+//!
 //! # Invariants
 //! - cpu-1: a CPU's `owner` is 0 or the token of the one thread running on it.
 //! - cpu-2: a thread with preemption disabled owns the CPU it runs on.
+//! - cpu-3: every read of `owner` that lets a thread run on the CPU is an
+//!   Acquire (the CAS that claims, or the load that finds it free), pairing
+//!   with the Release store of the previous holder's release.
 //!
-//! The claim word and the thread-locals come through `crate::sync`, loom's
-//! under `cfg(loom)`.
+//! # The claim word
+//! ```text
+//!   owner   who runs on the CPU                 moves to
+//!   0       anyone (bound threads take turns)   tok: CAS(0 -> tok, Acquire)
+//!   tok     the holder: a per-call claim        0: store(0, Release) when the
+//!           (CpuGuard) or preempt_count > 0        guard drops / count hits 0
+//! ```
+//! A thread that finds another's token waits (spinning, then yielding,
+//! through the wait hook so the binding can release the GIL) for 0: to
+//! claim it (`enter`, `preempt_add`) or to run unclaimed (`wait_runnable`).
+//! The word and the thread-locals come through `crate::sync`, so
+//! `tests/loom.rs` model-checks this code itself.
 //!
 //! Lock order: a CPU claim is taken before any allocator lock (zone lock,
-//! slab list_lock) and released after them.
+//! slab list_lock) and released after them; no lock is held while waiting
+//! for a claim.
 #![forbid(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
@@ -323,7 +346,10 @@ impl Cpus {
     #[inline]
     pub fn wait_runnable(&self, cpu: u32) {
         let s = &self.slots[cpu as usize];
-        let o = s.owner.load(Relaxed);
+        // Acquire, like the wait loop below: a CPU found free must also
+        // show what its last holder wrote there (found by tests/loom.rs;
+        // a plain load on x86 either way).
+        let o = s.owner.load(Acquire);
         if o == 0 || o == token() {
             return;
         }
