@@ -39,7 +39,9 @@
 //!
 //! Lock order: per-CPU lock -> node `list_lock` -> zone lock (through the
 //! page allocator). `ctor` callbacks run with no lock held. The per-CPU
-//! lock and `list_lock` come through `crate::sync` (loom's under `cfg(loom)`).
+//! lock and `list_lock` come through `crate::sync`: `tests/loom.rs` runs
+//! this code's remote free (`__slab_free` into another CPU's frozen slab,
+//! racing that CPU's fast path and refill) under loom.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
