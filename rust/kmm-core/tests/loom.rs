@@ -395,6 +395,60 @@ fn two_remote_frees_both_land() {
     assert!(SEEN.iter().all(|n| n.load(Relaxed) > 0), "loom explored only some outcomes of the race");
 }
 
+/// `kmem_cache_shrink` on cpu 2 flushes cpu 0's slab from across CPUs
+/// (`flush_cpu` takes cpu 0's per-CPU lock) while cpu 0 frees and allocates
+/// on its fast path and cpu 1 frees remotely into the same slab. cpu 0's
+/// allocation gets back one of the two freed objects, unless the flush left
+/// the slab full and cpu 1's free then parked it on cpu 1's partial list,
+/// out of cpu 0's reach (as in the kernel): then, and only then, cpu 0
+/// takes a new slab. Either way the books balance.
+#[test]
+fn flush_from_another_cpu_races_the_fast_path_and_a_remote_free() {
+    static SEEN: [StdCount; 2] = [StdCount::new(0), StdCount::new(0)];
+    model(|| {
+        let (s, objs) = filled_slab(3);
+        let remote = {
+            let s = s.clone();
+            let victim = objs[0];
+            thread::spawn(move || {
+                s.m.cpus.bind(1).unwrap();
+                free(&s.m, &s.c, victim);
+                s.m.cpus.unbind().unwrap();
+            })
+        };
+        let flusher = {
+            let s = s.clone();
+            thread::spawn(move || {
+                s.m.cpus.bind(2).unwrap();
+                assert_eq!(s.m.kmem_cache_shrink(&s.c).unwrap(), 0, "no slab is empty");
+                s.m.cpus.unbind().unwrap();
+            })
+        };
+        s.m.cpus.bind(0).unwrap();
+        free(&s.m, &s.c, objs[1]);
+        let got = alloc(&s.m, &s.c);
+        s.m.cpus.unbind().unwrap();
+        remote.join().unwrap();
+        flusher.join().unwrap();
+        let st = s.c.stats();
+        let fresh = st.alloc_slab == 2;
+        SEEN[usize::from(fresh)].fetch_add(1, Relaxed);
+        if fresh {
+            // Both freed objects stay free on the old slab (cpu 1's partial
+            // list, or the node's if the shrink flushed cpu 1 afterwards).
+            assert!(!objs.contains(&got));
+            assert_eq!(s.c.slab_states().0, 1, "one cpu slab: the new one");
+        } else {
+            assert_eq!(st.alloc_slab, 1);
+            assert!(got == objs[0] || got == objs[1], "allocated {got:#x}, not a freed object");
+        }
+        let mut live: Vec<u64> = objs[2..].to_vec();
+        live.push(got);
+        settled(&s, &live);
+    });
+    assert!(SEEN.iter().all(|n| n.load(Relaxed) > 0), "loom explored only one outcome of the race");
+}
+
 /// Two threads bound to cpu 0 of a fresh cache both miss, and both drop
 /// the per-CPU lock to allocate a slab (`new_slab` runs with no lock held):
 /// the second to come back finds the first one's slab installed and
