@@ -40,15 +40,15 @@
 //!   tok     the holder: a per-call claim        0: store(0, Release) when the
 //!           (CpuGuard) or preempt_count > 0        guard drops / count hits 0
 //! ```
-//! A thread that finds another's token waits (spinning, then yielding,
-//! through the wait hook so the binding can release the GIL) for 0: to
-//! claim it (`enter`, `preempt_add`) or to run unclaimed (`wait_runnable`).
+//! A thread that finds another's token spins, then yields, until it reads
+//! 0: to claim the CPU (`enter`, `preempt_add`) or to run on it unclaimed
+//! (`wait_runnable`); the last two wait inside the wait hook, where the
+//! binding releases the GIL.
 //! The word and the thread-locals come through `crate::sync`, so
 //! `tests/loom.rs` model-checks this code itself.
 //!
 //! Lock order: a CPU claim is taken before any allocator lock (zone lock,
-//! slab list_lock) and released after them; no lock is held while waiting
-//! for a claim.
+//! slab list_lock) and released after them.
 #![forbid(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
