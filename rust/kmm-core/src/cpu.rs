@@ -17,9 +17,35 @@
 //! have put it on one); two such threads may share a CPU, and then take turns
 //! through the per-CPU locks of the structures they touch.
 //!
+//! SIMPLIFICATION: a thread that runs on a CPU without claiming it (bound
+//! threads, and every allocation through `wait_runnable`) checks the claim
+//! word once and then holds nothing, so an operation already past that
+//! check can still be running when another thread disables preemption on
+//! the CPU. Per-CPU data stays consistent (each per-CPU structure has its
+//! own lock, or is updated with atomic read-modify-writes); only the
+//! kernel's "nothing else runs here" promise has that window. loom shows
+//! it (`runner_in_flight_overlaps_a_later_preempt_disable`).
+//!
 //! # Invariants
 //! - cpu-1: a CPU's `owner` is 0 or the token of the one thread running on it.
 //! - cpu-2: a thread with preemption disabled owns the CPU it runs on.
+//! - cpu-3: every read of `owner` that lets a thread run on the CPU is an
+//!   Acquire (the CAS that claims, or the load that finds it free), pairing
+//!   with the Release store of the previous holder's release.
+//!
+//! # The claim word
+//! ```text
+//!   owner   who runs on the CPU                 moves to
+//!   0       anyone (bound threads take turns)   tok: CAS(0 -> tok, Acquire)
+//!   tok     the holder: a per-call claim        0: store(0, Release) when the
+//!           (CpuGuard) or preempt_count > 0        guard drops / count hits 0
+//! ```
+//! A thread that finds another's token spins, then yields, until it reads
+//! 0: to claim the CPU (`enter`, `preempt_add`) or to run on it unclaimed
+//! (`wait_runnable`); the last two wait inside the wait hook, where the
+//! binding releases the GIL.
+//! The word and the thread-locals come through `crate::sync`, so
+//! `tests/loom.rs` model-checks this code itself.
 //!
 //! Lock order: a CPU claim is taken before any allocator lock (zone lock,
 //! slab list_lock) and released after them.
@@ -28,20 +54,25 @@
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
 
+use crate::sync;
+
 static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
 static NEXT_MACHINE: AtomicU64 = AtomicU64::new(1);
 
-thread_local! {
+// Through the loom seam: under `cfg(loom)` each loom thread has its own.
+sync::thread_local! {
     static TOKEN: u64 = NEXT_TOKEN.fetch_add(1, Relaxed);
+}
+sync::const_thread_local! {
     /// (machine id, cpu, nesting depth) for every machine this thread runs on.
-    static BOUND: RefCell<Vec<(u64, u32, u32)>> = const { RefCell::new(Vec::new()) };
+    static BOUND: RefCell<Vec<(u64, u32, u32)>> = RefCell::new(Vec::new());
     /// (machine id, cpu): where an unbound thread last ran ("the scheduler
     /// put it there"); sticky, assigned round-robin on first use.
-    static HOME: RefCell<Vec<(u64, u32)>> = const { RefCell::new(Vec::new()) };
+    static HOME: RefCell<Vec<(u64, u32)>> = RefCell::new(Vec::new());
     /// (machine id, cpu) of the last `this_cpu` answer: the fast path.
-    static LAST: Cell<(u64, u32)> = const { Cell::new((0, 0)) };
+    static LAST: Cell<(u64, u32)> = Cell::new((0, 0));
     /// Per machine: this thread's `preempt_count` and irq-disable depth.
-    static CTX: RefCell<Vec<(u64, Ctx)>> = const { RefCell::new(Vec::new()) };
+    static CTX: RefCell<Vec<(u64, Ctx)>> = RefCell::new(Vec::new());
 }
 
 /// `preempt_count` layout (include/linux/preempt.h).
@@ -93,9 +124,9 @@ fn spin_until(mut done: impl FnMut() -> bool) {
     while !done() {
         spins += 1;
         if spins < 64 {
-            std::hint::spin_loop();
+            sync::spin_loop();
         } else {
-            std::thread::yield_now();
+            sync::yield_now();
         }
     }
 }
@@ -113,7 +144,8 @@ fn token() -> u64 {
 #[derive(Default)]
 #[repr(align(64))]
 pub struct CpuSlot {
-    owner: AtomicU64,
+    /// The claim word (cpu-1); loom's atomic under `cfg(loom)`.
+    owner: sync::AtomicU64,
     /// Claims taken on this CPU (each per-call claim or bind counts once).
     pub claims: AtomicU64,
     /// Times a thread found this CPU busy and had to try another or wait.
@@ -320,7 +352,10 @@ impl Cpus {
     #[inline]
     pub fn wait_runnable(&self, cpu: u32) {
         let s = &self.slots[cpu as usize];
-        let o = s.owner.load(Relaxed);
+        // Acquire, like the wait loop below: a CPU found free must also
+        // show what its last holder wrote there (found by tests/loom.rs;
+        // a plain load on x86 either way).
+        let o = s.owner.load(Acquire);
         if o == 0 || o == token() {
             return;
         }

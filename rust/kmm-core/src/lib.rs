@@ -49,6 +49,7 @@ pub mod pcp;
 pub mod percpu;
 pub mod physmem;
 pub mod slab;
+pub mod sync;
 pub mod proc;
 pub mod shadow;
 pub mod trace;

@@ -38,13 +38,17 @@
 //! - slub-4: a live object is marked live in the shadow; a free one is not.
 //!
 //! Lock order: per-CPU lock -> node `list_lock` -> zone lock (through the
-//! page allocator). `ctor` callbacks run with no lock held.
+//! page allocator). `ctor` callbacks run with no lock held. The per-CPU
+//! lock and `list_lock` come through `crate::sync`: `tests/loom.rs` runs
+//! this code's remote free (`__slab_free` into another CPU's frozen slab,
+//! racing that CPU's fast path and refill) under loom.
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
-use spin::MutexGuard;
+
+use crate::sync::{ListLock, SpinGuard as MutexGuard, SpinLock};
 
 use super::geometry::*;
 use crate::error::{KmmError, Result};
@@ -159,7 +163,7 @@ pub struct Node {
 /// take, a plain release store to drop), never held across a callback.
 #[repr(align(64))]
 pub struct PerCpu {
-    pub lock: spin::Mutex<CpuSlab>,
+    pub lock: SpinLock<CpuSlab>,
     /// Times this CPU's lock was found held (two threads on one CPU, or a flush).
     pub contended: AtomicU64,
 }
@@ -175,7 +179,7 @@ pub struct KmemCache {
     /// Page-allocator flags every slab of this cache adds (`s->allocflags`).
     pub allocflags: Gfp,
     cpus: Box<[PerCpu]>,
-    pub node: Mutex<Node>,
+    pub node: ListLock<Node>,
     /// `refcount`: 1 + aliases merged into this cache.
     pub refcount: AtomicU32,
     pub dead: AtomicBool,
@@ -213,7 +217,7 @@ impl KmemCache {
             allocflags,
             cpus: (0..ncpus)
                 .map(|_| PerCpu {
-                    lock: spin::Mutex::new(CpuSlab {
+                    lock: SpinLock::new(CpuSlab {
                         freelist: 0,
                         slab: NIL,
                         slab_pfn: u64::MAX,
@@ -226,7 +230,7 @@ impl KmemCache {
                     contended: AtomicU64::new(0),
                 })
                 .collect(),
-            node: Mutex::new(Node { partial_head: NIL, partial_tail: NIL, ..Node::default() }),
+            node: ListLock::new(Node { partial_head: NIL, partial_tail: NIL, ..Node::default() }),
             refcount: AtomicU32::new(1),
             dead: AtomicBool::new(false),
             aliases: Mutex::new(Vec::new()),
@@ -685,7 +689,8 @@ impl KmemCache {
     }
 
     /// `discard_slab`: give a slab's pages back to the buddy allocator.
-    fn discard_slab(&self, m: &Machine, n: &mut Node, id: u32) {
+    /// Returns how many.
+    fn discard_slab(&self, m: &Machine, n: &mut Node, id: u32) -> u64 {
         let s = n.slabs[id as usize].take().expect("live slab");
         n.free_ids.push(id);
         n.nr_slabs -= 1;
@@ -697,10 +702,12 @@ impl KmemCache {
             m.vmstat.nr_slab_unreclaimable_b.fetch_sub(bytes, Relaxed);
         }
         m.free_slab_pages(Pfn(s.pfn), s.order);
+        1 << s.order
     }
 
-    /// `deactivate_slab`: return a cpu slab (and its CPU freelist) to the node.
-    fn deactivate_slab(&self, m: &Machine, id: u32, mut cpu_fl: u64, stats: &mut CpuStats) {
+    /// `deactivate_slab`: return a cpu slab (and its CPU freelist) to the
+    /// node. Returns the pages discarded (0 or the slab's).
+    fn deactivate_slab(&self, m: &Machine, id: u32, mut cpu_fl: u64, stats: &mut CpuStats) -> u64 {
         let mut n = self.node.lock();
         // Remote frees waiting on the slab: it goes to the tail of the node list.
         let to_tail = Self::slab_mut(&mut n, id).freelist != 0;
@@ -721,29 +728,32 @@ impl KmemCache {
         let (inuse, has_free) = (s.inuse, s.freelist != 0);
         if inuse == 0 && n.nr_partial >= self.geo.min_partial {
             stats.deactivate_empty += 1;
-            self.discard_slab(m, &mut n, id);
             stats.free_slab += 1;
+            return self.discard_slab(m, &mut n, id);
         } else if has_free {
             Self::add_partial(&mut n, id, to_tail);
         } else {
             stats.deactivate_full += 1;
         }
+        0
     }
 
     /// `__put_partials`: move a CPU's partial slabs to the node list
-    /// (discarding empty ones beyond min_partial).
-    fn put_partials(&self, m: &Machine, ids: Vec<u32>, stats: &mut CpuStats) {
+    /// (discarding empty ones beyond min_partial). Returns the pages discarded.
+    fn put_partials(&self, m: &Machine, ids: Vec<u32>, stats: &mut CpuStats) -> u64 {
         let mut n = self.node.lock();
+        let mut pages = 0;
         for id in ids {
             let s = Self::slab_mut(&mut n, id);
             s.list = SlabList::None;
             if s.inuse == 0 && n.nr_partial >= self.geo.min_partial {
-                self.discard_slab(m, &mut n, id);
+                pages += self.discard_slab(m, &mut n, id);
                 stats.free_slab += 1;
             } else {
                 Self::add_partial(&mut n, id, true);
             }
         }
+        pages
     }
 
     // ---- freeing ---------------------------------------------------------------------------
@@ -1022,30 +1032,34 @@ impl KmemCache {
 
     // ---- flushing and shrinking ------------------------------------------------------------------
 
-    /// `flush_cpu_slab` for one CPU: deactivate its slab, drain its partials.
-    pub fn flush_cpu(&self, m: &Machine, cpu: u32) {
+    /// `flush_cpu_slab` for one CPU: deactivate its slab, drain its
+    /// partials. Returns the pages discarded.
+    pub fn flush_cpu(&self, m: &Machine, cpu: u32) -> u64 {
         let mut c = self.cpu_lock(cpu);
         let mut stats = c.stats;
+        let mut pages = 0;
         if c.slab != NIL {
             let (id, fl) = (c.slab, std::mem::take(&mut c.freelist));
             c.slab = NIL;
             c.slab_pfn = u64::MAX;
-            self.deactivate_slab(m, id, fl, &mut stats);
+            pages += self.deactivate_slab(m, id, fl, &mut stats);
         }
         let parts = std::mem::take(&mut c.partial);
-        self.put_partials(m, parts, &mut stats);
+        pages += self.put_partials(m, parts, &mut stats);
         c.stats = stats;
+        pages
     }
 
     /// `flush_all` + `__kmem_cache_shrink`: flush every CPU, then free every
-    /// empty slab on the node list. Returns the pages given back (the
-    /// kernel returns only whether slabs remain).
+    /// empty slab on the node list. Returns the pages it gave back (the
+    /// kernel returns only whether slabs remain), counted as they are
+    /// discarded: other CPUs may allocate slabs meanwhile, so a before/after
+    /// difference of the cache's pages can go negative (found by loom).
     pub fn shrink(&self, m: &Machine) -> u64 {
         let _d = m.trace.defer();
-        let pages = |n: &Node| -> u64 { n.slabs.iter().flatten().map(|s| 1u64 << s.order).sum() };
-        let before = pages(&self.node.lock());
+        let mut pages = 0;
         for cpu in 0..self.nr_cpus() {
-            self.flush_cpu(m, cpu);
+            pages += self.flush_cpu(m, cpu);
         }
         // __kmem_cache_do_shrink: free every empty slab (min_partial does
         // not apply), and move the fullest slabs (1..=32 free) to the head,
@@ -1057,7 +1071,7 @@ impl KmemCache {
             let free = s.objects - s.inuse;
             if s.inuse == 0 {
                 Self::remove_partial(&mut n, id);
-                self.discard_slab(m, &mut n, id);
+                pages += self.discard_slab(m, &mut n, id);
             } else if free <= 32 {
                 Self::remove_partial(&mut n, id);
                 promote[free as usize - 1].push(id);
@@ -1068,7 +1082,7 @@ impl KmemCache {
                 Self::add_partial(&mut n, id, false);
             }
         }
-        before - pages(&n)
+        pages
     }
 
     /// Free every slab left (all empty): the end of `__kmem_cache_shutdown`.
