@@ -506,3 +506,23 @@ def test_x86_64_kmap_is_page_address(m):
     assert m.pkmap_stats() == {"in_use": 0, "stale": 0, "flushes": 0, "waits": 0}
     m.kmap_flush_unused()  # nothing to do
     assert_healthy(m)
+
+
+@pytest.mark.parametrize("arch", ARCHES)
+def test_vmap_of_highmem_pages_and_32_bit_vmallocinfo(arch):
+    m = machine(arch)
+    hps = highpages(m, 2)
+    v = m.vmap(hps)
+    assert m.vmalloc_start <= v.addr < m.vmalloc_end
+    v.write(b"A" * PAGE + b"B" * PAGE)
+    for p, ch in zip(hps, b"AB"):
+        a = m.kmap(p)
+        assert m.read(a, PAGE) == bytes([ch]) * PAGE
+        m.kunmap(p)
+    # %pK on a 32-bit kernel prints 8 hex digits.
+    line = next(line for line in m.proc.vmallocinfo().splitlines() if line)
+    assert line.startswith(f"0x{v.addr:08x}-0x{v.addr + 3 * PAGE:08x}   12288 ")
+    assert line.endswith(" vmap")
+    m.vunmap(v)
+    assert all(p.refcount == 1 for p in hps)
+    assert_healthy(m)

@@ -932,3 +932,109 @@ VmallocMachine.TestCase.settings = settings(
     max_examples=25, stateful_step_count=30, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestVmallocMachine = VmallocMachine.TestCase
+
+
+# ---- failure, zones, boundaries, threads ------------------------------------------------------------
+
+
+def test_vmalloc_that_runs_out_of_pages_gives_everything_back():
+    m = kmm.Machine(memory="64M")
+    m.vfree(m.vmalloc(PAGE))  # create the vmap_area cache and first tables
+    m.vm_unmap_aliases()
+
+    def accounted():
+        # Every page is free, a page table or slab: their sum cannot change.
+        m.drain_all_pages()
+        mi = m.proc.meminfo_dict()
+        return mi["MemFree"] + mi["PageTables"] + mi["Slab"]
+
+    total0 = accounted()
+    # Under totalram_pages (so not "exceeds total pages"), over what is free.
+    size = (m.totalram_pages() - 8) * PAGE
+    with pytest.raises(kmm.OutOfMemoryError, match="failed to allocate pages"):
+        m.vmalloc(size, kmm.GFP_KERNEL | NOWARN)
+    assert m.vmalloc_nr_pages() == 0
+    # No live area is left (mm/vmalloc.c frees a failed area with vfree, so
+    # ranges may wait for the purge).
+    assert all(line.endswith("unpurged vm_area") for line in vmallocinfo_lines(m))
+    m.vm_unmap_aliases()
+    assert vmallocinfo_lines(m) == []
+    assert accounted() == total0
+    b = m.vmalloc(PAGE)  # and the machine still works
+    m.vfree(b)
+    assert_healthy(m)
+
+
+def test_vmalloc_with_a_dma_zone_takes_its_pages_there():
+    # __vmalloc_area_node adds __GFP_HIGHMEM only when no GFP_DMA/GFP_DMA32
+    # zone was asked for; the pages then come from that zone.
+    m = kmm.Machine(memory="4G")
+    b = m.vmalloc(3 * PAGE, kmm.GFP_KERNEL | kmm.GFP_DMA)
+    assert {m.vmalloc_to_page(b.addr + i * PAGE).zone for i in range(3)} == {"DMA"}
+    c = m.vmalloc(3 * PAGE, kmm.GFP_KERNEL | kmm.GFP_DMA32)
+    assert {m.vmalloc_to_page(c.addr + i * PAGE).zone for i in range(3)} <= {"DMA32", "DMA"}
+    m.vfree(b)
+    m.vfree(c)
+    assert_healthy(m)
+
+
+def test_is_vmalloc_addr_bounds(m):
+    assert m.vmalloc_start == VMALLOC_START
+    assert m.is_vmalloc_addr(VMALLOC_START)
+    assert not m.is_vmalloc_addr(VMALLOC_START - 1)
+    assert m.is_vmalloc_addr(VMALLOC_END - 1)
+    assert not m.is_vmalloc_addr(VMALLOC_END + 1)
+    assert not m.is_vmalloc_addr(m.page_offset)
+    assert not m.is_vmalloc_addr(0)
+
+
+def test_flush_tlb_all_flushes_every_cpu_with_one_ipi_each():
+    m = kmm.Machine(cpus=3, memory="256M")
+    with m.on_cpu(1):
+        s0 = m.tlb_stats()
+        m.flush_tlb_all()
+        s1 = m.tlb_stats()
+    assert [s1[c]["flushes"] - s0[c]["flushes"] for c in range(3)] == [1, 1, 1]
+    assert [s1[c]["ipis"] - s0[c]["ipis"] for c in range(3)] == [1, 0, 1]
+    assert s1[1]["shootdowns"] - s0[1]["shootdowns"] == 2
+
+
+def test_threads_on_both_cpus_vmalloc_and_vfree_concurrently(m):
+    import random
+    import threading
+
+    errors: list[BaseException] = []
+
+    def worker(cpu: int) -> None:
+        try:
+            rng = random.Random(cpu)
+            live = []
+            with m.on_cpu(cpu):
+                for _ in range(150):
+                    if live and rng.random() < 0.5:
+                        b, data = live.pop(rng.randrange(len(live)))
+                        assert b.read(0, len(data)) == data
+                        m.vfree(b)
+                    else:
+                        n = rng.choice([1, PAGE, 5000, 70000, 600 * PAGE])
+                        b = m.vmalloc(n)
+                        data = rng.randbytes(min(n, 100))
+                        b.write(data)
+                        live.append((b, data))
+                for b, data in live:
+                    assert b.read(0, len(data)) == data
+                    m.vfree(b)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    assert m.vmalloc_nr_pages() == 0
+    m.vm_unmap_aliases()
+    assert m.proc.vmallocinfo() == ""
+    assert_healthy(m)

@@ -195,3 +195,15 @@ def test_i386_page_array_uses_4_byte_pointers():
     assert len(lines) == 1 and "vpages" not in lines[0], lines
     assert m.vmalloc_nr_pages() == 1000
     m.vfree(b)
+
+
+# ---- 8. the last byte of the x86_64 vmalloc range ---------------------------------------------------
+
+
+def test_is_vmalloc_addr_excludes_vmalloc_end_on_x86_64():
+    # include/linux/mm.h is_vmalloc_addr: addr >= VMALLOC_START && addr < VMALLOC_END,
+    # and on x86_64 VMALLOC_END = VMALLOC_START + 32 TiB - 1 = 0xffffe8ffffffffff
+    # (arch/x86/include/asm/pgtable_64_types.h), so that byte is not a vmalloc address.
+    m = kmm.Machine()
+    assert not m.is_vmalloc_addr(0xFFFFE8FFFFFFFFFF)
+    assert m.is_vmalloc_addr(0xFFFFE8FFFFFFFFFE)
