@@ -207,3 +207,39 @@ def test_is_vmalloc_addr_excludes_vmalloc_end_on_x86_64():
     m = kmm.Machine()
     assert not m.is_vmalloc_addr(0xFFFFE8FFFFFFFFFF)
     assert m.is_vmalloc_addr(0xFFFFE8FFFFFFFFFE)
+
+
+# ---- 9. absurd lengths through the MMU ---------------------------------------------------------------
+
+
+def test_read_of_an_absurd_length_faults_instead_of_aborting_the_process():
+    # A memcpy from kernel memory faults at the first unmapped page (here the
+    # guard page after a one-page vmalloc). Machine.read allocates the whole
+    # result buffer before translating, so a huge n aborts the interpreter
+    # ("memory allocation of ... bytes failed"); run it in a child process.
+    import subprocess
+    import sys
+
+    code = (
+        "import kmm\n"
+        "m = kmm.Machine()\n"
+        "b = m.vmalloc(4096)\n"
+        "try:\n"
+        "    m.read(b.addr, 1 << 62)\n"
+        "except kmm.PageFaultError as e:\n"
+        "    print('fault at', hex(b.addr + 4096) in str(e))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    assert r.stdout.strip() == "fault at True"
+
+
+def test_access_past_the_end_names_the_first_unmapped_address():
+    # The fault address (CR2) is the first byte that does not translate: the
+    # guard page, even when start + n would overflow 64 bits.
+    m = kmm.Machine()
+    b = m.vmalloc(PAGE)
+    with pytest.raises(kmm.PageFaultError, match=f"address: {b.addr + PAGE:#x}"):
+        m.access(b.addr, 2 * PAGE)
+    with pytest.raises(kmm.PageFaultError, match=f"address: {b.addr + PAGE:#x}"):
+        m.access(b.addr, 1 << 62)
