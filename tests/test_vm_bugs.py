@@ -243,3 +243,35 @@ def test_access_past_the_end_names_the_first_unmapped_address():
         m.access(b.addr, 2 * PAGE)
     with pytest.raises(kmm.PageFaultError, match=f"address: {b.addr + PAGE:#x}"):
         m.access(b.addr, 1 << 62)
+
+
+# ---- 10. a very deep stack use -------------------------------------------------------------------
+
+
+def test_deep_stack_use_hits_the_guard_page_instead_of_crashing():
+    # arch/x86/kernel/traps.c handle_stack_overflow: however deep the overflow,
+    # a VMAP_STACK stack faults on its guard page. ThreadStack.use builds the
+    # whole frame pattern first: depth = top panics ("capacity overflow"),
+    # depth = 1 TiB aborts the interpreter. Run in a child process.
+    import subprocess
+    import sys
+
+    code = (
+        "import kmm\n"
+        "m = kmm.Machine()\n"
+        "s = m.alloc_thread_stack(vmap=True)\n"
+        "for depth in (s.top, 1 << 40):\n"
+        "    try:\n"
+        "        s.use(depth)\n"
+        "        print('no fault')\n"
+        "    except kmm.PageFaultError as e:\n"
+        "        print('guard page' in str(e))\n"
+        "    except ValueError:\n"
+        "        print('ValueError')\n"
+        "print(s.end_corrupted())\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
+    lines = r.stdout.split()
+    assert lines[0] in ("True", "ValueError")  # depth == top: beyond the address space is acceptable too
+    assert lines[1:] == ["True", "False"]
