@@ -526,3 +526,86 @@ def test_vmap_of_highmem_pages_and_32_bit_vmallocinfo(arch):
     m.vunmap(v)
     assert all(p.refcount == 1 for p in hps)
     assert_healthy(m)
+
+
+class RefPkmap:
+    """mm/highmem.c's pkmap bookkeeping, written out independently:
+    kmap_high / map_new_virtual / flush_all_zero_pkmaps / kunmap_high."""
+
+    def __init__(self, last_pkmap: int):
+        self.n = last_pkmap
+        self.count = [0] * last_pkmap
+        self.page = [None] * last_pkmap
+        self.addr_of: dict[int, int] = {}  # pfn -> slot (page_address_htable)
+        self.last = 0
+        self.flushes = 0
+
+    def flush_all_zero(self):
+        cleared = False
+        for nr in range(self.n):
+            if self.count[nr] == 1:
+                self.count[nr] = 0
+                del self.addr_of[self.page[nr]]
+                self.page[nr] = None
+                cleared = True
+        self.flushes += cleared
+
+    def kmap(self, pfn: int) -> int:
+        if pfn not in self.addr_of:
+            left = self.n
+            while True:
+                self.last = (self.last + 1) & (self.n - 1)
+                if self.last == 0:
+                    self.flush_all_zero()
+                    left = self.n
+                if self.count[self.last] == 0:
+                    break
+                left -= 1
+                assert left, "would sleep"
+            self.count[self.last] = 1
+            self.page[self.last] = pfn
+            self.addr_of[pfn] = self.last
+        nr = self.addr_of[pfn]
+        self.count[nr] += 1
+        return nr
+
+    def kunmap(self, pfn: int) -> None:
+        self.count[self.addr_of[pfn]] -= 1
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "in_use": sum(c >= 2 for c in self.count),
+            "stale": sum(c == 1 for c in self.count),
+            "flushes": self.flushes,
+            "waits": 0,
+        }
+
+
+@pytest.mark.parametrize("arch, seed", [("i386-pae", 1), ("i386-pae", 2), ("i386", 3)])
+def test_pkmap_follows_the_kernels_algorithm(arch, seed):
+    import random
+
+    m = machine(arch)
+    n = m.last_pkmap
+    ref = RefPkmap(n)
+    pages = highpages(m, n + n // 2)
+    rng = random.Random(seed)
+    held: list[kmm.Page] = []  # one entry per kmap not yet kunmapped
+    for step in range(4 * n):
+        op = rng.random()
+        if op < 0.55 and len({p.pfn for p in held}) < n - 8:
+            p = rng.choice(pages)
+            assert m.kmap(p) == m.pkmap_base + ref.kmap(p.pfn) * PAGE, step
+            held.append(p)
+        elif op < 0.97 and held:
+            p = held.pop(rng.randrange(len(held)))
+            m.kunmap(p)
+            ref.kunmap(p.pfn)
+        else:
+            m.kmap_flush_unused()
+            ref.flush_all_zero()
+        assert m.pkmap_stats() == ref.stats(), step
+    assert ref.flushes >= 2  # the walk wrapped around the window more than once
+    for p in held:
+        m.kunmap(p)
+    assert_healthy(m)

@@ -597,6 +597,22 @@ def test_walking_more_pages_than_the_stlb_holds_misses_every_time(m, pages, l2_h
     m.vfree(b)
 
 
+@pytest.mark.parametrize("pages, first_level, stlb", [(16, 16, 0), (64, 0, 64)])
+def test_2m_pages_have_their_own_first_level_array(pages, first_level, stlb):
+    # Default geometry: L1 2M/4M 32 entries 4-way = 8 sets. 16 consecutive 2 MiB
+    # pages put 2 in each set (they all stay); 64 put 8 in each (> 4 ways:
+    # cyclic LRU misses in L1) but the shared STLB (128 sets) holds all 64.
+    m = kmm.Machine(memory="1G")
+    base = m.page_offset + 64 * MiB
+    with m.on_cpu(0):
+        for _ in range(2):
+            s0 = stats(m, 0)
+            for i in range(pages):
+                m.access(base + i * 2 * MiB + 8)
+        d = delta(stats(m, 0), s0)
+    assert (d.get("hits", 0), d.get("l2_hits", 0), d.get("misses", 0)) == (first_level, stlb, 0)
+
+
 class RefTlb:
     """An independent two-level LRU TLB for 4 KiB pages: an L1 hit; else an
     STLB hit (promoted into L1); else a miss that fills both levels."""
