@@ -1054,3 +1054,38 @@ def test_threads_on_both_cpus_vmalloc_and_vfree_concurrently(m):
     m.vm_unmap_aliases()
     assert m.proc.vmallocinfo() == ""
     assert_healthy(m)
+
+
+def test_kvmalloc_falls_back_to_vmalloc_when_memory_is_fragmented(capfd):
+    # mm/util.c kvmalloc_node: the kmalloc attempt of a > PAGE_SIZE request
+    # gets __GFP_NOWARN | __GFP_NORETRY; when it fails, vmalloc serves it from
+    # order-0 pages, silently.
+    m = kmm.Machine(memory="64M")
+    first = m.kvmalloc(3 * PAGE)
+    assert not m.is_vmalloc_addr(first.addr)  # an order-2 block exists now
+    m.kvfree(first)
+    held = []
+    reserve = kmm.GFP_ATOMIC | NOWARN | kmm.__GFP_MEMALLOC  # ALLOC_NO_WATERMARKS
+    while True:
+        m.drain_all_pages()  # blocks parked on high-order per-CPU lists too
+        try:
+            held.append(m.alloc_page(reserve))
+        except kmm.OutOfMemoryError:
+            break
+    # Free every even pfn: no two free pages are buddies.
+    evens = [p for p in held if p.pfn % 2 == 0]
+    odds = [p for p in held if p.pfn % 2 == 1]
+    for p in evens:
+        m.free_page(p)
+    m.drain_all_pages()
+    assert all(sum(z.nr_free[1:]) == 0 for z in m.zones)  # no free block above order 0
+    capfd.readouterr()
+    b = m.kvmalloc(3 * PAGE)
+    assert m.is_vmalloc_addr(b.addr) and len(b) == 3 * PAGE
+    assert "allocation failure" not in capfd.readouterr().err
+    b.write(b"frag" * (3 * PAGE // 4))
+    assert bytes(b) == b"frag" * (3 * PAGE // 4)
+    m.kvfree(b)
+    for p in odds:
+        m.free_page(p)
+    assert_healthy(m)
