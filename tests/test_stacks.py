@@ -246,3 +246,15 @@ def test_many_stacks_account_and_give_everything_back(m):
     assert m.proc.meminfo_dict()["KernelStack"] == kb0
     assert m.vmalloc_nr_pages() == 0 and m.proc.vmallocinfo() == ""
     assert_healthy(m)
+
+
+@pytest.mark.parametrize("vmap", [True, False])
+def test_alloc_thread_stack_may_sleep(m, vmap):
+    # THREADINFO_GFP is GFP_KERNEL-based: vmalloc or alloc_pages may sleep.
+    m.drain_all_pages()
+    before = (m.proc.buddyinfo(), m.proc.vmallocinfo(), m.proc.meminfo_dict()["KernelStack"], m.nr_free_pages())
+    with m.atomic():
+        with pytest.raises(kmm.SleepInAtomicError, match="sleeping function called from invalid context"):
+            m.alloc_thread_stack(vmap=vmap)
+    m.drain_all_pages()
+    assert (m.proc.buddyinfo(), m.proc.vmallocinfo(), m.proc.meminfo_dict()["KernelStack"], m.nr_free_pages()) == before

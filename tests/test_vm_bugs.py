@@ -275,3 +275,19 @@ def test_deep_stack_use_hits_the_guard_page_instead_of_crashing():
     lines = r.stdout.split()
     assert lines[0] in ("True", "ValueError")  # depth == top: beyond the address space is acceptable too
     assert lines[1:] == ["True", "False"]
+
+
+# ---- 11. the IRQ stack from interrupt context ------------------------------------------------------
+
+
+def test_irq_stack_is_there_in_interrupt_context():
+    # arch/x86/kernel/irq_64.c irq_init_percpu_irqstack runs when the CPU is
+    # brought up, before it takes any interrupt: a hard-IRQ handler runs on
+    # an IRQ stack that already exists. kmm makes it on first use with
+    # GFP_KERNEL, so asking for it from interrupt context raises
+    # SleepInAtomicError.
+    m = kmm.Machine()
+    with m.on_cpu(0):
+        with m.irq():
+            s = m.irq_stack(0)
+    assert s.irq_cpu == 0 and s.size == 16384
