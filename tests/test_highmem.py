@@ -609,3 +609,52 @@ def test_pkmap_follows_the_kernels_algorithm(arch, seed):
     for p in held:
         m.kunmap(p)
     assert_healthy(m)
+
+
+def test_a_reused_pkmap_slot_is_not_stale_on_another_cpu():
+    # flush_all_zero_pkmaps flushes the whole window on every CPU
+    # (flush_tlb_kernel_range), so a CPU that cached slot 1 for page A sees
+    # page C there once the slot is reused.
+    m = machine("i386-pae")
+    n = m.last_pkmap
+    a_page, *others = highpages(m, n + 1)
+    with m.on_cpu(0):
+        addr = m.kmap(a_page)
+        assert addr == m.pkmap_base + PAGE
+        m.write(addr, b"AAAA")
+    with m.on_cpu(1):
+        assert m.read(addr, 4) == b"AAAA"  # CPU 1 now caches slot 1
+    m.kunmap(a_page)
+    with m.on_cpu(0):
+        for p in others[: n - 2]:  # slots 2 .. n-1, left stale
+            m.kmap(p)
+            m.kunmap(p)
+        b_page, c_page = others[n - 2], others[n - 1]
+        assert m.kmap(b_page) == m.pkmap_base  # the wrap: flush, then slot 0
+        assert m.kmap(c_page) == addr  # slot 1 again
+        m.write(addr, b"CCCC")
+    with m.on_cpu(1):
+        assert m.read(addr, 4) == b"CCCC"
+    ka = m.kmap(a_page)
+    assert m.read(ka, 4) == b"AAAA"  # A's bytes are still A's
+    for p in (a_page, b_page, c_page):
+        m.kunmap(p)
+    assert_healthy(m)
+
+
+def test_a_reused_kmap_local_slot_maps_the_new_page():
+    m = machine("i386")
+    p1, p2 = highpages(m, 2)
+    a2 = m.kmap(p2)
+    m.write(a2, b"xyz")
+    m.kunmap(p2)
+    with m.on_cpu(0):
+        with m.kmap_local_page(p1) as b1:
+            b1.write(b"one")
+            addr = b1.addr
+        with m.kmap_local_page(p2) as b2:
+            assert b2.addr == addr  # the same fixmap slot
+            assert m.read(addr, 3) == b"xyz"  # p2's bytes, not a stale p1 entry
+            b2.write(b"two")
+        with m.kmap_local_page(p1) as b1:
+            assert b1.read(0, 3) == b"one"
