@@ -161,6 +161,17 @@ def test_vmallocinfo_columns_match_the_real_file(m):
     assert real_stack.split()[3:] == mine.split()[3:] == ["pages=4", "vmalloc", "N0=4"]
 
 
+def test_vmap_area_cache_geometry_matches_the_real_slabinfo(m):
+    # vmalloc_init: KMEM_CACHE(vmap_area, SLAB_PANIC); one vmap_area per area.
+    real = next(line for line in (LINUX / "slabinfo.txt").read_text().splitlines() if line.startswith("vmap_area "))
+    b = m.vmalloc(PAGE)
+    mine = next(line for line in m.proc.slabinfo().splitlines() if line.startswith("vmap_area "))
+    # <objsize> <objperslab> <pagesperslab>: 72 56 1 on the real machine.
+    assert mine.split()[3:6] == real.split()[3:6] == ["72", "56", "1"]
+    assert int(mine.split()[1]) >= 1  # the live area's vmap_area
+    m.vfree(b)
+
+
 def test_pages_are_order0_and_visible_through_the_direct_map(m):
     n = 5 * PAGE + 100
     b = m.vmalloc(n)
