@@ -338,3 +338,17 @@ VmallocMachine32.TestCase.settings = settings(
     max_examples=10, stateful_step_count=20, deadline=None, suppress_health_check=[HealthCheck.too_slow]
 )
 TestVmallocMachine32 = VmallocMachine32.TestCase
+
+
+# ---- 13. kvmalloc refuses sizes above INT_MAX ----------------------------------------------------
+
+
+def test_kvmalloc_refuses_sizes_above_int_max():
+    # mm/util.c __kvmalloc_node_noprof: "Don't even allow crazy sizes":
+    #     if (unlikely(size > INT_MAX)) { WARN_ON_ONCE(!(flags & __GFP_NOWARN)); return NULL; }
+    # On an 8 GiB machine 2 GiB passes the totalram check; kmm vmallocs it.
+    m = kmm.Machine(memory="8G")
+    before = snapshot(m)
+    with pytest.raises(kmm.OutOfMemoryError):
+        m.kvmalloc(2**31, kmm.GFP_KERNEL | kmm.__GFP_NOWARN)
+    assert snapshot(m) == before
