@@ -658,3 +658,46 @@ def test_a_reused_kmap_local_slot_maps_the_new_page():
             b2.write(b"two")
         with m.kmap_local_page(p1) as b1:
             assert b1.read(0, 3) == b"one"
+
+
+def test_threads_kmap_and_kmap_local_concurrently():
+    m = machine("i386-pae")
+    per_thread = 300  # 4 x 300 distinct pages > 512 slots: the window wraps and flushes
+    pages = highpages(m, 4 * per_thread)
+    errors: list[BaseException] = []
+
+    def worker(k: int) -> None:
+        import random
+
+        try:
+            rng = random.Random(k)
+            mine = pages[k * per_thread : (k + 1) * per_thread]
+            stamp = {}
+            with m.on_cpu(k % 2):
+                for i in range(600):
+                    p = rng.choice(mine)
+                    if rng.random() < 0.7:
+                        a = m.kmap(p)
+                        if p.pfn in stamp:
+                            assert m.read(a, 8) == stamp[p.pfn]
+                        stamp[p.pfn] = i.to_bytes(4, "little") + k.to_bytes(4, "little")
+                        m.write(a, stamp[p.pfn])
+                        m.kunmap(p)
+                    else:
+                        with m.kmap_local_page(p) as blk:
+                            if p.pfn in stamp:
+                                assert blk.read(0, 8) == stamp[p.pfn]
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads)
+    assert errors == []
+    st = m.pkmap_stats()
+    assert st["in_use"] == 0 and st["flushes"] >= 1
+    assert [m.kmap_local_depth(c) for c in range(2)] == [0, 0]
+    assert_healthy(m)
