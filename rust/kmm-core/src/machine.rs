@@ -302,6 +302,8 @@ impl Machine {
         m.setup_watermarks(m.cfg.min_free_kbytes);
         let k = m.create_kmalloc_caches()?;
         let _ = m.kmalloc_caches.set(k);
+        // vmalloc_init: the vmap_area cache (no pages until first use).
+        m.vmap_area_cache()?;
         Ok(m)
     }
 

@@ -410,9 +410,7 @@ impl Machine {
 
     /// `VMALLOC_END - VMALLOC_START` in bytes, as meminfo's VmallocTotal uses it.
     fn vmalloc_total(&self) -> u64 {
-        let v = &self.vm.vmalloc;
-        // x86_64's VMALLOC_END is its last byte; i386's is one past it.
-        v.end - v.start - u64::from(self.cfg.arch.is_64bit())
+        self.vm.vmalloc.end - self.vm.vmalloc.start
     }
 
     /// The direct map's page-size split (`arch_report_meminfo`): (label, kB).

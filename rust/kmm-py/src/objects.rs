@@ -60,10 +60,11 @@ impl PyPage {
     fn phys(&self) -> u64 {
         self.m.pfn_to_phys(Pfn(self.pfn)).0
     }
-    /// `page_address()`: the direct-map address, or None for highmem.
+    /// `page_address()`: the direct-map address; a highmem page's kmap()
+    /// address while kmapped, else None.
     #[getter]
     fn address(&self) -> Option<u64> {
-        self.m.page_address(Pfn(self.pfn)).map(|v| v.0)
+        self.m.page_address_any(Pfn(self.pfn)).map(|v| v.0)
     }
     /// `PageHighMem()`.
     #[getter]

@@ -285,6 +285,13 @@ impl PyBlock {
             self.freed.store(true, Relaxed);
             return f(self.addr).map_err(to_py_err);
         }
+        if !self.alive() && self.kind == Kind::Vmalloc {
+            return Err(crate::errors::DoubleFreeError::new_err(format!(
+                "double free or corruption: WARNING at mm/vmalloc.c vfree: Trying to vfree() nonexistent vm area ({:#x}): \
+                 this Block's area was freed already",
+                self.addr
+            )));
+        }
         if !self.alive() {
             // Free memory: a double free. Reallocated memory: the stale
             // handle is a use after free (the new owner is left alone).

@@ -199,8 +199,7 @@ impl PyMachine {
     fn vmalloc_start(&self) -> u64 {
         self.m.vm.vmalloc.start
     }
-    /// One past the last vmalloc address (`VMALLOC_END` on i386; x86_64's
-    /// VMALLOC_END is this minus one).
+    /// `VMALLOC_END` (not itself a vmalloc address: `is_vmalloc_addr` tests `< VMALLOC_END`).
     #[getter]
     fn vmalloc_end(&self) -> u64 {
         self.m.vm.vmalloc.end

@@ -395,12 +395,25 @@ impl KmemCache {
 
     #[inline]
     fn get_fp(&self, m: &Machine, obj: u64) -> u64 {
-        m.phys.read_u64(Self::phys_of(m, obj) + self.geo.offset as u64).unwrap_or(0)
+        let at = Self::phys_of(m, obj) + self.geo.offset as u64;
+        if m.cfg.arch.is_64bit() {
+            m.phys.read_u64(at).unwrap_or(0)
+        } else {
+            // A 32-bit kernel's free pointer is 4 bytes (sizeof(void *)).
+            let mut b = [0u8; 4];
+            let _ = m.phys.read(at, &mut b);
+            u32::from_ne_bytes(b) as u64
+        }
     }
 
     #[inline]
     fn set_fp(&self, m: &Machine, obj: u64, next: u64) {
-        let _ = m.phys.write_u64(Self::phys_of(m, obj) + self.geo.offset as u64, next);
+        let at = Self::phys_of(m, obj) + self.geo.offset as u64;
+        if m.cfg.arch.is_64bit() {
+            let _ = m.phys.write_u64(at, next);
+        } else {
+            let _ = m.phys.write(at, &(next as u32).to_ne_bytes());
+        }
     }
 
     /// Is `next` a valid free pointer inside the slab at `pfn` (or 0)?

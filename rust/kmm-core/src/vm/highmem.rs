@@ -26,8 +26,8 @@
 //! # Invariants
 //! - kmap-1: a pkmap slot with count >= 1 has its PTE set and is recorded as
 //!   its page's address; a slot with count 0 has no PTE.
-//! - kmap-2: a CPU's kmap_local stack holds at most KM_MAX_IDX entries, and
-//!   each fixmap slot below its depth maps the page recorded for it.
+//! - kmap-2: a CPU's kmap_local stack holds at most KM_MAX_IDX - 1 fixmap
+//!   slots, and each maps the page recorded for it.
 //!
 //! Lock order: `kmap_lock` -> page_table_lock -> TLB locks. A CPU's
 //! kmap_local stack is that CPU's (preemption is disabled while it is
@@ -109,10 +109,9 @@ impl Layout {
     /// high_memory + VMALLOC_OFFSET (8 MiB) and PKMAP_BASE - 2 pages.
     pub fn vmalloc_range(&self, arch: Arch, lowmem: u64) -> (u64, u64) {
         match arch {
-            Arch::X86_64 => {
-                let (s, e) = arch.vmalloc_range(lowmem);
-                (s, e + 1)
-            }
+            // x86_64's VMALLOC_END (0xffffe8ffffffffff) is itself excluded:
+            // is_vmalloc_addr tests addr < VMALLOC_END, and areas end below it.
+            Arch::X86_64 => arch.vmalloc_range(lowmem),
             _ => (arch.page_offset() + lowmem + (8 << 20), self.pkmap_base - 2 * (1 << self.page_shift)),
         }
     }
@@ -240,7 +239,7 @@ impl Machine {
             let nr = p.last_pkmap_nr as usize;
             if p.count[nr] == 0 {
                 let va = l.pkmap_addr(nr as u64);
-                self.map_pages_at(va, &[pfn])?;
+                self.map_pages_at(va, &[pfn], crate::gfp::GFP_ATOMIC)?; // the table exists since boot
                 p.count[nr] = 1;
                 p.slot_page[nr] = Some(pfn);
                 p.page_address.insert(pfn.0, va);
@@ -332,27 +331,30 @@ impl Machine {
     }
 
     /// `kmap_local_page(page)`: preemption off (see the SIMPLIFICATION);
-    /// a highmem page takes the CPU's next fixmap slot, a lowmem page is
-    /// its direct-map address. More than KM_MAX_IDX nested maps is a BUG.
+    /// a highmem page takes the CPU's next fixmap slot, a lowmem page is its
+    /// direct-map address and takes none (x86_64: always page_address).
+    /// `kmap_local_idx_push` BUGs when the index reaches KM_MAX_IDX, so at
+    /// most KM_MAX_IDX - 1 highmem mappings nest.
     pub fn kmap_local_page(&self, pfn: Pfn) -> Result<VirtAddr> {
         let high = self.highmem_page(pfn)?;
         let cpu = self.cpus.preempt_add(PREEMPT_OFFSET, false);
         let r = (|| {
             let mut st = self.vm.highmem.local[cpu as usize].lock();
-            if st.len() as u32 >= KM_MAX_IDX {
-                return Err(KmmError::Bug(format!(
-                    "kernel BUG at mm/highmem.c (kmap_local_idx_push): BUG_ON(idx >= KM_MAX_IDX): \
-                     {KM_MAX_IDX} kmap_local mappings already held on cpu {cpu}"
-                )));
-            }
             if !high {
                 let va = self.page_address(pfn).expect("lowmem").0;
                 st.push(Local { va, slot: None });
                 return Ok(VirtAddr(va));
             }
             let idx = st.iter().filter(|l| l.slot.is_some()).count() as u32;
+            if idx + 1 >= KM_MAX_IDX {
+                return Err(KmmError::Bug(format!(
+                    "kernel BUG at mm/highmem.c (kmap_local_idx_push): BUG_ON(idx >= KM_MAX_IDX): \
+                     {idx} kmap_local mappings of highmem pages already held on cpu {cpu} (at most {})",
+                    KM_MAX_IDX - 1
+                )));
+            }
             let va = self.vm.highmem.layout.slot_addr(cpu, idx);
-            self.map_pages_at(va, &[pfn])?;
+            self.map_pages_at(va, &[pfn], crate::gfp::GFP_ATOMIC)?; // the table exists since boot
             st.push(Local { va, slot: Some(idx) });
             Ok(VirtAddr(va))
         })();
@@ -362,8 +364,10 @@ impl Machine {
         r
     }
 
-    /// `kunmap_local(addr)`: LIFO; unmapping anything but the most recent
-    /// mapping is the kernel's WARN in kunmap_local_indexed, and changes nothing here.
+    /// `kunmap_local(addr)`: a fixmap slot must be the most recent one
+    /// (kunmap_local_indexed WARNs otherwise; here that changes nothing); a
+    /// lowmem address needs no unmapping, only the preemption it disabled
+    /// is given back.
     pub fn kunmap_local(&self, va: VirtAddr) -> Result<()> {
         let Some(cpu) = self.cpus.ctx().claimed else {
             return Err(KmmError::Bug(format!(
@@ -374,30 +378,44 @@ impl Machine {
         {
             let mut st = self.vm.highmem.local[cpu as usize].lock();
             let page = va.0 & !(self.page_size - 1);
-            match st.last() {
-                Some(top) if top.va == page => {}
-                Some(top) => {
-                    let known = st.iter().any(|l| l.va == page);
-                    return Err(KmmError::Bug(format!(
-                        "WARNING: CPU: {cpu} at mm/highmem.c kunmap_local_indexed: WARN_ON_ONCE(addr != \
-                         __fix_to_virt(FIX_KMAP_BEGIN + idx)): {:#x} {} but the most recent mapping is {:#x} \
-                         (kunmap_local must undo kmap_local_page in reverse order)",
-                        va.0,
-                        if known { "is mapped" } else { "is not a kmap_local mapping" },
-                        top.va
-                    )));
+            if self.is_kmap_local_addr(page) {
+                let top = st.iter().rposition(|l| l.slot.is_some());
+                match top {
+                    Some(i) if st[i].va == page => {
+                        let e = st.remove(i);
+                        self.unmap_pages_at(e.va, 1);
+                        self.flush_tlb_one_kernel(e.va);
+                    }
+                    Some(i) => {
+                        let known = st.iter().any(|l| l.va == page);
+                        return Err(KmmError::Bug(format!(
+                            "WARNING: CPU: {cpu} at mm/highmem.c kunmap_local_indexed: WARN_ON_ONCE(addr != \
+                             __fix_to_virt(FIX_KMAP_BEGIN + idx)): {:#x} {} but the most recent mapping is {:#x} \
+                             (kunmap_local must undo kmap_local_page in reverse order)",
+                            va.0,
+                            if known { "is mapped" } else { "is not a kmap_local mapping" },
+                            st[i].va
+                        )));
+                    }
+                    None => {
+                        return Err(KmmError::Bug(format!(
+                            "WARNING: kunmap_local({:#x}) on cpu {cpu}, which holds no kmap_local slot",
+                            va.0
+                        )))
+                    }
                 }
-                None => {
-                    return Err(KmmError::Bug(format!(
-                        "WARNING: kunmap_local({:#x}) on cpu {cpu}, which holds no kmap_local mapping",
-                        va.0
-                    )))
+            } else {
+                match st.iter().rposition(|l| l.slot.is_none() && l.va == page) {
+                    Some(i) => {
+                        st.remove(i);
+                    }
+                    None => {
+                        return Err(KmmError::Bug(format!(
+                            "WARNING: kunmap_local({:#x}): no kmap_local_page of that page is held on cpu {cpu}",
+                            va.0
+                        )))
+                    }
                 }
-            }
-            let top = st.pop().expect("checked");
-            if top.slot.is_some() {
-                self.unmap_pages_at(top.va, 1);
-                self.flush_tlb_one_kernel(top.va);
             }
         }
         self.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false).map_err(KmmError::Bug)
@@ -446,8 +464,9 @@ impl Machine {
         }
         for (cpu, st) in self.vm.highmem.local.iter().enumerate() {
             let st = st.lock();
-            if st.len() as u32 > KM_MAX_IDX {
-                errs.push(format!("kmap-2: cpu {cpu} holds {} kmap_local mappings", st.len()));
+            let slots = st.iter().filter(|e| e.slot.is_some()).count() as u32;
+            if slots >= KM_MAX_IDX {
+                errs.push(format!("kmap-2: cpu {cpu} holds {slots} kmap_local slots"));
             }
             for e in st.iter().filter(|e| e.slot.is_some()) {
                 if self.vm.pt.walk(&self.phys, e.va).is_err() {

@@ -173,10 +173,12 @@ impl Machine {
     /// store would, without moving data. Faults change nothing but the TLB.
     pub fn access(&self, va: VirtAddr, n: usize, write: bool) -> Result<()> {
         let mut at = va.0;
-        let end = va.0.checked_add(n as u64).ok_or_else(|| self.fault(va.0, write, ""))?;
-        while at < end {
+        let mut left = n as u64;
+        while left > 0 {
             let (_, room) = self.mmu(at, write)?;
-            at = at.saturating_add(room);
+            let k = room.min(left);
+            left -= k;
+            at = at.checked_add(k).ok_or_else(|| self.fault(u64::MAX, write, ""))?;
         }
         Ok(())
     }
@@ -191,17 +193,20 @@ impl Machine {
             let (pa, room) = self.mmu(at, write)?;
             let k = room.min(left);
             out.push((pa, k as usize));
-            at = at.wrapping_add(k);
             left -= k;
+            if left > 0 {
+                at = at.checked_add(k).ok_or_else(|| self.fault(u64::MAX, write, ""))?;
+            }
         }
         Ok(out)
     }
 
     /// `memcpy` from kernel virtual memory, through the MMU model.
     pub fn read(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
+        let chunks = self.chunks(va.0, n, false)?; // fault before allocating
         let mut buf = vec![0u8; n];
         let mut done = 0;
-        for (pa, k) in self.chunks(va.0, n, false)? {
+        for (pa, k) in chunks {
             self.phys.read(pa, &mut buf[done..done + k])?;
             done += k;
         }
@@ -268,24 +273,24 @@ impl Machine {
 
     /// A zeroed page-table page from the buddy allocator
     /// (`__pte_alloc_kernel` -> `pte_alloc_one_kernel`, GFP_PGTABLE_KERNEL).
-    pub(crate) fn alloc_table_page(&self) -> Result<u64> {
-        let pfn = self.alloc_pages(gfp::GFP_KERNEL | gfp::__GFP_ZERO, 0)?;
+    pub(crate) fn alloc_table_page(&self, gfp: gfp::Gfp) -> Result<u64> {
+        let pfn = self.alloc_pages((gfp & !gfp::__GFP_HIGHMEM) | gfp::__GFP_ZERO, 0)?;
         self.mem_map.get(pfn.0).set_flag(PG_TABLE);
         self.vm.pt.nr_runtime_tables.fetch_add(1, Relaxed);
         Ok(self.pfn_to_phys(pfn).0)
     }
 
     /// Map `pfns` at `va` with base pages (vmap_pages_range), allocating
-    /// tables as needed, under the page-table lock. On error, unmaps what
-    /// it mapped.
-    pub(crate) fn map_pages_at(&self, va: u64, pfns: &[Pfn]) -> Result<()> {
+    /// tables as needed (with `gfp`), under the page-table lock. On error,
+    /// unmaps what it mapped.
+    pub(crate) fn map_pages_at(&self, va: u64, pfns: &[Pfn], gfp: gfp::Gfp) -> Result<()> {
         // A table page's mm_page_alloc event is delivered after the lock
         // drops (a trace sink may call back into vmalloc).
         let _defer = self.trace.defer();
         let _g = self.vm.pt.lock.lock();
         for (i, p) in pfns.iter().enumerate() {
             let r = self.vm.pt.map(&self.phys, va + i as u64 * self.page_size, self.pfn_to_phys(*p).0, 0, &mut || {
-                self.alloc_table_page()
+                self.alloc_table_page(gfp)
             });
             if let Err(e) = r {
                 for j in 0..i {

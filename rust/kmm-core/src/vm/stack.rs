@@ -25,7 +25,9 @@
 //!
 //! SIMPLIFICATION: no per-CPU cache of freed vmapped stacks (the kernel
 //! keeps NR_CACHED_STACKS = 2 per CPU); IRQ stacks are made on first use
-//! rather than at boot (so that boot leaves the buddy allocator untouched).
+//! rather than at boot (so that boot leaves the buddy allocator untouched),
+//! with allocations that do not sleep (GFP_NOWAIT), so that the first use
+//! may be in interrupt context.
 //! CONFIG_VMAP_STACK exists on x86_64 only, as in the kernel's Kconfig.
 //!
 //! # Invariants
@@ -172,15 +174,29 @@ impl Machine {
     /// the page allocator silently overwrites its end magic and the memory
     /// below it.
     pub fn stack_use(&self, st: &KStack, depth: u64) -> Result<()> {
-        let Some(low) = st.top().checked_sub(depth) else {
-            return Err(KmmError::InvalidArgument(format!("stack depth {depth} is beyond the address space")));
-        };
         if depth == 0 {
             return Ok(());
         }
-        let pattern: Vec<u8> = (0..depth).map(|i| 0xa0 | (i % 16) as u8).collect();
-        match self.write(VirtAddr(low), &pattern) {
-            Err(KmmError::PageFault(_)) if st.vmapped() && low < st.base => Err(KmmError::PageFault(format!(
+        let low = st.top().checked_sub(depth);
+        // Translate the whole range first (a fault writes nothing), then
+        // write the pattern a chunk at a time.
+        let checked = match low {
+            Some(low) => self.access(VirtAddr(low), depth as usize, true).map(|_| low),
+            None => Err(self.fault(0, true, "")),
+        };
+        let r = checked.and_then(|low| {
+            const CHUNK: u64 = 64 << 10;
+            let pattern: Vec<u8> = (0..CHUNK.min(depth)).map(|i| 0xa0 | (i % 16) as u8).collect();
+            let mut at = low;
+            while at < st.top() {
+                let k = (st.top() - at).min(CHUNK);
+                self.write(VirtAddr(at), &pattern[..k as usize])?;
+                at += k;
+            }
+            Ok(())
+        });
+        match r {
+            Err(KmmError::PageFault(_)) if st.vmapped() && low.is_none_or(|l| l < st.base) => Err(KmmError::PageFault(format!(
                 "BUG: stack guard page was hit at {:#x} (stack is {:#x}..{:#x})\n\
                  kernel stack overflow (double-fault): 0000 [#1] SMP\n\
                  (a stack use of {depth} bytes overflows the {}-byte stack)",
@@ -206,10 +222,13 @@ impl Machine {
         }
         let size = self.thread_size();
         let order = self.thread_size_order();
-        let pfn = self.alloc_pages(gfp::GFP_KERNEL | gfp::__GFP_ZERO, order)?;
+        // CPU bring-up work: it must not sleep, since the first use may be
+        // in interrupt context (the kernel made it before the CPU ran).
+        let bringup = gfp::GFP_NOWAIT | gfp::__GFP_ZERO;
+        let pfn = self.alloc_pages(bringup, order)?;
         let st = if self.cfg.arch == Arch::X86_64 {
             let pages: Vec<Pfn> = (0..1u64 << order).map(|i| Pfn(pfn.0 + i)).collect();
-            match self.vmap(&pages, &std::sync::Arc::from("irq_init_percpu_irqstack+0xca/0x100")) {
+            match self.vmap_gfp(&pages, &std::sync::Arc::from("irq_init_percpu_irqstack+0xca/0x100"), bringup) {
                 Ok(a) => KStack { base: a.addr, size, backing: Backing::Vmap(a), irq_cpu: Some(cpu) },
                 Err(e) => {
                     let _ = self.free_pages(pfn, order);

@@ -131,7 +131,7 @@ struct State {
 /// The vmalloc space of a machine.
 pub struct Vmalloc {
     pub start: u64,
-    /// One past the last usable byte.
+    /// `VMALLOC_END`: areas end at or below it; `is_vmalloc_addr` excludes it.
     pub end: u64,
     state: Mutex<State>,
     pub nr_vmalloc_pages: AtomicU64,
@@ -196,7 +196,7 @@ impl Machine {
         self.vm.vmalloc.nr_vmalloc_pages.load(Relaxed)
     }
 
-    fn vmap_area_cache(&self) -> Result<&Arc<KmemCache>> {
+    pub(crate) fn vmap_area_cache(&self) -> Result<&Arc<KmemCache>> {
         if let Some(c) = self.vm.vmalloc.cache.get() {
             return Ok(c);
         }
@@ -211,7 +211,7 @@ impl Machine {
     /// Purges lazily freed ranges and retries once before failing.
     fn alloc_vmap_range(&self, size: u64, align: u64) -> Option<u64> {
         let vstart = self.vm.vmalloc.start;
-        let vend_print = if self.cfg.arch.is_64bit() { self.vm.vmalloc.end - 1 } else { self.vm.vmalloc.end };
+        let vend_print = self.vm.vmalloc.end;
         for attempt in 0..2 {
             let found = {
                 let mut st = self.vm.vmalloc.state.lock();
@@ -234,7 +234,8 @@ impl Machine {
                     a
                 })
             };
-            if found.is_some() || attempt == 1 {
+            // alloc_vmap_area traces every search, the failed one before the purge too.
+            {
                 if self.trace.on(EventId::AllocVmapArea) {
                     self.trace.emit(
                         self.this_cpu(),
@@ -248,6 +249,8 @@ impl Machine {
                         },
                     );
                 }
+            }
+            if found.is_some() || attempt == 1 {
                 return found;
             }
             self.purge_vmap_area_lazy();
@@ -262,8 +265,9 @@ impl Machine {
 
     /// `__get_vm_area_node`: vm_struct + vmap_area + the address range
     /// (`size` usable bytes, plus the guard page unless VM_NO_GUARD).
-    fn get_vm_area(&self, size: u64, align: u64, flags: u32) -> Result<(u64, u64, u64, u64)> {
-        let vm_struct = self.kmalloc(VM_STRUCT_SIZE, gfp::GFP_KERNEL | gfp::__GFP_ZERO, &cs("__get_vm_area_node+0x6a/0x130"))?;
+    fn get_vm_area(&self, size: u64, align: u64, flags: u32, gfp: Gfp) -> Result<(u64, u64, u64, u64)> {
+        let gfp = gfp & gfp::GFP_RECLAIM_MASK;
+        let vm_struct = self.kmalloc(VM_STRUCT_SIZE, gfp | gfp::__GFP_ZERO, &cs("__get_vm_area_node+0x6a/0x130"))?;
         let cache = match self.vmap_area_cache() {
             Ok(c) => c.clone(),
             Err(e) => {
@@ -271,7 +275,7 @@ impl Machine {
                 return Err(e);
             }
         };
-        let va_obj = match self.kmem_cache_alloc(&cache, gfp::GFP_KERNEL, &cs("alloc_vmap_area+0x8f/0x4a0")) {
+        let va_obj = match self.kmem_cache_alloc(&cache, gfp, &cs("alloc_vmap_area+0x8f/0x4a0")) {
             Ok(v) => v,
             Err(e) => {
                 let _ = self.kfree(vm_struct.0, &cs("__get_vm_area_node+0x6a/0x130"));
@@ -338,13 +342,14 @@ impl Machine {
         }
         // Check the mask before anything is reserved.
         self.prepare_alloc(page_gfp, 0)?;
-        let (addr, total, vm_struct, va_obj) = self.get_vm_area(size, align, VM_ALLOC | flags)?;
+        let (addr, total, vm_struct, va_obj) = self.get_vm_area(size, align, VM_ALLOC | flags, gfp::GFP_KERNEL)?;
         let undo_area = |m: &Machine| {
             m.release_vmap_range(addr, addr + total);
             m.put_vm_area_meta(vm_struct, va_obj);
         };
         // The page array: kmalloc'ed, or vmalloc'ed when bigger than a page.
-        let array_bytes = nr_pages * 8;
+        let ptr_bytes = self.cfg.arch.pointer_bytes() as u64;
+        let array_bytes = nr_pages * ptr_bytes;
         let page_array = if array_bytes > self.page_size {
             match self.vmalloc_node_range(array_bytes, 1, gfp::GFP_KERNEL | gfp::__GFP_ZERO, 0, &cs("__vmalloc_area_node+0x9d/0x2b0")) {
                 Ok(a) => PageArray::Vmalloc(a.addr),
@@ -386,7 +391,7 @@ impl Machine {
                 }
             }
         }
-        if let Err(e) = self.map_pages_at(addr, &pages) {
+        if let Err(e) = self.map_pages_at(addr, &pages, gfp::GFP_KERNEL) {
             for p in pages {
                 let _ = self.free_pages(p, 0);
             }
@@ -402,7 +407,13 @@ impl Machine {
         }
         // Record the page pointers (vmemmap addresses, as struct page *) in the array.
         if let PageArray::Kmalloc(a) | PageArray::Vmalloc(a) = page_array {
-            let bytes: Vec<u8> = pages.iter().flat_map(|p| (0xffff_ea00_0000_0000u64 + p.0 * 64).to_ne_bytes()).collect();
+            // x86_64: vmemmap + pfn * sizeof(struct page) (64); i386: mem_map
+            // in lowmem, 32-byte pages (a plausible pointer, 4 bytes).
+            let bytes: Vec<u8> = if ptr_bytes == 8 {
+                pages.iter().flat_map(|p| (0xffff_ea00_0000_0000u64 + p.0 * 64).to_ne_bytes()).collect()
+            } else {
+                pages.iter().flat_map(|p| ((0xc100_0000u64 + p.0 * 32) as u32).to_ne_bytes()).collect()
+            };
             let _ = self.write(VirtAddr(a), &bytes);
         }
         self.vm.vmalloc.nr_vmalloc_pages.fetch_add(nr_pages, Relaxed);
@@ -433,6 +444,12 @@ impl Machine {
     /// contiguously. The pages stay the caller's.
     pub fn vmap(&self, pages: &[Pfn], caller: &CallSite) -> Result<Arc<VmArea>> {
         self.cpus.might_sleep("mm/vmalloc.c (vmap)").map_err(KmmError::SleepInAtomic)?;
+        self.vmap_gfp(pages, caller, gfp::GFP_KERNEL)
+    }
+
+    /// `vmap` with its metadata and page tables allocated with `gfp` (CPU
+    /// bring-up maps IRQ stacks this way without sleeping).
+    pub(crate) fn vmap_gfp(&self, pages: &[Pfn], caller: &CallSite, gfp: Gfp) -> Result<Arc<VmArea>> {
         if pages.is_empty() {
             return Err(KmmError::InvalidArgument("vmap: no pages (count 0)".into()));
         }
@@ -445,8 +462,8 @@ impl Machine {
             }
         }
         let size = pages.len() as u64 * self.page_size;
-        let (addr, total, vm_struct, va_obj) = self.get_vm_area(size, 1, VM_MAP)?;
-        if let Err(e) = self.map_pages_at(addr, pages) {
+        let (addr, total, vm_struct, va_obj) = self.get_vm_area(size, 1, VM_MAP, gfp)?;
+        if let Err(e) = self.map_pages_at(addr, pages, gfp) {
             self.release_vmap_range(addr, addr + total);
             self.put_vm_area_meta(vm_struct, va_obj);
             return Err(e);
@@ -533,8 +550,11 @@ impl Machine {
             st.busy.remove(&va).ok_or_else(|| KmmError::InvalidFree(format!("Trying to vfree() nonexistent vm area ({va:#x})")))?
         };
         a.freed.store(true, Relaxed);
-        // remove_vm_area -> vunmap_range_noflush: PTEs cleared, no TLB flush yet.
+        // remove_vm_area -> free_unmap_vmap_area: PTEs cleared, no TLB flush
+        // yet, the range onto the purge list; then vfree frees the pages,
+        // the page array and the vm_struct, in that order.
         self.unmap_pages_at(a.addr, a.pages.len() as u64);
+        self.free_vmap_area_noflush(a.addr, a.addr + a.size, a.va_obj);
         if a.flags & VM_ALLOC != 0 {
             for p in &a.pages {
                 self.mem_map.get(p.0).clear_flag(PG_VMALLOC);
@@ -548,7 +568,6 @@ impl Machine {
             }
         }
         let _ = self.kfree(a.vm_struct, &cs("vfree+0xfa/0x2a0"));
-        self.free_vmap_area_noflush(a.addr, a.addr + a.size, a.va_obj);
         Ok(())
     }
 
@@ -642,6 +661,14 @@ impl Machine {
     /// `kvmalloc(size, gfp)`: kmalloc first (NOWARN, and NORETRY above a
     /// page), vmalloc when that fails and the mask may block.
     pub fn kvmalloc(&self, size: u64, gfp: Gfp, caller: &CallSite) -> Result<(VirtAddr, Option<Arc<VmArea>>)> {
+        if size > i32::MAX as u64 {
+            // mm/util.c kvmalloc_node: "Don't even allow crazy sizes".
+            return Err(KmmError::OutOfMemory {
+                order: 0,
+                gfp,
+                message: format!("WARNING: at mm/util.c kvmalloc_node_noprof: size {size} > INT_MAX; returns NULL"),
+            });
+        }
         let mut kgfp = gfp;
         if size > self.page_size {
             kgfp |= gfp::__GFP_NOWARN;

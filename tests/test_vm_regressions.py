@@ -1,7 +1,6 @@
-"""Behaviour of the issue-5 code (vmalloc, highmem, stacks) that differs from
-the kernel: each test states what the kernel does (with its source) and
-fails until the model does the same. Kept apart so that everything else
-passes; see the report that came with this file for each bug.
+"""Regression tests for issue-5 bugs found in review (vmalloc, highmem,
+stacks, and the i386 SLUB free pointer): each test states what the kernel
+does, with its source. Each failed before its fix.
 """
 
 from __future__ import annotations
