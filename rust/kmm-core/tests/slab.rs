@@ -29,14 +29,16 @@ fn free_pages(m: &Machine) -> u64 {
 fn boot_creates_the_kmalloc_families() {
     let m = machine();
     let names: Vec<String> = m.slab.caches().iter().map(|c| c.name.clone()).collect();
-    // Newest first: kmalloc-cg-8k ... and kmem_cache last, like /proc/slabinfo.
+    // Newest first: vmalloc_init's vmap_area, kmalloc-cg-8k ... and
+    // kmem_cache last, like /proc/slabinfo.
     assert_eq!(names.last().unwrap(), "kmem_cache");
     assert_eq!(names[names.len() - 2], "kmem_cache_node");
-    assert_eq!(names[0], "kmalloc-cg-8k");
+    assert_eq!(names[0], "vmap_area");
+    assert_eq!(names[1], "kmalloc-cg-8k");
     for n in ["kmalloc-96", "kmalloc-rcl-192", "dma-kmalloc-8", "kmalloc-cg-1k", "kmalloc-8k"] {
         assert!(names.iter().any(|x| x == n), "{n}");
     }
-    assert_eq!(names.len(), 2 + 4 * 13);
+    assert_eq!(names.len(), 3 + 4 * 13);
     let k96 = m.slab.find("kmalloc-96").unwrap();
     assert_eq!((k96.geo.size, k96.geo.objects, k96.geo.order, k96.geo.align), (96, 42, 0, 32));
     let kc = m.slab.find("kmem_cache").unwrap();
