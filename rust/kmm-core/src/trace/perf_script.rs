@@ -602,6 +602,10 @@ fn is_alloc_func(sym: &str) -> bool {
 /// A streaming parser: `feed` it chunks of bytes, then `finish`.
 pub struct Parser {
     log: TraceLog,
+    /// Memo of gfp texts already parsed (a trace repeats a few dozen masks).
+    gfp_memo: HashMap<Box<str>, u32>,
+    /// Memo of event names already looked up.
+    kind_memo: HashMap<Box<str>, (u32, Kind, bool)>,
     partial: Vec<u8>,
     lenient: bool,
     /// Index of the mm_page_alloc event whose callchain is being read.
@@ -611,7 +615,15 @@ pub struct Parser {
 
 impl Parser {
     pub fn new(lenient: bool) -> Parser {
-        Parser { log: TraceLog::default(), partial: Vec::new(), lenient, chain_of: None, bytes: 0 }
+        Parser {
+            log: TraceLog::default(),
+            gfp_memo: HashMap::new(),
+            kind_memo: HashMap::new(),
+            partial: Vec::new(),
+            lenient,
+            chain_of: None,
+            bytes: 0,
+        }
     }
 
     /// Bytes fed so far.
@@ -711,18 +723,29 @@ impl Parser {
     }
 
     fn event(&mut self, h: Head<'_>) -> Result<(), String> {
-        let known = lookup_kind(h.name);
-        let (full, kind) = known.unwrap_or((h.name, Kind::Other));
+        let (name_id, kind, known) = match self.kind_memo.get(h.name) {
+            Some(&v) => v,
+            None => {
+                let v = match lookup_kind(h.name) {
+                    Some((full, k)) => (self.log.strings.intern(full), k, true),
+                    None => (self.log.strings.intern(h.name), Kind::Other, false),
+                };
+                self.kind_memo.insert(h.name.into(), v);
+                v
+            }
+        };
         let mut r = Rec::new(kind);
         r.ts_ns = h.ts_ns;
         r.cpu = h.cpu;
         r.pid = h.pid;
-        if known.is_none() {
+        if !known {
             r.flags |= F_UNKNOWN;
         }
-        self.decode(&mut r, h.fields).map_err(|e| format!("{full}: {e}"))?;
+        if let Err(e) = self.decode(&mut r, h.fields) {
+            return Err(format!("{}: {e}", self.log.strings.get(name_id)));
+        }
         let log = &mut self.log;
-        r.name = log.strings.intern(full);
+        r.name = name_id;
         r.comm = log.strings.intern(h.comm);
         if kind == Kind::Other {
             r.aux = log.arena.len() as u64;
@@ -769,7 +792,14 @@ impl Parser {
                     8
                 }
                 "gfp_flags" => {
-                    r.gfp = parse_gfp(v)?;
+                    r.gfp = match self.gfp_memo.get(v) {
+                        Some(&g) => g,
+                        None => {
+                            let g = parse_gfp(v)?;
+                            self.gfp_memo.insert(v.into(), g);
+                            g
+                        }
+                    };
                     16
                 }
                 "node" => {
