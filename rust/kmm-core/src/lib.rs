@@ -24,6 +24,8 @@
 //!   machine      <- physmem, page, zone, buddy, trace, arch
 //!   page_alloc   <- machine, buddy, gfp, trace          (the page-allocator API)
 //!   proc         <- machine, page_alloc                  (/proc renderers)
+//!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
+//!   trace::replay <- machine, slab, kmalloc, percpu, page_alloc (drives the machine's public API)
 //! ```
 //! ## How to read it
 //! Start with `machine.rs` (boot and address conversions), then

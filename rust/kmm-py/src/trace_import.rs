@@ -23,6 +23,9 @@ fn parse_err(py: Python<'_>, e: ParseError) -> PyErr {
     err
 }
 
+/// A fragmentation sample as Python tuples: (event, used_pages, zones).
+type SampleTuple<'a> = (u64, u64, Vec<(&'a str, Vec<u64>, Vec<i64>, Vec<i64>)>);
+
 fn set_value<'py>(d: &Bound<'py, PyDict>, k: &str, v: Value) -> PyResult<()> {
     match v {
         Value::Int(i) => d.set_item(k, i),
@@ -119,6 +122,10 @@ impl PyTraceLog {
     fn lines(&self) -> u64 {
         self.log.lines
     }
+    /// The violated invariants of the parsed trace (empty when sound).
+    fn check(&self) -> Vec<String> {
+        self.log.check()
+    }
     /// `perf kmem stat` numbers (computed with the GIL released).
     #[pyo3(signature = (page_size=4096))]
     fn kmem_stat(&self, py: Python<'_>, page_size: u64) -> PyKmemStat {
@@ -169,7 +176,7 @@ impl PyTraceLog {
         d.set_item("final_used_pages", r.final_used_pages)?;
         d.set_item("live_at_end", r.live_at_end)?;
         // samples: (event, used_pages, [(zone, nr_free, unusable, fragindex)])
-        let samples: Vec<(u64, u64, Vec<(&str, Vec<u64>, Vec<i64>, Vec<i64>)>)> = r
+        let samples: Vec<SampleTuple<'_>> = r
             .samples
             .iter()
             .map(|s| {
@@ -256,6 +263,10 @@ pub struct PyKmemStat {
 
 #[pymethods]
 impl PyKmemStat {
+    /// The violated invariants of the statistics (empty when sound).
+    fn check(&self) -> Vec<String> {
+        self.st.check()
+    }
     /// The slab summary numbers.
     fn slab_summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.st.slab;

@@ -228,6 +228,31 @@ impl TraceLog {
     pub fn count(&self, name: &str) -> u64 {
         self.strings.map.get(name).and_then(|id| self.name_counts.get(id)).copied().unwrap_or(0)
     }
+    /// The violations of perf-script-2 (and of the string/arena references).
+    pub fn check(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let total: u64 = self.name_counts.values().sum();
+        if total != self.events.len() as u64 {
+            errs.push(format!("perf-script-2: name counts sum to {total}, not {} events", self.events.len()));
+        }
+        let unknown = self.events.iter().filter(|r| r.flags & F_UNKNOWN != 0).count() as u64;
+        if unknown != self.unknown {
+            errs.push(format!("perf-script-2: {unknown} unknown events, counted {}", self.unknown));
+        }
+        let n = self.strings.len();
+        for (i, r) in self.events.iter().enumerate() {
+            for (what, id) in [("name", r.name), ("comm", r.comm), ("call_site", r.call_site), ("cache", r.cache)] {
+                if id != NONE && id as usize >= n {
+                    errs.push(format!("event {i}: {what} id {id} out of {n} strings"));
+                }
+            }
+            if r.kind == Kind::Other && r.aux as usize + r.extra as usize > self.arena.len() {
+                errs.push(format!("event {i}: field text beyond the arena"));
+            }
+        }
+        errs
+    }
+
     /// The field text of an `Other` event.
     pub fn raw_text(&self, i: usize) -> &str {
         let r = &self.events[i];
@@ -660,6 +685,7 @@ impl Parser {
             let p = std::mem::take(&mut self.partial);
             self.line_bytes(&p, true)?;
         }
+        debug_assert!(self.log.check().is_empty(), "{:?}", self.log.check());
         Ok(self.log)
     }
 
@@ -1002,6 +1028,18 @@ mod tests {
         let log = parse_str("x 1 [001] 2.000000: sched:sched_switch: prev_comm=a prev_pid=1\n", false).unwrap();
         assert_eq!((log.len(), log.unknown), (1, 1));
         assert_eq!(log.fields(0)[1], ("prev_pid".to_string(), Value::UInt(1)));
+    }
+
+    #[test]
+    fn check_reports_exactly_the_corruption() {
+        let mut log = parse_str(SAMPLE, false).unwrap();
+        assert!(log.check().is_empty());
+        log.unknown = 3;
+        log.events[1].name = 999;
+        let errs = log.check();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("perf-script-2: 0 unknown events, counted 3"));
+        assert!(errs[1].starts_with("event 1: name id 999"));
     }
 
     #[test]

@@ -157,6 +157,23 @@ pub struct ReplayReport {
 }
 
 impl ReplayReport {
+    /// The violations of replay-1.
+    pub fn check(&self) -> Vec<String> {
+        let sum = self.replayed
+            + self.before_trace
+            + self.null_frees
+            + self.failed_in_trace
+            + self.slab_pages
+            + self.consequences
+            + self.vmalloc
+            + self.other;
+        if sum == self.events {
+            Vec::new()
+        } else {
+            vec![format!("replay-1: outcomes sum to {sum}, not {} events", self.events)]
+        }
+    }
+
     pub fn events_per_second(&self) -> f64 {
         if self.seconds > 0.0 {
             self.events as f64 / self.seconds
@@ -693,6 +710,7 @@ pub fn replay(log: &TraceLog, m: &Machine, o: &ReplayOptions) -> Result<ReplayRe
         let _ = m.cpus.unbind();
     }
     res?;
+    debug_assert!(r.r.check().is_empty(), "{:?}", r.r.check());
     Ok(r.r)
 }
 
@@ -717,6 +735,14 @@ mod tests {
         assert_eq!(fragmentation_index(&nr, 4), 650);
         assert_eq!(fragmentation_index(&[0; NR_PAGE_ORDERS], 4), 0);
         assert_eq!(unusable_free_index(&[0; NR_PAGE_ORDERS], 4), 1000);
+    }
+
+    #[test]
+    fn report_check_counts_every_event_once() {
+        let mut r = ReplayReport { events: 10, replayed: 6, before_trace: 3, vmalloc: 1, ..Default::default() };
+        assert!(r.check().is_empty());
+        r.other = 1;
+        assert_eq!(r.check(), vec!["replay-1: outcomes sum to 11, not 10 events".to_string()]);
     }
 
     #[test]
