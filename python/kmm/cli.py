@@ -176,6 +176,9 @@ def proc(a: argparse.Namespace) -> int:
 
 def _load(a: argparse.Namespace, path) -> "kmm.trace.TraceLog":
     t = kmm.trace.load(path, lenient=a.lenient, progress=a.progress)
+    if t.lost_events:
+        print(f"kmm: the trace reports {t.lost_events} lost events (ring buffer overruns): counts are partial",
+              file=sys.stderr)
     if t.skipped:
         first = t.skipped_examples[0]
         print(f"kmm: skipped {t.skipped} malformed line(s) (first: line {first[0]}: {first[1]})", file=sys.stderr)
@@ -235,7 +238,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="kmm: a fast, faithful model of the Linux kernel's memory manager.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Machine tunables (kmm.Machine keyword arguments):\n{tunables}\n\n"
-        "Exit codes: 0 success, 1 an invariant or model error, 2 bad usage.",
+        "Exit codes: 0 success, 1 an error (a malformed trace line, a missing file, a model or\n"
+        "invariant error), 2 bad usage.",
     )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
     d = sub.add_parser("demo", help="boot a machine and walk through the page allocator, slab, per-CPU")

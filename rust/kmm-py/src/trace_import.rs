@@ -122,6 +122,11 @@ impl PyTraceLog {
     fn lines(&self) -> u64 {
         self.log.lines
     }
+    /// Events the kernel reported lost (ftrace `CPU:N [LOST M EVENTS]`).
+    #[getter]
+    fn lost_events(&self) -> u64 {
+        self.log.lost_events
+    }
     /// The violated invariants of the parsed trace (empty when sound).
     fn check(&self) -> Vec<String> {
         self.log.check()

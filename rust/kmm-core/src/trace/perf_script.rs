@@ -201,6 +201,8 @@ pub struct TraceLog {
     pub skipped_examples: Vec<(u64, String)>,
     /// Lines read (including blank, comment and callchain lines).
     pub lines: u64,
+    /// Events the kernel dropped (ftrace `CPU:N [LOST M EVENTS]` lines).
+    pub lost_events: u64,
 }
 
 impl TraceLog {
@@ -624,6 +626,22 @@ fn is_alloc_func(sym: &str) -> bool {
     ["alloc_page", "get_free_page", "get_zeroed_page"].iter().any(|p| s.starts_with(p))
 }
 
+/// trace-cmd report / trace_pipe lines that carry no event: `cpus=2`,
+/// `version = 6`, `CPU 1 is empty`, `CPU:0 [LOST 12 EVENTS]`.
+fn is_meta_line(t: &str) -> bool {
+    t.strip_prefix("cpus=").is_some_and(is_digits)
+        || t.starts_with("version = ")
+        || (t.starts_with("CPU ") && t.ends_with(" is empty"))
+        || lost_events(t).is_some()
+}
+
+/// The count of a `CPU:N [LOST M EVENTS]` line.
+fn lost_events(t: &str) -> Option<u64> {
+    let rest = t.strip_prefix("CPU:")?;
+    let (_, rest) = rest.split_once(" [LOST ")?;
+    rest.strip_suffix(" EVENTS]")?.parse().ok()
+}
+
 /// A streaming parser: `feed` it chunks of bytes, then `finish`.
 pub struct Parser {
     log: TraceLog,
@@ -715,8 +733,11 @@ impl Parser {
 
     fn line(&mut self, line: &str) -> Result<(), String> {
         let t = line.trim();
-        if t.is_empty() || t.starts_with('#') {
+        if t.is_empty() || t.starts_with('#') || is_meta_line(t) {
             self.chain_of = None;
+            if let Some(n) = lost_events(t) {
+                self.log.lost_events += n;
+            }
             return Ok(());
         }
         match split_head(line) {
@@ -979,7 +1000,7 @@ mod tests {
 
     #[test]
     fn trace_pipe_lines() {
-        let t = "# tracer: nop\n#\n              sh-5218    [001] d..1.   329.329371: kmalloc: call_site=single_open+0x2a/0x90 ptr=0xffff888102b19e80 bytes_req=32 bytes_alloc=32 gfp_flags=GFP_KERNEL_ACCOUNT node=-1 accounted=true\n  my-comm-12 [000] .....  1.5: mm_page_free: page=0x10 pfn=0x10 order=3\n";
+        let t = "cpus=2\nCPU 0 is empty\nCPU:1 [LOST 12 EVENTS]\n# tracer: nop\n#\n              sh-5218    [001] d..1.   329.329371: kmalloc: call_site=single_open+0x2a/0x90 ptr=0xffff888102b19e80 bytes_req=32 bytes_alloc=32 gfp_flags=GFP_KERNEL_ACCOUNT node=-1 accounted=true\n  my-comm-12 [000] .....  1.5: mm_page_free: page=0x10 pfn=0x10 order=3\n";
         let log = parse_str(t, false).unwrap();
         assert_eq!(log.len(), 2);
         assert_eq!(log.name(0), "kmem:kmalloc");
@@ -987,6 +1008,7 @@ mod tests {
         assert_eq!(log.comm(1), "my-comm");
         assert_eq!(log.events[1].ts_ns, 1_500_000_000);
         assert_eq!(log.events[1].order, 3);
+        assert_eq!(log.lost_events, 12);
     }
 
     #[test]
