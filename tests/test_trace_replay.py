@@ -234,3 +234,19 @@ def test_replay_plot_draws_free_pages_per_order(monkeypatch, tmp_path, report):
     first = next(a for name, a, k in calls if name == "plot")
     # Order-0 line: free order-0 pages over all zones at every sample.
     assert list(first[1]) == [sum(z.nr_free[0] for z in s.zones) for s in report.samples]
+
+
+def test_kmm_replay_of_a_file_with_options(tmp_path, capsys):
+    lines = list(sample_trace_lines())[:3000]
+    lines.insert(100, "not a trace line\n")
+    p = tmp_path / "part.txt"
+    p.write_text("".join(lines))
+    assert cli.main(["replay", str(p)]) == 1
+    assert "line 101" in capsys.readouterr().err
+    code = cli.main(["replay", str(p), "--lenient", "--cpus", "1", "--memory", "6G", "--slabinfo", "--free-at-end",
+                     "--sample-every", "500"])
+    out, err = capsys.readouterr()
+    assert code == 0 and "skipped 1 malformed line(s) (first: line 101" in err
+    assert "memory=6144 MiB cpus=1" in out
+    assert "events on CPUs the machine lacks, run on cpu % cpus:" in out
+    assert "/proc/slabinfo at the end:" in out and "slabinfo - version: 2.1" in out

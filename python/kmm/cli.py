@@ -271,7 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="replay a trace's allocations and frees on a kmm machine (default: the packaged sample)",
         description="Feed a trace's kmalloc/kfree, kmem_cache_alloc/free, page and percpu events, each on "
         "the CPU it ran on, into a kmm machine; report kmm's decisions that differed from the kernel's "
-        "(bytes_alloc, zone), memory and external fragmentation. vmalloc events are counted, not replayed.",
+        "(bytes_alloc, zone: the kernel's zone is read from the traced pfn with x86_64's boundaries), "
+        "memory and external fragmentation. vmalloc events are counted, not replayed.",
     )
     rp.add_argument("file", metavar="FILE", nargs="?", help="`perf script` or trace_pipe text (default: the sample trace)")
     _machine_args(rp, memory="8G")

@@ -353,6 +353,8 @@ class ReplayReport:
             ("other events", self.other),
         ):
             w(f"  {label:<76} {n:>8,}")
+        if self.trace_cpus_remapped:
+            w(f"  (events on CPUs the machine lacks, run on cpu % cpus: {self.trace_cpus_remapped:,})")
         if self.reused_live:
             w(f"  (allocations of a ptr still live in the replay, older object freed first: {self.reused_live:,})")
         w("")
