@@ -61,9 +61,9 @@ def main() -> None:
         row("load .xz + stat + format", best(lambda: kmm.trace.stat(kmm.trace.load(sample)).format(), a.repeat)[0], n)
         if hasattr(kmm.trace, "replay"):
             def rep():
-                return kmm.trace.replay(t, kmm.Machine(memory="4G", cpus=2))
+                return kmm.trace.replay(t, kmm.Machine(memory="8G", cpus=2))
             secs, rpt = best(rep, a.repeat)
-            print(f"| replay (incl. 4G machine boot) | {secs * 1e3:8.1f} ms | {n / secs / 1e6:6.2f} M events/s |")
+            print(f"| replay (incl. 8G machine boot) | {secs * 1e3:8.1f} ms | {n / secs / 1e6:6.2f} M events/s |")
             print(f"| replay, core loop as reported | {rpt.seconds * 1e3:8.1f} ms | {rpt.events_per_second / 1e6:6.2f} M events/s |")
         perf = shutil.which("perf")
         if perf and not a.no_perf and PERF_DATA_XZ.exists():

@@ -94,6 +94,7 @@ def test_sample_events_are_kept_and_counted(sample, sample_text):
     assert counts["kmem:kmem_cache_alloc"] == sample_text.count(" kmem:kmem_cache_alloc: ")
     assert counts["vmalloc:alloc_vmap_area"] == 15
     assert sample.unknown == 0 and sample.skipped == 0
+    assert sample.check() == [] and kmm.trace.stat(sample)._raw.check() == []
     e = sample[0]
     assert (e.name, e.cpu, e.comm, e.pid, e.timestamp) == ("kmem:kmalloc", 0, "perf", 5217, 329_328_933_000)
     assert e.fields == {
@@ -237,6 +238,7 @@ def test_garbage_never_crashes(data):
         except kmm.TraceFormatError as e:
             assert not lenient and e.line >= 1
         else:
+            assert t.check() == []
             kmm.trace.stat(t).format(caller=True, alloc=True)
             for ev in t:
                 ev.fields
@@ -302,3 +304,13 @@ def test_kmm_trace_module_and_machine_trace_coexist():
     with m.trace.record("kmem:mm_page_alloc") as rec:
         m.free_pages(m.alloc_pages(kmm.GFP_KERNEL, 0))
     assert len(kmm.trace.parse(rec.to_perf_script())) == 1
+
+
+def test_progress_bar_on_stderr_when_asked(tmp_path, sample_text, capsys):
+    p = tmp_path / "t.txt"
+    p.write_text(sample_text)
+    kmm.trace.load(p, progress=True)
+    err = capsys.readouterr().err
+    assert err.startswith("\rkmm: reading t.txt [") and err.endswith("100% 83,084 events\n")
+    kmm.trace.load(p)  # not a terminal: no bar by default
+    assert capsys.readouterr().err == ""

@@ -1,14 +1,17 @@
 """The ``kmm`` command.
 
-``kmm`` (or ``kmm demo``) boots a machine and walks through the page
-allocator, printing the kernel's own views; ``kmm proc`` prints a /proc file
-of a configured machine.
+``kmm`` (or ``kmm replay``) replays the sample kernel trace shipped with kmm
+on a simulated machine; ``kmm replay FILE`` and ``kmm stat FILE`` work on a
+trace of your own (``perf script`` text); ``kmm demo`` boots a machine and
+walks through the page allocator, printing the kernel's own views;
+``kmm proc`` prints a /proc file of a configured machine.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import kmm
 
@@ -17,9 +20,9 @@ EXIT_USAGE = 2
 EXIT_ERROR = 1
 
 
-def _machine_args(p: argparse.ArgumentParser) -> None:
+def _machine_args(p: argparse.ArgumentParser, memory: str = "1G") -> None:
     p.add_argument("--arch", default="x86_64", choices=["x86_64", "i386", "i386-pae"], help="architecture (default x86_64)")
-    p.add_argument("--memory", default="1G", help="RAM size, e.g. 512M, 64G (default 1G)")
+    p.add_argument("--memory", default=memory, help=f"RAM size, e.g. 512M, 64G (default {memory})")
     p.add_argument("--cpus", type=int, default=2, help="simulated CPUs (default 2)")
     p.add_argument("--page-size", type=int, default=4096, help="bytes per page (default 4096)")
     p.add_argument("--min-free-kbytes", type=int, default=None, help="vm.min_free_kbytes (default: the kernel's formula)")
@@ -209,6 +212,9 @@ def proc(a: argparse.Namespace) -> int:
 
 def _load(a: argparse.Namespace, path) -> "kmm.trace.TraceLog":
     t = kmm.trace.load(path, lenient=a.lenient, progress=a.progress)
+    if t.lost_events:
+        print(f"kmm: the trace reports {t.lost_events} lost events (ring buffer overruns): counts are partial",
+              file=sys.stderr)
     if t.skipped:
         first = t.skipped_examples[0]
         print(f"kmm: skipped {t.skipped} malformed line(s) (first: line {first[0]}: {first[1]})", file=sys.stderr)
@@ -230,6 +236,31 @@ def stat(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def replay(a: argparse.Namespace) -> int:
+    if a.plot:
+        from kmm import plot
+
+        try:
+            plot.require()
+        except plot.PlotUnavailable as e:
+            print(f"kmm: error: --plot: {e}", file=sys.stderr)
+            return EXIT_ERROR
+    path = a.file or kmm.trace.SAMPLE
+    t = _load(a, path)
+    m = _make_machine(a)
+    if not a.file:
+        print(f"Replaying the sample trace shipped with kmm ({path.name}: perf script of Linux 6.18, 2 CPUs)")
+    print(f"Machine: {m!r}\n")
+    r = kmm.trace.replay(t, m, sample_every=a.sample_every, free_at_end=a.free_at_end)
+    sys.stdout.write(r.format(slabinfo=a.slabinfo))
+    if a.plot:
+        from kmm import plot
+
+        plot.replay_plot(r, a.plot, title=f"kmm replay of {Path(path).name}")
+        print(f"\nplot written to {a.plot}")
+    return EXIT_OK
+
+
 def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lenient", action="store_true", help="skip malformed lines (counted) instead of stopping at the first")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -243,10 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="kmm: a fast, faithful model of the Linux kernel's memory manager.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Machine tunables (kmm.Machine keyword arguments):\n{tunables}\n\n"
-        "Exit codes: 0 success, 1 an invariant or model error, 2 bad usage.",
+        "Exit codes: 0 success, 1 an error (a malformed trace line, a missing file, a model or\n"
+        "invariant error), 2 bad usage.",
     )
     sub = p.add_subparsers(dest="cmd", metavar="COMMAND")
-    d = sub.add_parser("demo", help="boot a machine and walk through the page allocator (the default)")
+    d = sub.add_parser("demo", help="boot a machine and walk through the page allocator, slab, per-CPU")
     _machine_args(d)
     d.set_defaults(func=demo)
     pr = sub.add_parser("proc", help="print a /proc file of a freshly booted machine")
@@ -270,6 +302,22 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-l", "--line", dest="lines", type=int, default=None, metavar="N", help="show N lines per table")
     _trace_args(st)
     st.set_defaults(func=stat, parser=st)
+    rp = sub.add_parser(
+        "replay",
+        help="replay a trace's allocations and frees on a kmm machine (default: the packaged sample)",
+        description="Feed a trace's kmalloc/kfree, kmem_cache_alloc/free, page and percpu events, each on "
+        "the CPU it ran on, into a kmm machine; report kmm's decisions that differed from the kernel's "
+        "(bytes_alloc, zone: the kernel's zone is read from the traced pfn with x86_64's boundaries), "
+        "memory and external fragmentation. vmalloc events are counted, not replayed.",
+    )
+    rp.add_argument("file", metavar="FILE", nargs="?", help="`perf script` or trace_pipe text (default: the sample trace)")
+    _machine_args(rp, memory="8G")
+    rp.add_argument("--sample-every", type=int, default=1000, metavar="N", help="events between fragmentation samples (default 1000)")
+    rp.add_argument("--plot", metavar="OUT.png", help="draw free pages per order over time (needs matplotlib: the 'plot' extra)")
+    rp.add_argument("--slabinfo", action="store_true", help="print /proc/slabinfo at the end too")
+    rp.add_argument("--free-at-end", action="store_true", help="free everything the replay allocated at the end")
+    _trace_args(rp)
+    rp.set_defaults(func=replay)
     return p
 
 
@@ -277,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = build_parser()
     if not argv:
-        argv = ["demo"]
+        argv = ["replay"]
     a = parser.parse_args(argv)
     if not getattr(a, "func", None):
         parser.print_help()

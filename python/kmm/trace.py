@@ -22,7 +22,9 @@ from __future__ import annotations
 import gzip
 import lzma
 import os
+import queue
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -42,6 +44,10 @@ __all__ = [
     "load",
     "parse",
     "stat",
+    "replay",
+    "ReplayReport",
+    "FragSample",
+    "ZoneFrag",
     "SLAB_SORT_KEYS",
     "PAGE_SORT_KEYS",
 ]
@@ -97,19 +103,41 @@ def load(path: str | os.PathLike[str], lenient: bool = False, progress: bool | N
     total = p.stat().st_size
     parser = TraceParser(lenient)
     bar = _Progress(p, total, progress)
-    try:
-        with open(p, "rb") as raw:
-            with _open_fileobj(raw) as f:
-                while True:
+    # A reader thread decompresses the next chunks (lzma and zlib release
+    # the GIL) while this thread parses the current one (the parser
+    # releases it too): the two overlap on two cores.
+    chunks: queue.Queue[tuple[bytes, int] | BaseException | None] = queue.Queue(maxsize=4)
+    stop = threading.Event()
+
+    def reader() -> None:
+        try:
+            with open(p, "rb") as raw, _open_fileobj(raw) as f:
+                while not stop.is_set():
                     try:
                         chunk = f.read(_CHUNK)
                     except (EOFError, lzma.LZMAError, gzip.BadGzipFile, OSError) as e:
-                        raise TraceFormatError(f"{p}: compressed data is damaged or truncated ({e})") from None
+                        chunks.put(TraceFormatError(f"{p}: compressed data is damaged or truncated ({e})"))
+                        return
                     if not chunk:
                         break
-                    parser.feed(chunk)
-                    bar.update(raw.tell(), parser.events)
-            return parser.finish()
+                    chunks.put((chunk, raw.tell()))
+            chunks.put(None)
+        except BaseException as e:  # noqa: BLE001 - handed to the parsing thread
+            chunks.put(e)
+
+    t = threading.Thread(target=reader, name="kmm-trace-reader", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = chunks.get()
+            if item is None:
+                break
+            if isinstance(item, BaseException):
+                raise item
+            chunk, done = item
+            parser.feed(chunk)
+            bar.update(done, parser.events)
+        return parser.finish()
     except TraceFormatError as e:
         if str(e).startswith(str(p)):
             raise
@@ -117,6 +145,12 @@ def load(path: str | os.PathLike[str], lenient: bool = False, progress: bool | N
         err.line = getattr(e, "line", 0)
         raise err from None
     finally:
+        stop.set()
+        while t.is_alive():
+            try:
+                chunks.get_nowait()
+            except queue.Empty:
+                t.join(0.01)
         bar.close()
 
 
@@ -229,3 +263,150 @@ def stat(trace: TraceLog, page_size: int = 4096) -> KmemStat:
     s = raw.slab_summary()
     p = raw.page_summary()
     return KmemStat(SlabSummary(**s), PageSummary(**p), raw)
+
+
+# --- replay -----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZoneFrag:
+    """One zone at one sample: free blocks per order and the kernel's
+    external-fragmentation indices per order (mm/vmstat.c), as the kernel
+    prints them in /sys/kernel/debug/extfrag: thousandths, shown ``0.333``;
+    a fragmentation index of ``-1.000`` means the order would succeed."""
+
+    zone: str
+    nr_free: list[int]
+    unusable_index: list[int]
+    fragmentation_index: list[int]
+
+
+@dataclass(frozen=True)
+class FragSample:
+    """A sample taken before ``event`` (0-based) was replayed."""
+
+    event: int
+    used_pages: int
+    zones: list[ZoneFrag]
+
+
+def _milli(v: int) -> str:
+    sign = "-" if v < 0 else ""
+    v = abs(v)
+    return f"{sign}{v // 1000}.{v % 1000:03d}"
+
+
+@dataclass(frozen=True)
+class ReplayReport:
+    """What :func:`replay` did: outcomes per event, kmm's decisions that
+    differed from the kernel's, memory and fragmentation over time."""
+
+    events: int
+    replayed: int
+    replayed_by_name: list[tuple[str, int]]
+    before_trace: int
+    null_frees: int
+    failed_in_trace: int
+    slab_pages: int
+    slab_page_allocs: int
+    consequences: int
+    vmalloc: int
+    other: int
+    reused_live: int
+    kmm_failures: int
+    kmm_failure_examples: list[str]
+    bytes_alloc_checked: int
+    bytes_alloc_mismatches: int
+    zone_checked: int
+    zone_mismatches: int
+    zone_pairs: list[tuple[tuple[str, str], int]]
+    mismatch_examples: list[tuple[int, str, str, str]]
+    caches_created: list[tuple[str, int, int, str]]
+    trace_cpus_remapped: int
+    seconds: float
+    events_per_second: float
+    peak_used_pages: int
+    boot_used_pages: int
+    final_used_pages: int
+    live_at_end: int
+    samples: list[FragSample]
+    page_size: int = 4096
+    buddyinfo: str = ""
+    slabinfo: str = ""
+
+    def format(self, slabinfo: bool = False) -> str:
+        """A human-readable report (the ``kmm replay`` output)."""
+        kb = self.page_size // 1024
+        out = []
+        w = out.append
+        w(f"Replayed {self.replayed:,} of {self.events:,} events in {self.seconds * 1e3:.1f} ms "
+          f"({self.events_per_second / 1e6:.2f} M events/s)")
+        w("")
+        w("Events not replayed (counted):")
+        for label, n in (
+            ("frees of objects allocated before the trace", self.before_trace),
+            ("kfree(NULL) / free_percpu(NULL)", self.null_frees),
+            ("allocations that failed in the trace", self.failed_in_trace),
+            ("slab pages (kmm's slab layer allocates its own)", self.slab_pages),
+            ("allocator-internal events (zone_locked, pcpu_drain, free_batched, extfrag)", self.consequences),
+            ("not replayed (vmalloc)", self.vmalloc),
+            ("other events", self.other),
+        ):
+            w(f"  {label:<76} {n:>8,}")
+        if self.trace_cpus_remapped:
+            w(f"  (events on CPUs the machine lacks, run on cpu % cpus: {self.trace_cpus_remapped:,})")
+        if self.reused_live:
+            w(f"  (allocations of a ptr still live in the replay, older object freed first: {self.reused_live:,})")
+        w("")
+        w("kmm's decisions against the kernel's:")
+        w(f"  slab bytes_alloc differed: {self.bytes_alloc_mismatches:,} of {self.bytes_alloc_checked:,}")
+        w(f"  page zone differed:        {self.zone_mismatches:,} of {self.zone_checked:,}")
+        for (kz, mz), n in self.zone_pairs:
+            w(f"    kernel {kz:<7} -> kmm {mz:<7} {n:>8,}")
+        for ev, what, k, m in self.mismatch_examples[:8]:
+            w(f"    event {ev}: {what}: kernel {k}, kmm {m}")
+        if self.kmm_failures:
+            w(f"  kmm calls that failed: {self.kmm_failures:,}")
+            for msg in self.kmm_failure_examples[:3]:
+                w(f"    {msg.splitlines()[0]}")
+        w("")
+        w(f"Caches created from the trace: {len(self.caches_created)}")
+        w("")
+        w(f"Memory in use: boot {self.boot_used_pages * kb:,} kB, peak {self.peak_used_pages * kb:,} kB, "
+          f"end {self.final_used_pages * kb:,} kB ({self.live_at_end:,} replayed allocations still live)")
+        if self.samples:
+            last = self.samples[-1]
+            w("")
+            w(f"External fragmentation at the end (after {last.event:,} events; mm/vmstat.c indices per order):")
+            for z in last.zones:
+                w(f"  {z.zone:<7} free blocks   " + " ".join(f"{n:>6}" for n in z.nr_free))
+                w(f"  {z.zone:<7} unusable      " + " ".join(f"{_milli(v):>6}" for v in z.unusable_index))
+                w(f"  {z.zone:<7} fragmentation " + " ".join(f"{_milli(v):>6}" for v in z.fragmentation_index))
+        if self.buddyinfo:
+            w("")
+            w("/proc/buddyinfo at the end:")
+            out.extend(self.buddyinfo.rstrip("\n").splitlines())
+        if slabinfo and self.slabinfo:
+            w("")
+            w("/proc/slabinfo at the end:")
+            out.extend(self.slabinfo.rstrip("\n").splitlines())
+        return "\n".join(out) + "\n"
+
+
+def replay(trace: TraceLog, machine: Any, sample_every: int = 1000, free_at_end: bool = False) -> ReplayReport:
+    """Replay a loaded trace on ``machine``: every allocation and free, in
+    order, each on the CPU it ran on (see ``rust/kmm-core/src/trace/replay.rs``
+    for what is replayed and what is counted). Runs in Rust with the GIL
+    released. ``sample_every``: events between fragmentation samples.
+    ``free_at_end``: free everything the replay allocated, destroy the caches
+    it created, shrink the others and drain the per-CPU lists."""
+    if not isinstance(trace, TraceLog):
+        raise TypeError(f"expected a TraceLog (kmm.trace.load), not {type(trace).__name__}")
+    d = trace.replay(machine, sample_every, free_at_end)
+    d["samples"] = [
+        FragSample(ev, used, [ZoneFrag(z, list(nf), list(ui), list(fi)) for z, nf, ui, fi in zones])
+        for ev, used, zones in d["samples"]
+    ]
+    return ReplayReport(
+        **d, page_size=machine.page_size, buddyinfo=machine.proc.buddyinfo(), slabinfo=machine.proc.slabinfo()
+    )

@@ -26,6 +26,8 @@
 //!   proc         <- machine, page_alloc                  (/proc renderers)
 //!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
 //!                   vmalloc, kmap, stacks; Machine::read/write go through it)
+//!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
+//!   trace::replay <- machine, slab, kmalloc, percpu, page_alloc (drives the machine's public API)
 //! ```
 //! ## How to read it
 //! Start with `machine.rs` (boot and address conversions), then

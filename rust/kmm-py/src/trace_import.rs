@@ -4,12 +4,16 @@
 use std::sync::Arc;
 
 use kmm_core::trace::perf_script::{ParseError, Parser, TraceLog};
+use kmm_core::trace::replay::{fragmentation_index, replay, unusable_free_index, ReplayOptions};
 use kmm_core::trace::stat::{kmem_stat, page_keys, slab_keys, KmemStat, StatOptions};
 use kmm_core::trace::Value;
 use parking_lot::Mutex;
 use pyo3::exceptions::{PyIndexError, PyKeyError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
+
+use crate::machine::PyMachine;
+use crate::to_py_err;
 
 pyo3::import_exception!(kmm.errors, TraceFormatError);
 
@@ -18,6 +22,9 @@ fn parse_err(py: Python<'_>, e: ParseError) -> PyErr {
     let _ = err.value(py).setattr("line", e.line);
     err
 }
+
+/// A fragmentation sample as Python tuples: (event, used_pages, zones).
+type SampleTuple<'a> = (u64, u64, Vec<(&'a str, Vec<u64>, Vec<i64>, Vec<i64>)>);
 
 fn set_value<'py>(d: &Bound<'py, PyDict>, k: &str, v: Value) -> PyResult<()> {
     match v {
@@ -115,11 +122,87 @@ impl PyTraceLog {
     fn lines(&self) -> u64 {
         self.log.lines
     }
+    /// Events the kernel reported lost (ftrace `CPU:N [LOST M EVENTS]`).
+    #[getter]
+    fn lost_events(&self) -> u64 {
+        self.log.lost_events
+    }
+    /// The violated invariants of the parsed trace (empty when sound).
+    fn check(&self) -> Vec<String> {
+        self.log.check()
+    }
     /// `perf kmem stat` numbers (computed with the GIL released).
     #[pyo3(signature = (page_size=4096))]
     fn kmem_stat(&self, py: Python<'_>, page_size: u64) -> PyKmemStat {
         let log = self.log.clone();
         PyKmemStat { st: py.detach(move || kmem_stat(&log, page_size)) }
+    }
+    /// Replay the trace on `machine` (GIL released); returns the report as a dict.
+    #[pyo3(signature = (machine, sample_every=1000, free_at_end=false))]
+    fn replay<'py>(
+        &self,
+        py: Python<'py>,
+        machine: PyRef<'py, PyMachine>,
+        sample_every: u64,
+        free_at_end: bool,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let (log, m) = (self.log.clone(), machine.m.clone());
+        let o = ReplayOptions { sample_every, free_at_end, ..Default::default() };
+        let r = py.detach(move || replay(&log, &m, &o)).map_err(to_py_err)?;
+        let d = PyDict::new(py);
+        d.set_item("events", r.events)?;
+        d.set_item("replayed", r.replayed)?;
+        d.set_item("replayed_by_name", r.replayed_by_name.clone())?;
+        d.set_item("before_trace", r.before_trace)?;
+        d.set_item("null_frees", r.null_frees)?;
+        d.set_item("failed_in_trace", r.failed_in_trace)?;
+        d.set_item("slab_pages", r.slab_pages)?;
+        d.set_item("slab_page_allocs", r.slab_page_allocs)?;
+        d.set_item("consequences", r.consequences)?;
+        d.set_item("vmalloc", r.vmalloc)?;
+        d.set_item("other", r.other)?;
+        d.set_item("reused_live", r.reused_live)?;
+        d.set_item("kmm_failures", r.kmm_failures)?;
+        d.set_item("kmm_failure_examples", r.kmm_failure_examples.clone())?;
+        d.set_item("bytes_alloc_checked", r.bytes_alloc_checked)?;
+        d.set_item("bytes_alloc_mismatches", r.bytes_alloc_mismatches)?;
+        d.set_item("zone_checked", r.zone_checked)?;
+        d.set_item("zone_mismatches", r.zone_mismatches)?;
+        d.set_item("zone_pairs", r.zone_pairs.clone())?;
+        let mm: Vec<(u64, String, String, String)> =
+            r.mismatch_examples.iter().map(|x| (x.event, x.what.clone(), x.kernel.clone(), x.kmm.clone())).collect();
+        d.set_item("mismatch_examples", mm)?;
+        d.set_item("caches_created", r.caches_created.clone())?;
+        d.set_item("trace_cpus_remapped", r.trace_cpus_remapped)?;
+        d.set_item("seconds", r.seconds)?;
+        d.set_item("events_per_second", r.events_per_second())?;
+        d.set_item("peak_used_pages", r.peak_used_pages)?;
+        d.set_item("boot_used_pages", r.boot_used_pages)?;
+        d.set_item("final_used_pages", r.final_used_pages)?;
+        d.set_item("live_at_end", r.live_at_end)?;
+        // samples: (event, used_pages, [(zone, nr_free, unusable, fragindex)])
+        let samples: Vec<SampleTuple<'_>> = r
+            .samples
+            .iter()
+            .map(|s| {
+                let zones = s
+                    .zones
+                    .iter()
+                    .map(|z| {
+                        let n = z.nr_free.len();
+                        (
+                            z.zone,
+                            z.nr_free.to_vec(),
+                            (0..n).map(|o| unusable_free_index(&z.nr_free, o)).collect(),
+                            (0..n).map(|o| fragmentation_index(&z.nr_free, o)).collect(),
+                        )
+                    })
+                    .collect();
+                (s.event, s.used_pages, zones)
+            })
+            .collect();
+        d.set_item("samples", samples)?;
+        Ok(d)
     }
     fn __repr__(&self) -> String {
         format!("<TraceLog: {} events, {} unknown, {} skipped lines>", self.log.len(), self.log.unknown, self.log.skipped)
@@ -185,6 +268,10 @@ pub struct PyKmemStat {
 
 #[pymethods]
 impl PyKmemStat {
+    /// The violated invariants of the statistics (empty when sound).
+    fn check(&self) -> Vec<String> {
+        self.st.check()
+    }
     /// The slab summary numbers.
     fn slab_summary<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let s = &self.st.slab;

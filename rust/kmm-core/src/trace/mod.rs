@@ -36,6 +36,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::gfp;
 
 pub mod perf_script;
+pub mod replay;
 pub mod stat;
 
 /// Every tracepoint kmm knows, by id (bit in the enabled mask).

@@ -201,6 +201,8 @@ pub struct TraceLog {
     pub skipped_examples: Vec<(u64, String)>,
     /// Lines read (including blank, comment and callchain lines).
     pub lines: u64,
+    /// Events the kernel dropped (ftrace `CPU:N [LOST M EVENTS]` lines).
+    pub lost_events: u64,
 }
 
 impl TraceLog {
@@ -228,6 +230,31 @@ impl TraceLog {
     pub fn count(&self, name: &str) -> u64 {
         self.strings.map.get(name).and_then(|id| self.name_counts.get(id)).copied().unwrap_or(0)
     }
+    /// The violations of perf-script-2 (and of the string/arena references).
+    pub fn check(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        let total: u64 = self.name_counts.values().sum();
+        if total != self.events.len() as u64 {
+            errs.push(format!("perf-script-2: name counts sum to {total}, not {} events", self.events.len()));
+        }
+        let unknown = self.events.iter().filter(|r| r.flags & F_UNKNOWN != 0).count() as u64;
+        if unknown != self.unknown {
+            errs.push(format!("perf-script-2: {unknown} unknown events, counted {}", self.unknown));
+        }
+        let n = self.strings.len();
+        for (i, r) in self.events.iter().enumerate() {
+            for (what, id) in [("name", r.name), ("comm", r.comm), ("call_site", r.call_site), ("cache", r.cache)] {
+                if id != NONE && id as usize >= n {
+                    errs.push(format!("event {i}: {what} id {id} out of {n} strings"));
+                }
+            }
+            if r.kind == Kind::Other && r.aux as usize + r.extra as usize > self.arena.len() {
+                errs.push(format!("event {i}: field text beyond the arena"));
+            }
+        }
+        errs
+    }
+
     /// The field text of an `Other` event.
     pub fn raw_text(&self, i: usize) -> &str {
         let r = &self.events[i];
@@ -599,9 +626,29 @@ fn is_alloc_func(sym: &str) -> bool {
     ["alloc_page", "get_free_page", "get_zeroed_page"].iter().any(|p| s.starts_with(p))
 }
 
+/// trace-cmd report / trace_pipe lines that carry no event: `cpus=2`,
+/// `version = 6`, `CPU 1 is empty`, `CPU:0 [LOST 12 EVENTS]`.
+fn is_meta_line(t: &str) -> bool {
+    t.strip_prefix("cpus=").is_some_and(is_digits)
+        || t.starts_with("version = ")
+        || (t.starts_with("CPU ") && t.ends_with(" is empty"))
+        || lost_events(t).is_some()
+}
+
+/// The count of a `CPU:N [LOST M EVENTS]` line.
+fn lost_events(t: &str) -> Option<u64> {
+    let rest = t.strip_prefix("CPU:")?;
+    let (_, rest) = rest.split_once(" [LOST ")?;
+    rest.strip_suffix(" EVENTS]")?.parse().ok()
+}
+
 /// A streaming parser: `feed` it chunks of bytes, then `finish`.
 pub struct Parser {
     log: TraceLog,
+    /// Memo of gfp texts already parsed (a trace repeats a few dozen masks).
+    gfp_memo: HashMap<Box<str>, u32>,
+    /// Memo of event names already looked up.
+    kind_memo: HashMap<Box<str>, (u32, Kind, bool)>,
     partial: Vec<u8>,
     lenient: bool,
     /// Index of the mm_page_alloc event whose callchain is being read.
@@ -611,7 +658,15 @@ pub struct Parser {
 
 impl Parser {
     pub fn new(lenient: bool) -> Parser {
-        Parser { log: TraceLog::default(), partial: Vec::new(), lenient, chain_of: None, bytes: 0 }
+        Parser {
+            log: TraceLog::default(),
+            gfp_memo: HashMap::new(),
+            kind_memo: HashMap::new(),
+            partial: Vec::new(),
+            lenient,
+            chain_of: None,
+            bytes: 0,
+        }
     }
 
     /// Bytes fed so far.
@@ -648,6 +703,7 @@ impl Parser {
             let p = std::mem::take(&mut self.partial);
             self.line_bytes(&p, true)?;
         }
+        debug_assert!(self.log.check().is_empty(), "{:?}", self.log.check());
         Ok(self.log)
     }
 
@@ -677,8 +733,11 @@ impl Parser {
 
     fn line(&mut self, line: &str) -> Result<(), String> {
         let t = line.trim();
-        if t.is_empty() || t.starts_with('#') {
+        if t.is_empty() || t.starts_with('#') || is_meta_line(t) {
             self.chain_of = None;
+            if let Some(n) = lost_events(t) {
+                self.log.lost_events += n;
+            }
             return Ok(());
         }
         match split_head(line) {
@@ -711,18 +770,29 @@ impl Parser {
     }
 
     fn event(&mut self, h: Head<'_>) -> Result<(), String> {
-        let known = lookup_kind(h.name);
-        let (full, kind) = known.unwrap_or((h.name, Kind::Other));
+        let (name_id, kind, known) = match self.kind_memo.get(h.name) {
+            Some(&v) => v,
+            None => {
+                let v = match lookup_kind(h.name) {
+                    Some((full, k)) => (self.log.strings.intern(full), k, true),
+                    None => (self.log.strings.intern(h.name), Kind::Other, false),
+                };
+                self.kind_memo.insert(h.name.into(), v);
+                v
+            }
+        };
         let mut r = Rec::new(kind);
         r.ts_ns = h.ts_ns;
         r.cpu = h.cpu;
         r.pid = h.pid;
-        if known.is_none() {
+        if !known {
             r.flags |= F_UNKNOWN;
         }
-        self.decode(&mut r, h.fields).map_err(|e| format!("{full}: {e}"))?;
+        if let Err(e) = self.decode(&mut r, h.fields) {
+            return Err(format!("{}: {e}", self.log.strings.get(name_id)));
+        }
         let log = &mut self.log;
-        r.name = log.strings.intern(full);
+        r.name = name_id;
         r.comm = log.strings.intern(h.comm);
         if kind == Kind::Other {
             r.aux = log.arena.len() as u64;
@@ -769,7 +839,14 @@ impl Parser {
                     8
                 }
                 "gfp_flags" => {
-                    r.gfp = parse_gfp(v)?;
+                    r.gfp = match self.gfp_memo.get(v) {
+                        Some(&g) => g,
+                        None => {
+                            let g = parse_gfp(v)?;
+                            self.gfp_memo.insert(v.into(), g);
+                            g
+                        }
+                    };
                     16
                 }
                 "node" => {
@@ -923,7 +1000,7 @@ mod tests {
 
     #[test]
     fn trace_pipe_lines() {
-        let t = "# tracer: nop\n#\n              sh-5218    [001] d..1.   329.329371: kmalloc: call_site=single_open+0x2a/0x90 ptr=0xffff888102b19e80 bytes_req=32 bytes_alloc=32 gfp_flags=GFP_KERNEL_ACCOUNT node=-1 accounted=true\n  my-comm-12 [000] .....  1.5: mm_page_free: page=0x10 pfn=0x10 order=3\n";
+        let t = "cpus=2\nCPU 0 is empty\nCPU:1 [LOST 12 EVENTS]\n# tracer: nop\n#\n              sh-5218    [001] d..1.   329.329371: kmalloc: call_site=single_open+0x2a/0x90 ptr=0xffff888102b19e80 bytes_req=32 bytes_alloc=32 gfp_flags=GFP_KERNEL_ACCOUNT node=-1 accounted=true\n  my-comm-12 [000] .....  1.5: mm_page_free: page=0x10 pfn=0x10 order=3\n";
         let log = parse_str(t, false).unwrap();
         assert_eq!(log.len(), 2);
         assert_eq!(log.name(0), "kmem:kmalloc");
@@ -931,6 +1008,7 @@ mod tests {
         assert_eq!(log.comm(1), "my-comm");
         assert_eq!(log.events[1].ts_ns, 1_500_000_000);
         assert_eq!(log.events[1].order, 3);
+        assert_eq!(log.lost_events, 12);
     }
 
     #[test]
@@ -972,6 +1050,18 @@ mod tests {
         let log = parse_str("x 1 [001] 2.000000: sched:sched_switch: prev_comm=a prev_pid=1\n", false).unwrap();
         assert_eq!((log.len(), log.unknown), (1, 1));
         assert_eq!(log.fields(0)[1], ("prev_pid".to_string(), Value::UInt(1)));
+    }
+
+    #[test]
+    fn check_reports_exactly_the_corruption() {
+        let mut log = parse_str(SAMPLE, false).unwrap();
+        assert!(log.check().is_empty());
+        log.unknown = 3;
+        log.events[1].name = 999;
+        let errs = log.check();
+        assert_eq!(errs.len(), 2, "{errs:?}");
+        assert!(errs[0].starts_with("perf-script-2: 0 unknown events, counted 3"));
+        assert!(errs[1].starts_with("event 1: name id 999"));
     }
 
     #[test]

@@ -36,9 +36,9 @@
 //! match its allocation's; here that free only skips the per-alloc record.
 //!
 //! # Invariants
-//! - stat-1: `nr_page_frees == alloc_freed + nomatch`;
-//!   `sum(order_stats) == nr_page_allocs - nr_page_fails` (orders < 11 and
-//!   migratetypes < 6).
+//! - stat-1: `nomatch <= nr_page_frees`; the per-pfn records hold every
+//!   successful allocation, `sum(order_stats)` those of orders < 11 and
+//!   migratetypes < 6; the per-ptr hits sum to `nr_allocs`. `check()`.
 #![forbid(unsafe_code)]
 
 use std::cmp::Ordering;
@@ -486,6 +486,29 @@ impl Default for StatOptions {
 }
 
 impl KmemStat {
+    /// The violations of stat-1.
+    pub fn check(&self) -> Vec<String> {
+        let p = &self.page;
+        let mut errs = Vec::new();
+        if p.nr_page_nomatch > p.nr_page_frees {
+            errs.push(format!("stat-1: {} free-only of {} frees", p.nr_page_nomatch, p.nr_page_frees));
+        }
+        let table: u64 = p.order_stats.iter().flatten().sum();
+        let allocs: u64 = p.allocs.iter().map(|r| r.nr_alloc).sum();
+        if table > p.nr_page_allocs - p.nr_page_fails || allocs != p.nr_page_allocs - p.nr_page_fails {
+            errs.push(format!(
+                "stat-1: order table {table}, alloc records {allocs}, successful allocations {}",
+                p.nr_page_allocs - p.nr_page_fails
+            ));
+        }
+        let s = &self.slab;
+        let hits: u64 = s.allocs.iter().map(|r| r.hit).sum();
+        if hits != s.nr_allocs {
+            errs.push(format!("stat-1: per-ptr hits {hits} != {} allocations", s.nr_allocs));
+        }
+        errs
+    }
+
     /// `print_result`: what `perf kmem stat` prints for these options.
     pub fn format(&self, o: &StatOptions) -> String {
         let mut out = String::new();
@@ -589,9 +612,7 @@ impl KmemStat {
         out.push_str(" Total_alloc/Per | Total_req/Per   | Hit      | Ping-pong | Frag\n");
         let _ = writeln!(out, "{DOTS}");
         let mut n_lines = o.lines;
-        let mut it = rows.into_iter();
-        loop {
-            let Some(r) = it.next() else { break };
+        for r in rows {
             // `while (next && n_lines--)`
             let go = n_lines != 0;
             n_lines -= 1;
@@ -729,6 +750,11 @@ a 1 [000] 1.000009: kmem:mm_page_free_batched: page=0x20 pfn=0x20 order=0
         assert_eq!(f.pingpong, 1);
         let p = &st.page;
         assert_eq!((p.nr_page_allocs, p.nr_page_fails, p.nr_page_frees, p.nr_page_nomatch), (2, 1, 2, 1));
+        assert!(st.check().is_empty());
+        let mut bad = st.clone();
+        bad.page.nr_page_nomatch = 5;
+        bad.slab.nr_allocs = 7;
+        assert_eq!(bad.check().len(), 2, "{:?}", bad.check());
         assert_eq!(p.total_page_alloc_bytes, 8192 + 32768);
         assert_eq!(p.order_stats[1][1], 1);
         let text = st.format(&StatOptions::default());

@@ -1,0 +1,755 @@
+//! Replay: feed a real trace's allocations and frees, in order and each on
+//! the CPU it happened on, into a kmm machine, and report where kmm decided
+//! differently from the kernel and how fragmentation evolved.
+//!
+//! # Kernel
+//! What each event stands for: `include/trace/events/kmem.h` and `percpu.h`
+//! (which call emitted it). The kernel's zone of a traced pfn:
+//! `arch/x86/mm/init.c` `zone_sizes_init` (x86_64: DMA below 16 MiB, DMA32
+//! below 4 GiB, Normal above). Fragmentation indices: `mm/vmstat.c`
+//! `fill_contig_page_info`, `unusable_free_index`, `__fragmentation_index`
+//! (/sys/kernel/debug/extfrag/{unusable_index,extfrag_index}).
+//!
+//! # What is replayed
+//! - `kmalloc` -> `kmalloc(bytes_req, gfp)`; `kfree` -> `kfree`;
+//! - `kmem_cache_alloc` -> `kmem_cache_alloc` on the cache of that name:
+//!   an existing kmm cache (the kmalloc caches), or one created on first
+//!   sight with `object_size = bytes_req` and the first of (no flags,
+//!   SLAB_HWCACHE_ALIGN, a constructor, both, an explicit alignment) whose
+//!   slot size equals the traced `bytes_alloc` (`kmem_cache_create` leaves
+//!   the flags out of the trace, the geometry tells them back);
+//! - `kmem_cache_free` -> `kmem_cache_free` (or `kfree` for a kmalloc'd ptr);
+//! - `mm_page_alloc` / `mm_page_free` -> `alloc_pages(gfp, order)` /
+//!   `__free_pages`, except the pages the slab layer took for its slabs (and
+//!   large kmalloc): those are recognised by a first pass (a later slab
+//!   object's address falls inside the block while it is allocated), and
+//!   kmm's own slab layer allocates its own;
+//! - `percpu_alloc_percpu` / `percpu_free_percpu` -> `alloc_percpu` /
+//!   `free_percpu`.
+//!
+//! Not replayed, counted: frees of objects allocated before the trace
+//! started, kfree(NULL), failed allocations, events that are consequences of
+//! the allocator's own work (`mm_page_alloc_zone_locked`, `mm_page_pcpu_drain`,
+//! `mm_page_free_batched`, `mm_page_alloc_extfrag`: kmm makes its own),
+//! vmalloc events, other events.
+//!
+//! SIMPLIFICATION: vmalloc events are not replayed (counted as "vmalloc").
+//! SIMPLIFICATION: trace CPUs beyond the machine's CPUs run on cpu % cpus.
+//! SIMPLIFICATION: peak memory is read after every replayed allocation from
+//! the zones' free counters (pages on per-CPU lists count as used, as in
+//! the kernel's MemFree).
+//! SIMPLIFICATION: a second allocation of a ptr still live in the replay (its
+//! free was not traced) frees the older kmm object first; counted.
+//!
+//! # Invariants
+//! - replay-1: every event is counted in exactly one outcome:
+//!   `replayed + before_trace + null_frees + failed_in_trace + slab_pages +
+//!   consequences + vmalloc + other == events`.
+//! - replay-2: with `free_at_end`, everything the replay allocated is freed
+//!   and the caches it created are destroyed.
+//!
+//! Lock order: none of its own; replay calls the machine's public API from
+//! one thread, bound to one simulated CPU at a time.
+#![forbid(unsafe_code)]
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::perf_script::{Kind, TraceLog, F_FAILED, NONE};
+use super::CallSite;
+use crate::arch::{MAX_PAGE_ORDER, NR_PAGE_ORDERS};
+use crate::error::{KmmError, Result};
+use crate::slab::cache::KmemCache;
+use crate::slab::geometry::{calculate_alignment, calculate_sizes, SLAB_HWCACHE_ALIGN, SLAB_NO_MERGE};
+use crate::slab::CacheArgs;
+use crate::{Machine, Pfn, VirtAddr};
+
+/// Options of a replay.
+#[derive(Clone, Debug)]
+pub struct ReplayOptions {
+    /// Take a fragmentation sample every this many events (0: only at the end).
+    pub sample_every: u64,
+    /// Free everything the replay allocated at the end, destroy the caches it
+    /// created and shrink the rest.
+    pub free_at_end: bool,
+    /// Start of the direct map (`PAGE_OFFSET`) of the traced kernel, to turn
+    /// slab pointers into pfns (x86_64: 0xffff888000000000).
+    pub page_offset: u64,
+}
+
+impl Default for ReplayOptions {
+    fn default() -> Self {
+        ReplayOptions { sample_every: 1000, free_at_end: false, page_offset: 0xffff_8880_0000_0000 }
+    }
+}
+
+/// Free blocks per order of one zone at one point of the replay.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneSample {
+    pub zone: &'static str,
+    pub nr_free: [u64; NR_PAGE_ORDERS],
+}
+
+/// One fragmentation sample.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Sample {
+    /// Events replayed or skipped so far.
+    pub event: u64,
+    /// Pages in use on the machine (MemTotal - MemFree).
+    pub used_pages: u64,
+    pub zones: Vec<ZoneSample>,
+}
+
+/// A kmm decision that differed from the kernel's.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// 0-based index of the event in the trace.
+    pub event: u64,
+    pub what: String,
+    pub kernel: String,
+    pub kmm: String,
+}
+
+/// What a replay did.
+#[derive(Clone, Debug, Default)]
+pub struct ReplayReport {
+    pub events: u64,
+    /// Events turned into kmm calls.
+    pub replayed: u64,
+    /// Per event name: replayed count.
+    pub replayed_by_name: Vec<(String, u64)>,
+    pub before_trace: u64,
+    pub null_frees: u64,
+    pub failed_in_trace: u64,
+    pub slab_pages: u64,
+    /// Of `slab_pages`, the mm_page_alloc events.
+    pub slab_page_allocs: u64,
+    pub consequences: u64,
+    pub vmalloc: u64,
+    pub other: u64,
+    /// Allocations whose ptr was still live in the replay (free not traced).
+    pub reused_live: u64,
+    /// kmm calls that failed (e.g. out of memory), with the first messages.
+    pub kmm_failures: u64,
+    pub kmm_failure_examples: Vec<String>,
+    /// Slab allocations compared, and those whose bytes_alloc differed.
+    pub bytes_alloc_checked: u64,
+    pub bytes_alloc_mismatches: u64,
+    /// Page allocations compared, and those that came from another zone.
+    pub zone_checked: u64,
+    pub zone_mismatches: u64,
+    /// (kernel zone, kmm zone) -> count, for page allocations.
+    pub zone_pairs: Vec<((String, String), u64)>,
+    /// The first mismatches.
+    pub mismatch_examples: Vec<Mismatch>,
+    /// Caches created from the trace: (name, object_size, size, how).
+    pub caches_created: Vec<(String, u32, u32, String)>,
+    pub trace_cpus_remapped: u64,
+    pub seconds: f64,
+    pub peak_used_pages: u64,
+    pub boot_used_pages: u64,
+    pub final_used_pages: u64,
+    pub samples: Vec<Sample>,
+    /// Objects/pages/percpu areas still held by the replay at the end (before
+    /// `free_at_end`).
+    pub live_at_end: u64,
+}
+
+impl ReplayReport {
+    /// The violations of replay-1.
+    pub fn check(&self) -> Vec<String> {
+        let sum = self.replayed
+            + self.before_trace
+            + self.null_frees
+            + self.failed_in_trace
+            + self.slab_pages
+            + self.consequences
+            + self.vmalloc
+            + self.other;
+        if sum == self.events {
+            Vec::new()
+        } else {
+            vec![format!("replay-1: outcomes sum to {sum}, not {} events", self.events)]
+        }
+    }
+
+    pub fn events_per_second(&self) -> f64 {
+        if self.seconds > 0.0 {
+            self.events as f64 / self.seconds
+        } else {
+            0.0
+        }
+    }
+}
+
+/// `fill_contig_page_info`'s numbers for one zone and a suitable order.
+fn contig_info(nr_free: &[u64], suitable_order: usize) -> (u64, u64, u64) {
+    let (mut free_pages, mut total, mut suitable) = (0u64, 0u64, 0u64);
+    for (order, &blocks) in nr_free.iter().enumerate() {
+        total += blocks;
+        free_pages += blocks << order;
+        if order >= suitable_order {
+            suitable += blocks << (order - suitable_order);
+        }
+    }
+    (free_pages, total, suitable)
+}
+
+/// `unusable_free_index` (mm/vmstat.c), in thousandths: the share of free
+/// memory that cannot serve an allocation of this order.
+pub fn unusable_free_index(nr_free: &[u64], order: usize) -> i64 {
+    let (free_pages, _, suitable) = contig_info(nr_free, order);
+    // "No free memory is interpreted as all free memory is unusable".
+    if free_pages == 0 {
+        return 1000;
+    }
+    (((free_pages - (suitable << order)) * 1000) / free_pages) as i64
+}
+
+/// `__fragmentation_index` (mm/vmstat.c), in thousandths: towards 0 a
+/// failure would be for lack of memory, towards 1000 for fragmentation;
+/// -1000 when an allocation of this order would succeed.
+pub fn fragmentation_index(nr_free: &[u64], order: usize) -> i64 {
+    let requested = 1u64 << order;
+    if order > MAX_PAGE_ORDER as usize {
+        return 0;
+    }
+    let (free_pages, total, suitable) = contig_info(nr_free, order);
+    if total == 0 {
+        return 0;
+    }
+    if suitable != 0 {
+        return -1000;
+    }
+    1000 - ((1000 + (free_pages * 1000 / requested)) / total) as i64
+}
+
+/// The kernel's zone of a pfn on x86_64 (`zone_sizes_init`).
+pub fn x86_64_zone_of_pfn(pfn: u64) -> &'static str {
+    if pfn < (16 << 20) >> 12 {
+        "DMA"
+    } else if pfn < (4u64 << 30) >> 12 {
+        "DMA32"
+    } else {
+        "Normal"
+    }
+}
+
+/// What a traced ptr became in kmm.
+#[derive(Clone)]
+enum Obj {
+    Kmalloc(u64),
+    Cache(u64, Arc<KmemCache>),
+}
+
+struct Replayer<'a> {
+    m: &'a Machine,
+    log: &'a TraceLog,
+    o: &'a ReplayOptions,
+    r: ReplayReport,
+    objs: HashMap<u64, Obj>,
+    /// trace pfn -> (kmm pfn, order).
+    pages: HashMap<u64, (u64, u32)>,
+    /// trace percpu ptr -> kmm percpu ptr.
+    percpu: HashMap<u64, u64>,
+    /// Cache name id -> cache.
+    caches: HashMap<u32, Arc<KmemCache>>,
+    created: Vec<Arc<KmemCache>>,
+    sites: Vec<Option<CallSite>>,
+    bound: Option<u32>,
+    by_name: HashMap<u32, u64>,
+    zone_pairs: HashMap<(&'static str, &'static str), u64>,
+    total_pages: u64,
+    /// Traced pfns of slab-owned blocks still allocated.
+    slab_live: HashSet<u64>,
+}
+
+/// Mark the page allocations the slab layer made (`true` = slab-owned).
+/// A block is slab-owned when a slab object (or a large kmalloc) is
+/// allocated inside it while it is allocated.
+fn slab_owned_pages(log: &TraceLog, page_offset: u64, page_shift: u32) -> Vec<bool> {
+    let mut owned = vec![false; log.events.len()];
+    // Live traced blocks: head pfn -> (event index, order).
+    let mut live: HashMap<u64, (usize, u32)> = HashMap::new();
+    for (i, e) in log.events.iter().enumerate() {
+        match e.kind {
+            Kind::MmPageAlloc if e.flags & F_FAILED == 0 => {
+                live.insert(e.ptr, (i, e.order as u32));
+            }
+            Kind::MmPageFree => {
+                live.remove(&e.ptr);
+            }
+            Kind::Kmalloc | Kind::KmallocNode | Kind::KmemCacheAlloc | Kind::KmemCacheAllocNode => {
+                if e.ptr < page_offset {
+                    continue;
+                }
+                let pfn = (e.ptr - page_offset) >> page_shift;
+                for order in 0..=MAX_PAGE_ORDER {
+                    let head = pfn & !((1u64 << order) - 1);
+                    if let Some(&(j, o)) = live.get(&head) {
+                        if o >= order {
+                            owned[j] = true;
+                            break;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    owned
+}
+
+impl<'a> Replayer<'a> {
+    fn site(&mut self, id: u32) -> CallSite {
+        if id == NONE {
+            return super::unknown_call_site();
+        }
+        let i = id as usize;
+        if self.sites.len() <= i {
+            self.sites.resize(i + 1, None);
+        }
+        self.sites[i].get_or_insert_with(|| Arc::from(self.log.strings.get(id))).clone()
+    }
+
+    fn on_cpu(&mut self, cpu: u32) -> Result<()> {
+        let n = self.m.cpus.len();
+        let cpu = if cpu >= n {
+            self.r.trace_cpus_remapped += 1;
+            cpu % n
+        } else {
+            cpu
+        };
+        if self.bound == Some(cpu) {
+            return Ok(());
+        }
+        if self.bound.take().is_some() {
+            self.m.cpus.unbind().map_err(KmmError::Bug)?;
+        }
+        self.m.cpus.bind(cpu).map_err(KmmError::Bug)?;
+        self.bound = Some(cpu);
+        Ok(())
+    }
+
+    fn fail(&mut self, e: KmmError) {
+        self.r.kmm_failures += 1;
+        if self.r.kmm_failure_examples.len() < 10 {
+            self.r.kmm_failure_examples.push(e.to_string());
+        }
+    }
+
+    fn mismatch(&mut self, event: usize, what: String, kernel: String, kmm: String) {
+        if self.r.mismatch_examples.len() < 20 {
+            self.r.mismatch_examples.push(Mismatch { event: event as u64, what, kernel, kmm });
+        }
+    }
+
+    fn used_pages(&self) -> u64 {
+        self.total_pages.saturating_sub(self.m.nr_free_pages())
+    }
+
+    fn note_peak(&mut self) {
+        let u = self.used_pages();
+        if u > self.r.peak_used_pages {
+            self.r.peak_used_pages = u;
+        }
+    }
+
+    fn sample(&mut self, event: u64) {
+        let zones = self
+            .m
+            .zones
+            .iter()
+            .filter(|z| z.is_populated())
+            .map(|z| ZoneSample { zone: z.kind.name(), nr_free: z.area.lock().nr_free })
+            .collect();
+        let used_pages = self.used_pages();
+        self.r.samples.push(Sample { event, used_pages, zones });
+    }
+
+    /// Free what a traced ptr became.
+    fn free_obj(&mut self, obj: Obj, cs: &CallSite) -> Result<()> {
+        match obj {
+            Obj::Kmalloc(a) => self.m.kfree(a, cs),
+            Obj::Cache(a, c) => self.m.kmem_cache_free(&c, VirtAddr(a), cs),
+        }
+    }
+
+    /// The cache a kmem_cache_alloc event names: existing, or created now.
+    fn cache_for(&mut self, name: u32, bytes_req: u64, bytes_alloc: u64) -> Result<Arc<KmemCache>> {
+        if let Some(c) = self.caches.get(&name) {
+            return Ok(c.clone());
+        }
+        let n = self.log.strings.get(name).to_string();
+        let c = match self.m.slab.find(&n) {
+            Some(c) => c,
+            None => self.create_cache(&n, bytes_req, bytes_alloc)?,
+        };
+        self.caches.insert(name, c.clone());
+        Ok(c)
+    }
+
+    fn create_cache(&mut self, name: &str, bytes_req: u64, bytes_alloc: u64) -> Result<Arc<KmemCache>> {
+        let size = u32::try_from(bytes_req.max(1)).map_err(|_| KmmError::InvalidArgument(format!("{name}: object size {bytes_req}")))?;
+        let t = &self.m.slab.tunables;
+        let ctor: crate::slab::cache::Ctor = Arc::new(|_| {});
+        // (flags, align, ctor, description), in the order tried.
+        let mut tries: Vec<(u32, u32, bool, String)> = vec![
+            (0, 0, false, "no flags".into()),
+            (SLAB_HWCACHE_ALIGN, 0, false, "SLAB_HWCACHE_ALIGN".into()),
+            (0, 0, true, "constructor".into()),
+            (SLAB_HWCACHE_ALIGN, 0, true, "SLAB_HWCACHE_ALIGN, constructor".into()),
+        ];
+        for sh in 3..=12 {
+            tries.push((0, 1 << sh, false, format!("align {}", 1 << sh)));
+        }
+        let mut pick = None;
+        for (flags, align, has_ctor, how) in &tries {
+            let a = calculate_alignment(*flags, *align, size, t.word);
+            if let Ok(g) = calculate_sizes(size, a, *flags, *has_ctor, None, t) {
+                if g.size as u64 == bytes_alloc {
+                    pick = Some((*flags, *align, *has_ctor, how.clone()));
+                    break;
+                }
+            }
+        }
+        let (flags, align, has_ctor, how) = pick.unwrap_or((0, 0, false, "no flags (no geometry matched)".into()));
+        let args = CacheArgs { align, flags: flags | SLAB_NO_MERGE, ctor: has_ctor.then_some(ctor), freeptr_offset: None };
+        let c = self.m.kmem_cache_create(name, size, args)?.cache;
+        self.r.caches_created.push((name.to_string(), size, c.geo.size, how));
+        self.created.push(c.clone());
+        Ok(c)
+    }
+
+    fn kernel_zone_of(&self, pfn: u64) -> &'static str {
+        x86_64_zone_of_pfn(pfn)
+    }
+
+    fn kmm_zone_of(&self, pfn: u64) -> &'static str {
+        self.m.pfn_zone(Pfn(pfn)).map_or("?", |z| z.kind.name())
+    }
+
+    fn run(&mut self) -> Result<()> {
+        let owned = slab_owned_pages(self.log, self.o.page_offset, self.m.page_size.trailing_zeros());
+        self.r.boot_used_pages = self.used_pages();
+        self.r.peak_used_pages = self.r.boot_used_pages;
+        let t0 = Instant::now();
+        for (i, e) in self.log.events.iter().enumerate() {
+            if self.o.sample_every > 0 && i as u64 % self.o.sample_every == 0 {
+                self.sample(i as u64);
+            }
+            let replayed = match e.kind {
+                Kind::Kmalloc | Kind::KmallocNode | Kind::KmemCacheAlloc | Kind::KmemCacheAllocNode => {
+                    if e.ptr == 0 {
+                        self.r.failed_in_trace += 1;
+                        false
+                    } else {
+                        self.on_cpu(e.cpu)?;
+                        let cs = self.site(e.call_site);
+                        if let Some(old) = self.objs.remove(&e.ptr) {
+                            self.r.reused_live += 1;
+                            if let Err(err) = self.free_obj(old, &cs) {
+                                self.fail(err);
+                            }
+                        }
+                        let is_kmalloc = matches!(e.kind, Kind::Kmalloc | Kind::KmallocNode);
+                        let got = if is_kmalloc {
+                            let bytes = if e.bytes_req > crate::kmalloc::KMALLOC_MAX_CACHE_SIZE {
+                                self.m.page_size << crate::slab::geometry::get_order(e.bytes_req, self.m.page_size as u32)
+                            } else if e.bytes_req == 0 {
+                                0
+                            } else {
+                                self.m.kmalloc_slab(e.bytes_req, e.gfp).geo.size as u64
+                            };
+                            self.m.kmalloc(e.bytes_req, e.gfp, &cs).map(|va| (Obj::Kmalloc(va.0), bytes))
+                        } else {
+                            match self.cache_for(e.cache, e.bytes_req, e.bytes_alloc) {
+                                Ok(c) => self
+                                    .m
+                                    .kmem_cache_alloc(&c, e.gfp, &cs)
+                                    .map(|va| (Obj::Cache(va.0, c.clone()), c.geo.size as u64)),
+                                Err(err) => Err(err),
+                            }
+                        };
+                        match got {
+                            Ok((obj, bytes)) => {
+                                self.r.bytes_alloc_checked += 1;
+                                if bytes != e.bytes_alloc {
+                                    self.r.bytes_alloc_mismatches += 1;
+                                    let what = format!(
+                                        "{} {} bytes_req={}",
+                                        self.log.name(i),
+                                        if e.cache != NONE { self.log.strings.get(e.cache) } else { "" },
+                                        e.bytes_req
+                                    );
+                                    self.mismatch(i, what, format!("bytes_alloc={}", e.bytes_alloc), format!("bytes_alloc={bytes}"));
+                                }
+                                self.objs.insert(e.ptr, obj);
+                                self.note_peak();
+                                true
+                            }
+                            Err(err) => {
+                                self.fail(err);
+                                true
+                            }
+                        }
+                    }
+                }
+                Kind::Kfree | Kind::KmemCacheFree => {
+                    if e.ptr == 0 || e.ptr == crate::kmalloc::ZERO_SIZE_PTR {
+                        self.r.null_frees += 1;
+                        false
+                    } else if let Some(obj) = self.objs.remove(&e.ptr) {
+                        self.on_cpu(e.cpu)?;
+                        let cs = self.site(e.call_site);
+                        if let Err(err) = self.free_obj(obj, &cs) {
+                            self.fail(err);
+                        }
+                        true
+                    } else {
+                        self.r.before_trace += 1;
+                        false
+                    }
+                }
+                Kind::MmPageAlloc => {
+                    if e.flags & F_FAILED != 0 {
+                        self.r.failed_in_trace += 1;
+                        false
+                    } else if owned[i] {
+                        self.r.slab_pages += 1;
+                        self.r.slab_page_allocs += 1;
+                        self.slab_live.insert(e.ptr);
+                        false
+                    } else {
+                        self.on_cpu(e.cpu)?;
+                        if let Some((old, order)) = self.pages.remove(&e.ptr) {
+                            self.r.reused_live += 1;
+                            if let Err(err) = self.m.free_pages(Pfn(old), order) {
+                                self.fail(err);
+                            }
+                        }
+                        match self.m.alloc_pages(e.gfp, e.order as u32) {
+                            Ok(p) => {
+                                self.pages.insert(e.ptr, (p.0, e.order as u32));
+                                let (kz, mz) = (self.kernel_zone_of(e.ptr), self.kmm_zone_of(p.0));
+                                self.r.zone_checked += 1;
+                                *self.zone_pairs.entry((kz, mz)).or_insert(0) += 1;
+                                if kz != mz {
+                                    self.r.zone_mismatches += 1;
+                                    let what = format!("mm_page_alloc order={} pfn={:#x}", e.order, e.ptr);
+                                    self.mismatch(i, what, format!("zone {kz}"), format!("zone {mz} (pfn {:#x})", p.0));
+                                }
+                                self.note_peak();
+                            }
+                            Err(err) => self.fail(err),
+                        }
+                        true
+                    }
+                }
+                Kind::MmPageFree => {
+                    if let Some((p, order)) = self.pages.remove(&e.ptr) {
+                        self.on_cpu(e.cpu)?;
+                        if order != e.order as u32 {
+                            self.mismatch(i, format!("mm_page_free pfn={:#x}", e.ptr), format!("order={}", e.order), format!("allocated with order={order}"));
+                        }
+                        if let Err(err) = self.m.free_pages(Pfn(p), order) {
+                            self.fail(err);
+                        }
+                        true
+                    } else if self.is_slab_page_free(e.ptr) {
+                        self.r.slab_pages += 1;
+                        false
+                    } else {
+                        self.r.before_trace += 1;
+                        false
+                    }
+                }
+                Kind::PercpuAllocPercpu => {
+                    if e.ptr == 0 {
+                        self.r.failed_in_trace += 1;
+                        false
+                    } else {
+                        self.on_cpu(e.cpu)?;
+                        let cs = self.site(e.call_site);
+                        if let Some(old) = self.percpu.remove(&e.ptr) {
+                            self.r.reused_live += 1;
+                            if let Err(err) = self.m.free_percpu(old) {
+                                self.fail(err);
+                            }
+                        }
+                        match self.m.alloc_percpu(e.bytes_req, e.extra as u64, e.gfp, &cs) {
+                            Ok(p) => {
+                                self.percpu.insert(e.ptr, p);
+                                self.note_peak();
+                            }
+                            Err(err) => self.fail(err),
+                        }
+                        true
+                    }
+                }
+                Kind::PercpuFreePercpu => {
+                    if e.ptr == 0 {
+                        self.r.null_frees += 1;
+                        false
+                    } else if let Some(p) = self.percpu.remove(&e.ptr) {
+                        self.on_cpu(e.cpu)?;
+                        if let Err(err) = self.m.free_percpu(p) {
+                            self.fail(err);
+                        }
+                        true
+                    } else {
+                        self.r.before_trace += 1;
+                        false
+                    }
+                }
+                Kind::MmPageFreeBatched | Kind::MmPageAllocZoneLocked | Kind::MmPagePcpuDrain => {
+                    self.r.consequences += 1;
+                    false
+                }
+                Kind::Other => {
+                    let name = self.log.name(i);
+                    if name == "kmem:mm_page_alloc_extfrag" {
+                        self.r.consequences += 1;
+                    } else if name.starts_with("vmalloc:") {
+                        self.r.vmalloc += 1;
+                    } else {
+                        self.r.other += 1;
+                    }
+                    false
+                }
+            };
+            if replayed {
+                self.r.replayed += 1;
+                *self.by_name.entry(e.name).or_insert(0) += 1;
+            }
+        }
+        self.r.seconds = t0.elapsed().as_secs_f64();
+        self.r.events = self.log.events.len() as u64;
+        self.sample(self.r.events);
+        self.r.live_at_end = (self.objs.len() + self.pages.len() + self.percpu.len()) as u64;
+        if self.o.free_at_end {
+            self.free_all()?;
+        }
+        self.r.final_used_pages = self.used_pages();
+        let mut by: Vec<(String, u64)> =
+            self.by_name.iter().map(|(&id, &n)| (self.log.strings.get(id).to_string(), n)).collect();
+        by.sort();
+        self.r.replayed_by_name = by;
+        let mut zp: Vec<((String, String), u64)> =
+            self.zone_pairs.iter().map(|(&(k, m), &n)| ((k.to_string(), m.to_string()), n)).collect();
+        zp.sort();
+        self.r.zone_pairs = zp;
+        Ok(())
+    }
+
+    /// A free of a pfn the slab layer owned (its allocation was skipped).
+    fn is_slab_page_free(&mut self, pfn: u64) -> bool {
+        self.slab_live.remove(&pfn)
+    }
+
+    fn free_all(&mut self) -> Result<()> {
+        let cs = super::unknown_call_site();
+        for (_, obj) in std::mem::take(&mut self.objs) {
+            if let Err(e) = self.free_obj(obj, &cs) {
+                self.fail(e);
+            }
+        }
+        for (_, (p, order)) in std::mem::take(&mut self.pages) {
+            if let Err(e) = self.m.free_pages(Pfn(p), order) {
+                self.fail(e);
+            }
+        }
+        for (_, p) in std::mem::take(&mut self.percpu) {
+            if let Err(e) = self.m.free_percpu(p) {
+                self.fail(e);
+            }
+        }
+        for c in std::mem::take(&mut self.created) {
+            if let Err(e) = self.m.kmem_cache_destroy(&c) {
+                self.fail(e);
+            }
+        }
+        for c in self.m.slab.caches() {
+            let _ = self.m.kmem_cache_shrink(&c);
+        }
+        self.m.drain_all_pages();
+        Ok(())
+    }
+}
+
+/// Replay a trace on a machine (see the module header). The calling thread
+/// must not be bound to a CPU of this machine; it is bound to each traced
+/// event's CPU in turn and unbound at the end.
+pub fn replay(log: &TraceLog, m: &Machine, o: &ReplayOptions) -> Result<ReplayReport> {
+    if let Some(cpu) = m.cpus.current() {
+        return Err(KmmError::InvalidArgument(format!(
+            "replay binds the calling thread to each traced CPU; this thread already runs on cpu {cpu} (call it outside `with m.on_cpu(...)`)"
+        )));
+    }
+    let total_pages = m.totalram_pages();
+    let mut r = Replayer {
+        m,
+        log,
+        o,
+        r: ReplayReport::default(),
+        objs: HashMap::new(),
+        pages: HashMap::new(),
+        percpu: HashMap::new(),
+        caches: HashMap::new(),
+        created: Vec::new(),
+        sites: Vec::new(),
+        bound: None,
+        by_name: HashMap::new(),
+        zone_pairs: HashMap::new(),
+        total_pages,
+        slab_live: HashSet::new(),
+    };
+    let res = r.run();
+    if r.bound.take().is_some() {
+        let _ = m.cpus.unbind();
+    }
+    res?;
+    debug_assert!(r.r.check().is_empty(), "{:?}", r.r.check());
+    Ok(r.r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn indices_follow_mm_vmstat() {
+        // One free order-3 block and four order-0 pages: 12 free pages.
+        let mut nr = [0u64; NR_PAGE_ORDERS];
+        nr[0] = 4;
+        nr[3] = 1;
+        // order 0: everything usable.
+        assert_eq!(unusable_free_index(&nr, 0), 0);
+        // order 1: only the 8 pages of the order-3 block serve: 4/12 unusable.
+        assert_eq!(unusable_free_index(&nr, 1), 333);
+        // order 4: nothing serves.
+        assert_eq!(unusable_free_index(&nr, 4), 1000);
+        assert_eq!(fragmentation_index(&nr, 2), -1000);
+        // order 4 (16 pages): 1000 - (1000 + 12*1000/16) / 5 = 1000 - 1750/5 = 650.
+        assert_eq!(fragmentation_index(&nr, 4), 650);
+        assert_eq!(fragmentation_index(&[0; NR_PAGE_ORDERS], 4), 0);
+        assert_eq!(unusable_free_index(&[0; NR_PAGE_ORDERS], 4), 1000);
+    }
+
+    #[test]
+    fn report_check_counts_every_event_once() {
+        let mut r = ReplayReport { events: 10, replayed: 6, before_trace: 3, vmalloc: 1, ..Default::default() };
+        assert!(r.check().is_empty());
+        r.other = 1;
+        assert_eq!(r.check(), vec!["replay-1: outcomes sum to 11, not 10 events".to_string()]);
+    }
+
+    #[test]
+    fn x86_64_zones() {
+        assert_eq!(x86_64_zone_of_pfn(0xfff), "DMA");
+        assert_eq!(x86_64_zone_of_pfn(0x1000), "DMA32");
+        assert_eq!(x86_64_zone_of_pfn(0xfffff), "DMA32");
+        assert_eq!(x86_64_zone_of_pfn(0x1057ab), "Normal");
+    }
+}
