@@ -697,10 +697,12 @@ impl PyTrace {
     fn attach(&self, pattern: &str, callback: Py<PyAny>) -> PyResult<PyTraceHandle> {
         crate::tracing::attach(&self.m, pattern, callback)
     }
-    /// Record matching events: `with m.trace.record("kmem:*") as rec: ...`.
-    #[pyo3(signature = (pattern="*"))]
-    fn record(&self, pattern: &str) -> PyResult<PyRecording> {
-        PyRecording::new(&self.m, pattern)
+    /// Record matching events: `with m.trace.record("kmem:*") as rec: ...`,
+    /// into per-CPU buffers of `capacity` events each (beyond it events are
+    /// dropped and counted in `rec.lost`, as perf counts LOST events).
+    #[pyo3(signature = (pattern="*", capacity=kmm_core::trace::Recorder::DEFAULT_CAPACITY))]
+    fn record(&self, pattern: &str, capacity: u64) -> PyResult<PyRecording> {
+        PyRecording::new(&self.m, pattern, capacity)
     }
     /// Names of every tracepoint the machine has.
     fn available(&self) -> Vec<&'static str> {

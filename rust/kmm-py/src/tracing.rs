@@ -126,11 +126,11 @@ pub struct PyRecording {
 }
 
 impl PyRecording {
-    pub(crate) fn new(m: &Arc<Machine>, pattern: &str) -> PyResult<PyRecording> {
+    pub(crate) fn new(m: &Arc<Machine>, pattern: &str, capacity: u64) -> PyResult<PyRecording> {
         Ok(PyRecording {
             m: m.clone(),
             mask: check_mask(pattern)?,
-            rec: Arc::new(Recorder::default()),
+            rec: Arc::new(Recorder::with_capacity(m.cfg.cpus, capacity)),
             handle: Mutex::new(None),
             events: Mutex::new(Vec::new()),
         })
@@ -174,6 +174,11 @@ impl PyRecording {
     fn __len__(&self) -> usize {
         self.collect();
         self.events.lock().len()
+    }
+    /// Events dropped because a CPU's buffer was full (perf's LOST count).
+    #[getter]
+    fn lost(&self) -> u64 {
+        self.rec.lost()
     }
     /// The recording as `perf script` text (one line per event).
     #[pyo3(signature = (comm="kmm", pid=0))]

@@ -43,6 +43,7 @@ use crate::cpu::{PREEMPT_MASK, PREEMPT_OFFSET};
 use crate::error::{KmmError, Result};
 use crate::machine::{Machine, VirtAddr};
 use crate::page::Pfn;
+use crate::trace::{EventId, Payload};
 
 /// `KM_MAX_IDX`: kmap_local slots per CPU (without CONFIG_DEBUG_KMAP_LOCAL).
 pub const KM_MAX_IDX: u32 = 16;
@@ -221,6 +222,7 @@ impl Machine {
         if !self.vm.highmem.layout.highmem {
             return;
         }
+        let _defer = self.trace.defer();
         let mut p = self.vm.highmem.pkmap.lock();
         self.flush_all_zero_pkmaps(&mut p);
     }
@@ -259,7 +261,11 @@ impl Machine {
         self.cpus.might_sleep("include/linux/highmem-internal.h (kmap)").map_err(KmmError::SleepInAtomic)?;
         let _defer = self.trace.defer(); // no event may reach a sink under kmap_lock
         if !self.highmem_page(pfn)? {
-            return Ok(self.page_address(pfn).expect("lowmem page"));
+            let va = self.page_address(pfn).expect("lowmem page");
+            if self.trace.on(EventId::Kmap) {
+                self.trace.emit(self.this_cpu(), Payload::Kmap { pfn: pfn.0, addr: va.0, nr: -1, count: 0 });
+            }
+            return Ok(va);
         }
         let h = &self.vm.highmem;
         let mut p = h.pkmap.lock();
@@ -288,6 +294,11 @@ impl Machine {
             };
             let nr = ((va - h.layout.pkmap_base) >> self.page_shift) as usize;
             p.count[nr] += 1;
+            if self.trace.on(EventId::Kmap) {
+                // Under kmap_lock: delivered when the deferral above ends.
+                let count = p.count[nr];
+                self.trace.emit(self.this_cpu(), Payload::Kmap { pfn: pfn.0, addr: va, nr: nr as i32, count });
+            }
             return Ok(VirtAddr(va));
         }
     }
@@ -297,9 +308,14 @@ impl Machine {
     pub fn kunmap(&self, pfn: Pfn) -> Result<()> {
         self.cpus.might_sleep("include/linux/highmem-internal.h (kunmap)").map_err(KmmError::SleepInAtomic)?;
         if !self.highmem_page(pfn)? {
+            if self.trace.on(EventId::Kunmap) {
+                let va = self.page_address(pfn).expect("lowmem page").0;
+                self.trace.emit(self.this_cpu(), Payload::Kunmap { pfn: pfn.0, addr: va, nr: -1, count: 0 });
+            }
             return Ok(());
         }
         let h = &self.vm.highmem;
+        let _defer = self.trace.defer();
         let mut p = h.pkmap.lock();
         let va = *p.page_address.get(&pfn.0).ok_or_else(|| {
             KmmError::Bug(format!("kernel BUG at mm/highmem.c (kunmap_high): page pfn:{:05x} is not kmapped", pfn.0))
@@ -315,6 +331,10 @@ impl Machine {
         if p.count[nr] == 1 {
             p.wake_gen += 1;
             h.pkmap_wait.notify_all();
+        }
+        if self.trace.on(EventId::Kunmap) {
+            let count = p.count[nr];
+            self.trace.emit(self.this_cpu(), Payload::Kunmap { pfn: pfn.0, addr: va, nr: nr as i32, count });
         }
         Ok(())
     }
@@ -358,8 +378,15 @@ impl Machine {
             st.push(Local { va, slot: Some(idx) });
             Ok(VirtAddr(va))
         })();
-        if r.is_err() {
-            let _ = self.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false);
+        match &r {
+            Err(_) => {
+                let _ = self.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false);
+            }
+            Ok(va) if self.trace.on(EventId::KmapLocal) => {
+                let idx = if high { ((self.vm.highmem.layout.slot_addr(cpu, 0) - va.0) >> self.page_shift) as i32 } else { -1 };
+                self.trace.emit(cpu, Payload::KmapLocal { pfn: pfn.0, addr: va.0, idx });
+            }
+            Ok(_) => {}
         }
         r
     }
@@ -375,9 +402,11 @@ impl Machine {
                 va.0
             )));
         };
+        let idx;
         {
             let mut st = self.vm.highmem.local[cpu as usize].lock();
             let page = va.0 & !(self.page_size - 1);
+            idx = st.iter().rposition(|l| l.va == page).and_then(|i| st[i].slot).map_or(-1, |s| s as i32);
             if self.is_kmap_local_addr(page) {
                 let top = st.iter().rposition(|l| l.slot.is_some());
                 match top {
@@ -417,6 +446,9 @@ impl Machine {
                     }
                 }
             }
+        }
+        if self.trace.on(EventId::KunmapLocal) {
+            self.trace.emit(cpu, Payload::KunmapLocal { addr: va.0 & !(self.page_size - 1), idx });
         }
         self.cpus.preempt_sub(PREEMPT_OFFSET, PREEMPT_MASK, false).map_err(KmmError::Bug)
     }

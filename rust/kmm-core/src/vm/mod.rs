@@ -246,6 +246,17 @@ impl Machine {
         let me = self.this_cpu() as usize;
         let pages = end.saturating_sub(start).div_ceil(self.page_size);
         let full = pages > TLB_SINGLE_PAGE_FLUSH_CEILING;
+        if self.trace.on(crate::trace::EventId::TlbFlush) {
+            self.trace.emit(
+                me as u32,
+                crate::trace::Payload::TlbFlush {
+                    start,
+                    end,
+                    pages: if full { -1 } else { pages as i64 },
+                    ipis: self.vm.tlbs.len() as u32 - 1,
+                },
+            );
+        }
         for (c, t) in self.vm.tlbs.iter().enumerate() {
             let mut t = t.lock();
             if c != me {
