@@ -14,6 +14,7 @@ __all__ = [
     "KMALLOC_MAX_CACHE_SIZE",
     "KMALLOC_MAX_SIZE",
     "KM_MAX_IDX",
+    "PAGE_OWNER_NAMES",
     "KmemCache",
     "KmemStat",
     "TraceEvent",
@@ -55,6 +56,7 @@ KMALLOC_MAX_CACHE_SIZE: Final[int]
 KMALLOC_MAX_SIZE: Final[int]
 STACK_END_MAGIC: Final[int]
 KM_MAX_IDX: Final[int]
+PAGE_OWNER_NAMES: Final[list[str]]
 
 def gfp_format(mask: int) -> str: ...
 def gfp_parse(text: str) -> int: ...
@@ -515,3 +517,4 @@ class Machine:
     def free_thread_stack(self, stack: ThreadStack) -> None: ...
     def irq_stack(self, cpu: int) -> ThreadStack: ...
     def snapshot(self) -> Snapshot: ...
+    def page_owners(self) -> bytes: ...

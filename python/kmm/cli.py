@@ -205,6 +205,9 @@ def _zone_block(zoneinfo: str, name: str) -> str:
 
 def proc(a: argparse.Namespace) -> int:
     m = _make_machine(a)
+    if a.trace:
+        t = _load(a, a.trace)
+        kmm.trace.replay(t, m)
     fn = getattr(m.proc, a.file)
     sys.stdout.write(fn())
     return EXIT_OK
@@ -256,7 +259,7 @@ def replay(a: argparse.Namespace) -> int:
     if a.plot:
         from kmm import plot
 
-        plot.replay_plot(r, a.plot, title=f"kmm replay of {Path(path).name}")
+        plot.replay_plot(r, a.plot, title=f"kmm replay of {Path(path).name}", owners=m.page_owners())
         print(f"\nplot written to {a.plot}")
     return EXIT_OK
 
@@ -281,8 +284,12 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="boot a machine and walk through the page allocator, slab, per-CPU")
     _machine_args(d)
     d.set_defaults(func=demo)
-    pr = sub.add_parser("proc", help="print a /proc file of a freshly booted machine")
+    pr = sub.add_parser("proc", help="print a /proc file of a freshly booted machine (or after replaying a trace)")
     pr.add_argument("file", choices=["buddyinfo", "zoneinfo", "pagetypeinfo", "meminfo", "vmstat", "slabinfo", "vmallocinfo"])
+    pr.add_argument("--trace", metavar="FILE", help="replay this perf script / trace_pipe text first")
+    pr.add_argument("--lenient", action="store_true", help="skip malformed trace lines (counted) instead of failing")
+    pr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress bar while loading (default: when stderr is a terminal)")
     _machine_args(pr)
     pr.set_defaults(func=proc)
     st = sub.add_parser(
@@ -313,7 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("file", metavar="FILE", nargs="?", help="`perf script` or trace_pipe text (default: the sample trace)")
     _machine_args(rp, memory="8G")
     rp.add_argument("--sample-every", type=int, default=1000, metavar="N", help="events between fragmentation samples (default 1000)")
-    rp.add_argument("--plot", metavar="OUT.png", help="draw free pages per order over time (needs matplotlib: the 'plot' extra)")
+    rp.add_argument("--plot", metavar="OUT.png", help="draw free pages per order over time and the physical memory map by owner (needs matplotlib: the 'plot' extra)")
     rp.add_argument("--slabinfo", action="store_true", help="print /proc/slabinfo at the end too")
     rp.add_argument("--free-at-end", action="store_true", help="free everything the replay allocated at the end")
     _trace_args(rp)

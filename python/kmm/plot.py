@@ -37,14 +37,53 @@ def require() -> None:
     _pyplot()
 
 
-def replay_plot(report: ReplayReport, path: str, title: str = "kmm replay") -> None:
+#: Colours of the page owners (kmm.PAGE_OWNER_NAMES order): reserved, buddy
+#: free, pcp, slab, vmalloc, page table, pages.
+OWNER_COLOURS = ("#000000", "#e8e8e8", "#9ecae1", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+
+
+def memory_map(ax, owners: bytes, page_size: int, width: int = 1024) -> None:
+    """Draw a physical memory map: one cell per page frame, `width` frames a
+    row, coloured by owner (``Machine.page_owners()``)."""
+    from matplotlib.colors import ListedColormap
+    from matplotlib.patches import Patch
+
+    from kmm import PAGE_OWNER_NAMES
+
+    rows = -(-len(owners) // width)
+    grid = [list(owners[r * width:(r + 1) * width]) for r in range(rows)]
+    if grid and len(grid[-1]) < width:
+        grid[-1] += [0] * (width - len(grid[-1]))
+    ax.imshow(grid, cmap=ListedColormap(OWNER_COLOURS), vmin=0, vmax=len(OWNER_COLOURS) - 1,
+              interpolation="nearest", aspect="auto")
+    mib = width * page_size / (1 << 20)
+    ax.set_ylabel(f"physical address ({mib:g} MiB a row)")
+    ax.set_xticks([])
+    ax.set_yticks([0, rows - 1], ["0", f"{rows * mib:g} MiB"])
+    counts = [owners.count(i) for i in range(len(OWNER_COLOURS))]
+    ax.legend(handles=[Patch(color=c, label=f"{n} ({counts[i]} pages)")
+                       for i, (c, n) in enumerate(zip(OWNER_COLOURS, PAGE_OWNER_NAMES))],
+              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize="small")
+
+
+def replay_plot(report: ReplayReport, path: str, title: str = "kmm replay", owners: bytes | None = None) -> None:
     """Free pages per order over the replay (all zones summed), the pages in
-    use, and the unusable-free-space index per order of the largest zone."""
+    use, the unusable-free-space index per order of the largest zone, and,
+    given ``owners`` (``Machine.page_owners()`` at the end), the physical
+    memory map coloured by owner."""
     plt = _pyplot()
     samples = report.samples
     x = [s.event for s in samples]
     orders = len(samples[0].zones[0].nr_free) if samples and samples[0].zones else 0
-    fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(10, 11), sharex=True)
+    if owners is not None:
+        fig = plt.figure(figsize=(12, 15))
+        gs = fig.add_gridspec(4, 1, height_ratios=[3, 2, 3, 4])
+        a1 = fig.add_subplot(gs[0])
+        a2 = fig.add_subplot(gs[1], sharex=a1)
+        a3 = fig.add_subplot(gs[2], sharex=a1)
+        memory_map(fig.add_subplot(gs[3]), owners, report.page_size)
+    else:
+        fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(10, 11), sharex=True)
     for o in range(orders):
         a1.plot(x, [sum(z.nr_free[o] << o for z in s.zones) for s in samples], label=f"order {o}",
                 color=ORDER_COLOURS[o % len(ORDER_COLOURS)])

@@ -249,7 +249,46 @@ fn zone_event_names(kind: ZoneKind) -> [&'static str; 3] {
     }
 }
 
+/// Names of the owner codes of `Machine::page_owners`, by code.
+pub const PAGE_OWNER_NAMES: [&str; 7] = ["reserved", "buddy free", "pcp", "slab", "vmalloc", "page table", "pages"];
+
 impl Machine {
+    /// One byte per page frame saying who holds it (the codes index
+    /// `PAGE_OWNER_NAMES`): free in the buddy allocator, on a per-CPU list,
+    /// a slab page, a vmalloc page, a page-table page, other allocated
+    /// pages (alloc_pages, large kmalloc, percpu, stacks), or reserved.
+    /// Read without locks: a snapshot that may straddle a concurrent call.
+    pub fn page_owners(&self) -> Vec<u8> {
+        use crate::page::{PG_BUDDY, PG_PCP, PG_RESERVED, PG_SLAB, PG_TABLE, PG_TAIL, PG_VMALLOC};
+        let n = self.nr_pages as usize;
+        let mut out = vec![6u8; n];
+        let mut pfn = 0usize;
+        while pfn < n {
+            let p = self.mem_map.get(pfn as u64);
+            let f = p.flags();
+            if f & (PG_BUDDY | PG_PCP) != 0 {
+                let end = (pfn + (1usize << p.order().min(crate::arch::MAX_PAGE_ORDER))).min(n);
+                out[pfn..end].fill(if f & PG_BUDDY != 0 { 1 } else { 2 });
+                pfn = end;
+                continue;
+            }
+            let hf = if f & PG_TAIL != 0 { self.mem_map.get(self.compound_head(crate::Pfn(pfn as u64)).0).flags() } else { f };
+            out[pfn] = if f & PG_RESERVED != 0 {
+                0
+            } else if hf & PG_SLAB != 0 {
+                3
+            } else if f & PG_VMALLOC != 0 {
+                4
+            } else if f & PG_TABLE != 0 {
+                5
+            } else {
+                6
+            };
+            pfn += 1;
+        }
+        out
+    }
+
     // ---- snapshots ----------------------------------------------------------------
 
     /// A snapshot of every zone of the node, in index order (unpopulated ones included).

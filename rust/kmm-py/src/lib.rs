@@ -61,6 +61,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KMALLOC_MAX_SIZE", kmm_core::kmalloc::KMALLOC_MAX_SIZE)?;
     m.add("STACK_END_MAGIC", kmm_core::vm::stack::STACK_END_MAGIC)?;
     m.add("KM_MAX_IDX", kmm_core::vm::highmem::KM_MAX_IDX)?;
+    m.add("PAGE_OWNER_NAMES", kmm_core::proc::PAGE_OWNER_NAMES.to_vec())?;
     Ok(())
 }
 

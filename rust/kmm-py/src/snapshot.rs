@@ -14,3 +14,15 @@ impl PyMachine {
         slf.py().import("kmm.snapshots")?.getattr("take")?.call1((slf,))
     }
 }
+
+#[pymethods]
+impl PyMachine {
+    /// One byte per page frame: who holds it, as an index into
+    /// `kmm.PAGE_OWNER_NAMES` (reserved, buddy free, pcp, slab, vmalloc,
+    /// page table, pages).
+    fn page_owners<'py>(&self, py: Python<'py>) -> Bound<'py, pyo3::types::PyBytes> {
+        let m = self.m.clone();
+        let v = py.detach(move || m.page_owners());
+        pyo3::types::PyBytes::new(py, &v)
+    }
+}
