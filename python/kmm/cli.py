@@ -312,10 +312,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "replay",
         help="replay a trace's allocations and frees on a kmm machine (default: the packaged sample)",
-        description="Feed a trace's kmalloc/kfree, kmem_cache_alloc/free, page and percpu events, each on "
+        description="Feed a trace's kmalloc/kfree, kmem_cache_alloc/free, page, percpu and vmap-area events, each on "
         "the CPU it ran on, into a kmm machine; report kmm's decisions that differed from the kernel's "
         "(bytes_alloc, zone: the kernel's zone is read from the traced pfn with x86_64's boundaries), "
-        "memory and external fragmentation. vmalloc events are counted, not replayed.",
+        "memory and external fragmentation. vmap areas (alloc_vmap_area / free_vmap_area_noflush) are "
+        "vmalloc'ed and vfree'd; their addresses are not compared.",
     )
     rp.add_argument("file", metavar="FILE", nargs="?", help="`perf script` or trace_pipe text (default: the sample trace)")
     _machine_args(rp, memory="8G")

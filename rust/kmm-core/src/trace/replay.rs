@@ -25,7 +25,12 @@
 //!   object's address falls inside the block while it is allocated), and
 //!   kmm's own slab layer allocates its own;
 //! - `percpu_alloc_percpu` / `percpu_free_percpu` -> `alloc_percpu` /
-//!   `free_percpu`.
+//!   `free_percpu`;
+//! - `vmalloc:alloc_vmap_area` (its `size` includes the guard page) ->
+//!   `__vmalloc_node_range(size - PAGE_SIZE, align)`, which also allocates
+//!   the area's pages (the kernel's bulk page allocator does not trace
+//!   them); `vmalloc:free_vmap_area_noflush` -> `vfree` (lazy, as traced);
+//!   `purge_vmap_area_lazy` is a consequence (kmm purges on its own).
 //!
 //! Not replayed, counted: frees of objects allocated before the trace
 //! started, kfree(NULL), failed allocations, events that are consequences of
@@ -33,7 +38,11 @@
 //! `mm_page_free_batched`, `mm_page_alloc_extfrag`: kmm makes its own),
 //! vmalloc events, other events.
 //!
-//! SIMPLIFICATION: vmalloc events are not replayed (counted as "vmalloc").
+//! SIMPLIFICATION: a vmap area's traced metadata kmallocs (the page array
+//! from `__vmalloc_node_range`, the vm_struct) are replayed as traced, and
+//! kmm's vmalloc makes its own too: 2 small objects counted twice per area.
+//! The areas' addresses are not compared (the traced kernel's vmalloc space
+//! was filled long before the recording started).
 //! SIMPLIFICATION: trace CPUs beyond the machine's CPUs run on cpu % cpus.
 //! SIMPLIFICATION: peak memory is read after every replayed allocation from
 //! the zones' free counters (pages on per-CPU lists count as used, as in
@@ -253,6 +262,8 @@ struct Replayer<'a> {
     pages: HashMap<u64, (u64, u32)>,
     /// trace percpu ptr -> kmm percpu ptr.
     percpu: HashMap<u64, u64>,
+    /// Traced va_start -> kmm's vmalloc address.
+    vmaps: HashMap<u64, u64>,
     /// Cache name id -> cache.
     caches: HashMap<u32, Arc<KmemCache>>,
     created: Vec<Arc<KmemCache>>,
@@ -609,14 +620,20 @@ impl<'a> Replayer<'a> {
                 }
                 Kind::Other => {
                     let name = self.log.name(i);
-                    if name == "kmem:mm_page_alloc_extfrag" {
+                    if name == "kmem:mm_page_alloc_extfrag" || name == "vmalloc:purge_vmap_area_lazy" {
                         self.r.consequences += 1;
+                        false
+                    } else if name == "vmalloc:alloc_vmap_area" {
+                        self.vmap_alloc(i)?
+                    } else if name == "vmalloc:free_vmap_area_noflush" {
+                        self.vmap_free(i)?
                     } else if name.starts_with("vmalloc:") {
                         self.r.vmalloc += 1;
+                        false
                     } else {
                         self.r.other += 1;
+                        false
                     }
-                    false
                 }
             };
             if replayed {
@@ -627,7 +644,7 @@ impl<'a> Replayer<'a> {
         self.r.seconds = t0.elapsed().as_secs_f64();
         self.r.events = self.log.events.len() as u64;
         self.sample(self.r.events);
-        self.r.live_at_end = (self.objs.len() + self.pages.len() + self.percpu.len()) as u64;
+        self.r.live_at_end = (self.objs.len() + self.pages.len() + self.percpu.len() + self.vmaps.len()) as u64;
         if self.o.free_at_end {
             self.free_all()?;
         }
@@ -641,6 +658,67 @@ impl<'a> Replayer<'a> {
         zp.sort();
         self.r.zone_pairs = zp;
         Ok(())
+    }
+
+    /// A field of an `Other` event's text: `key=value` or `key: value`.
+    fn field(&self, i: usize, key: &str) -> Option<u64> {
+        let t = self.log.raw_text(i);
+        let at = t.find(&format!("{key}=")).map(|p| p + key.len() + 1).or_else(|| t.find(&format!("{key}: ")).map(|p| p + key.len() + 2))?;
+        let v = t[at..].split_whitespace().next()?;
+        match v.strip_prefix("0x") {
+            Some(h) => u64::from_str_radix(h, 16).ok(),
+            None => v.parse().ok(),
+        }
+    }
+
+    /// `vmalloc:alloc_vmap_area`: vmalloc the traced size (minus the guard).
+    fn vmap_alloc(&mut self, i: usize) -> Result<bool> {
+        let (Some(va), Some(size), Some(align)) = (self.field(i, "va_start"), self.field(i, "size"), self.field(i, "align")) else {
+            self.r.other += 1;
+            return Ok(false);
+        };
+        if self.field(i, "failed").unwrap_or(0) != 0 {
+            self.r.failed_in_trace += 1;
+            return Ok(false);
+        }
+        self.on_cpu(self.log.events[i].cpu)?;
+        if let Some(old) = self.vmaps.remove(&va) {
+            self.r.reused_live += 1;
+            if let Err(err) = self.m.vfree(old) {
+                self.fail(err);
+            }
+        }
+        let usable = size.saturating_sub(self.m.page_size).max(1);
+        let align = align.max(1).next_power_of_two();
+        match self.m.vmalloc_node_range(usable, align, crate::gfp::GFP_KERNEL, 0, &self.site(self.log.events[i].call_site)) {
+            Ok(a) => {
+                self.vmaps.insert(va, a.addr);
+                self.note_peak();
+            }
+            Err(err) => self.fail(err),
+        }
+        Ok(true)
+    }
+
+    /// `vmalloc:free_vmap_area_noflush`: vfree the area, if the trace made it.
+    fn vmap_free(&mut self, i: usize) -> Result<bool> {
+        let Some(va) = self.field(i, "va_start") else {
+            self.r.other += 1;
+            return Ok(false);
+        };
+        match self.vmaps.remove(&va) {
+            Some(a) => {
+                self.on_cpu(self.log.events[i].cpu)?;
+                if let Err(err) = self.m.vfree(a) {
+                    self.fail(err);
+                }
+                Ok(true)
+            }
+            None => {
+                self.r.before_trace += 1;
+                Ok(false)
+            }
+        }
     }
 
     /// A free of a pfn the slab layer owned (its allocation was skipped).
@@ -665,6 +743,12 @@ impl<'a> Replayer<'a> {
                 self.fail(e);
             }
         }
+        for (_, a) in std::mem::take(&mut self.vmaps) {
+            if let Err(e) = self.m.vfree(a) {
+                self.fail(e);
+            }
+        }
+        self.m.purge_vmap_area_lazy();
         for c in std::mem::take(&mut self.created) {
             if let Err(e) = self.m.kmem_cache_destroy(&c) {
                 self.fail(e);
@@ -696,6 +780,7 @@ pub fn replay(log: &TraceLog, m: &Machine, o: &ReplayOptions) -> Result<ReplayRe
         objs: HashMap::new(),
         pages: HashMap::new(),
         percpu: HashMap::new(),
+        vmaps: HashMap::new(),
         caches: HashMap::new(),
         created: Vec::new(),
         sites: Vec::new(),
