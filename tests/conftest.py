@@ -51,3 +51,22 @@ def free_pages(m: kmm.Machine) -> int:
 def assert_healthy(m: kmm.Machine) -> None:
     errs = m.check()
     assert errs == [], errs
+
+
+def vm_state(m: kmm.Machine) -> dict:
+    """Everything a refused call must leave as it was, for the virtual-memory
+    tests (per-CPU page lists drained first, as /proc/buddyinfo reads after
+    drain_all_pages)."""
+    m.drain_all_pages()
+    return {
+        "buddyinfo": m.proc.buddyinfo(),
+        "slabinfo": m.proc.slabinfo(),
+        "vmallocinfo": m.proc.vmallocinfo(),
+        "vmalloc_nr_pages": m.vmalloc_nr_pages(),
+        "vmap_lazy_nr": m.vmap_lazy_nr,
+        "nr_free_pages": m.nr_free_pages(),
+        "PageTables": m.proc.meminfo_dict()["PageTables"],
+        "pkmap": m.pkmap_stats(),
+        "kmap_local_depths": [m.kmap_local_depth(c) for c in range(m.cpus)],
+        "preempt_count": m.preempt_count(),
+    }

@@ -31,7 +31,7 @@ import threading
 import pytest
 
 import kmm
-from conftest import assert_healthy
+from conftest import assert_healthy, vm_state
 
 PAGE = 4096
 MiB = 1 << 20
@@ -52,17 +52,8 @@ def highpages(m: kmm.Machine, n: int) -> list[kmm.Page]:
     return pages
 
 
-def snapshot(m: kmm.Machine):
-    m.drain_all_pages()
-    return (
-        m.proc.buddyinfo(),
-        m.proc.slabinfo(),
-        m.proc.vmallocinfo(),
-        m.vmalloc_nr_pages(),
-        m.pkmap_stats(),
-        [m.kmap_local_depth(c) for c in range(m.cpus)],
-        m.preempt_count(),
-    )
+def snapshot(m: kmm.Machine) -> dict:
+    return vm_state(m)
 
 
 def wait_until(pred, limit: float = 20.0) -> bool:

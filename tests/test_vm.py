@@ -34,7 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 import kmm
-from conftest import LINUX, assert_healthy, sample_trace_lines
+from conftest import LINUX, assert_healthy, sample_trace_lines, vm_state
 
 PAGE = 4096
 MiB = 1 << 20
@@ -71,19 +71,8 @@ def kernel_lazy_max_pages(cpus: int, page_size: int = PAGE) -> int:
     return fls(cpus) * (32 * MiB // page_size)
 
 
-def snapshot(m: kmm.Machine):
-    """Everything a refused call must leave as it was (pcp lists drained first,
-    as /proc/buddyinfo reads after drain_all_pages)."""
-    m.drain_all_pages()
-    return (
-        m.proc.buddyinfo(),
-        m.proc.slabinfo(),
-        m.proc.vmallocinfo(),
-        m.vmalloc_nr_pages(),
-        m.vmap_lazy_nr,
-        m.nr_free_pages(),
-        m.proc.meminfo_dict()["PageTables"],
-    )
+def snapshot(m: kmm.Machine) -> dict:
+    return vm_state(m)
 
 
 def pattern(seed: int, n: int) -> bytes:

@@ -9,21 +9,14 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 import kmm
+from conftest import vm_state
 
 PAGE = 4096
 MiB = 1 << 20
 
 
-def snapshot(m: kmm.Machine):
-    m.drain_all_pages()
-    return (
-        m.proc.buddyinfo(),
-        m.proc.slabinfo(),
-        m.proc.vmallocinfo(),
-        m.vmalloc_nr_pages(),
-        m.vmap_lazy_nr,
-        m.nr_free_pages(),
-    )
+def snapshot(m: kmm.Machine) -> dict:
+    return vm_state(m)
 
 
 # ---- 1. a second free through the Block panics ---------------------------------------------------
