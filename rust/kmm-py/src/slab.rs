@@ -104,7 +104,8 @@ pub struct PyBlock {
     kind: Kind,
     freed: AtomicBool,
     exports: AtomicUsize,
-    /// For per-CPU copies: the `__percpu` pointer and its generation.
+    /// For per-CPU copies: the `__percpu` pointer and its generation; for a
+    /// kmap_local Block: (the mapped page's pfn, 0).
     pcpu: (u64, u64),
     /// For vmalloc/vmap Blocks: the area.
     area: Option<Arc<VmArea>>,
