@@ -280,3 +280,11 @@ def test_high_order_atomic_reserves_a_highatomic_pageblock(m):
     for p in small:
         m.free_pages(p, 0)
     assert_healthy(m)
+
+
+def test_i386_needs_4k_pages():
+    # x86's 32-bit layout (896 MiB direct map, vmalloc, pkmap, fixmap in 4 GiB)
+    # exists only with 4 KiB pages.
+    for arch in ("i386", "i386-pae"):
+        with pytest.raises(ValueError, match="not supported on"):
+            kmm.Machine(arch=arch, page_size=16384)

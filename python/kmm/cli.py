@@ -152,7 +152,12 @@ def demo(a: argparse.Namespace) -> int:
     pages = [m.vmalloc_to_page(v.addr + i * m.page_size) for i in range(4)]
     print(f"  vmalloc({len(v)}) -> {v.addr:#x}: virtually contiguous, pages at pfns "
           f"{[hex(p.pfn) for p in pages]} (order-0 pages, each mapped on its own PTE)")
-    print(f"  the same bytes through the first page's direct-map address: {m.read(pages[0].address, 6)!r}")
+    if pages[0].address is not None:
+        print(f"  the same bytes through the first page's direct-map address: {m.read(pages[0].address, 6)!r}")
+    else:
+        a = m.kmap(pages[0])
+        print(f"  the first page is HighMem (no direct-map address); through kmap() at {a:#x}: {m.read(a, 6)!r}")
+        m.kunmap(pages[0])
     try:
         m.read(v.addr + 4 * m.page_size, 1)
     except kmm.PageFaultError as e:

@@ -91,7 +91,7 @@ impl MachineConfig {
         ("arch", "x86_64", "x86_64 (DMA, DMA32, Normal) | i386 (DMA, Normal <= 896M, HighMem) | i386-pae"),
         ("memory", "1G", "RAM size; sparse, so 64G costs little on a small host"),
         ("cpus", "2", "number of simulated CPUs"),
-        ("page_size", "4096", "bytes per page: 4096, 8192, 16384 or 65536"),
+        ("page_size", "4096", "bytes per page: 4096, 8192, 16384 or 65536 (4096 only on i386)"),
         ("min_free_kbytes", "auto", "vm.min_free_kbytes; auto = 4*sqrt(lowmem kB), raised by THP"),
         ("watermark_scale_factor", "10", "vm.watermark_scale_factor: low/high gap in 1/10000 of the zone"),
         ("lowmem_reserve_ratio", "256 256 32 0 0", "vm.lowmem_reserve_ratio per zone"),
@@ -164,6 +164,13 @@ impl Machine {
         }
         if cfg.cpus == 0 || cfg.cpus > 1024 {
             return invalid(format!("cpus must be 1..=1024, not {}", cfg.cpus));
+        }
+        if cfg.arch != Arch::X86_64 && ps != 4096 {
+            return invalid(format!(
+                "page_size {ps} is not supported on {}: its 4 GiB address space holds the 896 MiB direct map, \
+                 vmalloc, the pkmap window and the fixmap only with 4 KiB pages",
+                cfg.arch.name()
+            ));
         }
         if cfg.arch != Arch::X86_64 && cfg.cpus > 32 {
             return invalid(format!(
