@@ -156,21 +156,12 @@ impl Arch {
         }
     }
 
-    /// `VMALLOC_START` / `VMALLOC_END` exactly as the kernel defines them:
-    /// x86_64's END is the last byte (0xffffe8ffffffffff, 32 TiB from
-    /// 0xffffc90000000000); i386's is PKMAP_BASE - 2 pages (one past the last
-    /// usable byte). meminfo's VmallocTotal is (END - START) >> 10 for both.
-    pub fn vmalloc_range(self, lowmem_bytes: u64) -> (u64, u64) {
-        match self {
-            Arch::X86_64 => (0xffff_c900_0000_0000, 0xffff_c900_0000_0000 + (32u64 << 40) - 1),
-            Arch::I386 | Arch::I386Pae => {
-                // VMALLOC_START = high_memory + VMALLOC_OFFSET (8 MiB); the end sits below
-                // the pkmap window (PKMAP_BASE - 2 pages).
-                let start = self.page_offset() + lowmem_bytes + (8 << 20);
-                let pkmap_base = 0xff80_0000u64;
-                (start, pkmap_base - 2 * 4096)
-            }
-        }
+    /// x86_64's `VMALLOC_START` / `VMALLOC_END` (4-level paging, no KASLR):
+    /// 0xffffc90000000000 and 32 TiB later, END being itself excluded
+    /// (`is_vmalloc_addr` tests `< VMALLOC_END`). i386's range depends on the
+    /// pkmap and fixmap layout: see `vm::highmem::Layout::vmalloc_range`.
+    pub fn vmalloc_range_64(self) -> (u64, u64) {
+        (0xffff_c900_0000_0000, 0xffff_c900_0000_0000 + (32u64 << 40) - 1)
     }
 }
 

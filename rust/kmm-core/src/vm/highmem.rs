@@ -112,7 +112,7 @@ impl Layout {
         match arch {
             // x86_64's VMALLOC_END (0xffffe8ffffffffff) is itself excluded:
             // is_vmalloc_addr tests addr < VMALLOC_END, and areas end below it.
-            Arch::X86_64 => arch.vmalloc_range(lowmem),
+            Arch::X86_64 => arch.vmalloc_range_64(),
             _ => (arch.page_offset() + lowmem + (8 << 20), self.pkmap_base - 2 * (1 << self.page_shift)),
         }
     }
