@@ -344,3 +344,158 @@ def test_kvmalloc_refuses_sizes_above_int_max():
     with pytest.raises(kmm.OutOfMemoryError):
         m.kvmalloc(2**31, kmm.GFP_KERNEL | kmm.__GFP_NOWARN)
     assert snapshot(m) == before
+
+
+# ---- found in review (second pass) -----------------------------------------------------------------
+
+import threading  # noqa: E402
+
+
+def test_vmalloc_and_kmap_local_on_one_cpu_do_not_deadlock():
+    # vmalloc allocated its page tables under page_table_lock, and a table
+    # allocation waits for the CPU; kmap_local_page held the CPU and took
+    # page_table_lock. mm/memory.c __pte_alloc_kernel allocates outside the
+    # lock; the kmap paths never take it (set_pte_at on boot tables).
+    m = kmm.Machine(arch="i386", memory="1G", cpus=1)
+    hp = m.alloc_page(kmm.GFP_HIGHUSER)
+    done = {"a": 0, "b": 0}
+    stop = threading.Event()
+
+    def a():
+        while not stop.is_set() and done["a"] < 40:
+            v = m.vmalloc(4 << 20)  # a new 4 MiB region: new page tables each time
+            m.vfree(v)
+            done["a"] += 1
+
+    def b():
+        while not stop.is_set():
+            with m.kmap_local_page(hp):
+                pass
+            done["b"] += 1
+
+    ta, tb = threading.Thread(target=a), threading.Thread(target=b)
+    ta.start(), tb.start()
+    ta.join(timeout=60)  # a bound on a hang, not a timing assertion
+    stop.set()
+    tb.join(timeout=60)
+    assert not ta.is_alive() and not tb.is_alive(), "vmalloc and kmap_local deadlocked"
+    assert done["a"] == 40 and done["b"] > 0
+    assert m.check() == []
+
+
+def test_irq_stack_from_a_trace_sink_does_not_deadlock():
+    m = kmm.Machine(memory="256M", cpus=2)
+    made = []
+
+    def sink(ev):
+        if not made:
+            made.append(m.irq_stack(1))
+
+    h = m.trace.attach("kmem:mm_page_alloc", sink)
+    s0 = m.irq_stack(0)
+    h.detach()
+    assert made and made[0].irq_cpu == 1 and s0.irq_cpu == 0
+    assert m.irq_stack(1).base == made[0].base
+
+
+def test_a_kernel_stack_handle_frees_once():
+    m = kmm.Machine(memory="256M")
+    s = m.alloc_thread_stack(vmap=False)
+    m.free_thread_stack(s)
+    other = m.alloc_pages(kmm.GFP_KERNEL, 2)  # may reuse the stack's block
+    kb = m.proc.meminfo_dict()["KernelStack"]
+    with pytest.raises(kmm.DoubleFreeError):
+        m.free_thread_stack(s)
+    assert m.proc.meminfo_dict()["KernelStack"] == kb == 0
+    assert other.refcount == 1
+    m.free_pages(other, 2)
+
+
+def test_irq_stacks_and_page_arrays_are_not_the_callers_to_free():
+    m = kmm.Machine(memory="256M")
+    irq = m.irq_stack(0)
+    with pytest.raises(kmm.InvalidFreeError, match="IRQ stack"):
+        m.vunmap(irq.base)
+    # vmalloc of 1025 pages: an 8200-byte page array, itself vmalloc'ed (vpages).
+    big = m.vmalloc(1025 * PAGE)
+    nested = [line.split()[0].split("-")[0] for line in m.proc.vmallocinfo().splitlines() if "vpages" not in line]
+    array_addr = next(int(a, 16) for a in nested if int(a, 16) not in (big.addr, irq.base))
+    before = snapshot(m)
+    with pytest.raises(kmm.InvalidFreeError, match="page array"):
+        m.vfree(array_addr)
+    with pytest.raises(ValueError, match="made for itself"):
+        m.block(array_addr, 16)
+    assert snapshot(m) == before
+    # __vmalloc_area_node passes the outer caller to the nested area.
+    callers = {line.split()[2] for line in m.proc.vmallocinfo().splitlines() if " vmalloc" in line}
+    assert len(callers) == 1
+    m.vfree(big)
+    assert m.check() == []
+
+
+def test_a_page_a_vmalloc_area_maps_cannot_be_freed_under_it():
+    m = kmm.Machine(memory="256M")
+    v = m.vmalloc(PAGE)
+    p = m.vmalloc_to_page(v.addr)
+    before = snapshot(m)
+    with pytest.raises(kmm.InvalidFreeError, match="vmalloc area still maps"):
+        m.free_page(p)
+    assert snapshot(m) == before
+    m.vfree(v)
+    assert m.check() == []
+
+
+def test_a_detached_sink_gets_no_deferred_event():
+    # Page-table pages' events are deferred until vmalloc drops its lock;
+    # a sink detached meanwhile must not receive them.
+    m = kmm.Machine(memory="256M", cpus=2)
+    got_b = []
+    hb = None
+
+    def a(ev):
+        nonlocal hb
+        if hb is not None:
+            hb.detach()
+            hb = None
+
+    ha = m.trace.attach("kmem:mm_page_alloc", a)
+    hb = m.trace.attach("kmem:mm_page_alloc", lambda ev: got_b.append(ev.fields["pfn"]))
+    m.vmalloc(PAGE)
+    ha.detach()
+    assert len(got_b) <= 1, got_b  # at most the event that ran A's detach alongside
+
+
+def test_a_corrupted_page_table_entry_faults_instead_of_panicking():
+    m = kmm.Machine(memory="256M")
+    v = m.vmalloc(PAGE)
+    tables = [i for i, o in enumerate(m.page_owners()) if kmm.PAGE_OWNER_NAMES[o] == "page table"]
+    pte_table = tables[-1]
+    addr = m.pfn_to_page(pte_table).address
+    # Point the first PTE table entry far beyond RAM and the boot tables.
+    m.write(addr, (m.memory + (10_000 << 12) | 0x63).to_bytes(8, "little"))
+    with pytest.raises(kmm.PageFaultError):
+        m.translate(v.addr)
+
+
+def test_a_sink_may_vfree_during_a_purge():
+    # The purge holds vmap_purge_lock; its events must reach sinks after it
+    # drops, or a sink that vfrees (and so may purge) deadlocks.
+    m = kmm.Machine(memory="256M", cpus=2)
+    spare = [m.vmalloc(PAGE) for _ in range(3)]
+    freed = []
+
+    def sink(ev):
+        if spare:
+            v = spare.pop()
+            m.vfree(v)
+            m.vm_unmap_aliases()
+            freed.append(v)
+
+    h = m.trace.attach("vmalloc:purge_vmap_area_lazy", sink)
+    v = m.vmalloc(PAGE)
+    m.vfree(v)
+    m.vm_unmap_aliases()
+    h.detach()
+    assert len(freed) == 3 and m.vmap_lazy_nr == 0
+    assert m.proc.vmallocinfo() == ""
+    assert m.check() == []

@@ -606,6 +606,13 @@ impl Machine {
                 pfn.0
             )));
         }
+        if p.has(crate::page::PG_VMALLOC) {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: freeing a page a vmalloc area still maps \
+                 (vfree frees the area's pages)",
+                pfn.0
+            )));
+        }
         if p.refcount() <= 0 {
             // Inside a free block, or a tail of an allocated block?
             let z = self.pfn_zone(pfn).expect("valid pfn has a zone");

@@ -272,7 +272,14 @@ impl Machine {
                 pfn = end;
                 continue;
             }
-            let hf = if f & PG_TAIL != 0 { self.mem_map.get(self.compound_head(crate::Pfn(pfn as u64)).0).flags() } else { f };
+            // A tail's head link is read without locks: a block being built
+            // may show PG_TAIL before its link, so check the link is a pfn.
+            let hf = if f & PG_TAIL != 0 {
+                let head = self.compound_head(crate::Pfn(pfn as u64)).0;
+                if head < self.nr_pages { self.mem_map.get(head).flags() } else { 0 }
+            } else {
+                f
+            };
             out[pfn] = if f & PG_RESERVED != 0 {
                 0
             } else if hf & PG_SLAB != 0 {

@@ -470,6 +470,9 @@ impl PyMachine {
     fn block(&self, addr: u64, size: usize) -> PyResult<PyBlock> {
         if self.m.is_vmalloc_addr(addr) {
             return match self.m.find_vm_area(addr) {
+                Some(a) if a.internal.load(std::sync::atomic::Ordering::Relaxed) != 0 => Err(PyValueError::new_err(format!(
+                    "{addr:#x} is an area kmm made for itself (a page array or an IRQ stack), not a Block to hand out"
+                ))),
                 Some(a) if a.addr == addr && size as u64 <= a.usable() => Ok(PyBlock::for_area(&self.m, a, size)),
                 _ => Err(PyValueError::new_err(format!("{addr:#x} is not the start of a live vmalloc area of >= {size} bytes"))),
             };

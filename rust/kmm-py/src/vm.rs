@@ -215,14 +215,16 @@ impl PyMachine {
         py.detach(|| m.kmap(pfn)).map(|v| v.0).map_err(to_py_err)
     }
     /// `kunmap(page)`.
-    fn kunmap(&self, page: &Bound<'_, PyAny>) -> PyResult<()> {
+    fn kunmap(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<()> {
         let pfn = self.page_arg(page)?;
-        self.m.kunmap(pfn).map_err(to_py_err)
+        let m = self.m.clone();
+        py.detach(|| m.kunmap(pfn)).map_err(to_py_err)
     }
     /// `kmap_atomic(page)`: disables preemption until kunmap_atomic.
-    fn kmap_atomic(&self, page: &Bound<'_, PyAny>) -> PyResult<u64> {
+    fn kmap_atomic(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<u64> {
         let pfn = self.page_arg(page)?;
-        self.m.kmap_atomic(pfn).map(|v| v.0).map_err(to_py_err)
+        let m = self.m.clone();
+        py.detach(|| m.kmap_atomic(pfn)).map(|v| v.0).map_err(to_py_err)
     }
     /// `kunmap_atomic(addr)`.
     fn kunmap_atomic(&self, addr: u64) -> PyResult<()> {
@@ -231,9 +233,11 @@ impl PyMachine {
     /// `kmap_local_page(page)`: a Block over the mapping, usable as a
     /// context manager that unmaps it on exit. Preemption is disabled while
     /// it is held; mappings nest and must be undone in reverse order.
-    fn kmap_local_page(&self, page: &Bound<'_, PyAny>) -> PyResult<PyBlock> {
+    fn kmap_local_page(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<PyBlock> {
         let pfn = self.page_arg(page)?;
-        let va = self.m.kmap_local_page(pfn).map_err(to_py_err)?;
+        let m = self.m.clone();
+        // Released: claiming the CPU may wait for a thread that needs the GIL.
+        let va = py.detach(|| m.kmap_local_page(pfn)).map_err(to_py_err)?;
         Ok(PyBlock::for_kmap(&self.m, va.0, pfn.0))
     }
     /// `kunmap_local(block_or_addr)`.

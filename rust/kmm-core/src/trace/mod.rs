@@ -615,7 +615,7 @@ thread_local! {
     /// Nesting depth of `Tracing::defer` on this thread.
     static DEFER: Cell<u32> = const { Cell::new(0) };
     /// Events waiting for the deferral to end, with the sinks that take them.
-    static PENDING: RefCell<Vec<(Vec<Sink>, Event)>> = const { RefCell::new(Vec::new()) };
+    static PENDING: RefCell<Vec<(Vec<LiveSink>, Event)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// While alive, events emitted on this thread are queued (see `Tracing::defer`).
@@ -634,8 +634,10 @@ impl Drop for Deferral {
         });
         if depth == 0 {
             for (sinks, ev) in PENDING.with(|p| std::mem::take(&mut *p.borrow_mut())) {
-                for s in sinks {
-                    s(&ev);
+                for (alive, s) in sinks {
+                    if alive.load(Relaxed) {
+                        s(&ev); // not to a sink detached since the event
+                    }
                 }
             }
         }
@@ -646,7 +648,18 @@ struct Attached {
     id: u64,
     mask: u64,
     sink: Sink,
+    /// Cleared by `detach`: deferred events check it before delivery.
+    alive: Arc<std::sync::atomic::AtomicBool>,
 }
+
+impl Attached {
+    fn share(&self) -> Attached {
+        Attached { id: self.id, mask: self.mask, sink: self.sink.clone(), alive: self.alive.clone() }
+    }
+}
+
+/// A sink with its liveness flag, as deferred events hold it.
+type LiveSink = (Arc<std::sync::atomic::AtomicBool>, Sink);
 
 static NEXT_TRACING: AtomicU64 = AtomicU64::new(1);
 
@@ -736,14 +749,17 @@ impl Tracing {
         let ev = Event { cpu, ts_ns: self.now_ns(), payload };
         let bit = ev.payload.id().bit();
         if DEFER.with(|d| d.get()) > 0 {
-            let sinks: Vec<Sink> =
-                self.current_sinks(|v| v.iter().filter(|a| a.mask & bit != 0).map(|a| a.sink.clone()).collect());
+            let sinks: Vec<LiveSink> = self.current_sinks(|v| {
+                v.iter().filter(|a| a.mask & bit != 0).map(|a| (a.alive.clone(), a.sink.clone())).collect()
+            });
             PENDING.with(|p| p.borrow_mut().push((sinks, ev)));
             return;
         }
         self.current_sinks(|v| {
             for a in v.iter().filter(|a| a.mask & bit != 0) {
-                (a.sink)(&ev);
+                if a.alive.load(Relaxed) {
+                    (a.sink)(&ev);
+                }
             }
         });
     }
@@ -764,8 +780,8 @@ impl Tracing {
     pub fn attach(&self, mask: u64, sink: Sink) -> u64 {
         let id = self.next_id.fetch_add(1, Relaxed);
         let mut v = self.sinks.write();
-        let mut all: Vec<Attached> = v.iter().map(|a| Attached { id: a.id, mask: a.mask, sink: a.sink.clone() }).collect();
-        all.push(Attached { id, mask, sink });
+        let mut all: Vec<Attached> = v.iter().map(Attached::share).collect();
+        all.push(Attached { id, mask, sink, alive: Arc::new(std::sync::atomic::AtomicBool::new(true)) });
         self.enabled.store(all.iter().fold(0, |m, a| m | a.mask), Relaxed);
         *v = Arc::from(all);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
@@ -776,13 +792,28 @@ impl Tracing {
     pub fn detach(&self, handle: u64) -> bool {
         let mut v = self.sinks.write();
         let before = v.len();
-        let all: Vec<Attached> =
-            v.iter().filter(|a| a.id != handle).map(|a| Attached { id: a.id, mask: a.mask, sink: a.sink.clone() }).collect();
+        for a in v.iter().filter(|a| a.id == handle) {
+            a.alive.store(false, Relaxed);
+        }
+        let all: Vec<Attached> = v.iter().filter(|a| a.id != handle).map(Attached::share).collect();
         let changed = all.len() != before;
         self.enabled.store(all.iter().fold(0, |m, a| m | a.mask), Relaxed);
         *v = Arc::from(all);
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+        drop(v);
+        self.forget_cached_sinks();
         changed
+    }
+
+    /// Drop this thread's cached snapshot of this registry, so that a
+    /// detached sink (and what it holds, e.g. the machine) is not kept
+    /// alive by the cache. Other threads' caches refresh on their next emit.
+    fn forget_cached_sinks(&self) {
+        SINK_CACHE.with(|c| {
+            if let Ok(mut c) = c.try_borrow_mut() {
+                c.retain(|e| e.0 != self.id);
+            }
+        });
     }
 }
 
@@ -841,6 +872,10 @@ impl Recorder {
             return;
         }
         let mut c = b.chunks.lock();
+        if b.len.load(Relaxed) >= self.capacity {
+            b.lost.fetch_add(1, Relaxed); // another thread filled it meanwhile
+            return;
+        }
         match c.full.last_mut() {
             Some(last) if last.len() < REC_CHUNK => last.push(e.clone()),
             _ => {

@@ -29,9 +29,12 @@
 //! - kmap-2: a CPU's kmap_local stack holds at most KM_MAX_IDX - 1 fixmap
 //!   slots, and each maps the page recorded for it.
 //!
-//! Lock order: `kmap_lock` -> page_table_lock -> TLB locks. A CPU's
-//! kmap_local stack is that CPU's (preemption is disabled while it is
-//! non-empty), behind an uncontended spin lock.
+//! Lock order: `kmap_lock` -> TLB locks. Neither path takes the page-table
+//! lock: the pkmap and fixmap PTE tables exist since boot and each slot's
+//! PTE is written only by its owner (under kmap_lock, or by the CPU that
+//! holds the slot), as the kernel's `set_pte_at` on them. A CPU's kmap_local
+//! stack is that CPU's (preemption is disabled while it is non-empty),
+//! behind an uncontended spin lock.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
@@ -207,7 +210,7 @@ impl Machine {
             }
             p.count[nr] = 0;
             let page = p.slot_page[nr].take().expect("a mapped slot records its page");
-            self.unmap_pages_at(l.pkmap_addr(nr as u64), 1);
+            let _ = self.vm.pt.set_boot_pte(&self.phys, l.pkmap_addr(nr as u64), None);
             p.page_address.remove(&page.0);
             need_flush = true;
         }
@@ -241,7 +244,7 @@ impl Machine {
             let nr = p.last_pkmap_nr as usize;
             if p.count[nr] == 0 {
                 let va = l.pkmap_addr(nr as u64);
-                self.map_pages_at(va, &[pfn], crate::gfp::GFP_ATOMIC)?; // the table exists since boot
+                self.vm.pt.set_boot_pte(&self.phys, va, Some(self.pfn_to_phys(pfn).0))?;
                 p.count[nr] = 1;
                 p.slot_page[nr] = Some(pfn);
                 p.page_address.insert(pfn.0, va);
@@ -374,7 +377,7 @@ impl Machine {
                 )));
             }
             let va = self.vm.highmem.layout.slot_addr(cpu, idx);
-            self.map_pages_at(va, &[pfn], crate::gfp::GFP_ATOMIC)?; // the table exists since boot
+            self.vm.pt.set_boot_pte(&self.phys, va, Some(self.pfn_to_phys(pfn).0))?;
             st.push(Local { va, slot: Some(idx) });
             Ok(VirtAddr(va))
         })();
@@ -412,7 +415,7 @@ impl Machine {
                 match top {
                     Some(i) if st[i].va == page => {
                         let e = st.remove(i);
-                        self.unmap_pages_at(e.va, 1);
+                        let _ = self.vm.pt.set_boot_pte(&self.phys, e.va, None);
                         self.flush_tlb_one_kernel(e.va);
                     }
                     Some(i) => {

@@ -21,8 +21,9 @@
 //!   `va - PAGE_OFFSET` (checked on a sample in `check`).
 //! - the submodules' own (pgtable-1, tlb-1, vmalloc-1.., kmap-1..).
 //!
-//! Lock order: vmap_area_lock / kmap_lock -> page_table_lock -> zone lock;
-//! a CPU's TLB lock is innermost and never held while another is taken.
+//! Lock order: vmap_area_lock -> page_table_lock (no allocation under it:
+//! tables are allocated before it is taken); kmap_lock -> TLB locks; a CPU's
+//! TLB lock is innermost and never held while another is taken.
 #![forbid(unsafe_code)]
 
 pub mod highmem;
@@ -291,26 +292,56 @@ impl Machine {
         Ok(self.pfn_to_phys(pfn).0)
     }
 
-    /// Map `pfns` at `va` with base pages (vmap_pages_range), allocating
-    /// tables as needed (with `gfp`), under the page-table lock. On error,
-    /// unmaps what it mapped.
+    /// Map `pfns` at `va` with base pages (vmap_pages_range). The tables
+    /// it needs are allocated first, with no lock held (a table allocation
+    /// may wait for a CPU another thread holds, and that thread may be
+    /// waiting for the page-table lock), then installed under the lock, as
+    /// `__pte_alloc_kernel` does; spares are given back. On error, unmaps
+    /// what it mapped.
     pub(crate) fn map_pages_at(&self, va: u64, pfns: &[Pfn], gfp: gfp::Gfp) -> Result<()> {
-        // A table page's mm_page_alloc event is delivered after the lock
-        // drops (a trace sink may call back into vmalloc).
+        // A table page's mm_page_alloc event is delivered after the locks
+        // drop (a trace sink may call back into vmalloc).
         let _defer = self.trace.defer();
-        let _g = self.vm.pt.lock.lock();
-        for (i, p) in pfns.iter().enumerate() {
-            let r = self.vm.pt.map(&self.phys, va + i as u64 * self.page_size, self.pfn_to_phys(*p).0, 0, &mut || {
-                self.alloc_table_page(gfp)
-            });
-            if let Err(e) = r {
-                for j in 0..i {
-                    self.vm.pt.unmap(&self.phys, va + j as u64 * self.page_size);
+        let need = self.vm.pt.missing_tables(&self.phys, va, pfns.len() as u64);
+        let mut pool = Vec::with_capacity(need);
+        for _ in 0..need {
+            match self.alloc_table_page(gfp) {
+                Ok(t) => pool.push(t),
+                Err(e) => {
+                    self.free_table_pages(pool);
+                    return Err(e);
                 }
-                return Err(e);
             }
         }
-        Ok(())
+        let r = {
+            let _g = self.vm.pt.lock.lock();
+            let mut r = Ok(());
+            for (i, p) in pfns.iter().enumerate() {
+                let at = va + i as u64 * self.page_size;
+                if let Err(e) = self.vm.pt.map(&self.phys, at, self.pfn_to_phys(*p).0, 0, &mut || {
+                    pool.pop().ok_or_else(|| KmmError::Bug("page tables vanished while vmalloc mapped".into()))
+                }) {
+                    for j in 0..i {
+                        self.vm.pt.unmap(&self.phys, va + j as u64 * self.page_size);
+                    }
+                    r = Err(e);
+                    break;
+                }
+            }
+            r
+        };
+        self.free_table_pages(pool);
+        r
+    }
+
+    /// Give back table pages that were not installed.
+    fn free_table_pages(&self, pool: Vec<u64>) {
+        for t in pool {
+            let pfn = self.phys_to_pfn(crate::PhysAddr(t));
+            self.mem_map.get(pfn.0).clear_flag(PG_TABLE);
+            self.vm.pt.nr_runtime_tables.fetch_sub(1, Relaxed);
+            let _ = self.free_pages(pfn, 0);
+        }
     }
 
     /// `vunmap_range_noflush`: clear the PTEs of `[va, va + n pages)`.

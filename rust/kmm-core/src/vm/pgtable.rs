@@ -34,8 +34,10 @@
 //! - pgtable-1: every present non-leaf entry points to a table page (arena
 //!   or PG_TABLE page), and every leaf to RAM.
 //!
-//! Lock order: `lock` (init_mm.page_table_lock) is taken inside the vmap and
-//! kmap locks and before the zone lock (a table page is allocated under it).
+//! Lock order: `lock` (init_mm.page_table_lock) serialises vmalloc's table
+//! installs; nothing is allocated under it (tables are allocated first, see
+//! `Machine::map_pages_at`). The boot tables' slots (pkmap, fixmap) are
+//! written without it by their owners (`set_boot_pte`).
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -166,8 +168,10 @@ impl PageTables {
     #[inline]
     fn read_entry(&self, pm: &PhysMem, table: u64, idx: u64) -> u64 {
         if table >= self.arena_base {
+            // A corrupted entry (simulated memory is writable) may point
+            // anywhere: outside the arena it reads as not present.
             let t = ((table - self.arena_base) >> self.page_shift) as usize;
-            return self.arena[t][idx as usize].load(Relaxed);
+            return self.arena.get(t).map_or(0, |tb| tb[idx as usize].load(Relaxed));
         }
         let at = table + idx * self.entry_bytes as u64;
         if self.entry_bytes == 8 {
@@ -182,7 +186,10 @@ impl PageTables {
     fn write_entry(&self, pm: &PhysMem, table: u64, idx: u64, v: u64) -> Result<()> {
         if table >= self.arena_base {
             let t = ((table - self.arena_base) >> self.page_shift) as usize;
-            self.arena[t][idx as usize].store(v, Relaxed);
+            let tb = self.arena.get(t).ok_or_else(|| {
+                KmmError::Bug(format!("kernel BUG: page table at {table:#x} is neither RAM nor a boot table (corrupted entry)"))
+            })?;
+            tb[idx as usize].store(v, Relaxed);
             return Ok(());
         }
         let at = table + idx * self.entry_bytes as u64;
@@ -240,6 +247,43 @@ impl PageTables {
             }
         }
         Ok((table, self.index(va, level)))
+    }
+
+    /// How many tables mapping base pages at `[va, va + n pages)` would
+    /// allocate now (a racy read: tables are only ever added, so the count
+    /// can only fall before the caller maps).
+    pub fn missing_tables(&self, pm: &PhysMem, va: u64, n: u64) -> usize {
+        let mut need = std::collections::HashSet::new();
+        for i in 0..n {
+            let a = va + (i << self.page_shift);
+            let mut table = self.root;
+            for level in (1..self.levels).rev() {
+                let e = self.read_entry(pm, table, self.index(a, level));
+                if e & _PAGE_PRESENT == 0 {
+                    // A table for each level below this one, keyed by what it covers.
+                    for l in 0..level {
+                        need.insert((l, a >> self.level_shift(l + 1).min(63)));
+                    }
+                    break;
+                }
+                if e & _PAGE_PSE != 0 {
+                    break;
+                }
+                table = e & self.addr_mask();
+            }
+        }
+        need.len()
+    }
+
+    /// Set (or, with `phys` None, clear) the base-page PTE of `va` in a
+    /// table that exists since boot (the pkmap window, the fixmap): no
+    /// allocation and no page-table lock, like the kernel's `set_pte_at` on
+    /// `pkmap_page_table` / `kmap_pte`. The caller owns the slot.
+    pub fn set_boot_pte(&self, pm: &PhysMem, va: u64, phys: Option<u64>) -> Result<()> {
+        let (t, i) = self.table_for(pm, va, 0, &mut || {
+            Err(KmmError::Bug(format!("kernel BUG: no boot page table maps {va:#x}")))
+        })?;
+        self.write_entry(pm, t, i, phys.map_or(0, |p| p | PAGE_KERNEL))
     }
 
     /// Install a leaf for `va` -> `phys` at `level` (0 = a base page; 1 or 2

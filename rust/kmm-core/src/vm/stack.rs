@@ -36,7 +36,7 @@
 //! Lock order: `irq` (the IRQ stack table) -> vmap_area_lock.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -71,6 +71,8 @@ pub struct KStack {
     pub backing: Backing,
     /// An IRQ stack (owned by its CPU, never freed).
     pub irq_cpu: Option<u32>,
+    /// Set by `free_thread_stack` (shared by the handle's clones).
+    pub freed: Arc<AtomicBool>,
 }
 
 impl KStack {
@@ -121,12 +123,12 @@ impl Machine {
             }
             // THREAD_ALIGN = THREAD_SIZE with VMAP_STACK.
             let a = self.vmalloc_node_range(size, size, threadinfo_gfp, 0, caller)?;
-            KStack { base: a.addr, size, backing: Backing::Vmap(a), irq_cpu: None }
+            KStack { base: a.addr, size, backing: Backing::Vmap(a), irq_cpu: None, freed: Arc::default() }
         } else {
             let order = self.thread_size_order();
             let pfn = self.alloc_pages(threadinfo_gfp, order)?;
             let base = self.page_address(pfn).expect("THREADINFO_GFP has no __GFP_HIGHMEM").0;
-            KStack { base, size, backing: Backing::Pages(pfn, order), irq_cpu: None }
+            KStack { base, size, backing: Backing::Pages(pfn, order), irq_cpu: None, freed: Arc::default() }
         };
         self.write(VirtAddr(st.base), &STACK_END_MAGIC.to_ne_bytes())?;
         // account_kernel_stack
@@ -139,9 +141,19 @@ impl Machine {
         if st.irq_cpu.is_some() {
             return Err(KmmError::InvalidFree("an IRQ stack belongs to its CPU and is never freed".into()));
         }
-        match &st.backing {
-            Backing::Vmap(a) => self.vfree(a.addr)?,
-            Backing::Pages(pfn, order) => self.free_pages(*pfn, *order)?,
+        if st.freed.swap(true, Relaxed) {
+            return Err(KmmError::DoubleFree(format!(
+                "double free or corruption: the kernel stack at {:#x} was freed already",
+                st.base
+            )));
+        }
+        let r = match &st.backing {
+            Backing::Vmap(a) => self.vfree(a.addr),
+            Backing::Pages(pfn, order) => self.free_pages(*pfn, *order),
+        };
+        if let Err(e) = r {
+            st.freed.store(false, Relaxed);
+            return Err(e);
         }
         self.vm.stacks.kernel_stack_kb.fetch_sub(st.size >> 10, Relaxed);
         Ok(())
@@ -216,10 +228,13 @@ impl Machine {
         if cpu >= self.cfg.cpus {
             return Err(KmmError::InvalidArgument(format!("cpu {cpu} does not exist")));
         }
-        let mut t = self.vm.stacks.irq.lock();
-        if let Some(s) = &t[cpu as usize] {
+        if let Some(s) = &self.vm.stacks.irq.lock()[cpu as usize] {
             return Ok(s.clone());
         }
+        // Made with no lock held (the allocations may wait for a CPU, and
+        // their trace events may call back into the machine); installed
+        // below unless another thread made this CPU's first.
+        let _defer = self.trace.defer();
         let size = self.thread_size();
         let order = self.thread_size_order();
         // CPU bring-up work: it must not sleep, since the first use may be
@@ -229,7 +244,7 @@ impl Machine {
         let st = if self.cfg.arch == Arch::X86_64 {
             let pages: Vec<Pfn> = (0..1u64 << order).map(|i| Pfn(pfn.0 + i)).collect();
             match self.vmap_gfp(&pages, &std::sync::Arc::from("irq_init_percpu_irqstack+0xca/0x100"), bringup) {
-                Ok(a) => KStack { base: a.addr, size, backing: Backing::Vmap(a), irq_cpu: Some(cpu) },
+                Ok(a) => KStack { base: a.addr, size, backing: Backing::Vmap(a), irq_cpu: Some(cpu), freed: Arc::default() },
                 Err(e) => {
                     let _ = self.free_pages(pfn, order);
                     return Err(e);
@@ -237,10 +252,34 @@ impl Machine {
             }
         } else {
             let base = self.page_address(pfn).expect("lowmem").0;
-            KStack { base, size, backing: Backing::Pages(pfn, order), irq_cpu: Some(cpu) }
+            KStack { base, size, backing: Backing::Pages(pfn, order), irq_cpu: Some(cpu), freed: Arc::default() }
         };
         self.write(VirtAddr(st.base), &STACK_END_MAGIC.to_ne_bytes())?;
+        let mut t = self.vm.stacks.irq.lock();
+        if let Some(s) = &t[cpu as usize] {
+            let s = s.clone();
+            drop(t);
+            self.drop_irq_stack(&st);
+            return Ok(s);
+        }
+        if let Backing::Vmap(a) = &st.backing {
+            a.internal.store(super::vmalloc::OWNER_IRQ_STACK, Relaxed);
+        }
         t[cpu as usize] = Some(st.clone());
         Ok(st)
+    }
+
+    /// Undo an IRQ stack that lost the race to be installed.
+    fn drop_irq_stack(&self, st: &KStack) {
+        match &st.backing {
+            Backing::Vmap(a) => {
+                let order = (a.pages.len() as u64).trailing_zeros();
+                let _ = self.vfree_internal(a.addr);
+                let _ = self.free_pages(a.pages[0], order);
+            }
+            Backing::Pages(pfn, order) => {
+                let _ = self.free_pages(*pfn, *order);
+            }
+        }
     }
 }

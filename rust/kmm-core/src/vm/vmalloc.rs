@@ -38,8 +38,9 @@
 //! - vmalloc-3: `nr_vmalloc_pages` is the sum of the live VM_ALLOC areas' pages.
 //! - vmalloc-4: `lazy_nr` is the page count of the purge list.
 //!
-//! Lock order: `state` (vmap_area_lock) is never held while allocating or
-//! freeing pages or slab objects; page_table_lock is taken without it.
+//! Lock order: `purge_lock` (vmap_purge_lock) -> `state` (vmap_area_lock);
+//! `state` is never held while allocating or freeing pages or slab objects,
+//! nor while flushing TLBs; page_table_lock is taken without it.
 #![forbid(unsafe_code)]
 
 use std::collections::BTreeMap;
@@ -63,6 +64,9 @@ pub const VM_USERMAP: u32 = 0x8;
 pub const VM_UNINITIALIZED: u32 = 0x20;
 pub const VM_NO_GUARD: u32 = 0x40;
 
+/// `VmArea::internal` of a CPU's IRQ stack.
+pub const OWNER_IRQ_STACK: u64 = 1;
+
 /// `sizeof(struct vm_struct)` on 64-bit (kzalloc'ed per area).
 const VM_STRUCT_SIZE: u64 = 72;
 /// `sizeof(struct vmap_area)` on 64-bit (the "vmap_area" cache).
@@ -81,6 +85,9 @@ pub struct VmArea {
     pub requested: u64,
     /// Buffer exports alive (a vfree is refused while > 0).
     pub pinned: AtomicU32,
+    /// Who owns the area when not its caller: `OWNER_IRQ_STACK`, or the
+    /// address of the area whose page array it is. 0: the caller's to free.
+    pub internal: AtomicU64,
     pub freed: AtomicBool,
     host: OnceLock<HostMap>,
     vm_struct: u64,
@@ -137,6 +144,9 @@ pub struct Vmalloc {
     pub nr_vmalloc_pages: AtomicU64,
     pub lazy_max: u64,
     pub purges: AtomicU64,
+    /// `vmap_purge_lock`: one purge at a time, so that a search that
+    /// failed and purges waits for a purge in flight to give its ranges back.
+    purge_lock: Mutex<()>,
     cache: OnceLock<Arc<KmemCache>>,
 }
 
@@ -156,6 +166,7 @@ impl Vmalloc {
             // lazy_max_pages() = fls(num_online_cpus()) * (32 MiB / PAGE_SIZE); set per page size in Machine::new.
             lazy_max: fls(cpus as u64),
             purges: AtomicU64::new(0),
+            purge_lock: Mutex::new(()),
             cache: OnceLock::new(),
         }
     }
@@ -209,7 +220,10 @@ impl Machine {
 
     /// `alloc_vmap_area`: the lowest `size`-byte range aligned to `align`.
     /// Purges lazily freed ranges and retries once before failing.
-    fn alloc_vmap_range(&self, size: u64, align: u64) -> Option<u64> {
+    fn alloc_vmap_range(&self, size: u64, traced_align: u64) -> Option<u64> {
+        // The trace shows the align asked for (1 for vmalloc); the search
+        // aligns to at least a page.
+        let align = traced_align.max(self.page_size);
         let vstart = self.vm.vmalloc.start;
         let vend_print = self.vm.vmalloc.end;
         for attempt in 0..2 {
@@ -242,7 +256,7 @@ impl Machine {
                         Payload::AllocVmapArea {
                             addr: found.unwrap_or(0),
                             size,
-                            align,
+                            align: traced_align,
                             vstart,
                             vend: vend_print,
                             failed: found.is_none(),
@@ -283,7 +297,7 @@ impl Machine {
             }
         };
         let total = size + if flags & VM_NO_GUARD != 0 { 0 } else { self.page_size };
-        match self.alloc_vmap_range(total, align.max(self.page_size)) {
+        match self.alloc_vmap_range(total, align) {
             Some(a) => Ok((a, total, vm_struct.0, va_obj.0)),
             None => {
                 let _ = self.kmem_cache_free(&cache, va_obj, &cs("alloc_vmap_area+0x8f/0x4a0"));
@@ -351,7 +365,8 @@ impl Machine {
         let ptr_bytes = self.cfg.arch.pointer_bytes() as u64;
         let array_bytes = nr_pages * ptr_bytes;
         let page_array = if array_bytes > self.page_size {
-            match self.vmalloc_node_range(array_bytes, 1, gfp::GFP_KERNEL | gfp::__GFP_ZERO, 0, &cs("__vmalloc_area_node+0x9d/0x2b0")) {
+            // __vmalloc_area_node: the nested area carries the outer caller.
+            match self.vmalloc_node_range(array_bytes, 1, (gfp & gfp::GFP_RECLAIM_MASK) | gfp::__GFP_ZERO, 0, caller) {
                 Ok(a) => PageArray::Vmalloc(a.addr),
                 Err(e) => {
                     undo_area(self);
@@ -425,12 +440,18 @@ impl Machine {
             caller: caller.clone(),
             requested: real,
             pinned: AtomicU32::new(0),
+            internal: AtomicU64::new(0),
             freed: AtomicBool::new(false),
             host: OnceLock::new(),
             vm_struct,
             va_obj,
             page_array,
         });
+        if let PageArray::Vmalloc(p) = page_array {
+            if let Some(nested) = self.vm.vmalloc.state.lock().busy.get(&p) {
+                nested.internal.store(addr, Relaxed);
+            }
+        }
         self.vm.vmalloc.state.lock().busy.insert(addr, area.clone());
         Ok(area)
     }
@@ -476,6 +497,7 @@ impl Machine {
             caller: caller.clone(),
             requested: size,
             pinned: AtomicU32::new(0),
+            internal: AtomicU64::new(0),
             freed: AtomicBool::new(false),
             host: OnceLock::new(),
             vm_struct,
@@ -503,6 +525,19 @@ impl Machine {
         }
         let st = self.vm.vmalloc.state.lock();
         if let Some(a) = st.busy.get(&va) {
+            match a.internal.load(Relaxed) {
+                0 => {}
+                OWNER_IRQ_STACK => {
+                    return Err(KmmError::InvalidFree(format!(
+                        "{what}({va:#x}): this is a CPU's IRQ stack, which belongs to the CPU and is never freed"
+                    )))
+                }
+                outer => {
+                    return Err(KmmError::InvalidFree(format!(
+                        "{what}({va:#x}): this area is the page array of the vmalloc area at {outer:#x}, freed with it"
+                    )))
+                }
+            }
             if a.pinned.load(Relaxed) > 0 {
                 return Err(KmmError::BufferBusy(format!(
                     "cannot {what} {va:#x}: a buffer export (memoryview) of it is alive"
@@ -541,6 +576,11 @@ impl Machine {
         }
         let a = self.area_to_free(va, "vfree")?;
         self.vfree_now(a.addr)
+    }
+
+    /// Free an area kmm made for itself (no sleep check, no owner check).
+    pub(crate) fn vfree_internal(&self, va: u64) -> Result<()> {
+        self.vfree_now(va)
     }
 
     /// The body of vfree/vunmap once the area is known to be freeable.
@@ -593,6 +633,10 @@ impl Machine {
     /// kernel-range TLB flush over every lazily freed range, then the ranges
     /// go back to the free space. Returns the areas purged.
     pub fn purge_vmap_area_lazy(&self) -> u32 {
+        // Events (the purge's own, slab frees) reach sinks after the lock
+        // drops: a sink may vfree, and so purge, again.
+        let _defer = self.trace.defer();
+        let _purging = self.vm.vmalloc.purge_lock.lock();
         let list = {
             let mut st = self.vm.vmalloc.state.lock();
             st.lazy_nr = 0;
@@ -751,6 +795,7 @@ impl Machine {
     pub(crate) fn check_vmalloc(&self) -> Vec<String> {
         let mut errs = Vec::new();
         let v = &self.vm.vmalloc;
+        let _no_purge = v.purge_lock.lock(); // a purge in flight holds ranges in neither map
         let st = v.state.lock();
         let mut ranges: Vec<(u64, u64, &str)> = Vec::new();
         ranges.extend(st.free.iter().map(|(&s, &e)| (s, e, "free")));
