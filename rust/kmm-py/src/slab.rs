@@ -446,6 +446,19 @@ impl PyBlock {
         }
         let b = slf.get();
         b.check_alive()?;
+        // A vmalloc area is pinned per export, checked under the area lock
+        // (a concurrent vfree either sees the pin or wins and this fails).
+        if let (Kind::Vmalloc, Some(a)) = (b.kind, b.area.as_ref()) {
+            b.m.pin_area(a).map_err(|_| UseAfterFreeError::new_err(format!(
+                "BUG: KASAN: use-after-free on Block {:#x}: its vmalloc area was freed",
+                b.addr
+            )))?;
+        }
+        let unpin = || {
+            if let (Kind::Vmalloc, Some(a)) = (b.kind, b.area.as_ref()) {
+                b.m.unpin_area(a);
+            }
+        };
         static EMPTY: [u8; 1] = [0];
         let ptr = if b.len == 0 {
             EMPTY.as_ptr() as *mut u8
@@ -453,7 +466,13 @@ impl PyBlock {
             match b.kind {
                 Kind::Vmalloc => {
                     let a = b.area.as_ref().expect("a vmalloc Block has its area");
-                    a.host(&b.m).map_err(to_py_err)?.ptr().as_ptr()
+                    match a.host(&b.m) {
+                        Ok(h) => h.ptr().as_ptr(),
+                        Err(e) => {
+                            unpin();
+                            return Err(to_py_err(e));
+                        }
+                    }
                 }
                 Kind::Kmap if b.m.virt_to_phys(VirtAddr(b.addr)).is_err() => {
                     // A highmem page in a fixmap slot: alias its frame in the host.
@@ -479,9 +498,6 @@ impl PyBlock {
             match b.kind {
                 Kind::Object => b.m.shadow.set_pinned(b.phys(), true),
                 Kind::Percpu => b.m.percpu_pin(b.pcpu.0, true),
-                Kind::Vmalloc => {
-                    b.area.as_ref().expect("area").pinned.fetch_add(1, Relaxed);
-                }
                 _ => {}
             }
         }
@@ -519,13 +535,13 @@ impl PyBlock {
     }
 
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
+        if let (Kind::Vmalloc, Some(a)) = (self.kind, self.area.as_ref()) {
+            self.m.unpin_area(a); // one pin per export
+        }
         if self.exports.fetch_sub(1, Relaxed) == 1 && self.alive() {
             match self.kind {
                 Kind::Object => self.m.shadow.set_pinned(self.phys(), false),
                 Kind::Percpu => self.m.percpu_pin(self.pcpu.0, false),
-                Kind::Vmalloc => {
-                    self.area.as_ref().expect("area").pinned.fetch_sub(1, Relaxed);
-                }
                 _ => {}
             }
         }

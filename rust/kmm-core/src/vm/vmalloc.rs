@@ -517,13 +517,16 @@ impl Machine {
 
     /// Look up the area `vfree`/`vunmap` is asked to free, with the kernel's
     /// warnings as errors. Nothing is changed.
+    /// ... and, when it may be freed, take it out of the busy areas in the
+    /// same critical section as the checks (so that no buffer export can
+    /// pin it in between: see `pin_area`).
     fn area_to_free(&self, va: u64, what: &str) -> Result<Arc<VmArea>> {
         if va & (self.page_size - 1) != 0 {
             return Err(KmmError::InvalidFree(format!(
                 "WARNING: at mm/vmalloc.c {what}: Trying to {what}() bad address ({va:#x})"
             )));
         }
-        let st = self.vm.vmalloc.state.lock();
+        let mut st = self.vm.vmalloc.state.lock();
         if let Some(a) = st.busy.get(&va) {
             match a.internal.load(Relaxed) {
                 0 => {}
@@ -543,7 +546,19 @@ impl Machine {
                     "cannot {what} {va:#x}: a buffer export (memoryview) of it is alive"
                 )));
             }
-            return Ok(a.clone());
+            if what == "vunmap" && a.flags & VM_ALLOC != 0 {
+                return Err(KmmError::InvalidFree(format!(
+                    "vunmap({va:#x}): a vmalloc area owns its pages and would leak them: free it with vfree"
+                )));
+            }
+            if let PageArray::Vmalloc(p) = a.page_array {
+                if st.busy.get(&p).is_some_and(|n| n.pinned.load(Relaxed) > 0) {
+                    return Err(KmmError::BufferBusy(format!(
+                        "cannot {what} {va:#x}: a buffer export of its page array is alive"
+                    )));
+                }
+            }
+            return Ok(st.busy.remove(&va).expect("found above"));
         }
         if st.purge.range(..=va).next_back().is_some_and(|(&s, &(e, _))| va >= s && va < e) {
             return Err(KmmError::DoubleFree(format!(
@@ -575,7 +590,7 @@ impl Machine {
             self.cpus.might_sleep("mm/vmalloc.c (vfree)").map_err(KmmError::SleepInAtomic)?;
         }
         let a = self.area_to_free(va, "vfree")?;
-        self.vfree_now(a.addr)
+        self.release_area(a)
     }
 
     /// Free an area kmm made for itself (no sleep check, no owner check).
@@ -589,6 +604,11 @@ impl Machine {
             let mut st = self.vm.vmalloc.state.lock();
             st.busy.remove(&va).ok_or_else(|| KmmError::InvalidFree(format!("Trying to vfree() nonexistent vm area ({va:#x})")))?
         };
+        self.release_area(a)
+    }
+
+    /// Everything vfree does once the area is out of the busy areas.
+    fn release_area(&self, a: Arc<VmArea>) -> Result<()> {
         a.freed.store(true, Relaxed);
         // remove_vm_area -> free_unmap_vmap_area: PTEs cleared, no TLB flush
         // yet, the range onto the purge list; then vfree frees the pages,
@@ -667,6 +687,28 @@ impl Machine {
         n
     }
 
+    /// Pin a live area for a buffer export: checked and counted under the
+    /// area lock, so that a concurrent vfree either sees the pin or has
+    /// already taken the area (then this fails).
+    pub fn pin_area(&self, a: &Arc<VmArea>) -> Result<()> {
+        let st = self.vm.vmalloc.state.lock();
+        match st.busy.get(&a.addr) {
+            Some(b) if Arc::ptr_eq(a, b) => {
+                a.pinned.fetch_add(1, Relaxed);
+                Ok(())
+            }
+            _ => Err(KmmError::UseAfterFree(format!(
+                "BUG: KASAN: use-after-free: the vmalloc area at {:#x} was freed",
+                a.addr
+            ))),
+        }
+    }
+
+    /// Undo one `pin_area`.
+    pub fn unpin_area(&self, a: &VmArea) {
+        a.pinned.fetch_sub(1, Relaxed);
+    }
+
     /// Pages waiting on the lazy purge list (`vmap_lazy_nr`).
     pub fn vmap_lazy_nr(&self) -> u64 {
         self.vm.vmalloc.state.lock().lazy_nr
@@ -679,12 +721,7 @@ impl Machine {
         }
         self.cpus.might_sleep("mm/vmalloc.c (vunmap)").map_err(KmmError::SleepInAtomic)?;
         let a = self.area_to_free(va, "vunmap")?;
-        if a.flags & VM_ALLOC != 0 {
-            return Err(KmmError::InvalidFree(format!(
-                "vunmap({va:#x}): a vmalloc area owns its pages and would leak them: free it with vfree"
-            )));
-        }
-        self.vfree_now(a.addr)
+        self.release_area(a)
     }
 
     /// `vmalloc_to_page`: the software walk; None if nothing is mapped.
