@@ -499,3 +499,25 @@ def test_a_sink_may_vfree_during_a_purge():
     assert len(freed) == 3 and m.vmap_lazy_nr == 0
     assert m.proc.vmallocinfo() == ""
     assert m.check() == []
+
+
+def test_kunmap_local_by_address_respects_exports_and_kills_the_block():
+    m = kmm.Machine(arch="i386", memory="2G", cpus=2)
+    p, q = m.alloc_page(kmm.GFP_HIGHUSER), m.alloc_page(kmm.GFP_HIGHUSER)
+    with m.on_cpu(0):
+        b = m.kmap_local_page(p)
+        mv = memoryview(b)
+        with pytest.raises(BufferError):
+            m.kunmap_local(b.addr)  # by address: still refused while exported
+        assert m.kmap_local_depth(0) == 1
+        mv.release()
+        m.kunmap_local(b.addr)
+        c = m.kmap_local_page(q)  # reuses the same fixmap slot
+        assert c.addr == b.addr
+        with pytest.raises(kmm.UseAfterFreeError):
+            bytes(b)  # the old Block does not read q's mapping
+        with pytest.raises(kmm.UseAfterFreeError):
+            memoryview(b)
+        c[0:3] = b"qqq"
+        m.kunmap_local(c)
+    assert m.kmap_local_depth(0) == 0 and m.preempt_count() == 0

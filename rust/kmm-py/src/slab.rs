@@ -105,7 +105,7 @@ pub struct PyBlock {
     freed: AtomicBool,
     exports: AtomicUsize,
     /// For per-CPU copies: the `__percpu` pointer and its generation; for a
-    /// kmap_local Block: (the mapped page's pfn, 0).
+    /// kmap_local Block: the mapped page's pfn and the mapping's generation.
     pcpu: (u64, u64),
     /// For vmalloc/vmap Blocks: the area.
     area: Option<Arc<VmArea>>,
@@ -196,6 +196,7 @@ impl PyBlock {
     /// A Block over a kmap_local mapping of one page (a context manager
     /// that unmaps it on exit).
     pub(crate) fn for_kmap(m: &Arc<Machine>, addr: u64, pfn: u64) -> PyBlock {
+        let gen = m.kmap_local_gen(addr).unwrap_or(0);
         PyBlock {
             m: m.clone(),
             addr,
@@ -204,7 +205,7 @@ impl PyBlock {
             kind: Kind::Kmap,
             freed: AtomicBool::new(false),
             exports: AtomicUsize::new(0),
-            pcpu: (pfn, 0),
+            pcpu: (pfn, gen),
             area: None,
             host: OnceLock::new(),
         }
@@ -247,7 +248,8 @@ impl PyBlock {
             return false;
         }
         match self.kind {
-            Kind::Zero | Kind::Ctor | Kind::Kmap => true,
+            Kind::Zero | Kind::Ctor => true,
+            Kind::Kmap => self.m.kmap_local_live(self.addr, self.pcpu.1),
             Kind::Vmalloc => self.area.as_ref().is_some_and(|a| !a.freed.load(Relaxed)),
             Kind::Object => self.m.shadow.is_live_gen(self.phys(), self.gen),
             Kind::Percpu => self.m.percpu_live(self.pcpu.0, self.pcpu.1),
@@ -454,9 +456,15 @@ impl PyBlock {
                 b.addr
             )))?;
         }
+        if b.kind == Kind::Kmap && !b.m.kmap_local_pin(b.addr, b.pcpu.1, 1) {
+            return Err(UseAfterFreeError::new_err(format!("the kmap_local mapping at {:#x} was undone", b.addr)));
+        }
         let unpin = || {
             if let (Kind::Vmalloc, Some(a)) = (b.kind, b.area.as_ref()) {
                 b.m.unpin_area(a);
+            }
+            if b.kind == Kind::Kmap {
+                b.m.kmap_local_pin(b.addr, b.pcpu.1, -1);
             }
         };
         static EMPTY: [u8; 1] = [0];
@@ -477,8 +485,15 @@ impl PyBlock {
                 Kind::Kmap if b.m.virt_to_phys(VirtAddr(b.addr)).is_err() => {
                     // A highmem page in a fixmap slot: alias its frame in the host.
                     if b.host.get().is_none() {
-                        let h = b.m.phys.map_pages(&[b.pcpu.0 << b.m.page_shift], b.m.page_size).map_err(to_py_err)?;
-                        let _ = b.host.set(h);
+                        match b.m.phys.map_pages(&[b.pcpu.0 << b.m.page_shift], b.m.page_size) {
+                            Ok(h) => {
+                                let _ = b.host.set(h);
+                            }
+                            Err(e) => {
+                                unpin();
+                                return Err(to_py_err(e));
+                            }
+                        }
                     }
                     b.host.get().expect("set above").ptr().as_ptr()
                 }
@@ -537,6 +552,9 @@ impl PyBlock {
     unsafe fn __releasebuffer__(&self, _view: *mut ffi::Py_buffer) {
         if let (Kind::Vmalloc, Some(a)) = (self.kind, self.area.as_ref()) {
             self.m.unpin_area(a); // one pin per export
+        }
+        if self.kind == Kind::Kmap {
+            self.m.kmap_local_pin(self.addr, self.pcpu.1, -1);
         }
         if self.exports.fetch_sub(1, Relaxed) == 1 && self.alive() {
             match self.kind {

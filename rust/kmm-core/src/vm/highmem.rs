@@ -139,6 +139,16 @@ struct Local {
     va: u64,
     /// The fixmap slot used (None for a lowmem page: its direct-map address).
     slot: Option<u32>,
+    /// Unique per mapping (a later mapping may reuse the slot's address).
+    gen: u64,
+    /// Buffer exports of this mapping alive (kunmap_local is refused).
+    pins: u32,
+}
+
+static NEXT_LOCAL_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+
+fn next_gen() -> u64 {
+    NEXT_LOCAL_GEN.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 /// The highmem state of a machine.
@@ -365,7 +375,7 @@ impl Machine {
             let mut st = self.vm.highmem.local[cpu as usize].lock();
             if !high {
                 let va = self.page_address(pfn).expect("lowmem").0;
-                st.push(Local { va, slot: None });
+                st.push(Local { va, slot: None, gen: next_gen(), pins: 0 });
                 return Ok(VirtAddr(va));
             }
             let idx = st.iter().filter(|l| l.slot.is_some()).count() as u32;
@@ -378,7 +388,7 @@ impl Machine {
             }
             let va = self.vm.highmem.layout.slot_addr(cpu, idx);
             self.vm.pt.set_boot_pte(&self.phys, va, Some(self.pfn_to_phys(pfn).0))?;
-            st.push(Local { va, slot: Some(idx) });
+            st.push(Local { va, slot: Some(idx), gen: next_gen(), pins: 0 });
             Ok(VirtAddr(va))
         })();
         match &r {
@@ -412,6 +422,12 @@ impl Machine {
             idx = st.iter().rposition(|l| l.va == page).and_then(|i| st[i].slot).map_or(-1, |s| s as i32);
             if self.is_kmap_local_addr(page) {
                 let top = st.iter().rposition(|l| l.slot.is_some());
+                if let Some(i) = top.filter(|&i| st[i].va == page && st[i].pins > 0) {
+                    return Err(KmmError::BufferBusy(format!(
+                        "cannot kunmap_local {:#x}: {} buffer export(s) (memoryview) of it alive",
+                        va.0, st[i].pins
+                    )));
+                }
                 match top {
                     Some(i) if st[i].va == page => {
                         let e = st.remove(i);
@@ -438,6 +454,12 @@ impl Machine {
                 }
             } else {
                 match st.iter().rposition(|l| l.slot.is_none() && l.va == page) {
+                    Some(i) if st[i].pins > 0 => {
+                        return Err(KmmError::BufferBusy(format!(
+                            "cannot kunmap_local {:#x}: {} buffer export(s) (memoryview) of it alive",
+                            va.0, st[i].pins
+                        )));
+                    }
                     Some(i) => {
                         st.remove(i);
                     }
@@ -464,6 +486,33 @@ impl Machine {
     /// `kunmap_atomic(addr)`.
     pub fn kunmap_atomic(&self, va: VirtAddr) -> Result<()> {
         self.kunmap_local(va)
+    }
+
+    /// The generation of this thread's most recent kmap_local mapping at
+    /// `va` (None if it holds none): identifies one mapping, since a later
+    /// one may reuse the address.
+    pub fn kmap_local_gen(&self, va: u64) -> Option<u64> {
+        let cpu = self.cpus.ctx().claimed?;
+        let st = self.vm.highmem.local[cpu as usize].lock();
+        st.iter().rev().find(|l| l.va == va).map(|l| l.gen)
+    }
+
+    /// Is the kmap_local mapping `(va, gen)` still held (on any CPU)?
+    pub fn kmap_local_live(&self, va: u64, gen: u64) -> bool {
+        self.vm.highmem.local.iter().any(|st| st.lock().iter().any(|l| l.va == va && l.gen == gen))
+    }
+
+    /// Count a buffer export of the mapping `(va, gen)` (`delta` +1 or -1);
+    /// false if the mapping is gone.
+    pub fn kmap_local_pin(&self, va: u64, gen: u64, delta: i32) -> bool {
+        for st in self.vm.highmem.local.iter() {
+            let mut st = st.lock();
+            if let Some(l) = st.iter_mut().find(|l| l.va == va && l.gen == gen) {
+                l.pins = l.pins.saturating_add_signed(delta);
+                return true;
+            }
+        }
+        false
     }
 
     /// kmap_local mappings held on a CPU.
