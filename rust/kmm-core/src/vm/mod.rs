@@ -16,6 +16,12 @@
 //! map), `arch/x86/mm/tlb.c` (flush_tlb_kernel_range, flush_tlb_all),
 //! `arch/x86/mm/fault.c` (the oops text), and the files each submodule names.
 //!
+//! Simplifications (each explained where it lives): boot page tables in an
+//! arena beyond RAM, built lazily upper tables for vmalloc (the kernel
+//! preallocates x86_64's PUDs), first-fit over a BTreeMap of free ranges,
+//! the fixmap holding only kmap_local slots, kmap_local disabling
+//! preemption, no cache of freed vmapped stacks, IRQ stacks made on first use.
+//!
 //! # Invariants
 //! - vm-1: the direct map translates every lowmem virtual address to
 //!   `va - PAGE_OFFSET` (checked on a sample in `check`).

@@ -33,7 +33,8 @@
 //! # Invariants
 //! - stack-1: a live stack is THREAD_SIZE bytes at a THREAD_ALIGN-aligned base.
 //!
-//! Lock order: `irq` (the IRQ stack table) -> vmap_area_lock.
+//! Lock order: `irq` (the IRQ stack table) is held only to read or install
+//! an entry, never while a stack is being made (see `irq_stack`).
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
