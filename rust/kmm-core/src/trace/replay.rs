@@ -42,7 +42,9 @@
 //! from `__vmalloc_node_range`, the vm_struct) are replayed as traced, and
 //! kmm's vmalloc makes its own too: 2 small objects counted twice per area.
 //! The areas' addresses are not compared (the traced kernel's vmalloc space
-//! was filled long before the recording started).
+//! was filled long before the recording started). Every traced area becomes
+//! a vmalloc with fresh pages, vmap/ioremap areas (whose pages the trace does
+//! not name) included.
 //! SIMPLIFICATION: trace CPUs beyond the machine's CPUs run on cpu % cpus.
 //! SIMPLIFICATION: peak memory is read after every replayed allocation from
 //! the zones' free counters (pages on per-CPU lists count as used, as in

@@ -213,35 +213,25 @@ pub fn kmem_stat(log: &TraceLog, page_size: u64) -> KmemStat {
                 if let Err(i) = gfps.binary_search(&r.gfp) {
                     gfps.insert(i, r.gfp);
                 }
-                let l = live.entry(r.ptr).or_insert_with(|| PageRow {
-                    page: r.ptr,
-                    order,
-                    gfp_flags: r.gfp,
-                    migrate_type: mt,
-                    ..Default::default()
-                });
-                l.nr_alloc += 1;
-                l.alloc_bytes += bytes;
-                l.callsite = r.call_site;
-                let a = alloc_tree.entry((r.ptr, order, mt, r.gfp)).or_insert_with(|| PageRow {
-                    page: r.ptr,
-                    order,
-                    gfp_flags: r.gfp,
-                    migrate_type: mt,
-                    ..Default::default()
-                });
-                a.nr_alloc += 1;
-                a.alloc_bytes += bytes;
-                a.callsite = r.call_site;
-                let c = caller_tree.entry((r.call_site, order, mt, r.gfp)).or_insert_with(|| PageRow {
+                // perf's three trees (page_live, page_alloc, page_caller):
+                // the same row, keyed differently (the caller tree has no page).
+                let row = |page| PageRow {
+                    page,
                     callsite: r.call_site,
                     order,
                     gfp_flags: r.gfp,
                     migrate_type: mt,
                     ..Default::default()
-                });
-                c.nr_alloc += 1;
-                c.alloc_bytes += bytes;
+                };
+                for x in [
+                    live.entry(r.ptr).or_insert_with(|| row(r.ptr)),
+                    alloc_tree.entry((r.ptr, order, mt, r.gfp)).or_insert_with(|| row(r.ptr)),
+                    caller_tree.entry((r.call_site, order, mt, r.gfp)).or_insert_with(|| row(0)),
+                ] {
+                    x.nr_alloc += 1;
+                    x.alloc_bytes += bytes;
+                    x.callsite = r.call_site;
+                }
                 if (order as usize) < PERF_MAX_PAGE_ORDER && (mt as usize) < PERF_MAX_MIGRATE_TYPES {
                     p.order_stats[order as usize][mt as usize] += 1;
                 }

@@ -29,6 +29,9 @@
 //! vfree in interrupt context frees at once (the kernel defers it to a
 //! workqueue through vfree_atomic). A vmalloc that fails after its range
 //! was reserved returns the range at once instead of through the lazy list.
+//! One `vmap_area` object per area (the kernel may also take a spare one for
+//! `ne_fit_preload`). Freeing a page a vmalloc area still maps, with
+//! `__free_page`, is refused here (the kernel does not check; it corrupts).
 //!
 //! # Invariants
 //! - vmalloc-1: busy areas, lazily freed ranges and free ranges are
@@ -90,6 +93,15 @@ pub struct VmArea {
     pub internal: AtomicU64,
     pub freed: AtomicBool,
     host: OnceLock<HostMap>,
+    vm_struct: u64,
+    va_obj: u64,
+    page_array: PageArray,
+}
+
+/// What `get_vm_area` reserved for an area, and its page array.
+struct Meta {
+    addr: u64,
+    size: u64,
     vm_struct: u64,
     va_obj: u64,
     page_array: PageArray,
@@ -432,28 +444,36 @@ impl Machine {
             let _ = self.write(VirtAddr(a), &bytes);
         }
         self.vm.vmalloc.nr_vmalloc_pages.fetch_add(nr_pages, Relaxed);
+        let meta = Meta { addr, size: total, vm_struct, va_obj, page_array };
+        Ok(self.register_area(meta, VM_ALLOC | flags, pages, caller, real))
+    }
+
+    /// Make the `VmArea` of a mapped range and enter it among the busy
+    /// areas (marking its vmalloc'ed page array as its own).
+    fn register_area(&self, m: Meta, flags: u32, pages: Vec<Pfn>, caller: &CallSite, requested: u64) -> Arc<VmArea> {
         let area = Arc::new(VmArea {
-            addr,
-            size: total,
-            flags: VM_ALLOC | flags,
+            addr: m.addr,
+            size: m.size,
+            flags,
             pages,
             caller: caller.clone(),
-            requested: real,
+            requested,
             pinned: AtomicU32::new(0),
             internal: AtomicU64::new(0),
             freed: AtomicBool::new(false),
             host: OnceLock::new(),
-            vm_struct,
-            va_obj,
-            page_array,
+            vm_struct: m.vm_struct,
+            va_obj: m.va_obj,
+            page_array: m.page_array,
         });
-        if let PageArray::Vmalloc(p) = page_array {
-            if let Some(nested) = self.vm.vmalloc.state.lock().busy.get(&p) {
-                nested.internal.store(addr, Relaxed);
+        let mut st = self.vm.vmalloc.state.lock();
+        if let PageArray::Vmalloc(p) = m.page_array {
+            if let Some(nested) = st.busy.get(&p) {
+                nested.internal.store(m.addr, Relaxed);
             }
         }
-        self.vm.vmalloc.state.lock().busy.insert(addr, area.clone());
-        Ok(area)
+        st.busy.insert(m.addr, area.clone());
+        area
     }
 
     /// `vmalloc(size)`.
@@ -489,23 +509,8 @@ impl Machine {
             self.put_vm_area_meta(vm_struct, va_obj);
             return Err(e);
         }
-        let area = Arc::new(VmArea {
-            addr,
-            size: total,
-            flags: VM_MAP,
-            pages: pages.to_vec(),
-            caller: caller.clone(),
-            requested: size,
-            pinned: AtomicU32::new(0),
-            internal: AtomicU64::new(0),
-            freed: AtomicBool::new(false),
-            host: OnceLock::new(),
-            vm_struct,
-            va_obj,
-            page_array: PageArray::None,
-        });
-        self.vm.vmalloc.state.lock().busy.insert(addr, area.clone());
-        Ok(area)
+        let meta = Meta { addr, size: total, vm_struct, va_obj, page_array: PageArray::None };
+        Ok(self.register_area(meta, VM_MAP, pages.to_vec(), caller, size))
     }
 
     /// `find_vm_area(addr)`: the live area starting at... or containing `addr`.
