@@ -665,6 +665,64 @@ impl FreeArea {
         false
     }
 
+    // ---- warm start (see warm.rs) ---------------------------------------------------
+
+    /// Forget every free block: their heads lose PG_buddy and the lists and
+    /// counters empty, as if every page of the zone were allocated.
+    pub(crate) fn take_all(&mut self, map: &MemMap) {
+        for o in 0..NR_PAGE_ORDERS {
+            for mt in 0..MIGRATE_TYPES {
+                let mut p = self.lists[o][mt].head;
+                while p != NIL {
+                    let page = map.get(p as u64);
+                    let next = page.next();
+                    page.set(0, 0);
+                    page.set_next(NIL);
+                    page.set_prev(NIL);
+                    p = next;
+                }
+                self.lists[o][mt] = ListHead { head: NIL, tail: NIL };
+                self.nr_free_mt[o][mt] = 0;
+            }
+            self.nr_free[o] = 0;
+        }
+        self.free_pages = 0;
+        self.free_pages_blocks = 0;
+        self.free_highatomic = 0;
+    }
+
+    /// Would a free block (pfn, order) of type `mt` merge with its buddy?
+    pub(crate) fn would_merge(&self, map: &MemMap, pfn: u64, order: u32, mt: u8) -> bool {
+        if order >= MAX_PAGE_ORDER {
+            return false;
+        }
+        let b = pfn ^ (1u64 << order);
+        if !self.is_free_buddy(map, b, order) {
+            return false;
+        }
+        let bmt = self.pageblock_migratetype(b);
+        !(order >= self.pageblock_order && mt != bmt && (mt >= MIGRATE_PCPTYPES || bmt >= MIGRATE_PCPTYPES))
+    }
+
+    /// Put a block on the tail of the free list of `mt` without merging
+    /// (the caller checked `would_merge`): the warm start lays out free
+    /// lists exactly as a recorded /proc/pagetypeinfo counts them.
+    pub(crate) fn place_free(&mut self, map: &MemMap, pfn: u64, order: u32, mt: u8) {
+        debug_assert!(!self.would_merge(map, pfn, order, mt));
+        self.add(map, pfn, order, mt, true);
+    }
+
+    /// Every free block: (head pfn, order).
+    pub(crate) fn free_blocks(&self, map: &MemMap) -> Vec<(u64, u32)> {
+        let mut v = Vec::new();
+        for o in 0..NR_PAGE_ORDERS as u32 {
+            for mt in 0..MIGRATE_TYPES as u8 {
+                v.extend(self.list_pfns(map, o, mt).into_iter().map(|p| (p, o)));
+            }
+        }
+        v
+    }
+
     // ---- queries and checks ------------------------------------------------------------
 
     /// Is `pfn` inside a free block? Returns that block's (head, order).

@@ -22,12 +22,14 @@
 //!   buddy        <- page, arch
 //!   zone         <- buddy, arch
 //!   machine      <- physmem, page, zone, buddy, trace, arch
-//!   page_alloc   <- machine, buddy, gfp, trace          (the page-allocator API)
+//!   clock        (simulated time; its work lives in page_alloc)
+//!   page_alloc   <- machine, buddy, gfp, trace, clock   (the page-allocator API, timer work)
 //!   proc         <- machine, page_alloc                  (/proc renderers)
 //!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
 //!                   vmalloc, kmap, stacks; Machine::read/write go through it)
 //!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
-//!   trace::replay <- machine, slab, kmalloc, percpu, page_alloc (drives the machine's public API)
+//!   warm         <- machine, buddy, pcp, slab            (warm start: a recorded state)
+//!   trace::replay <- machine, slab, kmalloc, percpu, page_alloc, warm (drives the machine's public API)
 //! ```
 //! ## How to read it
 //! Start with `machine.rs` (boot and address conversions), then
@@ -40,6 +42,7 @@
 
 pub mod arch;
 pub mod buddy;
+pub mod clock;
 pub mod cpu;
 pub mod error;
 pub mod gfp;
@@ -56,6 +59,7 @@ pub mod proc;
 pub mod shadow;
 pub mod trace;
 pub mod vm;
+pub mod warm;
 pub mod zone;
 
 pub use arch::Arch;

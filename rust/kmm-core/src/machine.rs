@@ -8,13 +8,28 @@
 //! `page_group_by_mobility_disabled`), `mm/khugepaged.c`,
 //! `arch/x86/include/asm/page.h` (`__va`, `__pa`, `virt_to_page`).
 //!
-//! SIMPLIFICATION: one node, no memory holes, nothing reserved at boot except
-//! pfn 0 (so managed == present); see `arch.rs` and `zone.rs`.
+//! Two ways to lay out RAM:
+//! - from `memory` (the default): zones at the arch's boundaries, no holes,
+//!   nothing reserved at boot except pfn 0 (so managed == present);
+//! - from a recorded machine's zones (`MachineConfig::layout`, zoneinfo's
+//!   `start_pfn`, `spanned`, `present`, `managed`): each zone's managed
+//!   pages are one run of pfns (`managed_start`, default the zone's start);
+//!   every other pfn of the span (holes, `present - managed` reserved pages:
+//!   the kernel image, memmap, offline memory blocks) is PG_reserved and
+//!   never reaches the buddy allocator, like the kernel's memblock-reserved
+//!   and offline pages. `MachineConfig::tuning` then sets the watermarks,
+//!   `lowmem_reserve` and pageset sizes the recorded kernel computed.
+//!
+//! SIMPLIFICATION: one node. With a recorded layout, a zone's unmanaged pages
+//! are placed around one managed run (the recording says how many there are,
+//! not where); the caller picks the run's start (the replay places it so
+//! that every traced pfn is managed).
 //!
 //! # Invariants
-//! - machine-1: zones are disjoint, in index order, and together cover RAM
-//!   from pfn 1 to the end.
+//! - machine-1: zones are disjoint, in index order, inside RAM; without a
+//!   recorded layout they cover RAM from pfn 1 to the end.
 //! - machine-2: the direct map covers every lowmem pfn and no highmem pfn.
+//! - machine-3: a pfn outside every zone's managed run is PG_reserved.
 #![forbid(unsafe_code)]
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
@@ -39,6 +54,37 @@ pub struct VirtAddr(pub u64);
 /// A simulated physical address.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
 pub struct PhysAddr(pub u64);
+
+/// One zone of a recorded machine: zoneinfo's `start_pfn`, `spanned`,
+/// `present` and `managed`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneLayout {
+    pub kind: ZoneKind,
+    pub start_pfn: u64,
+    pub spanned: u64,
+    pub present: u64,
+    pub managed: u64,
+    /// First pfn of the managed run; None: the zone's start.
+    pub managed_start: Option<u64>,
+    /// Pageblocks /proc/pagetypeinfo counts for the zone (the online ones);
+    /// None: every pageblock of the span. They are taken ending at the
+    /// managed run's end: pages beyond them are offline memory.
+    pub online_pageblocks: Option<u64>,
+}
+
+/// Sizes the recorded kernel computed for one zone, used instead of kmm's
+/// formulas (zoneinfo's `min/low/high/promo`, `protection:` and the
+/// pagesets' `batch`, `high_min`, `high_max`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZoneTuning {
+    /// min, low, high, promo.
+    pub watermarks: [u64; 4],
+    /// `lowmem_reserve[]`, one per zone index (missing entries: kmm's value).
+    pub lowmem_reserve: Vec<u64>,
+    pub batch: u64,
+    pub high_min: u64,
+    pub high_max: u64,
+}
 
 /// Every tunable of a machine, with its default. `TUNABLES` documents them.
 #[derive(Clone, Debug)]
@@ -65,6 +111,11 @@ pub struct MachineConfig {
     pub slab_nomerge: bool,
     /// The TLB geometry of every CPU.
     pub tlb: crate::vm::tlb::TlbConfig,
+    /// A recorded machine's zones (then `memory` is ignored: RAM ends with
+    /// the last zone).
+    pub layout: Option<Vec<ZoneLayout>>,
+    /// Per zone index: the recorded kernel's watermarks and pageset sizes.
+    pub tuning: Option<Vec<Option<ZoneTuning>>>,
 }
 
 impl Default for MachineConfig {
@@ -81,6 +132,8 @@ impl Default for MachineConfig {
             seed: 0,
             slab_nomerge: false,
             tlb: crate::vm::tlb::TlbConfig::default(),
+            layout: None,
+            tuning: None,
         }
     }
 }
@@ -152,6 +205,8 @@ pub struct Machine {
     pub percpu: crate::percpu::Percpu,
     /// Page tables, TLBs, vmalloc, kmap, kernel stacks.
     pub vm: crate::vm::Vm,
+    /// Simulated time and the kernel's timer work (`clock.rs`).
+    pub clock: crate::clock::Clock,
 }
 
 impl Machine {
@@ -183,39 +238,19 @@ impl Machine {
             return invalid("watermark_scale_factor must be 1..=3000");
         }
         let page_shift = ps.trailing_zeros();
-        let min_mem = 4 << 20;
-        if cfg.memory < min_mem || cfg.memory > cfg.arch.max_phys() {
-            return invalid(format!(
-                "memory {} out of range for {} ({} .. {} bytes)",
-                cfg.memory,
-                cfg.arch.name(),
-                min_mem,
-                cfg.arch.max_phys()
-            ));
-        }
-        if cfg.memory % ps != 0 {
-            return invalid(format!("memory {} is not a multiple of the page size {ps}", cfg.memory));
-        }
+        let mut cfg = cfg;
+        // Zones: (kind, start, end, present, managed run start, managed).
+        let spans = match cfg.layout.clone() {
+            Some(layout) => {
+                let spans = Self::recorded_spans(&cfg, &layout)?;
+                let end = spans.iter().map(|s| s.2).max().unwrap_or(0).max(1);
+                cfg.memory = end * ps;
+                spans
+            }
+            None => Self::default_spans(&cfg)?,
+        };
         let nr_pages = cfg.memory / ps;
         let pageblock_order = cfg.arch.pageblock_order(page_shift);
-
-        // Zones: contiguous ranges, index order, RAM from pfn 1 (pfn 0 reserved).
-        let kinds = cfg.arch.zone_kinds();
-        let mut spans = Vec::with_capacity(kinds.len());
-        let mut next = 1u64;
-        for &k in kinds {
-            let (start, end) = match k {
-                ZoneKind::Movable | ZoneKind::Device => (0, 0),
-                _ => {
-                    let limit = cfg.arch.zone_limit(k);
-                    let end = (limit / ps).min(nr_pages).max(next);
-                    let r = (next, end);
-                    next = end;
-                    r
-                }
-            };
-            spans.push((k, start, end));
-        }
         let max_low_pfn = (cfg.arch.direct_map_span().min(cfg.memory)) / ps;
         let phys = PhysMem::new(cfg.memory, max_low_pfn * ps)?;
         let vm = crate::vm::Vm::new(&cfg, page_shift, max_low_pfn, &phys)?;
@@ -224,10 +259,25 @@ impl Machine {
         mem_map.get(0).set_refcount(1);
 
         let nz = spans.len();
+        // Online pfns per zone (pagetypeinfo's block count walks only those).
+        let online: Vec<(u64, u64)> = spans
+            .iter()
+            .map(|&(kind, start, end, _, ms, managed)| {
+                let counted = cfg.layout.as_ref().and_then(|l| l.iter().find(|l| l.kind == kind)).and_then(|l| l.online_pageblocks);
+                match counted {
+                    Some(nb) if managed > 0 => {
+                        let pb = 1u64 << pageblock_order;
+                        let oe = (ms + managed).next_multiple_of(pb).min(end);
+                        (oe.saturating_sub(nb * pb).max(start), oe)
+                    }
+                    _ => (start, end),
+                }
+            })
+            .collect();
         let zones: Vec<Zone> = spans
             .iter()
             .enumerate()
-            .map(|(idx, &(kind, start, end))| {
+            .map(|(idx, &(kind, start, end, present, _, managed))| {
                 let spanned = end - start;
                 let area = FreeArea::new(start, end, pageblock_order);
                 let pageblocks = area.pageblock_flags();
@@ -236,8 +286,9 @@ impl Machine {
                     kind,
                     start_pfn: start,
                     spanned,
-                    present: spanned,
-                    managed: spanned,
+                    present,
+                    managed,
+                    online: online[idx],
                     area: parking_lot::Mutex::new(area),
                     pageblocks,
                     // Boot pagesets (high 0, batch 1) until setup_watermarks sizes them.
@@ -284,6 +335,7 @@ impl Machine {
             kmalloc_caches: OnceLock::new(),
             percpu: crate::percpu::Percpu::default(),
             vm,
+            clock: crate::clock::Clock::new(cfg.cpus),
             cfg,
         };
 
@@ -291,11 +343,29 @@ impl Machine {
         let total: u64 = m.zones.iter().map(|z| z.managed).sum();
         let mobility_disabled = total < (1u64 << pageblock_order) * MIGRATE_TYPES as u64;
 
-        // memblock_free_all: free each zone in maximal aligned chunks, to the tail.
-        for z in &m.zones {
+        // Everything outside the zones' managed runs is reserved (holes,
+        // memblock reservations, offline memory): machine-3.
+        let mut prev_end = 0u64;
+        for &(_, _, _, _, ms, managed) in &spans {
+            if managed == 0 {
+                continue;
+            }
+            for pfn in prev_end..ms {
+                m.mem_map.get(pfn).set(PG_RESERVED, 0);
+                m.mem_map.get(pfn).set_refcount(1);
+            }
+            prev_end = ms + managed;
+        }
+        for pfn in prev_end..m.nr_pages {
+            m.mem_map.get(pfn).set(PG_RESERVED, 0);
+            m.mem_map.get(pfn).set_refcount(1);
+        }
+        // memblock_free_all: free each zone's managed pages in maximal
+        // aligned chunks, to the tail.
+        for (z, &(_, _, _, _, ms, managed)) in m.zones.iter().zip(&spans) {
             let mut a = z.area.lock();
             a.mobility_disabled = mobility_disabled;
-            let (mut pfn, end) = (z.start_pfn, z.end_pfn());
+            let (mut pfn, end) = (ms, ms + managed);
             while pfn < end {
                 let mut order = (pfn.trailing_zeros()).min(MAX_PAGE_ORDER);
                 while pfn + (1u64 << order) > end {
@@ -307,11 +377,165 @@ impl Machine {
             z.sync_counters(&a);
         }
         m.setup_watermarks(m.cfg.min_free_kbytes);
+        m.apply_tuning();
         let k = m.create_kmalloc_caches()?;
         let _ = m.kmalloc_caches.set(k);
         // vmalloc_init: the vmap_area cache (no pages until first use).
         m.vmap_area_cache()?;
         Ok(m)
+    }
+
+    /// Zone spans at the arch's boundaries for `cfg.memory` bytes: contiguous,
+    /// index order, RAM from pfn 1 (pfn 0 reserved), managed == present.
+    #[allow(clippy::type_complexity)]
+    fn default_spans(cfg: &MachineConfig) -> Result<Vec<(ZoneKind, u64, u64, u64, u64, u64)>> {
+        let ps = cfg.page_size as u64;
+        let min_mem = 4 << 20;
+        if cfg.memory < min_mem || cfg.memory > cfg.arch.max_phys() {
+            return invalid(format!(
+                "memory {} out of range for {} ({} .. {} bytes)",
+                cfg.memory,
+                cfg.arch.name(),
+                min_mem,
+                cfg.arch.max_phys()
+            ));
+        }
+        if cfg.memory % ps != 0 {
+            return invalid(format!("memory {} is not a multiple of the page size {ps}", cfg.memory));
+        }
+        let nr_pages = cfg.memory / ps;
+        let kinds = cfg.arch.zone_kinds();
+        let mut spans = Vec::with_capacity(kinds.len());
+        let mut next = 1u64;
+        for &k in kinds {
+            let (start, end) = match k {
+                ZoneKind::Movable | ZoneKind::Device => (0, 0),
+                _ => {
+                    let limit = cfg.arch.zone_limit(k);
+                    let end = (limit / ps).min(nr_pages).max(next);
+                    let r = (next, end);
+                    next = end;
+                    r
+                }
+            };
+            spans.push((k, start, end, end - start, start, end - start));
+        }
+        Ok(spans)
+    }
+
+    /// Zone spans of a recorded machine (`cfg.layout`), checked: every zone
+    /// kind the arch has (missing ones empty), spans in index order and
+    /// disjoint, managed <= present <= spanned, the managed run inside the span.
+    #[allow(clippy::type_complexity)]
+    fn recorded_spans(cfg: &MachineConfig, layout: &[ZoneLayout]) -> Result<Vec<(ZoneKind, u64, u64, u64, u64, u64)>> {
+        let ps = cfg.page_size as u64;
+        let kinds = cfg.arch.zone_kinds();
+        for l in layout {
+            if !kinds.contains(&l.kind) {
+                return invalid(format!("zone {} does not exist on {}", l.kind.name(), cfg.arch.name()));
+            }
+            if layout.iter().filter(|o| o.kind == l.kind).count() > 1 {
+                return invalid(format!("zone {} is given twice", l.kind.name()));
+            }
+            if !(l.managed <= l.present && l.present <= l.spanned) {
+                return invalid(format!(
+                    "zone {}: needs managed <= present <= spanned, not managed {} present {} spanned {}",
+                    l.kind.name(),
+                    l.managed,
+                    l.present,
+                    l.spanned
+                ));
+            }
+            let end = l.start_pfn.checked_add(l.spanned).filter(|&e| e <= u32::MAX as u64 && e <= cfg.arch.max_phys() / ps);
+            if end.is_none() {
+                return invalid(format!(
+                    "zone {}: start_pfn {:#x} + spanned {} is beyond the largest memory kmm models on {} ({} bytes)",
+                    l.kind.name(),
+                    l.start_pfn,
+                    l.spanned,
+                    cfg.arch.name(),
+                    cfg.arch.max_phys()
+                ));
+            }
+            if let Some(ms) = l.managed_start {
+                if ms < l.start_pfn || ms + l.managed > l.start_pfn + l.spanned {
+                    return invalid(format!(
+                        "zone {}: managed pages {:#x}+{} fall outside the zone's span {:#x}+{}",
+                        l.kind.name(),
+                        ms,
+                        l.managed,
+                        l.start_pfn,
+                        l.spanned
+                    ));
+                }
+            }
+        }
+        let mut spans = Vec::with_capacity(kinds.len());
+        let mut prev_end = 1u64; // pfn 0 is never RAM kmm hands out
+        for &k in kinds {
+            match layout.iter().find(|l| l.kind == k && l.spanned > 0) {
+                Some(l) => {
+                    let start = l.start_pfn;
+                    if start < prev_end {
+                        return invalid(format!(
+                            "zone {} starts at pfn {start:#x}, inside the zone below it (which ends at {prev_end:#x}); \
+                             zones must be disjoint, in index order, above pfn 0",
+                            k.name()
+                        ));
+                    }
+                    let end = start + l.spanned;
+                    spans.push((k, start, end, l.present, l.managed_start.unwrap_or(start), l.managed));
+                    prev_end = end;
+                }
+                None => spans.push((k, 0, 0, 0, 0, 0)),
+            }
+        }
+        if spans.iter().all(|s| s.5 == 0) {
+            return invalid("the recorded layout has no managed pages");
+        }
+        Ok(spans)
+    }
+
+    /// Install the recorded kernel's watermarks, protection and pageset
+    /// sizes (`cfg.tuning`) over the ones `setup_watermarks` computed.
+    fn apply_tuning(&self) {
+        let Some(tuning) = &self.cfg.tuning else { return };
+        let mut pages_min = 0;
+        for (z, t) in self.zones.iter().zip(tuning.iter()) {
+            let Some(t) = t else { continue };
+            let mut w = t.watermarks;
+            // zone-2 (min <= low <= high <= promo) holds for what a kernel prints.
+            for i in 1..4 {
+                w[i] = w[i].max(w[i - 1]);
+            }
+            for (i, v) in w.iter().enumerate() {
+                z.watermark[i].store(*v, Relaxed);
+            }
+            if z.kind != ZoneKind::HighMem && z.kind != ZoneKind::Movable {
+                pages_min += w[0];
+            }
+            for (j, r) in z.lowmem_reserve.iter().enumerate() {
+                if let Some(&v) = t.lowmem_reserve.get(j) {
+                    r.store(v, Relaxed);
+                }
+            }
+            let batch = t.batch.max(1);
+            let high_max = t.high_max.max(t.high_min);
+            z.pcp_batch.store(batch, Relaxed);
+            z.pcp_high_min.store(t.high_min, Relaxed);
+            z.pcp_high_max.store(high_max, Relaxed);
+            for slot in z.pcp.iter() {
+                let mut p = slot.lists.lock();
+                p.batch = batch;
+                p.high_min = t.high_min;
+                p.high_max = high_max;
+            }
+        }
+        // min_free_kbytes as the sum of the recorded lowmem min watermarks
+        // (`__setup_per_zone_wmarks` splits it in proportion to managed pages).
+        if pages_min > 0 {
+            self.min_free_kbytes.store(pages_min * (self.page_size / 1024), Relaxed);
+        }
     }
 
     /// The kmalloc caches.
@@ -494,11 +718,12 @@ impl Machine {
     pub fn check(&self) -> Vec<String> {
         let mut errs = Vec::new();
         let mut prev_end = 1;
+        let recorded = self.cfg.layout.is_some();
         for z in &self.zones {
             if z.spanned == 0 {
                 continue;
             }
-            if z.start_pfn != prev_end {
+            if z.start_pfn != prev_end && !(recorded && z.start_pfn > prev_end) {
                 errs.push(format!("machine-1: zone {} starts at {:#x}, expected {prev_end:#x}", z.kind.name(), z.start_pfn));
             }
             prev_end = z.end_pfn();
@@ -519,10 +744,11 @@ impl Machine {
                 errs.push(format!("zone-2: {} watermarks out of order {w:?}", z.kind.name()));
             }
         }
-        if prev_end != self.nr_pages {
+        if prev_end != self.nr_pages && !(recorded && prev_end < self.nr_pages) {
             errs.push(format!("machine-1: zones end at {prev_end:#x}, RAM at {:#x}", self.nr_pages));
         }
         errs.extend(self.cpus.check());
+        errs.extend(self.clock.check());
         errs.extend(self.check_pcp());
         errs.extend(self.check_percpu());
         errs.extend(self.check_slab());

@@ -59,6 +59,10 @@ pub const PG_VMALLOC: u32 = 1 << 7;
 /// On an LRU list: kmm sets it on blocks allocated with `__GFP_MOVABLE`
 /// (user pages), which the pageblock-claim heuristic counts as movable.
 pub const PG_LRU: u32 = 1 << 8;
+/// In use since before a replayed trace began, by an owner kmm does not
+/// know (page cache, anonymous memory, ...): set by the warm start on the
+/// pages a recorded machine had allocated. Never freed.
+pub const PG_WARM: u32 = 1 << 9;
 
 const ORDER_SHIFT: u32 = 16;
 const ORDER_MASK: u32 = 0xf << ORDER_SHIFT;
@@ -74,6 +78,7 @@ pub const FLAG_NAMES: &[(u32, &str)] = &[
     (PG_TABLE, "table"),
     (PG_VMALLOC, "vmalloc"),
     (PG_LRU, "lru"),
+    (PG_WARM, "warm"),
 ];
 
 /// One page's metadata. 16 bytes.

@@ -828,6 +828,125 @@ impl Machine {
         }
     }
 
+    /// `decay_pcp_high` for one CPU's lists of a zone: lower `high` by an
+    /// eighth (but not below `count - (batch << PCP_BATCH_SCALE_MAX)` nor
+    /// `high_min`) and drain what the lists hold above it. Returns the
+    /// kernel's `todo`: non-zero while high is above high_min or pages
+    /// were drained.
+    pub fn decay_pcp_high(&self, z: &Zone, cpu: u32) -> u32 {
+        let Some(slot) = z.pcp.get(cpu as usize) else { return 0 };
+        let mut pcp = slot.lists.lock();
+        let (high_min, batch) = (pcp.high_min as i64, pcp.batch as i64);
+        let mut todo = 0;
+        let high = pcp.high as i64;
+        if high > high_min {
+            let count = pcp.count as i64;
+            let h = (count - (batch << crate::pcp::PCP_BATCH_SCALE_MAX)).max(high - (high >> 3)).max(high_min);
+            pcp.high = h as u64;
+            if h > high_min {
+                todo += 1;
+            }
+        }
+        let to_drain = pcp.count as i64 - pcp.high as i64;
+        let mut drained = Vec::new();
+        if to_drain > 0 {
+            drained = self.free_pcppages_bulk(z, &mut pcp, to_drain as u64, 0);
+            todo += 1;
+        }
+        drop(pcp);
+        self.emit_drain(&drained, cpu);
+        if !drained.is_empty() || to_drain > 0 {
+            self.clear_below_high(z, 0);
+        }
+        todo
+    }
+
+    /// `vmstat_update` on `cpu` (the pageset part of
+    /// `refresh_cpu_vm_stats(true)`): decay every zone's lists. Returns
+    /// `changes`: counters folded (1 if the CPU allocated or freed since its
+    /// last run) plus the decays that left work.
+    fn vmstat_update(&self, cpu: u32, w: &mut crate::clock::VmstatWork) -> u32 {
+        let events = self.cpu_page_events(cpu);
+        let mut changes = u32::from(events != w.seen_events);
+        w.seen_events = events;
+        for z in self.zones.iter().filter(|z| z.is_populated()) {
+            if self.decay_pcp_high(z, cpu) > 0 {
+                changes += 1;
+            }
+        }
+        w.runs += 1;
+        w.pending = changes > 0;
+        changes
+    }
+
+    /// Page allocations and frees through `cpu`'s pcp lists so far.
+    fn cpu_page_events(&self, cpu: u32) -> u64 {
+        self.zones
+            .iter()
+            .filter_map(|z| z.pcp.get(cpu as usize))
+            .map(|s| s.pgalloc.load(Relaxed) + s.pgfree.load(Relaxed))
+            .sum()
+    }
+
+    /// Move the simulated clock to `t` ns, running the timer work that falls
+    /// due on the way, in time order (see `clock.rs`). The first call starts
+    /// the clock at `t` and arms every CPU's vmstat worker. Returns how many
+    /// times timer work ran. A `t` in the past changes nothing.
+    pub fn advance_time(&self, t: u64) -> u64 {
+        use crate::clock::{Clock, STAT_INTERVAL_NS};
+        let _d = self.trace.defer();
+        let mut work = self.clock.work.lock();
+        let now = self.clock.now();
+        if t <= now && self.clock.shepherd_ns.load(Relaxed) != 0 {
+            return 0;
+        }
+        if self.clock.shepherd_ns.load(Relaxed) == 0 {
+            // Start: the workers of a running system are armed.
+            self.clock.set(t);
+            self.clock.shepherd_ns.store(Clock::round_next(t, 0), Relaxed);
+            for (cpu, w) in work.iter_mut().enumerate() {
+                w.next_ns = Clock::round_next(t, cpu as u32);
+                w.seen_events = self.cpu_page_events(cpu as u32);
+            }
+            return 0;
+        }
+        let enabled = self.clock.enabled.load(Relaxed);
+        let mut runs = 0;
+        loop {
+            // The earliest due work: a CPU's worker, or the shepherd (ties: the worker first).
+            let shepherd = self.clock.shepherd_ns.load(Relaxed);
+            let next_cpu = work.iter().enumerate().filter(|(_, w)| w.next_ns != 0).min_by_key(|(_, w)| w.next_ns);
+            let (due, cpu) = match next_cpu {
+                Some((c, w)) if w.next_ns <= shepherd => (w.next_ns, Some(c as u32)),
+                _ => (shepherd, None),
+            };
+            if due > t {
+                break;
+            }
+            self.clock.set(due);
+            match cpu {
+                Some(c) => {
+                    let w = &mut work[c as usize];
+                    let changes = if enabled { self.vmstat_update(c, w) } else { 0 };
+                    w.next_ns = if changes > 0 { Clock::round_next(due, c) } else { 0 };
+                    runs += 1;
+                }
+                None => {
+                    // vmstat_shepherd: queue (delay 0) the work of CPUs whose counters moved.
+                    for c in 0..work.len() {
+                        if work[c].next_ns == 0 && self.cpu_page_events(c as u32) != work[c].seen_events {
+                            work[c].next_ns = due;
+                        }
+                    }
+                    let next = Clock::round_next(due, 0);
+                    self.clock.shepherd_ns.store(next.max(due + STAT_INTERVAL_NS / 2), Relaxed);
+                }
+            }
+        }
+        self.clock.set(t);
+        runs
+    }
+
     /// Pages sitting on per-CPU lists, all zones and CPUs.
     pub fn nr_pcp_pages(&self) -> u64 {
         self.zones.iter().flat_map(|z| z.pcp.iter()).map(|s| s.lists.lock().count).sum()

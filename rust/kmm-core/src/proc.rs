@@ -250,16 +250,18 @@ fn zone_event_names(kind: ZoneKind) -> [&'static str; 3] {
 }
 
 /// Names of the owner codes of `Machine::page_owners`, by code.
-pub const PAGE_OWNER_NAMES: [&str; 7] = ["reserved", "buddy free", "pcp", "slab", "vmalloc", "page table", "pages"];
+pub const PAGE_OWNER_NAMES: [&str; 8] =
+    ["reserved", "buddy free", "pcp", "slab", "vmalloc", "page table", "pages", "in use before the trace"];
 
 impl Machine {
     /// One byte per page frame saying who holds it (the codes index
     /// `PAGE_OWNER_NAMES`): free in the buddy allocator, on a per-CPU list,
     /// a slab page, a vmalloc page, a page-table page, other allocated
-    /// pages (alloc_pages, large kmalloc, percpu, stacks), or reserved.
+    /// pages (alloc_pages, large kmalloc, percpu, stacks), reserved, or in
+    /// use since before a replayed trace began (a warm start's PG_warm pages).
     /// Read without locks: a snapshot that may straddle a concurrent call.
     pub fn page_owners(&self) -> Vec<u8> {
-        use crate::page::{PG_BUDDY, PG_PCP, PG_RESERVED, PG_SLAB, PG_TABLE, PG_TAIL, PG_VMALLOC};
+        use crate::page::{PG_BUDDY, PG_PCP, PG_RESERVED, PG_SLAB, PG_TABLE, PG_TAIL, PG_VMALLOC, PG_WARM};
         let n = self.nr_pages as usize;
         let mut out = vec![6u8; n];
         let mut pfn = 0usize;
@@ -288,6 +290,8 @@ impl Machine {
                 4
             } else if f & PG_TABLE != 0 {
                 5
+            } else if f & PG_WARM != 0 {
+                7
             } else {
                 6
             };
@@ -313,13 +317,14 @@ impl Machine {
                 }
             }
             // pagetypeinfo_showblockcount_print: one step per pageblock from
-            // zone_start_pfn, reading the type of the block each step lands in.
+            // zone_start_pfn, reading the type of the block each step lands
+            // in, skipping offline pfns (pfn_to_online_page).
             let mut blocks = [0u64; MIGRATE_TYPES];
             let step = 1u64 << self.pageblock_order;
             let mut pfn = z.start_pfn;
             while pfn < z.end_pfn() {
                 let t = a.pageblock_migratetype(pfn) as usize;
-                if t < MIGRATE_TYPES {
+                if t < MIGRATE_TYPES && pfn >= z.online.0 && pfn < z.online.1 {
                     blocks[t] += 1;
                 }
                 pfn += step;

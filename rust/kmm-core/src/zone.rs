@@ -75,6 +75,9 @@ pub struct Zone {
     pub spanned: u64,
     pub present: u64,
     pub managed: u64,
+    /// Pfns whose struct page is online (`pfn_to_online_page`): the whole
+    /// span, except on a recorded machine with offline memory blocks.
+    pub online: (u64, u64),
     /// `zone->lock` and what it protects: free lists and pageblock types.
     pub area: Mutex<FreeArea>,
     /// Pageblock migratetypes, readable without the zone lock.

@@ -680,6 +680,64 @@ impl KmemCache {
         Ok((id, pfn.0, base))
     }
 
+    /// A slab that existed before the trace (warm start, `warm.rs`): `pfn`
+    /// heads a block of `order` pages the caller holds (allocated, not on any
+    /// list). Objects with `live[i]` are allocated (marked live in the
+    /// shadow), the others free, chained in address order. The slab goes to
+    /// the tail of the node partial list if it has a free object, on no
+    /// list if it is full: what `get_slabinfo` then counts is what a
+    /// recorded /proc/slabinfo says (free objects on node partial slabs).
+    /// Returns the number of objects of the slab.
+    pub(crate) fn warm_slab(&self, m: &Machine, pfn: u64, order: u32, live: &[bool]) -> u32 {
+        // prep_new_page with __GFP_COMP, then allocate_slab.
+        let head = m.mem_map.get(pfn);
+        let mut flags = 0;
+        if order > 0 {
+            flags |= crate::page::PG_HEAD;
+            for t in 1..(1u64 << order) {
+                let tail = m.mem_map.get(pfn + t);
+                tail.set(crate::page::PG_TAIL, 0);
+                tail.set_next(pfn as u32);
+            }
+        }
+        head.set(flags, order);
+        m.make_slab_pages(Pfn(pfn), order, self.id);
+        let objects = self.objects_in(m, order);
+        let base = self.slab_base(m, pfn);
+        let is_live = |i: u32| live.get(i as usize).copied().unwrap_or(true);
+        let mut freelist = 0u64;
+        let mut inuse = 0u32;
+        for i in (0..objects).rev() {
+            let obj = base + i as u64 * self.geo.size as u64;
+            if is_live(i) {
+                inuse += 1;
+                self.init_object(m, obj, true);
+                m.shadow.alloc(obj - m.cfg.arch.page_offset());
+            } else {
+                self.init_object(m, obj, false);
+                self.set_fp(m, obj, freelist);
+                freelist = obj;
+            }
+        }
+        let bytes = (m.page_size << order) as i64;
+        if self.flags & SLAB_RECLAIM_ACCOUNT != 0 {
+            m.vmstat.nr_slab_reclaimable_b.fetch_add(bytes, Relaxed);
+        } else {
+            m.vmstat.nr_slab_unreclaimable_b.fetch_add(bytes, Relaxed);
+        }
+        let mut n = self.node.lock();
+        let slab = Slab { pfn, order, objects, inuse, freelist, list: SlabList::None, prev: NIL, next: NIL };
+        let id = Self::new_slab_id(&mut n, slab);
+        n.nr_slabs += 1;
+        n.total_objects += objects as u64;
+        if inuse < objects {
+            Self::add_partial(&mut n, id, true);
+        }
+        drop(n);
+        m.mem_map.get(pfn).set_next(id);
+        objects
+    }
+
     /// The "SLUB: Unable to allocate memory" report as an OutOfMemory error.
     fn slab_out_of_memory(&self, gfp: Gfp, e: KmmError) -> KmmError {
         let n = self.node.lock();
