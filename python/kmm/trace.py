@@ -493,7 +493,8 @@ class ReplayReport:
         notes = ["unusable: the share of free memory in blocks smaller than the order (0: all usable, 1: none)."]
         if free and failing:
             notes.append("fragmentation, only where an allocation of the order would fail: towards 0 it fails for lack "
-                         "of memory, towards 1 for fragmentation (the kernel compacts above vm.extfrag_threshold, 0.500).")
+                         "of memory, towards 1 for fragmentation (above order 3, mm/compaction.c compaction_suitable() "
+                         "compacts only above vm.extfrag_threshold, 0.500).")
         if left:
             notes.append("Left out: " + "; ".join(left) + ".")
         for note in notes:
@@ -519,11 +520,12 @@ class ReplayReport:
         if not hit:
             top = len(self.samples[0].zones[0].nr_free) - 1 if self.samples[0].zones else 0
             return [f"During the replay ({n} samples): every zone kept a free order-{top} block at every sample."]
-        out = [f"During the replay ({n} samples), zones that lost their largest free blocks:"]
+        top = len(self.samples[0].zones[0].nr_free) - 1
+        out = [f"During the replay ({n} samples), zones that lost their last free order-{top} block:"]
         for name, (lowest, below, first) in hit:
-            what = "no free pages" if lowest < 0 else f"largest free block order {lowest}"
-            out.append(f"  {name:<8}at worst {what}; below the top order at {below} of {n} samples "
-                       f"(first before event {first:,})")
+            low = "no free pages at all" if lowest < 0 else f"largest free block down to order {lowest}"
+            out.append(f"  {name:<8}no free order-{top} block at {below} of {n} samples "
+                       f"(the first before event {first:,}); {low}")
         return out
 
 
