@@ -10,7 +10,9 @@ walks through the page allocator, printing the kernel's own views;
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import textwrap
 from pathlib import Path
 
 import kmm
@@ -18,6 +20,12 @@ import kmm
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+
+
+def default_trace() -> tuple[Path, str]:
+    """The trace plain ``kmm`` (and ``kmm replay`` without a FILE) replays,
+    and a few words on what it is: the one place to change the default."""
+    return kmm.trace.SAMPLE, "the sample trace shipped with kmm, a perf script of Linux 6.18 on 2 CPUs"
 
 
 def _machine_args(p: argparse.ArgumentParser, memory: str = "1G") -> None:
@@ -50,7 +58,8 @@ def demo(a: argparse.Namespace) -> int:
         print(f"  {z.name:8s} start_pfn={z.start_pfn:#x} spanned={z.spanned} managed={z.managed} "
               f"free={z.free_pages} min={z.min} low={z.low} high={z.high} protection={tuple(z.lowmem_reserve)}")
     _section("/proc/buddyinfo at boot")
-    print(m.proc.buddyinfo(), end="")
+    boot = m.proc.buddyinfo()
+    print(boot, end="")
 
     _section("Allocating with gfp flags")
     with m.trace.record("kmem:mm_page_*") as rec:
@@ -64,14 +73,13 @@ def demo(a: argparse.Namespace) -> int:
           f"first bytes {m.read(addr, 8).hex()})")
     m.write(addr, b"hello, buddy")
     print(f"  wrote and read back: {m.read(addr, 12)!r}")
-    print("  tracepoints fired (as perf script prints them):")
-    for line in rec.to_perf_script(comm="demo", pid=1).splitlines():
-        print("   " + line.strip())
+    for line in _trace_summary(rec.to_perf_script(comm="demo", pid=1).splitlines()):
+        print(line)
 
     _section("/proc/buddyinfo after the allocations (orders split by expand())")
     print(m.proc.buddyinfo(), end="")
 
-    _section("A request that cannot be satisfied")
+    _section("Requests the kernel refuses")
     try:
         m.alloc_pages(kmm.GFP_KERNEL | kmm.__GFP_NOWARN, kmm.MAX_PAGE_ORDER + 1)
     except kmm.OutOfMemoryError as e:
@@ -86,10 +94,21 @@ def demo(a: argparse.Namespace) -> int:
     m.free_pages(dma)
     m.free_pages(user)
     m.free_page(addr)
-    _section("Everything freed: buddies merged back (/proc/buddyinfo)")
-    print(m.proc.buddyinfo(), end="")
+    # Order-0 to order-3 frees stop on the per-CPU lists (as the kernel's
+    # free_unref_page does), with the pages a refill brought: drain them so
+    # that the buddies can merge.
+    on_pcp = m.nr_pcp_pages()
+    m.drain_all_pages()
+    _section("Everything freed: drain_all_pages(), and the buddies merged back (/proc/buddyinfo)")
+    after = m.proc.buddyinfo()
+    print(after, end="")
+    print(f"  the frees stopped on the per-CPU lists (orders 0-3 do), with the rest of each refill's batch: "
+          f"{on_pcp} pages;")
+    print("  drained, " + ("every split block merged back with its buddy: the same as at boot" if after == boot
+                          else "the free lists still differ from boot"))
     _section("The slab layer: kmalloc and a cache of your own")
-    before = m.nr_free_pages()
+    free = lambda: m.nr_free_pages() + m.nr_pcp_pages()  # noqa: E731 - pages on pcp lists are free too
+    before = free()
     blk = m.kmalloc(100, kmm.GFP_KERNEL)
     print(f"  kmalloc(100) -> {blk!r}: ksize {m.ksize(blk)} (served by kmalloc-128)")
     blk[0:5] = b"hello"
@@ -112,8 +131,10 @@ def demo(a: argparse.Namespace) -> int:
         print("   " + line)
     cache.destroy()
     k128 = m.kmem_cache("kmalloc-128")
-    print(f"  kmalloc-128 still holds its empty cpu slab: free pages {before} -> {m.nr_free_pages()}; "
-          f"after its shrink: {k128.shrink() and m.nr_free_pages()}")
+    held = free()
+    k128.shrink()
+    print(f"  free pages (buddy and per-CPU lists) {before} -> {held}: kmalloc-128 keeps its empty cpu slab; "
+          f"kmem_cache_shrink() gives it back: {free()}")
 
     _section("Per-CPU: CPUs, preemption, per-CPU page lists and variables")
     with m.on_cpu(1):
@@ -132,9 +153,10 @@ def demo(a: argparse.Namespace) -> int:
         pages = [m.alloc_page(kmm.GFP_KERNEL) for _ in range(3)]
         for p in pages:
             m.free_page(p)
-    print(f"  3 order-0 pages freed on cpu 1 wait on its per-CPU lists: {m.nr_pcp_pages()} pages "
-          f"on pcp lists (a refill brought a batch); drain_all_pages() gives them back")
+    on_pcp = m.nr_pcp_pages()
     m.drain_all_pages()
+    print(f"  3 order-0 pages allocated and freed on cpu 1: refills fill its per-CPU list a batch at a time and "
+          f"the frees go back there: {on_pcp} pages on pcp lists; drain_all_pages() -> {m.nr_pcp_pages()}")
     m.define_per_cpu("counter", 8)
     for k in range(m.cpus):
         with m.on_cpu(k), m.get_cpu_var("counter") as v:
@@ -190,6 +212,48 @@ def demo(a: argparse.Namespace) -> int:
     return EXIT_OK if not errs else EXIT_ERROR
 
 
+#: What each page-allocator tracepoint of the demo stands for
+#: (include/trace/events/kmem.h, and where mm/page_alloc.c fires it).
+_TRACEPOINTS = {
+    "kmem:mm_page_alloc": "one per allocation",
+    "kmem:mm_page_alloc_zone_locked": "taken under zone->lock (percpu_refill=1: refilling a per-CPU list)",
+    "kmem:mm_page_alloc_extfrag": "a fallback: the first block taken from another migratetype's pageblock",
+    "kmem:mm_page_free": "one per free",
+    "kmem:mm_page_free_batched": "a page freed in a batch",
+    "kmem:mm_page_pcpu_drain": "a page going back from a per-CPU list to the free lists",
+}
+
+#: Events that fired more often than this show only their first lines.
+_TRACE_EXAMPLES = 8
+
+
+def _trace_summary(lines: list[str]) -> list[str]:
+    """perf script lines summarised for the tour: a count per event, then
+    every line of the rare events and the first two of the frequent ones."""
+    names = [line.split(": ", 2)[1].strip() if line.count(": ") >= 2 else "?" for line in lines]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    out = [f"  tracepoints fired: {len(lines)} (kmm records them as the kernel does; perf script's format):"]
+    width = max(map(len, counts), default=0)
+    for n, c in counts.items():
+        out.append(f"    {c:5d}  {n:<{width}}  {_TRACEPOINTS.get(n, '')}".rstrip())
+    seen: dict[str, int] = {}
+    skipped = False
+    for n, line in zip(names, lines):
+        seen[n] = seen.get(n, 0) + 1
+        if counts[n] > _TRACE_EXAMPLES and seen[n] > 2:
+            skipped = True
+            continue
+        if skipped:
+            out.append("     ...")
+            skipped = False
+        out.append("     " + line.strip())
+    if skipped:
+        out.append("     ...")
+    return out
+
+
 def _zone_block(zoneinfo: str, name: str) -> str:
     """One zone's block of /proc/zoneinfo, with the per-node stats left out."""
     out, inside, node_stats = [], False, False
@@ -212,10 +276,28 @@ def proc(a: argparse.Namespace) -> int:
     m = _make_machine(a)
     if a.trace:
         t = _load(a, a.trace)
+        if _no_events(a.trace, t):
+            return EXIT_ERROR
         kmm.trace.replay(t, m)
     fn = getattr(m.proc, a.file)
     sys.stdout.write(fn())
     return EXIT_OK
+
+
+def _no_events(path, t: "kmm.trace.TraceLog") -> bool:
+    """Say so on stderr when a trace holds no events (an empty file, or
+    only comments and blank lines)."""
+    if len(t):
+        return False
+    lines = f"{t.lines:,} line{'s' if t.lines != 1 else ''}"
+    if t.lines == 0:
+        why = "the file is empty"
+    elif t.skipped:
+        why = f"{lines}, {t.skipped:,} of them malformed and skipped"
+    else:
+        why = f"{lines}, only comments and blank lines"
+    print(f"kmm: error: {path}: no events ({why})", file=sys.stderr)
+    return True
 
 
 def _load(a: argparse.Namespace, path) -> "kmm.trace.TraceLog":
@@ -239,6 +321,8 @@ def stat(a: argparse.Namespace) -> int:
                 if bad:
                     a.parser.error(f"unknown {mode} --sort key: '{bad[0]}' (keys: {', '.join(keys)})")
     t = _load(a, a.file)
+    if _no_events(a.file, t):
+        return EXIT_ERROR
     st = kmm.trace.stat(t)
     sys.stdout.write(st.format(slab=slab, page=page, caller=a.caller, alloc=a.alloc, sort=a.sort, lines=a.lines))
     return EXIT_OK
@@ -253,18 +337,21 @@ def replay(a: argparse.Namespace) -> int:
         except plot.PlotUnavailable as e:
             print(f"kmm: error: --plot: {e}", file=sys.stderr)
             return EXIT_ERROR
-    path = a.file or kmm.trace.SAMPLE
+    path, what = (a.file, "") if a.file else default_trace()
     t = _load(a, path)
+    if _no_events(path, t):
+        return EXIT_ERROR
     m = _make_machine(a)
     if not a.file:
-        print(f"Replaying the sample trace shipped with kmm ({path.name}: perf script of Linux 6.18, 2 CPUs)")
+        print(f"Replaying {what} ({Path(path).name})")
     print(f"Machine: {m!r}\n")
     r = kmm.trace.replay(t, m, sample_every=a.sample_every, free_at_end=a.free_at_end)
     sys.stdout.write(r.format(slabinfo=a.slabinfo))
     if a.plot:
         from kmm import plot
 
-        plot.replay_plot(r, a.plot, title=f"kmm replay of {Path(path).name}", owners=m.page_owners())
+        plot.replay_plot(r, a.plot, title=f"kmm replay of {Path(path).name} on {m!r}", owners=m.page_owners(),
+                         pageblock_order=m.pageblock_order)
         print(f"\nplot written to {a.plot}")
     return EXIT_OK
 
@@ -275,11 +362,24 @@ def _trace_args(p: argparse.ArgumentParser) -> None:
                    help="progress bar on stderr (default: for files over 4 MiB when stderr is a terminal)")
 
 
+def _fill(text: str, width: int = 78) -> str:
+    """Wrap a paragraph without breaking a `quoted command` across lines."""
+    parts = text.split("`")
+    parts[1::2] = [p.replace(" ", "\xa0") for p in parts[1::2]]  # textwrap splits on ASCII whitespace only
+    return textwrap.fill("`".join(parts), width=width).replace("\xa0", " ")
+
+
 def build_parser() -> argparse.ArgumentParser:
     tunables = "\n".join(f"  {n:24s} {d:16s} {h}" for n, d, h in kmm.TUNABLES)
+    path, what = default_trace()
+    plain = _fill(
+        f"Plain `kmm` (no COMMAND) is `kmm replay`: it replays {what} ({path.name}), on a simulated machine, "
+        "and reports where kmm decided differently from the kernel, memory in use and fragmentation. "
+        "`kmm demo` is a guided tour instead; `kmm COMMAND --help` describes each command."
+    )
     p = argparse.ArgumentParser(
         prog="kmm",
-        description="kmm: a fast, faithful model of the Linux kernel's memory manager.",
+        description=f"kmm: a fast, faithful model of the Linux kernel's memory manager.\n\n{plain}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Machine tunables (kmm.Machine keyword arguments):\n{tunables}\n\n"
         "Exit codes: 0 success, 1 an error (a malformed trace line, a missing file, a model or\n"
@@ -316,14 +416,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.set_defaults(func=stat, parser=st)
     rp = sub.add_parser(
         "replay",
-        help="replay a trace's allocations and frees on a kmm machine (default: the packaged sample)",
+        help="replay a trace's allocations and frees on a kmm machine (default, and plain `kmm`: the sample)",
         description="Feed a trace's kmalloc/kfree, kmem_cache_alloc/free, page, percpu and vmap-area events, each on "
         "the CPU it ran on, into a kmm machine; report kmm's decisions that differed from the kernel's "
         "(bytes_alloc, zone: the kernel's zone is read from the traced pfn with x86_64's boundaries), "
         "memory and external fragmentation. vmap areas (alloc_vmap_area / free_vmap_area_noflush) are "
         "vmalloc'ed and vfree'd; their addresses are not compared.",
     )
-    rp.add_argument("file", metavar="FILE", nargs="?", help="`perf script` or trace_pipe text (default: the sample trace)")
+    rp.add_argument("file", metavar="FILE", nargs="?",
+                    help=f"`perf script` or trace_pipe text (default: {what}, {path.name})")
     _machine_args(rp, memory="8G")
     rp.add_argument("--sample-every", type=int, default=1000, metavar="N", help="events between fragmentation samples (default 1000)")
     rp.add_argument("--plot", metavar="OUT.png", help="draw free pages per order over time and the physical memory map by owner (needs matplotlib: the 'plot' extra)")
@@ -345,11 +446,12 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return a.func(a)
+    except BrokenPipeError:  # `kmm | head`: the reader left; not an error (before OSError, its base)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_OK
     except OSError as e:
         print(f"kmm: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR
     except (ValueError, kmm.KmmError) as e:
         print(f"kmm: error: {e}", file=sys.stderr)
         return EXIT_ERROR
-    except BrokenPipeError:
-        return EXIT_OK

@@ -24,6 +24,7 @@ import lzma
 import os
 import queue
 import sys
+import textwrap
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,8 @@ SLAB_SORT_KEYS = ("ptr", "callsite", "hit", "bytes", "frag", "pingpong")
 PAGE_SORT_KEYS = ("page", "callsite", "hit", "bytes", "order", "migtype", "gfp")
 
 _CHUNK = 1 << 20
+#: Width of the report's wrapped notes.
+_WIDTH = 100
 _PROGRESS_MIN_BYTES = 4 << 20
 
 
@@ -296,6 +299,38 @@ def _milli(v: int) -> str:
     return f"{sign}{v // 1000}.{v % 1000:03d}"
 
 
+def zone_frag(zone: str, nr_free: list[int]) -> ZoneFrag:
+    """A zone's indices from its free blocks per order, by mm/vmstat.c's
+    ``fill_contig_page_info``, ``unusable_free_index`` and
+    ``__fragmentation_index`` (the Rust replay's samples use the same
+    formulas, in ``rust/kmm-core/src/trace/replay.rs``)."""
+    unusable, frag = [], []
+    for order in range(len(nr_free)):
+        free_pages = sum(n << o for o, n in enumerate(nr_free))
+        total = sum(nr_free)
+        suitable = sum(n << (o - order) for o, n in enumerate(nr_free) if o >= order)
+        # "No free memory is interpreted as all free memory is unusable".
+        unusable.append(1000 if free_pages == 0 else (free_pages - (suitable << order)) * 1000 // free_pages)
+        if total == 0:
+            frag.append(0)
+        elif suitable:
+            frag.append(-1000)  # "only makes sense when a request would fail"
+        else:
+            frag.append(1000 - (1000 + free_pages * 1000 // (1 << order)) // total)
+    return ZoneFrag(zone, list(nr_free), unusable, frag)
+
+
+def _orders(orders: list[int]) -> str:
+    """``[3]`` -> "order 3", ``[0, 1, 2]`` -> "orders 0-2"."""
+    if len(orders) == 1:
+        return f"order {orders[0]}"
+    return f"orders {orders[0]}-{orders[-1]}"
+
+
+def _names(names: list[str]) -> str:
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 @dataclass(frozen=True)
 class ReplayReport:
     """What :func:`replay` did: outcomes per event, kmm's decisions that
@@ -333,10 +368,18 @@ class ReplayReport:
     page_size: int = 4096
     buddyinfo: str = ""
     slabinfo: str = ""
+    #: Whether ``free_at_end`` freed everything the replay allocated.
+    free_at_end: bool = False
+    #: The end state: each populated zone's free blocks and indices, read at
+    #: the same moment as ``buddyinfo`` (after the frees with
+    #: ``free_at_end``; without it, the same as ``samples[-1].zones``).
+    end_zones: list[ZoneFrag] = field(default_factory=list)
 
     def format(self, slabinfo: bool = False) -> str:
         """A human-readable report (the ``kmm replay`` output)."""
-        kb = self.page_size // 1024
+        if self.events == 0:
+            return "\n".join(["No events: the trace is empty, nothing was replayed.", "",
+                              *self._format_end_state()]) + "\n"
         out = []
         w = out.append
         w(f"Replayed {self.replayed:,} of {self.events:,} events in {self.seconds * 1e3:.1f} ms "
@@ -372,25 +415,118 @@ class ReplayReport:
         w("")
         w(f"Caches created from the trace: {len(self.caches_created)}")
         w("")
-        w(f"Memory in use: boot {self.boot_used_pages * kb:,} kB, peak {self.peak_used_pages * kb:,} kB, "
-          f"end {self.final_used_pages * kb:,} kB ({self.live_at_end:,} replayed allocations still live)")
-        if self.samples:
-            last = self.samples[-1]
-            w("")
-            w(f"External fragmentation at the end (after {last.event:,} events; mm/vmstat.c indices per order):")
-            for z in last.zones:
-                w(f"  {z.zone:<7} free blocks   " + " ".join(f"{n:>6}" for n in z.nr_free))
-                w(f"  {z.zone:<7} unusable      " + " ".join(f"{_milli(v):>6}" for v in z.unusable_index))
-                w(f"  {z.zone:<7} fragmentation " + " ".join(f"{_milli(v):>6}" for v in z.fragmentation_index))
-        if self.buddyinfo:
-            w("")
-            w("/proc/buddyinfo at the end:")
-            out.extend(self.buddyinfo.rstrip("\n").splitlines())
+        out.extend(self._format_end_state())
         if slabinfo and self.slabinfo:
             w("")
             w("/proc/slabinfo at the end:")
             out.extend(self.slabinfo.rstrip("\n").splitlines())
         return "\n".join(out) + "\n"
+
+    def _format_end_state(self) -> list[str]:
+        """Memory in use, the fragmentation table and /proc/buddyinfo, all
+        of one moment: the end of the trace, or after ``free_at_end``."""
+        kb = self.page_size // 1024
+        out: list[str] = []
+        w = out.append
+        if self.free_at_end:
+            w("End state, after freeing everything the replay allocated (--free-at-end: its objects, pages and")
+            w("per-CPU areas freed, the caches it created destroyed, the others shrunk, the per-CPU lists drained):")
+            live = f"{self.live_at_end:,} replayed allocations were live before the frees"
+        else:
+            w(f"End state, after the last of the {self.events:,} events:" if self.events else "End state:")
+            live = f"{self.live_at_end:,} replayed allocations still live"
+        w(f"  memory in use: boot {self.boot_used_pages * kb:,} kB, peak {self.peak_used_pages * kb:,} kB, "
+          f"end {self.final_used_pages * kb:,} kB ({live})")
+        zones = self.end_zones or (self.samples[-1].zones if self.samples else [])
+        if zones:
+            w("")
+            out.extend(self._format_frag(zones))
+        over_time = self._format_samples()
+        if over_time:
+            w("")
+            out.extend(over_time)
+        if self.buddyinfo:
+            w("")
+            w("/proc/buddyinfo (the same moment):")
+            out.extend(self.buddyinfo.rstrip("\n").splitlines())
+        return out
+
+    @staticmethod
+    def _format_frag(zones: list[ZoneFrag]) -> list[str]:
+        """The kernel's external-fragmentation indices (mm/vmstat.c, as
+        /sys/kernel/debug/extfrag/{unusable_index,extfrag_index} print
+        them), only where they say something: the unusable index from the
+        first order where some zone has free memory it cannot use (below
+        it, 0.000 everywhere: the index never falls as the order grows);
+        the fragmentation index only for zones where an allocation of a
+        shown order would fail (elsewhere it is -1.000, "would succeed",
+        at every order). Zones without free memory get one line."""
+        out: list[str] = []
+        w = out.append
+        free = [z for z in zones if any(z.nr_free)]
+        empty = [z.zone for z in zones if not any(z.nr_free)]
+        w("External fragmentation per order (mm/vmstat.c's indices, as /sys/kernel/debug/extfrag prints them):")
+        left: list[str] = []
+        failing: list[ZoneFrag] = []
+        if free:
+            nr_orders = len(free[0].nr_free)
+            lo = next((o for o in range(nr_orders) if any(z.unusable_index[o] for z in free)), nr_orders)
+            failing = [z for z in free if any(f != -1000 for f in z.fragmentation_index)]
+            if lo == nr_orders:
+                w(f"  unusable index 0.000 at every order in {_names([z.zone for z in free])}")
+            else:
+                shown = range(lo, nr_orders)
+                w(f"  {'order':<22}" + "".join(f"{o:>7}" for o in shown))
+                for z in free:
+                    w(f"  {z.zone:<8}{'unusable':<14}" + "".join(f"{_milli(z.unusable_index[o]):>7}" for o in shown))
+                    if z in failing:
+                        w(f"  {z.zone:<8}{'fragmentation':<14}"
+                          + "".join(f"{_milli(z.fragmentation_index[o]):>7}" for o in shown))
+                if lo:
+                    left.append(f"{_orders(list(range(lo)))} (unusable index 0.000 in every zone)")
+            succeed = [z.zone for z in free if z not in failing]
+            if succeed:
+                left.append(f"the fragmentation index of {_names(succeed)} (-1.000 at every order: "
+                            f"an allocation of any order would succeed)")
+        for name in empty:
+            w(f"  {name:<8}no free pages: every allocation from it fails")
+        notes = ["unusable: the share of free memory in blocks smaller than the order (0: all usable, 1: none)."]
+        if free and failing:
+            notes.append("fragmentation, only where an allocation of the order would fail: towards 0 it fails for lack "
+                         "of memory, towards 1 for fragmentation (above order 3, mm/compaction.c compaction_suitable() "
+                         "compacts only above vm.extfrag_threshold, 0.500).")
+        if left:
+            notes.append("Left out: " + "; ".join(left) + ".")
+        for note in notes:
+            out.extend(textwrap.wrap(note, width=_WIDTH, initial_indent="  ", subsequent_indent="  "))
+        return out
+
+    def _format_samples(self) -> list[str]:
+        """One line on the samples taken during the replay: the smallest
+        largest free block each zone had."""
+        if len(self.samples) < 2:
+            return []
+        worst: dict[str, tuple[int, int, int]] = {}  # zone -> (lowest top order, samples below max, first event)
+        for s in self.samples:
+            for z in s.zones:
+                top = max((o for o, n in enumerate(z.nr_free) if n), default=-1)
+                lowest, below, first = worst.get(z.zone, (len(z.nr_free) - 1, 0, -1))
+                if top < len(z.nr_free) - 1:
+                    below += 1
+                    first = s.event if first < 0 else first
+                worst[z.zone] = (min(lowest, top), below, first)
+        n = len(self.samples)
+        hit = [(name, v) for name, v in worst.items() if v[1]]
+        if not hit:
+            top = len(self.samples[0].zones[0].nr_free) - 1 if self.samples[0].zones else 0
+            return [f"During the replay ({n} samples): every zone kept a free order-{top} block at every sample."]
+        top = len(self.samples[0].zones[0].nr_free) - 1
+        out = [f"During the replay ({n} samples), zones that lost their last free order-{top} block:"]
+        for name, (lowest, below, first) in hit:
+            low = "no free pages at all" if lowest < 0 else f"largest free block down to order {lowest}"
+            out.append(f"  {name:<8}no free order-{top} block at {below} of {n} samples "
+                       f"(the first before event {first:,}); {low}")
+        return out
 
 
 def replay(trace: TraceLog, machine: Any, sample_every: int = 1000, free_at_end: bool = False) -> ReplayReport:
@@ -399,7 +535,11 @@ def replay(trace: TraceLog, machine: Any, sample_every: int = 1000, free_at_end:
     for what is replayed and what is counted). Runs in Rust with the GIL
     released. ``sample_every``: events between fragmentation samples.
     ``free_at_end``: free everything the replay allocated, destroy the caches
-    it created, shrink the others and drain the per-CPU lists."""
+    it created, shrink the others and drain the per-CPU lists; the report's
+    end state (``end_zones``, ``buddyinfo``) is then read after the frees.
+    An empty trace replays nothing and gives a report with ``events == 0``
+    (its ``format()`` says "No events"; the ``kmm`` command refuses such a
+    file instead)."""
     if not isinstance(trace, TraceLog):
         raise TypeError(f"expected a TraceLog (kmm.trace.load), not {type(trace).__name__}")
     d = trace.replay(machine, sample_every, free_at_end)
@@ -407,6 +547,10 @@ def replay(trace: TraceLog, machine: Any, sample_every: int = 1000, free_at_end:
         FragSample(ev, used, [ZoneFrag(z, list(nf), list(ui), list(fi)) for z, nf, ui, fi in zones])
         for ev, used, zones in d["samples"]
     ]
+    # The end state is read in one go, after the frees when free_at_end (the
+    # replay's last sample is taken before them).
+    end_zones = [zone_frag(z.name, list(z.nr_free)) for z in machine.zones if z.populated]
     return ReplayReport(
-        **d, page_size=machine.page_size, buddyinfo=machine.proc.buddyinfo(), slabinfo=machine.proc.slabinfo()
+        **d, page_size=machine.page_size, buddyinfo=machine.proc.buddyinfo(), slabinfo=machine.proc.slabinfo(),
+        free_at_end=free_at_end, end_zones=end_zones,
     )
