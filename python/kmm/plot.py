@@ -23,8 +23,9 @@ ORDER_COLOURS = (
 )
 
 #: Colours of the page owners (kmm.PAGE_OWNER_NAMES order): reserved, buddy
-#: free, pcp, slab, vmalloc, page table, pages.
-OWNER_COLOURS = ("#000000", "#e8e8e8", "#9ecae1", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e")
+#: free, pcp, slab, vmalloc, page table, pages, in use before the trace
+#: (a warm start's pages of unknown owner).
+OWNER_COLOURS = ("#000000", "#e8e8e8", "#9ecae1", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#c7b299")
 
 #: Owner codes that do not count as memory in use for the zoom: reserved
 #: (pfn 0 and holes) and free in the buddy allocator.

@@ -115,6 +115,8 @@ impl PyMachine {
             seed,
             slab_nomerge,
             tlb: Default::default(),
+            layout: None,
+            tuning: None,
         };
         let mut cfg = cfg;
         for (name, (entries, ways)) in tlb.unwrap_or_default() {
