@@ -7,6 +7,7 @@ from kmm.snapshots import Snapshot
 
 __all__ = [
     "Block",
+    "Bundle",
     "Context",
     "CpuVar",
     "OnCpu",
@@ -40,6 +41,7 @@ __all__ = [
     "Zone",
     "gfp_format",
     "gfp_parse",
+    "parse_proc",
     "parse_size",
 ]
 
@@ -61,6 +63,7 @@ PAGE_OWNER_NAMES: Final[list[str]]
 def gfp_format(mask: int) -> str: ...
 def gfp_parse(text: str) -> int: ...
 def parse_size(text: str) -> int: ...
+def parse_proc(kind: str, text: str) -> Any: ...
 
 @final
 class Page:
@@ -313,6 +316,23 @@ class KmemStat:
         sort: str | None = None,
         lines: int | None = None,
     ) -> str: ...
+
+@final
+class Bundle:
+    """A recording bundle's /proc files (start.*, end.*, samples.txt), read from (name, text) pairs."""
+
+    def __new__(cls, files: list[tuple[str, str]]) -> Bundle: ...
+    @property
+    def start(self) -> dict[str, Any]: ...
+    @property
+    def end(self) -> dict[str, Any]: ...
+    @property
+    def samples(self) -> list[dict[str, Any]]: ...
+    @property
+    def nr_samples(self) -> int: ...
+    @property
+    def warnings(self) -> list[str]: ...
+    def check_trace(self, trace: TraceLog) -> list[str]: ...
 
 @final
 class TraceHandle:

@@ -7,6 +7,7 @@
 
 use pyo3::prelude::*;
 
+mod bundle;
 mod cpu;
 mod errors;
 mod machine;
@@ -38,6 +39,8 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<trace_import::PyTraceLog>()?;
     m.add_class::<trace_import::PyTraceEvent>()?;
     m.add_class::<trace_import::PyKmemStat>()?;
+    m.add_class::<bundle::PyBundle>()?;
+    m.add_function(wrap_pyfunction!(bundle::parse_proc, m)?)?;
     m.add_class::<machine::PyProc>()?;
     m.add_class::<machine::PyTrace>()?;
     m.add_class::<vm::PyThreadStack>()?;

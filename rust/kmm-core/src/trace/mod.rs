@@ -47,7 +47,9 @@ use parking_lot::RwLock;
 
 use crate::gfp;
 
+pub mod bundle;
 pub mod perf_script;
+pub mod procfs;
 pub mod replay;
 pub mod stat;
 
