@@ -77,8 +77,8 @@ pub struct ZoneLayout {
 /// pagesets' `batch`, `high_min`, `high_max`).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ZoneTuning {
-    /// min, low, high, promo.
-    pub watermarks: [u64; 4],
+    /// min, low, high, promo; None: kmm's formulas.
+    pub watermarks: Option<[u64; 4]>,
     /// `lowmem_reserve[]`, one per zone index (missing entries: kmm's value).
     pub lowmem_reserve: Vec<u64>,
     pub batch: u64,
@@ -207,6 +207,8 @@ pub struct Machine {
     pub vm: crate::vm::Vm,
     /// Simulated time and the kernel's timer work (`clock.rs`).
     pub clock: crate::clock::Clock,
+    /// Set by a warm start for a trace (`trace::shape`): what its replay maps.
+    pub warm: parking_lot::Mutex<Option<std::sync::Arc<crate::warm::WarmSeeds>>>,
 }
 
 impl Machine {
@@ -336,6 +338,7 @@ impl Machine {
             percpu: crate::percpu::Percpu::default(),
             vm,
             clock: crate::clock::Clock::new(cfg.cpus),
+            warm: parking_lot::Mutex::new(None),
             cfg,
         };
 
@@ -503,16 +506,17 @@ impl Machine {
         let mut pages_min = 0;
         for (z, t) in self.zones.iter().zip(tuning.iter()) {
             let Some(t) = t else { continue };
-            let mut w = t.watermarks;
-            // zone-2 (min <= low <= high <= promo) holds for what a kernel prints.
-            for i in 1..4 {
-                w[i] = w[i].max(w[i - 1]);
-            }
-            for (i, v) in w.iter().enumerate() {
-                z.watermark[i].store(*v, Relaxed);
-            }
-            if z.kind != ZoneKind::HighMem && z.kind != ZoneKind::Movable {
-                pages_min += w[0];
+            if let Some(mut w) = t.watermarks {
+                // zone-2 (min <= low <= high <= promo) holds for what a kernel prints.
+                for i in 1..4 {
+                    w[i] = w[i].max(w[i - 1]);
+                }
+                for (i, v) in w.iter().enumerate() {
+                    z.watermark[i].store(*v, Relaxed);
+                }
+                if z.kind != ZoneKind::HighMem && z.kind != ZoneKind::Movable {
+                    pages_min += w[0];
+                }
             }
             for (j, r) in z.lowmem_reserve.iter().enumerate() {
                 if let Some(&v) = t.lowmem_reserve.get(j) {

@@ -888,6 +888,17 @@ impl Machine {
             .sum()
     }
 
+    /// When the clock next has work due (ns): `u64::MAX` when nothing is
+    /// armed, 0 before the clock starts.
+    pub fn clock_next_due(&self) -> u64 {
+        let shepherd = self.clock.shepherd_ns.load(Relaxed);
+        if shepherd == 0 {
+            return 0;
+        }
+        let w = self.clock.work.lock();
+        w.iter().filter(|w| w.next_ns != 0).map(|w| w.next_ns).min().unwrap_or(u64::MAX).min(shepherd)
+    }
+
     /// Move the simulated clock to `t` ns, running the timer work that falls
     /// due on the way, in time order (see `clock.rs`). The first call starts
     /// the clock at `t` and arms every CPU's vmstat worker. Returns how many

@@ -137,12 +137,30 @@ pub struct WarmReport {
     /// Traced pre-trace blocks that found no room.
     pub allocated_missed: u64,
     pub caches: Vec<WarmCacheReport>,
+    /// Traced pre-trace slabs: (cache id, traced head pfn, kmm head pfn).
+    pub slabs: Vec<(u32, u64, u64)>,
     /// Traced slabs placed at their own pfns, and moved elsewhere.
     pub slabs_at_traced_pfn: u64,
     pub slabs_moved: u64,
     /// Pages left in use with no known owner (PG_warm).
     pub untracked_pages: u64,
     pub warnings: Vec<String>,
+}
+
+/// What a warm start leaves for the replay of the trace it was made for:
+/// how traced pre-trace pages and objects map to kmm's.
+#[derive(Clone, Debug, Default)]
+pub struct WarmSeeds {
+    /// The trace it was made for: (events, first timestamp, last timestamp).
+    pub trace_id: (u64, u64, u64),
+    pub report: WarmReport,
+    /// Pre-trace objects the trace frees: (traced ptr, kmm ptr, cache id).
+    pub objs: Vec<(u64, u64, u32)>,
+    /// Head pfns of the traced pre-trace slabs (their traced frees are the
+    /// kernel discarding them).
+    pub slab_heads: Vec<u64>,
+    /// How the machine was shaped and warmed, one sentence each.
+    pub notes: Vec<String>,
 }
 
 // Page states of the layout map (one byte per managed pfn of a zone).
@@ -638,8 +656,8 @@ impl Machine {
                 }
             };
             let Some(at) = at else { break };
-            // Indices are the traced ones only when the slab sits at its own pfn.
-            let (kl, kf): (&[u32], &[u32]) = if at == head { (&s.live, &s.free) } else { (&[], &[]) };
+            rep.slabs.push((c.id, head, at));
+            let (kl, kf): (&[u32], &[u32]) = (&s.live, &s.free);
             active += make(at, kl, kf, k);
             k += 1;
             made += 1;

@@ -71,7 +71,7 @@ fn warm2_config() -> MachineConfig {
         managed_start: Some(ms),
         online_pageblocks: Some(nb),
     };
-    let t = |w: [u64; 4], lr: Vec<u64>, batch, high_min, high_max| Some(ZoneTuning { watermarks: w, lowmem_reserve: lr, batch, high_min, high_max });
+    let t = |w: [u64; 4], lr: Vec<u64>, batch, high_min, high_max| Some(ZoneTuning { watermarks: Some(w), lowmem_reserve: lr, batch, high_min, high_max });
     MachineConfig {
         cpus: 2,
         layout: Some(vec![

@@ -12,6 +12,7 @@ mod cpu;
 mod errors;
 mod machine;
 mod objects;
+mod recorded;
 mod slab;
 mod snapshot;
 mod trace_import;
@@ -41,6 +42,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<trace_import::PyKmemStat>()?;
     m.add_class::<bundle::PyBundle>()?;
     m.add_function(wrap_pyfunction!(bundle::parse_proc, m)?)?;
+    m.add_function(wrap_pyfunction!(recorded::recorded_machine, m)?)?;
     m.add_class::<machine::PyProc>()?;
     m.add_class::<machine::PyTrace>()?;
     m.add_class::<vm::PyThreadStack>()?;

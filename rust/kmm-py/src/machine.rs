@@ -99,12 +99,8 @@ impl PyMachine {
         slab_nomerge: bool,
         tlb: Option<std::collections::HashMap<String, (u32, u32)>>,
     ) -> PyResult<PyMachine> {
-        let memory = match memory {
-            Some(v) => size_arg(v)?,
-            None => 1 << 30,
-        };
-        let cfg = MachineConfig {
-            arch: Arch::parse(arch).map_err(to_py_err)?,
+        let cfg = machine_config(
+            arch,
             memory,
             cpus,
             page_size,
@@ -114,14 +110,8 @@ impl PyMachine {
             transparent_hugepage,
             seed,
             slab_nomerge,
-            tlb: Default::default(),
-            layout: None,
-            tuning: None,
-        };
-        let mut cfg = cfg;
-        for (name, (entries, ways)) in tlb.unwrap_or_default() {
-            cfg.tlb.set(&name, entries, ways).map_err(PyValueError::new_err)?;
-        }
+            tlb,
+        )?;
         let m = py.detach(|| Machine::new(cfg)).map_err(to_py_err)?;
         Ok(PyMachine { m: Arc::new(m) })
     }
@@ -402,7 +392,7 @@ impl PyMachine {
             });
             f
         });
-        let args = kmm_core::slab::CacheArgs { align, flags, ctor: core_ctor, freeptr_offset };
+        let args = kmm_core::slab::CacheArgs { align, flags, ctor: core_ctor, freeptr_offset, order: None };
         let r = self.m.kmem_cache_create(name, size, args).map_err(to_py_err)?;
         let alias = r.merged.then(|| name.to_string());
         Ok(PyKmemCache::new(&self.m, r.cache, alias, ctor))
@@ -713,4 +703,42 @@ impl PyTrace {
     fn available(&self) -> Vec<&'static str> {
         kmm_core::trace::EventId::ALL.iter().map(|e| e.name()).collect()
     }
+}
+
+/// The `Machine(...)` keyword arguments as a configuration.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn machine_config(
+    arch: &str,
+    memory: Option<&Bound<'_, PyAny>>,
+    cpus: u32,
+    page_size: u32,
+    min_free_kbytes: Option<u64>,
+    watermark_scale_factor: u64,
+    lowmem_reserve_ratio: Option<Vec<u64>>,
+    transparent_hugepage: bool,
+    seed: u64,
+    slab_nomerge: bool,
+    tlb: Option<std::collections::HashMap<String, (u32, u32)>>,
+) -> PyResult<MachineConfig> {
+    let memory = match memory {
+        Some(v) => size_arg(v)?,
+        None => 1 << 30,
+    };
+    let mut cfg = MachineConfig {
+        arch: Arch::parse(arch).map_err(to_py_err)?,
+        memory,
+        cpus,
+        page_size,
+        min_free_kbytes,
+        watermark_scale_factor,
+        lowmem_reserve_ratio,
+        transparent_hugepage,
+        seed,
+        slab_nomerge,
+        ..MachineConfig::default()
+    };
+    for (name, (entries, ways)) in tlb.unwrap_or_default() {
+        cfg.tlb.set(&name, entries, ways).map_err(PyValueError::new_err)?;
+    }
+    Ok(cfg)
 }

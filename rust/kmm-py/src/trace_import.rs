@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use kmm_core::trace::perf_script::{ParseError, Parser, TraceLog};
-use kmm_core::trace::replay::{fragmentation_index, replay, unusable_free_index, ReplayOptions};
+use kmm_core::trace::replay::{fragmentation_index, replay_bundle, unusable_free_index, ReplayOptions};
 use kmm_core::trace::stat::{kmem_stat, page_keys, slab_keys, KmemStat, StatOptions};
 use kmm_core::trace::Value;
 use parking_lot::Mutex;
@@ -138,18 +138,45 @@ impl PyTraceLog {
         PyKmemStat { st: py.detach(move || kmem_stat(&log, page_size)) }
     }
     /// Replay the trace on `machine` (GIL released); returns the report as a dict.
-    #[pyo3(signature = (machine, sample_every=1000, free_at_end=false))]
+    #[pyo3(signature = (machine, sample_every=1000, free_at_end=false, bundle=None, time=true))]
     fn replay<'py>(
         &self,
         py: Python<'py>,
         machine: PyRef<'py, PyMachine>,
         sample_every: u64,
         free_at_end: bool,
+        bundle: Option<PyRef<'py, crate::bundle::PyBundle>>,
+        time: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         let (log, m) = (self.log.clone(), machine.m.clone());
-        let o = ReplayOptions { sample_every, free_at_end, ..Default::default() };
-        let r = py.detach(move || replay(&log, &m, &o)).map_err(to_py_err)?;
+        let b = bundle.map(|b| b.bundle.clone());
+        let o = ReplayOptions { sample_every, free_at_end, time, ..Default::default() };
+        let r = py.detach(move || replay_bundle(&log, &m, &o, b.as_deref())).map_err(to_py_err)?;
         let d = PyDict::new(py);
+        d.set_item("machine_notes", r.machine_notes.clone())?;
+        d.set_item("warm", r.warm)?;
+        d.set_item("timer_runs", r.timer_runs)?;
+        d.set_item("sim_ns", r.sim_ns)?;
+        d.set_item("warnings", r.warnings.clone())?;
+        let dynamics: Vec<(String, String, u64, u64)> =
+            r.dynamics.iter().map(|x| (x.what.clone(), x.tracepoint.clone(), x.kernel, x.kmm)).collect();
+        d.set_item("dynamics", dynamics)?;
+        let ends = pyo3::types::PyList::empty(py);
+        for z in &r.end_state {
+            let zd = PyDict::new(py);
+            zd.set_item("zone", &z.zone)?;
+            zd.set_item("kernel", z.kernel.clone())?;
+            zd.set_item("kmm", z.kmm.clone())?;
+            zd.set_item("by_type", z.by_type.clone())?;
+            zd.set_item("kernel_free_pages", z.kernel_free_pages)?;
+            zd.set_item("kmm_free_pages", z.kmm_free_pages)?;
+            zd.set_item("distance", z.distance)?;
+            ends.append(zd)?;
+        }
+        d.set_item("end_state", ends)?;
+        let traj: Vec<(u64, u64, Vec<(String, u64, u64, f64)>)> =
+            r.trajectory.iter().map(|t| (t.ts_ns, t.event, t.zones.clone())).collect();
+        d.set_item("trajectory", traj)?;
         d.set_item("events", r.events)?;
         d.set_item("replayed", r.replayed)?;
         d.set_item("replayed_by_name", r.replayed_by_name.clone())?;

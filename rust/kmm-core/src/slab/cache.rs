@@ -659,6 +659,7 @@ impl KmemCache {
         } else {
             m.vmstat.nr_slab_unreclaimable_b.fetch_add(bytes, Relaxed);
         }
+        m.slab.pages_allocated.fetch_add(1 << order, Relaxed);
         let mut n = self.node.lock();
         let frozen = matches!(list, SlabList::Cpu(_));
         let slab = Slab {
@@ -773,6 +774,7 @@ impl KmemCache {
             m.vmstat.nr_slab_unreclaimable_b.fetch_sub(bytes, Relaxed);
         }
         m.free_slab_pages(Pfn(s.pfn), s.order);
+        m.slab.pages_freed.fetch_add(1 << s.order, Relaxed);
         1 << s.order
     }
 

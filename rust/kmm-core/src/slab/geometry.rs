@@ -314,6 +314,25 @@ pub fn calculate_sizes(
     })
 }
 
+/// The geometry with its slab order set to `order`, as a write of
+/// /sys/kernel/slab/<cache>/order does (`order_store` -> `calculate_sizes`
+/// with a forced order: `s->oo = oo_make(order, size)`). None when no object
+/// fits a slab of that order or the order is above the page allocator's
+/// costly order (SLUB's `slub_max_order` bound).
+pub fn with_order(mut g: Geometry, order: u32, page_size: u32) -> Option<Geometry> {
+    if order > crate::arch::PAGE_ALLOC_COSTLY_ORDER {
+        return None;
+    }
+    let objects = (((page_size as u64) << order) / g.size as u64) as u32;
+    if objects == 0 {
+        return None;
+    }
+    g.order = order;
+    g.objects = objects;
+    g.cpu_partial_slabs = (g.cpu_partial * 2).div_ceil(objects);
+    Some(g)
+}
+
 /// Alignment `create_boot_cache` gives a kmalloc cache of `size`: at least
 /// the largest power of two dividing it.
 pub fn kmalloc_align(size: u32) -> u32 {

@@ -62,6 +62,10 @@ pub struct SlabRegistry {
     pub tunables: SlubTunables,
     /// `slab_nomerge`.
     pub nomerge: bool,
+    /// Pages the slab layer took from the page allocator for new slabs, and
+    /// gave back when it discarded them (warm slabs not counted).
+    pub pages_allocated: std::sync::atomic::AtomicU64,
+    pub pages_freed: std::sync::atomic::AtomicU64,
 
 }
 
@@ -73,6 +77,9 @@ pub struct CacheArgs {
     pub ctor: Option<Ctor>,
     /// `freeptr_offset` for SLAB_TYPESAFE_BY_RCU caches that keep it inside.
     pub freeptr_offset: Option<u32>,
+    /// The slab order, as if written to /sys/kernel/slab/<cache>/order
+    /// after creation (a recorded cache's order); None: SLUB's choice.
+    pub order: Option<u32>,
 }
 
 impl SlabRegistry {
@@ -83,6 +90,8 @@ impl SlabRegistry {
             list: Mutex::new(Vec::new()),
             tunables,
             nomerge,
+            pages_allocated: Default::default(),
+            pages_freed: Default::default(),
         }
     }
 
@@ -203,7 +212,15 @@ impl Machine {
         }
         let t = &self.slab.tunables;
         let align = calculate_alignment(a.flags, a.align, size, t.word);
-        let geo = calculate_sizes(size, align, a.flags, a.ctor.is_some(), a.freeptr_offset, t)?;
+        let mut geo = calculate_sizes(size, align, a.flags, a.ctor.is_some(), a.freeptr_offset, t)?;
+        if let Some(order) = a.order {
+            geo = with_order(geo, order, t.page_size).ok_or_else(|| {
+                KmmError::InvalidArgument(format!(
+                    "kmem_cache_create({name}): slab order {order} holds no object of {} bytes (or is above order 3)",
+                    geo.size
+                ))
+            })?;
+        }
         let id = self.slab.next_id.fetch_add(1, Relaxed);
         if id as usize >= MAX_CACHES {
             return Err(KmmError::InvalidArgument(format!(

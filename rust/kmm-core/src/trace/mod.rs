@@ -51,6 +51,7 @@ pub mod bundle;
 pub mod perf_script;
 pub mod procfs;
 pub mod replay;
+pub mod shape;
 pub mod stat;
 
 /// Every tracepoint kmm knows, by id (bit in the enabled mask).

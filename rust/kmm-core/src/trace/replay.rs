@@ -67,13 +67,15 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::perf_script::{Kind, TraceLog, F_FAILED, NONE};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use super::bundle::Bundle;
+use super::perf_script::{Kind, TraceLog, F_FAILED, F_REFILL, NONE};
+use crate::buddy::{MIGRATETYPE_NAMES, MIGRATE_TYPES};
 use super::CallSite;
 use crate::arch::{MAX_PAGE_ORDER, NR_PAGE_ORDERS};
 use crate::error::{KmmError, Result};
 use crate::slab::cache::KmemCache;
-use crate::slab::geometry::{calculate_alignment, calculate_sizes, SLAB_HWCACHE_ALIGN, SLAB_NO_MERGE};
-use crate::slab::CacheArgs;
 use crate::{Machine, Pfn, VirtAddr};
 
 /// Options of a replay.
@@ -87,12 +89,80 @@ pub struct ReplayOptions {
     /// Start of the direct map (`PAGE_OFFSET`) of the traced kernel, to turn
     /// slab pointers into pfns (x86_64: 0xffff888000000000).
     pub page_offset: u64,
+    /// Move the machine's clock to each event's timestamp, so that the
+    /// kernel's timer work (`clock.rs`) runs when it would have.
+    pub time: bool,
 }
 
 impl Default for ReplayOptions {
     fn default() -> Self {
-        ReplayOptions { sample_every: 1000, free_at_end: false, page_offset: 0xffff_8880_0000_0000 }
+        ReplayOptions { sample_every: 1000, free_at_end: false, page_offset: 0xffff_8880_0000_0000, time: true }
     }
+}
+
+/// One figure of the kernel's dynamics against kmm's: how often an
+/// allocator-internal event happened in the trace and in the replay.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DynRow {
+    pub what: String,
+    /// The tracepoint (and filter) counted.
+    pub tracepoint: String,
+    pub kernel: u64,
+    pub kmm: u64,
+}
+
+impl DynRow {
+    /// kmm / kernel (None when the kernel's count is 0).
+    pub fn ratio(&self) -> Option<f64> {
+        (self.kernel > 0).then(|| self.kmm as f64 / self.kernel as f64)
+    }
+}
+
+/// One zone's end state: the kernel's (end.buddyinfo / end.pagetypeinfo)
+/// and kmm's, free blocks per order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ZoneEnd {
+    pub zone: String,
+    pub kernel: Vec<u64>,
+    pub kmm: Vec<u64>,
+    /// Per migratetype name: (kernel, kmm) free blocks per order (empty
+    /// without end.pagetypeinfo).
+    pub by_type: Vec<(String, Vec<u64>, Vec<u64>)>,
+    pub kernel_free_pages: u64,
+    pub kmm_free_pages: u64,
+    /// Σ over orders |kmm free pages - kernel free pages| / kernel free pages.
+    pub distance: f64,
+}
+
+/// kmm's state against one sample of samples.txt.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TrajPoint {
+    pub ts_ns: u64,
+    /// Events replayed before it.
+    pub event: u64,
+    /// Per zone: (name, kernel free pages, kmm free pages, distance).
+    pub zones: Vec<(String, u64, u64, f64)>,
+}
+
+/// `Σ_o |a_o - k_o| << o / Σ_o k_o << o` (free pages per order).
+pub fn free_distance(kernel: &[u64], kmm: &[u64]) -> f64 {
+    let n = kernel.len().max(kmm.len());
+    let (mut diff, mut total) = (0u64, 0u64);
+    for o in 0..n.min(64) {
+        let k = kernel.get(o).copied().unwrap_or(0).saturating_mul(1 << o);
+        let a = kmm.get(o).copied().unwrap_or(0).saturating_mul(1 << o);
+        diff = diff.saturating_add(k.abs_diff(a));
+        total = total.saturating_add(k);
+    }
+    if total == 0 {
+        if diff == 0 { 0.0 } else { f64::INFINITY }
+    } else {
+        diff as f64 / total as f64
+    }
+}
+
+fn free_pages_of(nr_free: &[u64]) -> u64 {
+    nr_free.iter().enumerate().take(64).map(|(o, &n)| n.saturating_mul(1 << o)).fold(0, u64::saturating_add)
 }
 
 /// Free blocks per order of one zone at one point of the replay.
@@ -165,6 +235,24 @@ pub struct ReplayReport {
     /// Objects/pages/percpu areas still held by the replay at the end (before
     /// `free_at_end`).
     pub live_at_end: u64,
+    /// How the machine was shaped and started (warm or cold), one sentence each.
+    pub machine_notes: Vec<String>,
+    /// The replay started from a warm start made for this trace.
+    pub warm: bool,
+    /// Pre-trace page blocks and objects the trace freed on warm memory.
+    pub warm_frees: u64,
+    /// The kernel's allocator-internal events against kmm's own.
+    pub dynamics: Vec<DynRow>,
+    /// kmm's end state beside the kernel's (with an end.* file).
+    pub end_state: Vec<ZoneEnd>,
+    /// kmm's state against each sample of samples.txt.
+    pub trajectory: Vec<TrajPoint>,
+    /// Times the kernel's timer work (vmstat_update) ran during the replay.
+    pub timer_runs: u64,
+    /// Simulated time covered, ns (first to last event).
+    pub sim_ns: u64,
+    /// Things the reader should know (a warm start made for another trace, ...).
+    pub warnings: Vec<String>,
 }
 
 impl ReplayReport {
@@ -192,6 +280,23 @@ impl ReplayReport {
             0.0
         }
     }
+}
+
+/// The kernel's counts in a trace (see `Replayer::dynamics`).
+#[derive(Default)]
+struct KernelCounts {
+    zone_locked: u64,
+    zone_locked_refill: u64,
+    drain: u64,
+    extfrag: u64,
+    extfrag_owner: u64,
+    extfrag_by: [[u64; MIGRATE_TYPES]; MIGRATE_TYPES],
+    alloc_events: u64,
+    alloc_pages: u64,
+    free_events: u64,
+    free_pages: u64,
+    slab_in: u64,
+    slab_out: u64,
 }
 
 /// `fill_contig_page_info`'s numbers for one zone and a suitable order.
@@ -276,6 +381,71 @@ struct Replayer<'a> {
     total_pages: u64,
     /// Traced pfns of slab-owned blocks still allocated.
     slab_live: HashSet<u64>,
+    /// Head pfns of pre-trace slabs laid out by a warm start.
+    warm_slab_heads: HashSet<u64>,
+    bundle: Option<&'a Bundle>,
+    /// samples.txt entries not yet compared.
+    next_sample: usize,
+    /// The clock's next due work (ns): events before it need no advance.
+    next_due: u64,
+    counts: Arc<KmmCounts>,
+}
+
+/// kmm's own allocator-internal events during a replay (a trace sink).
+#[derive(Default)]
+struct KmmCounts {
+    zone_locked: AtomicU64,
+    zone_locked_refill: AtomicU64,
+    drain: AtomicU64,
+    drain_pages: AtomicU64,
+    extfrag: AtomicU64,
+    extfrag_owner: AtomicU64,
+    /// (alloc_mt, fallback_mt) -> count, both < MIGRATE_TYPES.
+    extfrag_by: [[AtomicU64; MIGRATE_TYPES]; MIGRATE_TYPES],
+    alloc_events: AtomicU64,
+    alloc_pages: AtomicU64,
+    free_events: AtomicU64,
+    free_pages: AtomicU64,
+}
+
+impl KmmCounts {
+    fn sink(self: &Arc<Self>) -> crate::trace::Sink {
+        let c = self.clone();
+        Arc::new(move |ev: &crate::trace::Event| {
+            use crate::trace::Payload::*;
+            match &ev.payload {
+                MmPageAllocZoneLocked { percpu_refill, .. } => {
+                    c.zone_locked.fetch_add(1, Relaxed);
+                    if *percpu_refill {
+                        c.zone_locked_refill.fetch_add(1, Relaxed);
+                    }
+                }
+                MmPagePcpuDrain { order, .. } => {
+                    c.drain.fetch_add(1, Relaxed);
+                    c.drain_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
+                }
+                MmPageAllocExtfrag { alloc_migratetype, fallback_migratetype, change_ownership, .. } => {
+                    c.extfrag.fetch_add(1, Relaxed);
+                    if *change_ownership {
+                        c.extfrag_owner.fetch_add(1, Relaxed);
+                    }
+                    let (a, f) = (*alloc_migratetype as usize, *fallback_migratetype as usize);
+                    if a < MIGRATE_TYPES && f < MIGRATE_TYPES {
+                        c.extfrag_by[a][f].fetch_add(1, Relaxed);
+                    }
+                }
+                MmPageAlloc { pfn: Some(_), order, .. } => {
+                    c.alloc_events.fetch_add(1, Relaxed);
+                    c.alloc_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
+                }
+                MmPageFree { order, .. } => {
+                    c.free_events.fetch_add(1, Relaxed);
+                    c.free_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
+                }
+                _ => {}
+            }
+        })
+    }
 }
 
 /// Mark the page allocations the slab layer made (`true` = slab-owned).
@@ -404,38 +574,20 @@ impl<'a> Replayer<'a> {
     }
 
     fn create_cache(&mut self, name: &str, bytes_req: u64, bytes_alloc: u64) -> Result<Arc<KmemCache>> {
-        let size = u32::try_from(bytes_req.max(1)).map_err(|_| KmmError::InvalidArgument(format!("{name}: object size {bytes_req}")))?;
-        let t = &self.m.slab.tunables;
-        let ctor: crate::slab::cache::Ctor = Arc::new(|_| {});
-        // (flags, align, ctor, description), in the order tried.
-        let mut tries: Vec<(u32, u32, bool, String)> = vec![
-            (0, 0, false, "no flags".into()),
-            (SLAB_HWCACHE_ALIGN, 0, false, "SLAB_HWCACHE_ALIGN".into()),
-            (0, 0, true, "constructor".into()),
-            (SLAB_HWCACHE_ALIGN, 0, true, "SLAB_HWCACHE_ALIGN, constructor".into()),
-        ];
-        for sh in 3..=12 {
-            tries.push((0, 1 << sh, false, format!("align {}", 1 << sh)));
-        }
-        let mut pick = None;
-        for (flags, align, has_ctor, how) in &tries {
-            let a = calculate_alignment(*flags, *align, size, t.word);
-            if let Ok(g) = calculate_sizes(size, a, *flags, *has_ctor, None, t) {
-                if g.size as u64 == bytes_alloc {
-                    pick = Some((*flags, *align, *has_ctor, how.clone()));
-                    break;
-                }
-            }
-        }
-        let (flags, align, has_ctor, how) = pick.unwrap_or((0, 0, false, "no flags (no geometry matched)".into()));
-        let args = CacheArgs { align, flags: flags | SLAB_NO_MERGE, ctor: has_ctor.then_some(ctor), freeptr_offset: None };
-        let c = self.m.kmem_cache_create(name, size, args)?.cache;
-        self.r.caches_created.push((name.to_string(), size, c.geo.size, how));
+        let (c, how) = super::shape::create_cache_like(self.m, name, bytes_req, Some(bytes_alloc), None, false)?;
+        self.r.caches_created.push((name.to_string(), c.object_size(), c.geo.size, how));
         self.created.push(c.clone());
         Ok(c)
     }
 
+    /// The kernel's zone of a traced pfn: the recorded zones when the machine
+    /// was shaped from a recording, else x86_64's boundaries.
     fn kernel_zone_of(&self, pfn: u64) -> &'static str {
+        if self.m.cfg.layout.is_some() {
+            if let Some(z) = self.m.pfn_zone(Pfn(pfn)) {
+                return z.kind.name();
+            }
+        }
         x86_64_zone_of_pfn(pfn)
     }
 
@@ -443,14 +595,243 @@ impl<'a> Replayer<'a> {
         self.m.pfn_zone(Pfn(pfn)).map_or("?", |z| z.kind.name())
     }
 
+    /// Seed the maps from the machine's warm start, if it was made for this trace.
+    fn seed_warm(&mut self) {
+        let seeds = self.m.warm.lock().clone();
+        let Some(seeds) = seeds else { return };
+        if seeds.trace_id != super::shape::trace_id(self.log) {
+            self.r.warnings.push(
+                "the machine was warmed for another trace: its pre-trace pages and objects are not mapped (cold start for this one)".into(),
+            );
+            return;
+        }
+        self.r.warm = true;
+        self.r.machine_notes = seeds.notes.clone();
+        for &(tp, kp, order) in &seeds.report.allocated {
+            self.pages.insert(tp, (kp, order));
+        }
+        for &(tptr, kptr, cid) in &seeds.objs {
+            if let Some(c) = self.m.slab.get(cid) {
+                self.objs.insert(tptr, Obj::Cache(kptr, c.clone()));
+            }
+        }
+        self.warm_slab_heads.extend(seeds.slab_heads.iter().copied());
+    }
+
+    /// Run the timer work due up to `t` (and compare samples due by then).
+    fn advance(&mut self, t: u64, event: u64) {
+        while let Some(b) = self.bundle {
+            let Some(s) = b.samples.get(self.next_sample) else { break };
+            if s.ts_ns > t {
+                break;
+            }
+            if self.o.time {
+                self.r.timer_runs += self.m.advance_time(s.ts_ns);
+            }
+            self.compare_sample(s.ts_ns, event, &s.buddyinfo);
+            self.next_sample += 1;
+        }
+        if self.o.time && t >= self.next_due {
+            self.r.timer_runs += self.m.advance_time(t);
+            self.next_due = self.m.clock_next_due();
+        }
+    }
+
+    fn kmm_nr_free(&self, zone: &str) -> Option<Vec<u64>> {
+        self.m.zones.iter().find(|z| z.kind.name() == zone && z.is_populated()).map(|z| z.area.lock().nr_free.to_vec())
+    }
+
+    fn compare_sample(&mut self, ts: u64, event: u64, bi: &[super::procfs::BuddyZone]) {
+        let mut zones = Vec::new();
+        for bz in bi.iter().filter(|b| b.node == 0) {
+            let Some(kmm) = self.kmm_nr_free(&bz.zone) else { continue };
+            zones.push((bz.zone.clone(), free_pages_of(&bz.nr_free), free_pages_of(&kmm), free_distance(&bz.nr_free, &kmm)));
+        }
+        self.r.trajectory.push(TrajPoint { ts_ns: ts, event, zones });
+    }
+
+    /// kmm's end state beside end.buddyinfo / end.pagetypeinfo.
+    fn end_state(&mut self) {
+        let Some(b) = self.bundle else { return };
+        let pti = b.end.pagetypeinfo.as_ref();
+        let zones: Vec<(String, Vec<u64>)> = match (&b.end.buddyinfo, pti) {
+            (Some(bi), _) => bi.iter().filter(|z| z.node == 0).map(|z| (z.zone.clone(), z.nr_free.clone())).collect(),
+            (None, Some(p)) => {
+                let mut names: Vec<String> = p.free.iter().filter(|f| f.node == 0).map(|f| f.zone.clone()).collect();
+                names.dedup();
+                names.into_iter().filter_map(|n| p.zone_nr_free(0, &n).map(|v| (n, v))).collect()
+            }
+            (None, None) => return,
+        };
+        for (zone, kernel) in zones {
+            let Some(z) = self.m.zones.iter().find(|z| z.kind.name() == zone && z.is_populated()) else { continue };
+            let (kmm, kmm_mt) = {
+                let a = z.area.lock();
+                (a.nr_free.to_vec(), a.nr_free_mt)
+            };
+            let mut by_type = Vec::new();
+            if let Some(p) = pti {
+                for f in p.free.iter().filter(|f| f.node == 0 && f.zone == zone) {
+                    let Some(mt) = MIGRATETYPE_NAMES.iter().position(|n| *n == f.migratetype) else { continue };
+                    let mine: Vec<u64> = kmm_mt.iter().map(|per| per[mt]).collect();
+                    by_type.push((f.migratetype.clone(), f.nr_free.clone(), mine));
+                }
+            }
+            self.r.end_state.push(ZoneEnd {
+                distance: free_distance(&kernel, &kmm),
+                kernel_free_pages: free_pages_of(&kernel),
+                kmm_free_pages: free_pages_of(&kmm),
+                zone,
+                kernel,
+                kmm,
+                by_type,
+            });
+        }
+    }
+
+    /// The dynamics table: the kernel's counts from the trace, kmm's from
+    /// its own tracepoints during the replay.
+    fn dynamics(&mut self, owned: &[bool], slab_pages_in: u64, slab_pages_out: u64) {
+        let mut k = KernelCounts::default();
+        let mut slab_live: HashMap<u64, u32> = HashMap::new();
+        let warm_heads = &self.warm_slab_heads;
+        let mut pre_slab_freed = HashSet::new();
+        for (i, e) in self.log.events.iter().enumerate() {
+            match e.kind {
+                Kind::MmPageAllocZoneLocked => {
+                    k.zone_locked += 1;
+                    if e.flags & F_REFILL != 0 {
+                        k.zone_locked_refill += 1;
+                    }
+                }
+                Kind::MmPagePcpuDrain => k.drain += 1,
+                Kind::MmPageAlloc if e.flags & F_FAILED == 0 => {
+                    let n = 1u64 << (e.order as u32).min(MAX_PAGE_ORDER);
+                    k.alloc_events += 1;
+                    k.alloc_pages += n;
+                    if owned[i] {
+                        k.slab_in += n;
+                        slab_live.insert(e.ptr, e.order as u32);
+                    }
+                }
+                Kind::MmPageFree => {
+                    let n = 1u64 << (e.order as u32).min(MAX_PAGE_ORDER);
+                    k.free_events += 1;
+                    k.free_pages += n;
+                    if slab_live.remove(&e.ptr).is_some() || (warm_heads.contains(&e.ptr) && pre_slab_freed.insert(e.ptr)) {
+                        k.slab_out += n;
+                    }
+                }
+                Kind::Other if self.log.name(i) == "kmem:mm_page_alloc_extfrag" => {
+                    k.extfrag += 1;
+                    if self.field(i, "change_ownership").unwrap_or(0) != 0 {
+                        k.extfrag_owner += 1;
+                    }
+                    if let (Some(a), Some(f)) = (self.field(i, "alloc_migratetype"), self.field(i, "fallback_migratetype")) {
+                        if (a as usize) < MIGRATE_TYPES && (f as usize) < MIGRATE_TYPES {
+                            k.extfrag_by[a as usize][f as usize] += 1;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let c = &self.counts;
+        let g = |a: &AtomicU64| a.load(Relaxed);
+        let row = |what: &str, tp: &str, kernel: u64, kmm: u64| DynRow { what: what.into(), tracepoint: tp.into(), kernel, kmm };
+        let mut rows = vec![
+            row("pcp refills and other buddy allocations", "kmem:mm_page_alloc_zone_locked", k.zone_locked, g(&c.zone_locked)),
+            row("  of pcp-sized orders (percpu_refill=1)", "kmem:mm_page_alloc_zone_locked percpu_refill=1", k.zone_locked_refill, g(&c.zone_locked_refill)),
+            row("pcp drains (pages)", "kmem:mm_page_pcpu_drain", k.drain, g(&c.drain)),
+            row("fallbacks to another migratetype", "kmem:mm_page_alloc_extfrag", k.extfrag, g(&c.extfrag)),
+            row("  that took the pageblock", "kmem:mm_page_alloc_extfrag change_ownership=1", k.extfrag_owner, g(&c.extfrag_owner)),
+        ];
+        for a in 0..MIGRATE_TYPES {
+            for f in 0..MIGRATE_TYPES {
+                let (kn, mn) = (k.extfrag_by[a][f], g(&c.extfrag_by[a][f]));
+                if kn + mn > 0 {
+                    rows.push(row(
+                        &format!("  {} from {}", MIGRATETYPE_NAMES[a], MIGRATETYPE_NAMES[f]),
+                        &format!("kmem:mm_page_alloc_extfrag alloc_migratetype={a} fallback_migratetype={f}"),
+                        kn,
+                        mn,
+                    ));
+                }
+            }
+        }
+        rows.extend([
+            row("pages the slab layer took", "kmem:mm_page_alloc of slab pages", k.slab_in, slab_pages_in),
+            row("pages the slab layer returned", "kmem:mm_page_free of slab pages", k.slab_out, slab_pages_out),
+            row("page allocations", "kmem:mm_page_alloc", k.alloc_events, g(&c.alloc_events)),
+            row("pages allocated", "kmem:mm_page_alloc (1 << order)", k.alloc_pages, g(&c.alloc_pages)),
+            row("page frees", "kmem:mm_page_free", k.free_events, g(&c.free_events)),
+            row("pages freed", "kmem:mm_page_free (1 << order)", k.free_pages, g(&c.free_pages)),
+        ]);
+        self.r.dynamics = rows;
+    }
+
     fn run(&mut self) -> Result<()> {
         let owned = slab_owned_pages(self.log, self.o.page_offset, self.m.page_size.trailing_zeros());
+        self.seed_warm();
         self.r.boot_used_pages = self.used_pages();
         self.r.peak_used_pages = self.r.boot_used_pages;
+        // kmm's own events, counted while the replay runs.
+        use crate::trace::EventId as E;
+        let mask = [E::MmPageAlloc, E::MmPageFree, E::MmPageAllocZoneLocked, E::MmPagePcpuDrain, E::MmPageAllocExtfrag]
+            .iter()
+            .fold(0, |m, e| m | e.bit());
+        let handle = self.m.trace.attach(mask, self.counts.sink());
+        let slab_in0 = self.m.slab.pages_allocated.load(Relaxed);
+        let slab_out0 = self.m.slab.pages_freed.load(Relaxed);
+        // The clock starts at the first event (or the first sample, if earlier).
+        if self.o.time {
+            let first_ev = self.log.events.first().map(|e| e.ts_ns);
+            let first_sample = self.bundle.and_then(|b| b.samples.first()).map(|s| s.ts_ns);
+            let start = match (first_ev, first_sample) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            if let Some(t) = start {
+                if t > 0 {
+                    self.m.advance_time(t);
+                }
+            }
+            self.next_due = self.m.clock_next_due();
+        }
+        let res = self.run_events(&owned);
+        self.m.trace.detach(handle);
+        res?;
+        let slab_in = self.m.slab.pages_allocated.load(Relaxed) - slab_in0;
+        let slab_out = self.m.slab.pages_freed.load(Relaxed) - slab_out0;
+        self.dynamics(&owned, slab_in, slab_out);
+        self.end_state();
+        self.r.sim_ns = match (self.log.events.first(), self.log.events.last()) {
+            (Some(a), Some(b)) => b.ts_ns.saturating_sub(a.ts_ns),
+            _ => 0,
+        };
+        if self.o.free_at_end {
+            self.free_all()?;
+        }
+        self.r.final_used_pages = self.used_pages();
+        let mut by: Vec<(String, u64)> =
+            self.by_name.iter().map(|(&id, &n)| (self.log.strings.get(id).to_string(), n)).collect();
+        by.sort();
+        self.r.replayed_by_name = by;
+        let mut zp: Vec<((String, String), u64)> =
+            self.zone_pairs.iter().map(|(&(k, m), &n)| ((k.to_string(), m.to_string()), n)).collect();
+        zp.sort();
+        self.r.zone_pairs = zp;
+        Ok(())
+    }
+
+    fn run_events(&mut self, owned: &[bool]) -> Result<()> {
         let t0 = Instant::now();
         for (i, e) in self.log.events.iter().enumerate() {
             if self.o.sample_every > 0 && i as u64 % self.o.sample_every == 0 {
                 self.sample(i as u64);
+            }
+            if self.o.time || self.bundle.is_some() {
+                self.advance(e.ts_ns, i as u64);
             }
             let replayed = match e.kind {
                 Kind::Kmalloc | Kind::KmallocNode | Kind::KmemCacheAlloc | Kind::KmemCacheAllocNode => {
@@ -570,7 +951,7 @@ impl<'a> Replayer<'a> {
                             self.fail(err);
                         }
                         true
-                    } else if self.is_slab_page_free(e.ptr) {
+                    } else if self.is_slab_page_free(e.ptr) || self.warm_slab_heads.contains(&e.ptr) {
                         self.r.slab_pages += 1;
                         false
                     } else {
@@ -645,20 +1026,13 @@ impl<'a> Replayer<'a> {
         }
         self.r.seconds = t0.elapsed().as_secs_f64();
         self.r.events = self.log.events.len() as u64;
+        // Samples after the last event: the clock runs on to them.
+        let end_ts = self.bundle.and_then(|b| b.samples.last()).map(|s| s.ts_ns).unwrap_or(0);
+        if end_ts > 0 {
+            self.advance(end_ts, self.r.events);
+        }
         self.sample(self.r.events);
         self.r.live_at_end = (self.objs.len() + self.pages.len() + self.percpu.len() + self.vmaps.len()) as u64;
-        if self.o.free_at_end {
-            self.free_all()?;
-        }
-        self.r.final_used_pages = self.used_pages();
-        let mut by: Vec<(String, u64)> =
-            self.by_name.iter().map(|(&id, &n)| (self.log.strings.get(id).to_string(), n)).collect();
-        by.sort();
-        self.r.replayed_by_name = by;
-        let mut zp: Vec<((String, String), u64)> =
-            self.zone_pairs.iter().map(|(&(k, m), &n)| ((k.to_string(), m.to_string()), n)).collect();
-        zp.sort();
-        self.r.zone_pairs = zp;
         Ok(())
     }
 
@@ -768,6 +1142,12 @@ impl<'a> Replayer<'a> {
 /// must not be bound to a CPU of this machine; it is bound to each traced
 /// event's CPU in turn and unbound at the end.
 pub fn replay(log: &TraceLog, m: &Machine, o: &ReplayOptions) -> Result<ReplayReport> {
+    replay_bundle(log, m, o, None)
+}
+
+/// `replay` with a recording bundle: kmm's state is compared with its
+/// samples (trajectory) and end.* files (end state).
+pub fn replay_bundle(log: &TraceLog, m: &Machine, o: &ReplayOptions, bundle: Option<&Bundle>) -> Result<ReplayReport> {
     if let Some(cpu) = m.cpus.current() {
         return Err(KmmError::InvalidArgument(format!(
             "replay binds the calling thread to each traced CPU; this thread already runs on cpu {cpu} (call it outside `with m.on_cpu(...)`)"
@@ -791,6 +1171,11 @@ pub fn replay(log: &TraceLog, m: &Machine, o: &ReplayOptions) -> Result<ReplayRe
         zone_pairs: HashMap::new(),
         total_pages,
         slab_live: HashSet::new(),
+        warm_slab_heads: HashSet::new(),
+        bundle,
+        next_sample: 0,
+        next_due: 0,
+        counts: Arc::new(KmmCounts::default()),
     };
     let res = r.run();
     if r.bound.take().is_some() {

@@ -225,7 +225,7 @@ impl Machine {
         }
         // vmalloc_init: KMEM_CACHE(vmap_area, SLAB_PANIC).
         let c = self
-            .kmem_cache_create("vmap_area", VMAP_AREA_SIZE, CacheArgs { align: 8, flags: crate::slab::geometry::SLAB_PANIC, ctor: None, freeptr_offset: None })?
+            .kmem_cache_create("vmap_area", VMAP_AREA_SIZE, CacheArgs { align: 8, flags: crate::slab::geometry::SLAB_PANIC, ..CacheArgs::default() })?
             .cache;
         Ok(self.vm.vmalloc.cache.get_or_init(|| c))
     }
