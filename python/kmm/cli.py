@@ -4,7 +4,8 @@
 on a simulated machine; ``kmm replay FILE`` and ``kmm stat FILE`` work on a
 trace of your own (``perf script`` text); ``kmm demo`` boots a machine and
 walks through the page allocator, printing the kernel's own views;
-``kmm proc`` prints a /proc file of a configured machine.
+``kmm proc`` prints a /proc file of a configured machine; ``kmm record``
+writes a recording bundle of the Linux machine it runs on.
 """
 
 from __future__ import annotations
@@ -356,6 +357,12 @@ def replay(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def record(a: argparse.Namespace) -> int:
+    from kmm import record as _record
+
+    return _record.main(a)
+
+
 def _trace_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lenient", action="store_true", help="skip malformed lines (counted) instead of stopping at the first")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
@@ -432,6 +439,23 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--free-at-end", action="store_true", help="free everything the replay allocated at the end")
     _trace_args(rp)
     rp.set_defaults(func=replay)
+    rc = sub.add_parser(
+        "record",
+        help="record a bundle of this Linux machine: a perf trace with /proc snapshots and samples",
+        description="Write a recording bundle (kmm.trace.load(DIR) reads it): start.* and end.* copies of "
+        "/proc/{buddyinfo,pagetypeinfo,zoneinfo,slabinfo,meminfo,vmstat}, perf.data of `perf record -k "
+        "CLOCK_MONOTONIC -e 'kmem:*,percpu:*,vmalloc:*' -a` running COMMAND (or sleep DURATION), "
+        "samples.txt (buddyinfo, pagetypeinfo and vmstat every INTERVAL) and kallsyms.txt. Needs perf and "
+        "root (or kernel.perf_event_paranoid=-1). KMM_PROC_ROOT, KMM_PERF and KMM_TRACEFS override /proc, "
+        "the perf binary and the tracefs mount.",
+    )
+    rc.add_argument("-o", "--output", metavar="DIR",
+                    help="the bundle directory, new or empty (default: kmm-recording-DATE-TIME)")
+    rc.add_argument("--duration", type=float, default=10.0, metavar="S",
+                    help="seconds to record when no COMMAND is given (default 10)")
+    rc.add_argument("--interval", type=float, default=0.1, metavar="S", help="seconds between samples (default 0.1)")
+    rc.add_argument("command", nargs="*", metavar="-- COMMAND", help="the workload to run under perf (default: sleep DURATION)")
+    rc.set_defaults(func=record)
     return p
 
 

@@ -33,11 +33,13 @@ from typing import IO, Any
 from kmm._kmm import KmemStat as _KmemStat
 from kmm._kmm import TraceEvent, TraceLog, TraceParser
 from kmm.errors import TraceFormatError
+from kmm.recording import Recording, load_dir
 
 __all__ = [
     "SAMPLE",
     "TraceLog",
     "TraceEvent",
+    "Recording",
     "TraceFormatError",
     "KmemStat",
     "SlabSummary",
@@ -101,8 +103,13 @@ def load(path: str | os.PathLike[str], lenient: bool = False, progress: bool | N
     raising :class:`TraceFormatError` naming the line. ``progress``: a
     progress bar on stderr (None: only for files over 4 MiB when stderr is a
     terminal).
+
+    A directory is read as a recording bundle (``kmm.recording``): the
+    result is a :class:`Recording`, which behaves as its trace.
     """
     p = Path(path)
+    if p.is_dir():
+        return load_dir(p, lenient=lenient, progress=progress)  # type: ignore[return-value]
     total = p.stat().st_size
     parser = TraceParser(lenient)
     bar = _Progress(p, total, progress)
@@ -260,6 +267,7 @@ class KmemStat:
 def stat(trace: TraceLog, page_size: int = 4096) -> KmemStat:
     """``perf kmem stat`` over a loaded trace (perf 6.1's rules; see
     ``rust/kmm-core/src/trace/stat.rs``)."""
+    trace = trace.trace if isinstance(trace, Recording) else trace
     if not isinstance(trace, TraceLog):
         raise TypeError(f"expected a TraceLog (kmm.trace.load), not {type(trace).__name__}")
     raw: _KmemStat = trace.kmem_stat(page_size)
@@ -540,6 +548,7 @@ def replay(trace: TraceLog, machine: Any, sample_every: int = 1000, free_at_end:
     An empty trace replays nothing and gives a report with ``events == 0``
     (its ``format()`` says "No events"; the ``kmm`` command refuses such a
     file instead)."""
+    trace = trace.trace if isinstance(trace, Recording) else trace
     if not isinstance(trace, TraceLog):
         raise TypeError(f"expected a TraceLog (kmm.trace.load), not {type(trace).__name__}")
     d = trace.replay(machine, sample_every, free_at_end)
