@@ -42,6 +42,7 @@ __all__ = [
     "gfp_format",
     "gfp_parse",
     "parse_proc",
+    "recorded_machine",
     "parse_size",
 ]
 
@@ -64,6 +65,22 @@ def gfp_format(mask: int) -> str: ...
 def gfp_parse(text: str) -> int: ...
 def parse_size(text: str) -> int: ...
 def parse_proc(kind: str, text: str) -> Any: ...
+def recorded_machine(
+    trace: TraceLog,
+    bundle: Bundle | None = None,
+    warm: bool = True,
+    arch: str = "x86_64",
+    memory: int | str | None = None,
+    cpus: int | None = None,
+    page_size: int = 4096,
+    min_free_kbytes: int | None = None,
+    watermark_scale_factor: int = 10,
+    lowmem_reserve_ratio: list[int] | None = None,
+    transparent_hugepage: bool = True,
+    seed: int = 0,
+    slab_nomerge: bool = False,
+    tlb: dict[str, tuple[int, int]] | None = None,
+) -> tuple[Machine, dict[str, Any]]: ...
 
 @final
 class Page:
@@ -280,7 +297,14 @@ class TraceLog:
     def lost_events(self) -> int: ...
     def check(self) -> list[str]: ...
     def kmem_stat(self, page_size: int = 4096) -> KmemStat: ...
-    def replay(self, machine: Machine, sample_every: int = 1000, free_at_end: bool = False) -> dict[str, Any]: ...
+    def replay(
+        self,
+        machine: Machine,
+        sample_every: int = 1000,
+        free_at_end: bool = False,
+        bundle: Bundle | None = None,
+        time: bool = True,
+    ) -> dict[str, Any]: ...
 
 @final
 class TraceEvent:
@@ -391,6 +415,12 @@ class Machine:
         slab_nomerge: bool = False,
         tlb: dict[str, tuple[int, int]] | None = None,
     ) -> Machine: ...
+    @property
+    def warm_start(self) -> dict[str, Any] | None: ...
+    @property
+    def time_ns(self) -> int: ...
+    def advance_time(self, t_ns: int) -> int: ...
+    def decay_pcp_high(self, zone: str, cpu: int) -> int: ...
     @property
     def arch(self) -> str: ...
     @property

@@ -153,9 +153,28 @@ class Recording:
         return _freeze(self.bundle.samples)  # type: ignore[no-any-return]
 
     # ---- Recording.machine(warm=True) -------------------------------------
-    # Written by the lead (it needs core changes): a Machine whose zones,
-    # CPUs, watermarks and caches are the recorded ones (start.zoneinfo,
-    # start.slabinfo), brought to the start state. It belongs here.
+
+    def machine(self, warm: bool = True, **overrides: Any) -> Any:
+        """A :class:`kmm.Machine` shaped like the recorded one: the zones of
+        start.zoneinfo (spanned, present and managed pages; present minus
+        managed is reserved), its CPUs, its watermarks, ``protection`` and
+        pageset sizes, and the caches of start.slabinfo with their geometry.
+        With ``warm`` (the default) it is brought to the recorded start
+        state before the first event: per zone, order and migratetype the
+        free blocks of start.pagetypeinfo, each CPU's pcp lists as the
+        pagesets show them, the caches' slabs and objects in use, and the
+        pages and objects the trace frees before allocating them at their
+        traced places (``m.warm_start`` says how exactly).
+
+        ``overrides`` are :class:`kmm.Machine` keyword arguments (``cpus``,
+        ``min_free_kbytes``, ``watermark_scale_factor``, ``seed``, ...);
+        ``memory`` replaces the recorded zones with a machine of that size.
+        """
+        from kmm._kmm import recorded_machine
+
+        m, info = recorded_machine(self.trace, self.bundle, warm, **overrides)
+        self.machine_info = info
+        return m
 
     # ---- the trace's face --------------------------------------------------
 

@@ -49,6 +49,9 @@ __all__ = [
     "stat",
     "replay",
     "ReplayReport",
+    "DynRow",
+    "TrajPoint",
+    "machine_for",
     "FragSample",
     "ZoneFrag",
     "SLAB_SORT_KEYS",
@@ -340,6 +343,32 @@ def _names(names: list[str]) -> str:
 
 
 @dataclass(frozen=True)
+class DynRow:
+    """One figure of the dynamics table: a tracepoint counted in the trace
+    (the kernel) and in the replay (kmm's own)."""
+
+    what: str
+    tracepoint: str
+    kernel: int
+    kmm: int
+
+    @property
+    def ratio(self) -> float | None:
+        """kmm / kernel (None when the kernel's count is 0)."""
+        return self.kmm / self.kernel if self.kernel else None
+
+
+@dataclass(frozen=True)
+class TrajPoint:
+    """kmm's state at one sample of samples.txt: per zone (name, kernel
+    free pages, kmm free pages, distance)."""
+
+    ts_ns: int
+    event: int
+    zones: list[tuple[str, int, int, float]]
+
+
+@dataclass(frozen=True)
 class ReplayReport:
     """What :func:`replay` did: outcomes per event, kmm's decisions that
     differed from the kernel's, memory and fragmentation over time."""
@@ -382,6 +411,49 @@ class ReplayReport:
     #: the same moment as ``buddyinfo`` (after the frees with
     #: ``free_at_end``; without it, the same as ``samples[-1].zones``).
     end_zones: list[ZoneFrag] = field(default_factory=list)
+    #: How the machine was shaped and started, one sentence each.
+    machine_notes: list[str] = field(default_factory=list)
+    #: The replay started from the recorded start state (a warm start).
+    warm: bool = False
+    #: The warm start's targets and what was reached (``Machine.warm_start``).
+    warm_start: dict[str, Any] | None = None
+    #: Times the kernel's timer work (vmstat_update) ran on the trace's clock.
+    timer_runs: int = 0
+    #: Simulated time from the first to the last event, ns.
+    sim_ns: int = 0
+    #: Things to know about this replay, one sentence each.
+    warnings: list[str] = field(default_factory=list)
+    #: The kernel's allocator-internal events against kmm's own (:class:`DynRow`).
+    dynamics: list[DynRow] = field(default_factory=list)
+    #: kmm's end state beside the kernel's end.buddyinfo/pagetypeinfo, per zone.
+    end_state: list[dict[str, Any]] = field(default_factory=list)
+    #: kmm's free pages against each sample of samples.txt (:class:`TrajPoint`).
+    trajectory: list[TrajPoint] = field(default_factory=list)
+    #: Chunks and events perf lost while recording (the replay could not see them).
+    lost_chunks: int = 0
+    lost_events: int = 0
+
+    def __getitem__(self, key: str) -> Any:
+        """``report["dynamics"]``, ``report["end_state"]``, ``report["trajectory"]``, ...:
+        every field by name."""
+        if not isinstance(key, str) or key.startswith("_") or key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def keys(self) -> list[str]:
+        return list(self.__dataclass_fields__)
+
+    def mean_trajectory_distance(self, min_free_pages: int = 1000) -> dict[str, float]:
+        """Per zone: the mean over samples of the distance, for zones whose
+        kernel free pages exceed ``min_free_pages`` in every sample."""
+        per: dict[str, list[float]] = {}
+        small: set[str] = set()
+        for t in self.trajectory:
+            for zone, kfree, _kmm, dist in t.zones:
+                if kfree <= min_free_pages:
+                    small.add(zone)
+                per.setdefault(zone, []).append(dist)
+        return {z: sum(v) / len(v) for z, v in per.items() if v and z not in small}
 
     def format(self, slabinfo: bool = False) -> str:
         """A human-readable report (the ``kmm replay`` output)."""
@@ -390,8 +462,24 @@ class ReplayReport:
                               *self._format_end_state()]) + "\n"
         out = []
         w = out.append
+        if self.machine_notes:
+            w("Machine:")
+            for n in self.machine_notes:
+                w(f"  {n}")
+            w("")
+        if self.warm_start:
+            out.extend(self._format_warm())
+        for msg in self.warnings:
+            w(f"warning: {msg}")
+        if self.lost_chunks or self.lost_events:
+            w(f"warning: perf lost {self.lost_chunks:,} chunks ({self.lost_events:,} events) while recording: "
+              "the replay could not see them, and the kernel's counts below miss them too")
+        if self.warnings or self.lost_chunks or self.lost_events:
+            w("")
         w(f"Replayed {self.replayed:,} of {self.events:,} events in {self.seconds * 1e3:.1f} ms "
-          f"({self.events_per_second / 1e6:.2f} M events/s)")
+          f"({self.events_per_second / 1e6:.2f} M events/s)"
+          + (f", {self.sim_ns / 1e9:.1f} s of the trace's clock, timer work ran {self.timer_runs:,} times"
+             if self.sim_ns else ""))
         w("")
         w("Events not replayed (counted):")
         for label, n in (
@@ -423,12 +511,74 @@ class ReplayReport:
         w("")
         w(f"Caches created from the trace: {len(self.caches_created)}")
         w("")
+        out.extend(self._format_dynamics())
         out.extend(self._format_end_state())
         if slabinfo and self.slabinfo:
             w("")
             w("/proc/slabinfo at the end:")
             out.extend(self.slabinfo.rstrip("\n").splitlines())
         return "\n".join(out) + "\n"
+
+    def _format_warm(self) -> list[str]:
+        """The warm start: per zone and order, target free blocks and reached."""
+        ws = self.warm_start or {}
+        rep = ws.get("report") or {}
+        out = ["Warm start (the recorded start state; free blocks per order, all migratetypes: target/reached):"]
+        for z in rep.get("zones", []):
+            tgt = [sum(v[o] for v in z["target"].values()) for o in range(11)]
+            got = [sum(v[o] for v in z["reached"].values()) for o in range(11)]
+            if not any(tgt) and not any(got):
+                continue
+            exact = "exact" if z["target"] == z["reached"] else "short"
+            cells = " ".join(f"{t}" if t == g else f"{t}/{g}" for t, g in zip(tgt, got))
+            out.append(f"  {z['zone']:<7} {cells}  ({exact} per migratetype)")
+            pt, pr = sum(z["pcp_target"]), sum(z["pcp_reached"])
+            if pt or pr:
+                out.append(f"  {'':<7} pcp pages per CPU: {z['pcp_reached']} of {z['pcp_target']}")
+        caches = rep.get("caches", [])
+        if caches:
+            slabs_t = sum(c[1] for c in caches)
+            slabs = sum(c[2] for c in caches)
+            act_t = sum(c[3] for c in caches)
+            act = sum(c[4] for c in caches)
+            out.append(f"  slabs: {slabs:,} of {slabs_t:,} in {len(caches)} caches; objects in use {act:,} of {act_t:,}")
+        out.append(f"  pre-trace page blocks the trace frees: {rep.get('allocated', 0):,} placed"
+                   + (f", {rep['allocated_missed']:,} without room" if rep.get("allocated_missed") else ""))
+        out.append(f"  pre-trace slabs at their traced pfns: {rep.get('slabs_at_traced_pfn', 0):,}"
+                   + (f", moved: {rep['slabs_moved']:,}" if rep.get("slabs_moved") else ""))
+        out.append("")
+        return out
+
+    def _format_dynamics(self) -> list[str]:
+        """The dynamics table, the end state against the kernel's and the trajectory."""
+        out: list[str] = []
+        w = out.append
+        if self.dynamics:
+            w("kmm's dynamics against the kernel's (tracepoints counted in the trace and in the replay):")
+            w(f"  {'':<44} {'kernel':>10} {'kmm':>10} {'kmm/kernel':>11}")
+            for r in self.dynamics:
+                ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
+                w(f"  {r.what:<44} {r.kernel:>10,} {r.kmm:>10,} {ratio:>11}")
+            w("")
+        if self.end_state:
+            w("End state against the kernel's end.buddyinfo (free blocks per order; distance = "
+              "sum over orders |kmm - kernel| free pages / kernel free pages):")
+            for z in self.end_state:
+                w(f"  {z['zone']:<7} kernel " + " ".join(f"{n:>6}" for n in z["kernel"])
+                  + f"   {z['kernel_free_pages']:>9,} pages")
+                w(f"  {'':<7} kmm    " + " ".join(f"{n:>6}" for n in z["kmm"])
+                  + f"   {z['kmm_free_pages']:>9,} pages   distance {z['distance']:.3f}")
+            w("")
+        if self.trajectory:
+            means = self.mean_trajectory_distance(0)
+            first, last = self.trajectory[0].ts_ns, self.trajectory[-1].ts_ns
+            w(f"Trajectory: kmm against {len(self.trajectory)} samples of samples.txt "
+              f"({first / 1e9:.3f} .. {last / 1e9:.3f} s): mean distance per zone")
+            for zone, m in means.items():
+                worst = max(d for t in self.trajectory for (zn, _k, _m, d) in t.zones if zn == zone)
+                w(f"  {zone:<7} mean {m:.3f}, worst {worst:.3f}")
+            w("")
+        return out
 
     def _format_end_state(self) -> list[str]:
         """Memory in use, the fragmentation table and /proc/buddyinfo, all
@@ -537,7 +687,13 @@ class ReplayReport:
         return out
 
 
-def replay(trace: TraceLog, machine: Any, sample_every: int = 1000, free_at_end: bool = False) -> ReplayReport:
+def replay(
+    trace: TraceLog | Recording,
+    machine: Any,
+    sample_every: int = 1000,
+    free_at_end: bool = False,
+    time: bool = True,
+) -> ReplayReport:
     """Replay a loaded trace on ``machine``: every allocation and free, in
     order, each on the CPU it ran on (see ``rust/kmm-core/src/trace/replay.rs``
     for what is replayed and what is counted). Runs in Rust with the GIL
@@ -547,11 +703,21 @@ def replay(trace: TraceLog, machine: Any, sample_every: int = 1000, free_at_end:
     end state (``end_zones``, ``buddyinfo``) is then read after the frees.
     An empty trace replays nothing and gives a report with ``events == 0``
     (its ``format()`` says "No events"; the ``kmm`` command refuses such a
-    file instead)."""
+    file instead).
+
+    With a :class:`Recording` (``load(DIR)``) on a machine from
+    ``rec.machine()``: the replay starts from the recorded start state, and
+    the report compares kmm's dynamics (``report["dynamics"]``), end state
+    (``report["end_state"]``) and trajectory (``report["trajectory"]``) with
+    the kernel's. ``time``: move the machine's clock to each event's
+    timestamp so the kernel's timer work runs when it would have."""
+    bundle = trace.bundle if isinstance(trace, Recording) else None
     trace = trace.trace if isinstance(trace, Recording) else trace
     if not isinstance(trace, TraceLog):
         raise TypeError(f"expected a TraceLog (kmm.trace.load), not {type(trace).__name__}")
-    d = trace.replay(machine, sample_every, free_at_end)
+    d = trace.replay(machine, sample_every, free_at_end, bundle, time)
+    d["dynamics"] = [DynRow(*r) for r in d["dynamics"]]
+    d["trajectory"] = [TrajPoint(ts, ev, [tuple(z) for z in zones]) for ts, ev, zones in d["trajectory"]]
     d["samples"] = [
         FragSample(ev, used, [ZoneFrag(z, list(nf), list(ui), list(fi)) for z, nf, ui, fi in zones])
         for ev, used, zones in d["samples"]
@@ -561,5 +727,21 @@ def replay(trace: TraceLog, machine: Any, sample_every: int = 1000, free_at_end:
     end_zones = [zone_frag(z.name, list(z.nr_free)) for z in machine.zones if z.populated]
     return ReplayReport(
         **d, page_size=machine.page_size, buddyinfo=machine.proc.buddyinfo(), slabinfo=machine.proc.slabinfo(),
-        free_at_end=free_at_end, end_zones=end_zones,
+        free_at_end=free_at_end, end_zones=end_zones, warm_start=machine.warm_start if d["warm"] else None,
+        lost_chunks=getattr(trace, "lost_chunks", 0), lost_events=getattr(trace, "lost_events", 0),
     )
+
+
+def machine_for(trace: TraceLog | Recording, warm: bool = True, **overrides: Any) -> Any:
+    """The machine a replay of ``trace`` runs on: for a :class:`Recording`,
+    ``trace.machine(warm, **overrides)``; for a bare trace, one sized from
+    it (RAM up to the highest pfn it names, the CPUs it ran on), cold.
+    ``overrides`` are :class:`kmm.Machine`'s keyword arguments."""
+    if isinstance(trace, Recording):
+        return trace.machine(warm=warm, **overrides)
+    if not isinstance(trace, TraceLog):
+        raise TypeError(f"expected a TraceLog or Recording (kmm.trace.load), not {type(trace).__name__}")
+    from kmm._kmm import recorded_machine
+
+    m, _info = recorded_machine(trace, None, warm, **overrides)
+    return m

@@ -116,6 +116,45 @@ impl PyMachine {
         Ok(PyMachine { m: Arc::new(m) })
     }
 
+    /// The warm start this machine was brought to for a trace
+    /// (`recorded_machine`), as {"notes", "report"}; None for a cold machine.
+    #[getter]
+    fn warm_start<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
+        let Some(w) = self.m.warm.lock().clone() else { return Ok(None) };
+        let d = PyDict::new(py);
+        d.set_item("notes", w.notes.clone())?;
+        d.set_item("report", crate::recorded::warm_report(py, &w.report)?)?;
+        d.set_item("trace_events", w.trace_id.0)?;
+        Ok(Some(d))
+    }
+    /// The simulated clock, ns (CLOCK_MONOTONIC of the replayed trace).
+    #[getter]
+    fn time_ns(&self) -> u64 {
+        self.m.clock.now()
+    }
+    /// Move the simulated clock to `t_ns`, running the kernel's timer work
+    /// that falls due (vmstat_update's decay of pcp->high, every second per
+    /// CPU); the first call only starts the clock. Returns how many times
+    /// timer work ran. GIL released.
+    fn advance_time(&self, py: Python<'_>, t_ns: u64) -> u64 {
+        let m = self.m.clone();
+        py.detach(move || m.advance_time(t_ns))
+    }
+    /// `decay_pcp_high` of one CPU's lists in one zone (by zone name); the
+    /// kernel's `todo` (non-zero while work is left).
+    fn decay_pcp_high(&self, zone: &str, cpu: u32) -> PyResult<u32> {
+        let z = self
+            .m
+            .zones
+            .iter()
+            .find(|z| z.kind.name() == zone)
+            .ok_or_else(|| PyValueError::new_err(format!("no zone {zone:?} on this machine")))?;
+        if cpu >= self.m.cfg.cpus {
+            return Err(PyValueError::new_err(format!("cpu {cpu} out of range (the machine has {})", self.m.cfg.cpus)));
+        }
+        Ok(self.m.decay_pcp_high(z, cpu))
+    }
+
     #[getter]
     fn arch(&self) -> &'static str {
         self.m.cfg.arch.name()
