@@ -218,7 +218,7 @@ def load_dir(path: str | os.PathLike[str], lenient: bool = False, progress: bool
         if _perf_data_supported(_trace.load):
             try:
                 tr = _trace.load(pd, lenient=lenient, progress=progress, kallsyms=kallsyms)  # type: ignore[call-arg]
-            except TraceFormatError as e:
+            except (ValueError, OSError, EOFError, lzma.LZMAError) as e:  # TraceFormatError is a ValueError
                 if pt is None:
                     raise
                 warnings.append(f"{pd.name}: {e}; {pt.name} is read instead")
