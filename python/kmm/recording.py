@@ -51,7 +51,7 @@ SUFFIXES = ("", ".xz", ".gz")
 #: A /proc file larger than this once decompressed is not read (a hostile
 #: or mistaken file must not exhaust memory; real ones are kilobytes,
 #: samples.txt ~4 KB per sample).
-MAX_PROC_BYTES = 512 << 20
+MAX_PROC_BYTES = 256 << 20
 
 _OTHER_FILES = ("kallsyms.txt", "samples.txt", *(f"{w}.{n}.txt" for w in ("start", "end") for n in PROC_FILES))
 
