@@ -315,7 +315,7 @@ def record(
     sampler.start()
     tail: deque[str] = deque(maxlen=40)
     try:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE)  # the workload keeps our stdin and stdout
     except OSError as e:
         sampler.stopping.set()
         sampler.join()
