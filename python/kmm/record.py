@@ -251,6 +251,18 @@ def _copy_kallsyms(proc: Path, out: Path, warn: Callable[[str], None]) -> bool:
     return True
 
 
+def _perf_error(lines: list[str]) -> str:
+    """perf's reason, from its last stderr lines: the first line naming an
+    error (with the line after a bare "Error:"), else the last line."""
+    lines = [x.strip() for x in lines if x.strip()]
+    for i, x in enumerate(lines):
+        if "error" in x.lower():
+            if x.rstrip(":").lower() == "error" and i + 1 < len(lines):
+                return lines[i + 1]
+            return " ".join(x.split())
+    return lines[-1] if lines else ""
+
+
 def _relay(stream, sink, tail: deque[str]) -> None:  # type: ignore[no-untyped-def]
     """Copy perf's stderr (and the workload's) to ours, keeping its last lines."""
     for raw in iter(stream.readline, b""):
@@ -301,9 +313,9 @@ def record(
     emit(f"recording {' '.join(workload)} into {out} ...")
     sampler = _Sampler(paths.proc, out / "samples.txt", interval, warn)
     sampler.start()
-    tail: deque[str] = deque(maxlen=5)
+    tail: deque[str] = deque(maxlen=40)
     try:
-        p = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        p = subprocess.Popen(cmd, stderr=subprocess.PIPE)  # the workload keeps our stdin and stdout
     except OSError as e:
         sampler.stopping.set()
         sampler.join()
@@ -330,8 +342,8 @@ def record(
     n_end = _snapshot(paths.proc, out, "end", warn)
     kallsyms = _copy_kallsyms(paths.proc, out, warn)
     if not perf_data.is_file() or perf_data.stat().st_size == 0:
-        last = next((line for line in reversed(tail) if line.strip()), "")
-        raise RecordError(f"perf record failed (exit status {rc}){': ' + last if last else ''}; {out} has no perf.data")
+        why = _perf_error(list(tail))
+        raise RecordError(f"perf record failed (exit status {rc}){': ' + why if why else ''}; {out} has no perf.data")
     if rc != 0:
         warn(f"perf record exited with status {rc} (the command's failure, or perf's); perf.data was written")
     size = perf_data.stat().st_size

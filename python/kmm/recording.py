@@ -51,7 +51,7 @@ SUFFIXES = ("", ".xz", ".gz")
 #: A /proc file larger than this once decompressed is not read (a hostile
 #: or mistaken file must not exhaust memory; real ones are kilobytes,
 #: samples.txt ~4 KB per sample).
-MAX_PROC_BYTES = 512 << 20
+MAX_PROC_BYTES = 256 << 20
 
 _OTHER_FILES = ("kallsyms.txt", "samples.txt", *(f"{w}.{n}.txt" for w in ("start", "end") for n in PROC_FILES))
 
@@ -237,7 +237,7 @@ def load_dir(path: str | os.PathLike[str], lenient: bool = False, progress: bool
         if _perf_data_supported(_trace.load):
             try:
                 tr = _trace.load(pd, lenient=lenient, progress=progress, kallsyms=kallsyms)  # type: ignore[call-arg]
-            except TraceFormatError as e:
+            except (ValueError, OSError, EOFError, lzma.LZMAError) as e:  # TraceFormatError is a ValueError
                 if pt is None:
                     raise
                 warnings.append(f"{pd.name}: {e}; {pt.name} is read instead")

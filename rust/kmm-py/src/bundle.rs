@@ -6,9 +6,7 @@
 use std::sync::Arc;
 
 use kmm_core::trace::bundle::{Bundle, Snapshot};
-use kmm_core::trace::procfs::{
-    self, BuddyZone, PagetypeInfo, ProcError, SampleSnap, SlabInfoRow, ZoneInfo,
-};
+use kmm_core::trace::procfs::{self, BuddyZone, PagetypeInfo, ProcError, SampleSnap, SlabInfoRow, ZoneInfo};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -245,10 +243,8 @@ pub fn parse_proc(py: Python<'_>, kind: &str, text: &str) -> PyResult<Py<PyAny>>
             }
             l.into_any().unbind()
         }
-        _ => {
-            return Err(PyValueError::new_err(format!(
-                "unknown /proc file kind '{kind}' (buddyinfo, pagetypeinfo, zoneinfo, slabinfo, meminfo, vmstat, samples)"
-            )))
-        }
+        _ => return Err(PyValueError::new_err(format!(
+            "unknown /proc file kind '{kind}' (buddyinfo, pagetypeinfo, zoneinfo, slabinfo, meminfo, vmstat, samples)"
+        ))),
     })
 }

@@ -37,6 +37,7 @@
 //! - procfs-2: for kmm's own renderers, parse(render(m)) gives m's values.
 #![forbid(unsafe_code)]
 
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// A malformed line of a /proc file.
@@ -223,9 +224,14 @@ impl PagetypeInfo {
     /// Free blocks per order of a zone, summed over migratetypes (what
     /// buddyinfo shows for it, proc-1), or None if the zone is not listed.
     pub fn zone_nr_free(&self, node: u32, zone: &str) -> Option<Vec<u64>> {
-        let mut sum: Option<Vec<u64>> = None;
-        for f in self.free.iter().filter(|f| f.node == node && f.zone == zone) {
-            let s = sum.get_or_insert_with(|| vec![0; f.nr_free.len()]);
+        self.nr_free_by_zone().remove(&(node, zone.to_string()))
+    }
+
+    /// [`Self::zone_nr_free`] of every zone listed, in one pass.
+    pub fn nr_free_by_zone(&self) -> BTreeMap<(u32, String), Vec<u64>> {
+        let mut m: BTreeMap<(u32, String), Vec<u64>> = BTreeMap::new();
+        for f in &self.free {
+            let s = m.entry((f.node, f.zone.clone())).or_default();
             if s.len() < f.nr_free.len() {
                 s.resize(f.nr_free.len(), 0);
             }
@@ -233,7 +239,7 @@ impl PagetypeInfo {
                 *a = a.saturating_add(*b);
             }
         }
-        sum
+        m
     }
 }
 
@@ -810,7 +816,7 @@ fn is_vmstat_shaped(t: &str) -> bool {
     matches!((it.next(), it.next(), it.next()), (Some(k), Some(_), None) if k != "Node" && is_item_name(k))
 }
 
-fn sample_chunk(ts_ns: u64, lines: &[Line<'_>]) -> Result<SampleSnap, ProcError> {
+fn sample_chunk(ts_ns: u64, head: u64, lines: &[Line<'_>]) -> Result<SampleSnap, ProcError> {
     // buddyinfo lines, then (optionally) pagetypeinfo, then vmstat lines.
     let pt_start = lines.iter().position(|l| l.1.trim_start().starts_with("Page block order:"));
     let vm_start = lines
@@ -822,6 +828,10 @@ fn sample_chunk(ts_ns: u64, lines: &[Line<'_>]) -> Result<SampleSnap, ProcError>
         .unwrap_or(lines.len());
     let buddy_end = pt_start.unwrap_or(vm_start).min(vm_start);
     let buddyinfo = buddyinfo_lines(&lines[..buddy_end])?;
+    if buddyinfo.is_empty() {
+        // The recorder always writes buddyinfo; without it a sample says nothing.
+        return err(head, "a sample without buddyinfo lines");
+    }
     let pagetypeinfo = match pt_start {
         Some(s) if s < vm_start => Some(pagetypeinfo_lines(&lines[s..vm_start])?),
         _ => None,
@@ -860,7 +870,7 @@ pub fn parse_samples_partial(text: &str) -> (Vec<SampleSnap>, Option<ProcError>)
             Err(e) => return (out, Some(e)),
         };
         let end = lines[i + 1..].iter().position(|l| l.1.starts_with('@')).map_or(lines.len(), |p| i + 1 + p);
-        match sample_chunk(ts, &lines[i + 1..end]) {
+        match sample_chunk(ts, n, &lines[i + 1..end]) {
             Ok(s) => out.push(s),
             Err(e) => return (out, Some(e)),
         }
@@ -1030,6 +1040,8 @@ mod tests {
         let s = "@ 1.5\nNode 0, zone DMA 1\nnr_free_pages 4\n@ 2.x\n";
         let (v, e) = parse_samples_partial(s);
         assert_eq!((v.len(), v[0].ts_ns, e.unwrap().line), (1, 1_500_000_000, 4));
+        let e = parse_samples("@ 1.5\nNode 0, zone DMA 1\n@ 1.6\nnr_free_pages 4\n").unwrap_err();
+        assert_eq!((e.line, e.message.as_str()), (3, "a sample without buddyinfo lines"));
         assert_eq!(parse_samples("junk\n@ 1\n").unwrap_err().line, 1);
     }
 
