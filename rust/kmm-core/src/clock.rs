@@ -22,7 +22,9 @@
 //! SIMPLIFICATION: work runs at its due time exactly (no scheduling delay,
 //! no jiffy granularity beyond the whole-second rounding of
 //! `round_jiffies_relative`, whose per-CPU skew of 3 jiffies at HZ=250 is
-//! kept). The shepherd's check of a CPU's counters is "did the CPU allocate
+//! kept). Where whole jiffies-seconds fall on CLOCK_MONOTONIC depends on the
+//! boot; a replay estimates it from the kernel's own vmstat_update drains
+//! (`mm_page_pcpu_drain` from a kworker), else takes whole seconds. The shepherd's check of a CPU's counters is "did the CPU allocate
 //! or free pages since its last vmstat_update" (the kernel checks its
 //! per-CPU stat diffs, which any such call leaves non-zero).
 //!
@@ -64,6 +66,10 @@ pub struct Clock {
     now: AtomicU64,
     /// When `vmstat_shepherd` next runs (ns), 0 = the clock has not started.
     pub(crate) shepherd_ns: AtomicU64,
+    /// Where whole jiffies-seconds fall on this clock (ns into each second):
+    /// `round_jiffies` rounds to multiples of HZ jiffies, and jiffies and
+    /// CLOCK_MONOTONIC seconds do not start together.
+    pub phase_ns: AtomicU64,
     /// Serialises advances; holds each CPU's vmstat worker state.
     pub(crate) work: Mutex<Vec<VmstatWork>>,
     /// Whether timer work runs at all (off: the clock only counts).
@@ -75,6 +81,7 @@ impl Clock {
         Clock {
             now: AtomicU64::new(0),
             shepherd_ns: AtomicU64::new(0),
+            phase_ns: AtomicU64::new(0),
             work: Mutex::new(vec![VmstatWork::default(); cpus as usize]),
             enabled: std::sync::atomic::AtomicBool::new(true),
         }
@@ -94,18 +101,33 @@ impl Clock {
     /// fires: `t + HZ` rounded to a whole second as `round_jiffies_common`
     /// rounds (with the CPU's skew; down when less than a quarter second
     /// past it, else up), never at or before `t`.
-    pub fn round_next(t: u64, cpu: u32) -> u64 {
+    pub fn round_next(t: u64, cpu: u32, phase: u64) -> u64 {
         let skew = CPU_SKEW_NS * cpu as u64;
+        let phase = phase % STAT_INTERVAL_NS;
         let abs = t + STAT_INTERVAL_NS;
-        let j = abs + skew;
+        // On the jiffies grid: whole seconds fall at `phase` on this clock.
+        let j = abs + skew + STAT_INTERVAL_NS - phase;
         let rem = j % STAT_INTERVAL_NS;
         let r = if rem < STAT_INTERVAL_NS / 4 { j - rem } else { j - rem + STAT_INTERVAL_NS };
-        let r = r.saturating_sub(skew);
+        let r = (r + phase).saturating_sub(skew + STAT_INTERVAL_NS);
         if r <= t {
             abs
         } else {
             r
         }
+    }
+
+    /// The jiffies phase seen in timer work of a trace: the start times
+    /// (ns) of vmstat_update's drains on each CPU. A run of CPU `c` fires at
+    /// `phase - skew(c)` into a second; returns the median phase, or None.
+    pub fn estimate_phase(bursts: &[(u32, u64)]) -> Option<u64> {
+        let mut v: Vec<u64> =
+            bursts.iter().map(|&(cpu, t)| (t + CPU_SKEW_NS * cpu as u64) % STAT_INTERVAL_NS).collect();
+        if v.is_empty() {
+            return None;
+        }
+        v.sort_unstable();
+        Some(v[v.len() / 2])
     }
 
     /// Check clock-1.

@@ -888,6 +888,13 @@ impl Machine {
             .sum()
     }
 
+    /// Set the simulated clock (never backwards); trace events then carry it.
+    #[inline]
+    pub fn clock_set(&self, t: u64) {
+        self.clock.set(t);
+        self.trace.sim_ns.store(self.clock.now(), Relaxed);
+    }
+
     /// When the clock next has work due (ns): `u64::MAX` when nothing is
     /// armed, 0 before the clock starts.
     pub fn clock_next_due(&self) -> u64 {
@@ -908,15 +915,16 @@ impl Machine {
         let _d = self.trace.defer();
         let mut work = self.clock.work.lock();
         let now = self.clock.now();
+        let phase = self.clock.phase_ns.load(Relaxed);
         if t <= now && self.clock.shepherd_ns.load(Relaxed) != 0 {
             return 0;
         }
         if self.clock.shepherd_ns.load(Relaxed) == 0 {
             // Start: the workers of a running system are armed.
-            self.clock.set(t);
-            self.clock.shepherd_ns.store(Clock::round_next(t, 0), Relaxed);
+            self.clock_set(t);
+            self.clock.shepherd_ns.store(Clock::round_next(t, 0, phase), Relaxed);
             for (cpu, w) in work.iter_mut().enumerate() {
-                w.next_ns = Clock::round_next(t, cpu as u32);
+                w.next_ns = Clock::round_next(t, cpu as u32, phase);
                 w.seen_events = self.cpu_page_events(cpu as u32);
             }
             return 0;
@@ -934,12 +942,12 @@ impl Machine {
             if due > t {
                 break;
             }
-            self.clock.set(due);
+            self.clock_set(due);
             match cpu {
                 Some(c) => {
                     let w = &mut work[c as usize];
                     let changes = if enabled { self.vmstat_update(c, w) } else { 0 };
-                    w.next_ns = if changes > 0 { Clock::round_next(due, c) } else { 0 };
+                    w.next_ns = if changes > 0 { Clock::round_next(due, c, phase) } else { 0 };
                     runs += 1;
                 }
                 None => {
@@ -949,12 +957,12 @@ impl Machine {
                             work[c].next_ns = due;
                         }
                     }
-                    let next = Clock::round_next(due, 0);
+                    let next = Clock::round_next(due, 0, phase);
                     self.clock.shepherd_ns.store(next.max(due + STAT_INTERVAL_NS / 2), Relaxed);
                 }
             }
         }
-        self.clock.set(t);
+        self.clock_set(t);
         runs
     }
 

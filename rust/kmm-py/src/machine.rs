@@ -140,6 +140,46 @@ impl PyMachine {
         let m = self.m.clone();
         py.detach(move || m.advance_time(t_ns))
     }
+    /// One CPU's per-CPU page lists in one zone (by zone name), as
+    /// `struct per_cpu_pages` holds them: {"count", "high", "high_min",
+    /// "high_max", "batch", "free_count", "alloc_factor", "lists"} where
+    /// lists maps (order, migratetype) to the pages on that list.
+    fn pcp_state<'py>(&self, py: Python<'py>, zone: &str, cpu: u32) -> PyResult<Bound<'py, PyDict>> {
+        let z = self
+            .m
+            .zones
+            .iter()
+            .find(|z| z.kind.name() == zone)
+            .ok_or_else(|| PyValueError::new_err(format!("no zone {zone:?} on this machine")))?;
+        let slot = z
+            .pcp
+            .get(cpu as usize)
+            .ok_or_else(|| PyValueError::new_err(format!("cpu {cpu} out of range (the machine has {})", self.m.cfg.cpus)))?;
+        let p = slot.lists.lock();
+        let d = PyDict::new(py);
+        d.set_item("count", p.count)?;
+        d.set_item("high", p.high)?;
+        d.set_item("high_min", p.high_min)?;
+        d.set_item("high_max", p.high_max)?;
+        d.set_item("batch", p.batch)?;
+        d.set_item("free_count", p.free_count)?;
+        d.set_item("alloc_factor", p.alloc_factor)?;
+        let lists = PyDict::new(py);
+        for (i, l) in p.lists.iter().enumerate() {
+            if l.is_empty() {
+                continue;
+            }
+            let order = kmm_core::pcp::pindex_to_order(i, self.m.pageblock_order);
+            let mt = if i >= kmm_core::pcp::NR_LOWORDER_PCP_LISTS {
+                (i - kmm_core::pcp::NR_LOWORDER_PCP_LISTS) as u8
+            } else {
+                (i % kmm_core::buddy::MIGRATE_PCPTYPES as usize) as u8
+            };
+            lists.set_item((order, kmm_core::buddy::MIGRATETYPE_NAMES[mt as usize]), l.len() as u64 * (1u64 << order))?;
+        }
+        d.set_item("lists", lists)?;
+        Ok(d)
+    }
     /// `decay_pcp_high` of one CPU's lists in one zone (by zone name); the
     /// kernel's `todo` (non-zero while work is left).
     fn decay_pcp_high(&self, zone: &str, cpu: u32) -> PyResult<u32> {

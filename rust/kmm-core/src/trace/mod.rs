@@ -686,6 +686,9 @@ pub struct Tracing {
     id: u64,
     next_id: AtomicU64,
     boot: quanta::Instant,
+    /// The machine's simulated clock (ns) once started (`clock.rs`): events
+    /// then carry it as their timestamp; 0 = the TSC since boot.
+    pub(crate) sim_ns: AtomicU64,
 }
 
 /// The trace clock: the TSC, calibrated (`quanta`), as the kernel's
@@ -701,6 +704,7 @@ impl Default for Tracing {
             id: NEXT_TRACING.fetch_add(1, Relaxed),
             next_id: AtomicU64::new(1),
             boot: CLOCK.now(),
+            sim_ns: AtomicU64::new(0),
         }
     }
 }
@@ -743,7 +747,10 @@ impl Tracing {
     }
 
     pub fn now_ns(&self) -> u64 {
-        CLOCK.now().duration_since(self.boot).as_nanos() as u64
+        match self.sim_ns.load(Relaxed) {
+            0 => CLOCK.now().duration_since(self.boot).as_nanos() as u64,
+            t => t,
+        }
     }
 
     /// Deliver an event to every sink that asked for it (none runs under

@@ -618,6 +618,24 @@ impl<'a> Replayer<'a> {
         self.warm_slab_heads.extend(seeds.slab_heads.iter().copied());
     }
 
+    /// Start times of the drain bursts kworker threads made (vmstat_update's
+    /// decay): (cpu, ns).
+    fn kworker_drain_bursts(&self) -> Vec<(u32, u64)> {
+        let mut out = Vec::new();
+        let mut last: Option<(u32, u64)> = None;
+        for (i, e) in self.log.events.iter().enumerate() {
+            if e.kind != Kind::MmPagePcpuDrain {
+                continue;
+            }
+            let burst_on = matches!(last, Some((c, t)) if c == e.cpu && e.ts_ns.saturating_sub(t) < 2_000_000);
+            if !burst_on && self.log.comm(i).starts_with("kworker/") {
+                out.push((e.cpu, e.ts_ns));
+            }
+            last = Some((e.cpu, e.ts_ns));
+        }
+        out
+    }
+
     /// Run the timer work due up to `t` (and compare samples due by then).
     fn advance(&mut self, t: u64, event: u64) {
         while let Some(b) = self.bundle {
@@ -631,9 +649,13 @@ impl<'a> Replayer<'a> {
             self.compare_sample(s.ts_ns, event, &s.buddyinfo);
             self.next_sample += 1;
         }
-        if self.o.time && t >= self.next_due {
-            self.r.timer_runs += self.m.advance_time(t);
-            self.next_due = self.m.clock_next_due();
+        if self.o.time {
+            if t >= self.next_due {
+                self.r.timer_runs += self.m.advance_time(t);
+                self.next_due = self.m.clock_next_due();
+            } else {
+                self.m.clock_set(t);
+            }
         }
     }
 
@@ -792,7 +814,17 @@ impl<'a> Replayer<'a> {
                 (a, b) => a.or(b),
             };
             if let Some(t) = start {
-                if t > 0 {
+                if t > 0 && self.m.clock_next_due() == 0 {
+                    // The jiffies phase, from the kernel's own vmstat_update drains.
+                    let bursts = self.kworker_drain_bursts();
+                    if let Some(p) = crate::clock::Clock::estimate_phase(&bursts) {
+                        self.m.clock.phase_ns.store(p, Relaxed);
+                        self.r.machine_notes.push(format!(
+                            "timer work on the trace's clock: whole jiffies-seconds at +{:.3} s, from {} drain bursts of the kernel's vmstat_update",
+                            p as f64 / 1e9,
+                            bursts.len()
+                        ));
+                    }
                     self.m.advance_time(t);
                 }
             }
