@@ -17,8 +17,13 @@
 //! allocation fails. kswapd, when woken, only resets a boosted watermark (it
 //! would find nothing to reclaim). `__GFP_NOFAIL` then ignores watermarks
 //! rather than looping forever waiting for reclaim; a request that no free
-//! block can satisfy still fails. No per-CPU lists yet: every order goes
-//! straight to the buddy allocator (the kernel's boot pagesets, high 0 batch 1).
+//! block can satisfy still fails.
+//!
+//! Timer work: `decay_pcp_high` and `vmstat_update` (mm/vmstat.c: the
+//! pageset part of `refresh_cpu_vm_stats`), run by `advance_time` when the
+//! simulated clock (`clock.rs`) passes their due time; 6.18.y drains the
+//! decayed excess in chunks of `batch` (the stable backport), each chunk
+//! from pindex 0 as the kernel does.
 //!
 //! # Invariants
 //! - alloc-1: an allocated block's head has refcount >= 1 and records its order.
@@ -847,17 +852,19 @@ impl Machine {
                 todo += 1;
             }
         }
-        let to_drain = pcp.count as i64 - pcp.high as i64;
+        // 6.18.y: drain in chunks of `batch`, each from pindex 0.
+        let mut to_drain = pcp.count as i64 - pcp.high as i64;
         let mut drained = Vec::new();
         if to_drain > 0 {
-            drained = self.free_pcppages_bulk(z, &mut pcp, to_drain as u64, 0);
             todo += 1;
+        }
+        while to_drain > 0 {
+            let n = to_drain.min(batch.max(1));
+            drained.extend(self.free_pcppages_bulk(z, &mut pcp, n as u64, 0));
+            to_drain -= n;
         }
         drop(pcp);
         self.emit_drain(&drained, cpu);
-        if !drained.is_empty() || to_drain > 0 {
-            self.clear_below_high(z, 0);
-        }
         todo
     }
 

@@ -12,9 +12,13 @@
 //! `free_pcppages_bulk`, `drain_pages_zone`, `drain_all_pages`;
 //! `include/linux/mmzone.h` (NR_PCP_LISTS, PCPF_* flags).
 //!
-//! SIMPLIFICATION: no vmstat worker, so `decay_pcp_high` never runs and
-//! remote-node drains do not happen; `pcp->high` moves only through the
-//! allocation and free paths. ZONE_RECLAIM_ACTIVE is never set (no reclaim).
+//! `decay_pcp_high` (page_alloc.rs) lowers `high` once a second per CPU
+//! when the simulated clock runs (`clock.rs`: vmstat_update on the trace's
+//! clock during a replay, `Machine::advance_time` otherwise).
+//!
+//! SIMPLIFICATION: one node, so no remote-node drains (`pcp->expire`).
+//! ZONE_RECLAIM_ACTIVE is never set (no reclaim). PCPF_FREE_HIGH_BATCH is
+//! never set (the kernel sets it from the CPU's cache size).
 //!
 //! # Invariants
 //! - pcp-1: `count` equals the pages on the lists (1 << order per entry).

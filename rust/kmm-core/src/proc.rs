@@ -33,8 +33,8 @@
 //! memory is kept (NR_SLAB_RECLAIMABLE_B / NR_SLAB_UNRECLAIMABLE_B, in bytes
 //! as the kernel's `_B` items, large kmallocs included) and shown in pages
 //! (vmstat, zoneinfo) and kB (meminfo `Slab`, `SReclaimable`, `SUnreclaim`,
-//! `KReclaimable`, `MemAvailable`). The model has no per-CPU page lists
-//! yet: every pageset shows count 0, high 0.
+//! `KReclaimable`, `MemAvailable`). Pagesets show each CPU's pcp lists
+//! (count, high, batch, high_min, high_max).
 //! `pgfree` counts frees after boot only (the kernel also counts the boot-time
 //! `memblock_free_all` frees). `DirectMap*` lines describe the direct map the
 //! kernel would build for one hole-free RAM range: 4k pages for the first

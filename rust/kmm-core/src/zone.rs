@@ -8,9 +8,11 @@
 //! `mm/vmstat.c` (`calculate_normal_threshold`), `mm/khugepaged.c`
 //! (`set_recommended_min_free_kbytes`).
 //!
-//! SIMPLIFICATION: one NUMA node; managed == present (no memblock
-//! reservations beyond pfn 0); no ZONE_MOVABLE pages (kernelcore= unset) and
-//! an empty ZONE_DEVICE, both shown as the kernel shows unpopulated zones.
+//! SIMPLIFICATION: one NUMA node; managed == present (nothing reserved
+//! beyond pfn 0) unless the machine is shaped from a recording
+//! (`MachineConfig::layout`: holes, reserved and offline pages as recorded);
+//! no ZONE_MOVABLE pages (kernelcore= unset) and an empty ZONE_DEVICE, both
+//! shown as the kernel shows unpopulated zones.
 //!
 //! # Invariants
 //! - zone-1: `nr_free_pages` equals the pages on the zone's buddy free lists.

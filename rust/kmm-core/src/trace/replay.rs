@@ -32,6 +32,26 @@
 //!   them); `vmalloc:free_vmap_area_noflush` -> `vfree` (lazy, as traced);
 //!   `purge_vmap_area_lazy` is a consequence (kmm purges on its own).
 //!
+//! On a machine from `shape::recorded_machine` (its `warm` seeds made for
+//! this trace), the pages and objects the trace frees before allocating
+//! them are kmm's warm ones and are freed too, and the frees of pre-trace
+//! slab pages are the kernel discarding a slab (counted as slab pages).
+//!
+//! Time: with `ReplayOptions::time` the machine's clock moves to each
+//! event's timestamp (starting at the first event, or the first sample of
+//! the bundle if earlier), so `vmstat_update`'s decay of pcp->high runs
+//! when it would have (`clock.rs`); its jiffies phase is estimated from the
+//! kernel's own kworker drains in the trace.
+//!
+//! Against the kernel: the dynamics table counts, for the kernel, the
+//! allocator-internal events in the trace (`mm_page_alloc_zone_locked`,
+//! `mm_page_pcpu_drain`, `mm_page_alloc_extfrag`, slab pages, page allocs
+//! and frees) and, for kmm, its own tracepoints during the replay (a sink);
+//! with a bundle, kmm's free lists are compared with each sample of
+//! samples.txt at its timestamp (trajectory) and with end.buddyinfo /
+//! end.pagetypeinfo after the last event (end state), by the distance
+//! Σ over orders |kmm free pages − kernel free pages| / kernel free pages.
+//!
 //! Not replayed, counted: frees of objects allocated before the trace
 //! started, kfree(NULL), failed allocations, events that are consequences of
 //! the allocator's own work (`mm_page_alloc_zone_locked`, `mm_page_pcpu_drain`,
