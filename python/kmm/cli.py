@@ -29,10 +29,17 @@ def default_trace() -> tuple[Path, str]:
     return kmm.trace.SAMPLE, "the sample trace shipped with kmm, a perf script of Linux 6.18 on 2 CPUs"
 
 
-def _machine_args(p: argparse.ArgumentParser, memory: str = "1G") -> None:
+def _machine_args(p: argparse.ArgumentParser, memory: str | None = "1G", cpus: int | None = 2) -> None:
     p.add_argument("--arch", default="x86_64", choices=["x86_64", "i386", "i386-pae"], help="architecture (default x86_64)")
-    p.add_argument("--memory", default=memory, help=f"RAM size, e.g. 512M, 64G (default {memory})")
-    p.add_argument("--cpus", type=int, default=2, help="simulated CPUs (default 2)")
+    if memory is None:
+        p.add_argument("--memory", default=None,
+                       help="RAM size, e.g. 512M, 64G (default: the recording's zones, or up to the highest pfn the trace names)")
+    else:
+        p.add_argument("--memory", default=memory, help=f"RAM size, e.g. 512M, 64G (default {memory})")
+    if cpus is None:
+        p.add_argument("--cpus", type=int, default=None, help="simulated CPUs (default: as recorded, or as many as the trace ran on)")
+    else:
+        p.add_argument("--cpus", type=int, default=cpus, help=f"simulated CPUs (default {cpus})")
     p.add_argument("--page-size", type=int, default=4096, help="bytes per page (default 4096)")
     p.add_argument("--min-free-kbytes", type=int, default=None, help="vm.min_free_kbytes (default: the kernel's formula)")
 
@@ -342,11 +349,22 @@ def replay(a: argparse.Namespace) -> int:
     t = _load(a, path)
     if _no_events(path, t):
         return EXIT_ERROR
-    m = _make_machine(a)
+    overrides = {k: v for k, v in (("arch", a.arch), ("memory", a.memory), ("cpus", a.cpus), ("page_size", a.page_size),
+                                   ("min_free_kbytes", a.min_free_kbytes)) if v is not None}
+    if overrides.get("arch") == "x86_64":
+        del overrides["arch"]
+    if overrides.get("page_size") == 4096:
+        del overrides["page_size"]
+    if isinstance(t, kmm.trace.Recording):
+        m = t.machine(warm=not a.cold, **overrides)
+        for w in (*t.warnings, *t.machine_info.get("warnings", ())):
+            print(f"kmm: warning: {w}", file=sys.stderr)
+    else:
+        m = kmm.trace.machine_for(t, warm=not a.cold, **overrides)
     if not a.file:
         print(f"Replaying {what} ({Path(path).name})")
     print(f"Machine: {m!r}\n")
-    r = kmm.trace.replay(t, m, sample_every=a.sample_every, free_at_end=a.free_at_end)
+    r = kmm.trace.replay(t, m, sample_every=a.sample_every, free_at_end=a.free_at_end, time=a.time)
     sys.stdout.write(r.format(slabinfo=a.slabinfo))
     if a.plot:
         from kmm import plot
@@ -425,14 +443,23 @@ def build_parser() -> argparse.ArgumentParser:
         "replay",
         help="replay a trace's allocations and frees on a kmm machine (default, and plain `kmm`: the sample)",
         description="Feed a trace's kmalloc/kfree, kmem_cache_alloc/free, page, percpu and vmap-area events, each on "
-        "the CPU it ran on, into a kmm machine; report kmm's decisions that differed from the kernel's "
-        "(bytes_alloc, zone: the kernel's zone is read from the traced pfn with x86_64's boundaries), "
-        "memory and external fragmentation. vmap areas (alloc_vmap_area / free_vmap_area_noflush) are "
-        "vmalloc'ed and vfree'd; their addresses are not compared.",
+        "the CPU it ran on and at its time on the trace's clock, into a kmm machine; report kmm's decisions that "
+        "differed from the kernel's (bytes_alloc, zone), kmm's own allocator-internal events against the "
+        "kernel's (pcp refills and drains, fallbacks, slab pages, pages allocated and freed), memory and "
+        "external fragmentation. Given a recording bundle (kmm record), the machine is shaped like the recorded "
+        "one (zones, CPUs, watermarks, caches) and starts from its recorded state (free lists, pcp lists, "
+        "slabs); kmm's state is compared with the bundle's samples over time and its end.* files. Given a bare "
+        "trace, the machine is sized from it and starts empty. vmap areas (alloc_vmap_area / "
+        "free_vmap_area_noflush) are vmalloc'ed and vfree'd; their addresses are not compared.",
     )
-    rp.add_argument("file", metavar="FILE", nargs="?",
-                    help=f"`perf script` or trace_pipe text (default: {what}, {path.name})")
-    _machine_args(rp, memory="8G")
+    rp.add_argument("file", metavar="FILE|DIR", nargs="?",
+                    help=f"a recording bundle directory (kmm record), a perf.data, or `perf script` / trace_pipe text "
+                    f"(default: {what}, {path.name})")
+    _machine_args(rp, memory=None, cpus=None)
+    rp.add_argument("--cold", action="store_true",
+                    help="start from a freshly booted machine instead of the bundle's recorded start state")
+    rp.add_argument("--time", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the kernel's timer work (vmstat_update's decay of pcp->high) on the trace's clock (default on)")
     rp.add_argument("--sample-every", type=int, default=1000, metavar="N", help="events between fragmentation samples (default 1000)")
     rp.add_argument("--plot", metavar="OUT.png", help="draw free pages per order over time and the physical memory map by owner (needs matplotlib: the 'plot' extra)")
     rp.add_argument("--slabinfo", action="store_true", help="print /proc/slabinfo at the end too")

@@ -209,6 +209,8 @@ pub struct Machine {
     pub clock: crate::clock::Clock,
     /// Set by a warm start for a trace (`trace::shape`): what its replay maps.
     pub warm: parking_lot::Mutex<Option<std::sync::Arc<crate::warm::WarmSeeds>>>,
+    /// How a machine built for a trace was sized and started (`trace::shape`).
+    pub shape_notes: parking_lot::Mutex<Vec<String>>,
 }
 
 impl Machine {
@@ -339,6 +341,7 @@ impl Machine {
             vm,
             clock: crate::clock::Clock::new(cfg.cpus),
             warm: parking_lot::Mutex::new(None),
+            shape_notes: parking_lot::Mutex::new(Vec::new()),
             cfg,
         };
 

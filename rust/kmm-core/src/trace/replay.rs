@@ -617,6 +617,7 @@ impl<'a> Replayer<'a> {
 
     /// Seed the maps from the machine's warm start, if it was made for this trace.
     fn seed_warm(&mut self) {
+        self.r.machine_notes = self.m.shape_notes.lock().clone();
         let seeds = self.m.warm.lock().clone();
         let Some(seeds) = seeds else { return };
         if seeds.trace_id != super::shape::trace_id(self.log) {

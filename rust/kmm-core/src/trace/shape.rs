@@ -764,5 +764,6 @@ pub fn recorded_machine(
         (true, None) => notes.push("cold start: no recording bundle (its start.* files give the warm start)".into()),
         (false, _) => notes.push("cold start (warm=False)".into()),
     }
+    *m.shape_notes.lock() = notes.clone();
     Ok(Recorded { machine: m, notes, warnings, warm: warm_rep, caches_created })
 }
