@@ -203,6 +203,35 @@ def _busiest_zone(report: ReplayReport) -> int | None:
     return max(range(len(samples[0].zones)), key=key)
 
 
+def trajectory_panel(ax, traj: list) -> None:
+    """kmm's free pages against the kernel's at each sample of samples.txt
+    (zones whose free pages change), and their distance (right axis)."""
+    t0 = traj[0].ts_ns
+    xs = [(t.ts_ns - t0) / 1e9 for t in traj]
+    zones = [z for z, *_ in traj[0].zones]
+    moving = [z for z in zones
+              if len({(k, m) for t in traj for (zn, k, m, _d) in t.zones if zn == z}) > 1] or zones[:1]
+    for i, zone in enumerate(moving):
+        col = ORDER_COLOURS[i % len(ORDER_COLOURS)]
+        pts = [[(k, m, d) for (zn, k, m, d) in t.zones if zn == zone][0] for t in traj]
+        ax.plot(xs, [p[0] for p in pts], color=col, linestyle="--", label=f"{zone}: kernel (samples.txt)")
+        ax.plot(xs, [p[1] for p in pts], color=col, label=f"{zone}: kmm")
+    ax.set_title("Free pages in the buddy allocator, kmm against the kernel at each sample (buddyinfo)",
+                 fontsize="medium")
+    ax.set_xlabel(f"seconds on the trace's clock (from {t0 / 1e9:.3f} s)")
+    ax.set_ylabel("free pages")
+    d = ax.twinx()
+    for i, zone in enumerate(moving):
+        col = ORDER_COLOURS[i % len(ORDER_COLOURS)]
+        d.plot(xs, [[dd for (zn, _k, _m, dd) in t.zones if zn == zone][0] for t in traj], color=col,
+               linestyle=":", label=f"{zone}: distance")
+    d.set_ylabel("distance: sum over orders |kmm - kernel| / kernel free pages")
+    d.set_ylim(bottom=0)
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = d.get_legend_handles_labels()
+    ax.legend(h1 + h2, l1 + l2, loc="upper left", bbox_to_anchor=(1.08, 1.0), fontsize="small")
+
+
 def replay_plot(report: ReplayReport, path: str, title: str = "kmm replay", owners: bytes | None = None,
                 pageblock_order: int = 9) -> None:
     """Free pages per order over the replay (all zones summed), the memory
@@ -214,14 +243,16 @@ def replay_plot(report: ReplayReport, path: str, title: str = "kmm replay", owne
     samples = report.samples
     x = [s.event for s in samples]
     orders = len(samples[0].zones[0].nr_free) if samples and samples[0].zones else 0
+    traj = list(getattr(report, "trajectory", []) or [])
+    ratios = [3, 2, 3] + ([3] if traj else []) + ([4] if owners is not None else [])
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(13, 4.2 * len(ratios)), layout="constrained",
+                             gridspec_kw={"height_ratios": ratios})
+    a1, a2, a3 = axes[:3]
+    if traj:
+        trajectory_panel(axes[3], traj)
     if owners is not None:
-        fig, axes = plt.subplots(4, 1, figsize=(13, 17), layout="constrained",
-                                 gridspec_kw={"height_ratios": [3, 2, 3, 4]})
-        a1, a2, a3, a4 = axes
-        memory_map(a4, owners, report.page_size, 1 << pageblock_order,
+        memory_map(axes[-1], owners, report.page_size, 1 << pageblock_order,
                    when="after --free-at-end" if report.free_at_end else "at the end")
-    else:
-        fig, (a1, a2, a3) = plt.subplots(3, 1, figsize=(13, 12), layout="constrained")
     fig.suptitle(title)
     side = {"loc": "upper left", "bbox_to_anchor": (1.01, 1.0), "fontsize": "small"}
 
