@@ -736,9 +736,12 @@ impl<'a> Replayer<'a> {
     /// its own tracepoints during the replay.
     fn dynamics(&mut self, owned: &[bool], slab_pages_in: u64, slab_pages_out: u64) {
         let mut k = KernelCounts::default();
-        let mut slab_live: HashMap<u64, u32> = HashMap::new();
-        let warm_heads = &self.warm_slab_heads;
-        let mut pre_slab_freed = HashSet::new();
+        // Traced blocks live (head -> slab-owned?), and pfns holding slab
+        // objects the trace named: a free of a block the trace did not
+        // allocate is a pre-trace slab's page when objects lived in it.
+        let mut traced: HashMap<u64, bool> = HashMap::new();
+        let mut obj_pfns: HashSet<u64> = HashSet::new();
+        let shift = self.m.page_shift;
         for (i, e) in self.log.events.iter().enumerate() {
             match e.kind {
                 Kind::MmPageAllocZoneLocked => {
@@ -754,15 +757,25 @@ impl<'a> Replayer<'a> {
                     k.alloc_pages += n;
                     if owned[i] {
                         k.slab_in += n;
-                        slab_live.insert(e.ptr, e.order as u32);
                     }
+                    traced.insert(e.ptr, owned[i]);
                 }
                 Kind::MmPageFree => {
-                    let n = 1u64 << (e.order as u32).min(MAX_PAGE_ORDER);
+                    let o = (e.order as u32).min(MAX_PAGE_ORDER);
+                    let n = 1u64 << o;
                     k.free_events += 1;
                     k.free_pages += n;
-                    if slab_live.remove(&e.ptr).is_some() || (warm_heads.contains(&e.ptr) && pre_slab_freed.insert(e.ptr)) {
+                    let slab = match traced.remove(&e.ptr) {
+                        Some(owned) => owned,
+                        None => (e.ptr..e.ptr + n).any(|p| obj_pfns.contains(&p)),
+                    };
+                    if slab {
                         k.slab_out += n;
+                    }
+                }
+                Kind::Kmalloc | Kind::KmallocNode | Kind::KmemCacheAlloc | Kind::KmemCacheAllocNode | Kind::Kfree | Kind::KmemCacheFree => {
+                    if e.ptr >= self.o.page_offset && e.ptr - self.o.page_offset < (64 << 40) {
+                        obj_pfns.insert((e.ptr - self.o.page_offset) >> shift);
                     }
                 }
                 Kind::Other if self.log.name(i) == "kmem:mm_page_alloc_extfrag" => {
