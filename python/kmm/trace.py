@@ -542,7 +542,8 @@ class ReplayReport:
             act_t = sum(c[3] for c in caches)
             act = sum(c[4] for c in caches)
             out.append(f"  slabs: {slabs:,} of {slabs_t:,} in {len(caches)} caches; objects in use {act:,} of {act_t:,}")
-        out.append(f"  pre-trace page blocks the trace frees: {rep.get('allocated', 0):,} placed"
+        out.append(f"  pre-trace page blocks the trace frees: {rep.get('allocated', 0):,} placed, "
+                   f"{rep.get('allocated_at_traced_pfn', 0):,} of them at their traced pfn"
                    + (f", {rep['allocated_missed']:,} without room" if rep.get("allocated_missed") else ""))
         out.append(f"  pre-trace slabs at their traced pfns: {rep.get('slabs_at_traced_pfn', 0):,}"
                    + (f", moved: {rep['slabs_moved']:,}" if rep.get("slabs_moved") else ""))

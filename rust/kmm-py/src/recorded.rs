@@ -46,6 +46,7 @@ pub(crate) fn warm_report<'py>(py: Python<'py>, r: &WarmReport) -> PyResult<Boun
     }
     d.set_item("zones", zones)?;
     d.set_item("allocated", r.allocated.len())?;
+    d.set_item("allocated_at_traced_pfn", r.allocated.iter().filter(|a| a.0 == a.1).count())?;
     d.set_item("allocated_missed", r.allocated_missed)?;
     d.set_item("caches", r.caches.clone())?;
     d.set_item("slabs_at_traced_pfn", r.slabs_at_traced_pfn)?;
