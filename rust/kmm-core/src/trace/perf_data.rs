@@ -747,11 +747,11 @@ fn build_plan(kind: Kind, name: &str, f: &Format, p: &Program) -> Option<Plan> {
                     Key::Ptr | Key::Page | Key::BaseAddr => plain && c.prefix.is_empty() && sp.is_pointer(),
                     Key::Pfn => {
                         plain
-                            && ((c.prefix == "0x" && sp.conv == b'x' && !sp.hash && sp.width == 0)
-                                || (c.prefix.is_empty() && sp.conv == b'u' && sp.width == 0))
+                            && ((c.prefix == "0x" && sp.conv == b'x' && !sp.hash && sp.width == 0 && sp.precision.is_none())
+                                || (c.prefix.is_empty() && sp.conv == b'u' && sp.width == 0 && sp.precision.is_none()))
                     }
                     Key::CallSite | Key::Name | Key::Gfp => false,
-                    _ => plain && c.prefix.is_empty() && matches!(sp.conv, b'd' | b'i' | b'u') && sp.width == 0 && !sp.plus && !sp.space,
+                    _ => plain && c.prefix.is_empty() && matches!(sp.conv, b'd' | b'i' | b'u') && sp.width == 0 && sp.precision.is_none(),
                 };
                 let read = if numeric {
                     Source::Num(i)

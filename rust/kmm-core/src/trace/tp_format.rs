@@ -124,6 +124,13 @@ impl Format {
         read_scalar(raw, f.offset, f.size, f.signed, self.big_endian)
     }
 
+    /// A field as libtraceevent's `tep_read_number` reads it: unsigned.
+    #[inline]
+    pub fn read_unsigned(&self, raw: &[u8], i: usize) -> u64 {
+        let Some(f) = self.fields.get(i) else { return 0 };
+        read_scalar(raw, f.offset, f.size, false, self.big_endian)
+    }
+
     /// A field's bytes as a string: fixed char arrays and `__data_loc`
     /// strings up to the first NUL. Out-of-record parts are cut off.
     pub fn read_str<'a>(&self, raw: &'a [u8], i: usize) -> &'a [u8] {
@@ -220,89 +227,470 @@ fn read_scalar(raw: &[u8], off: usize, size: usize, signed: bool, be: bool) -> u
 }
 
 // ---------------------------------------------------------------------------
-// Tokens
+// Tokens (event-parse.c get_type, __read_token)
 // ---------------------------------------------------------------------------
 
-#[derive(Clone, Debug, PartialEq)]
-enum Tok {
-    Str(String),
-    Num(String),
-    Ident(String),
-    Punct(&'static str),
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Tt {
+    None,
+    Op,
+    Delim,
+    Item,
+    Dquote,
+    Squote,
 }
 
-const PUNCTS: [&str; 30] = [
-    "->", "<<", ">>", "<=", ">=", "==", "!=", "&&", "||", "(", ")", "{", "}", "[", "]", ",", "?", ":", "+", "-", "*",
-    "/", "%", "&", "|", "^", "!", "~", "<", ">",
-];
+impl Tt {
+    /// event_item_type: ITEM, DQUOTE, SQUOTE.
+    fn is_item(self) -> bool {
+        matches!(self, Tt::Item | Tt::Dquote | Tt::Squote)
+    }
+}
 
-fn tokenize(s: &str) -> Result<Vec<Tok>, String> {
-    let b = s.as_bytes();
-    let mut out = Vec::new();
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        if c.is_ascii_whitespace() {
-            i += 1;
-        } else if c == b'"' {
-            let mut v = Vec::new();
-            i += 1;
-            loop {
-                match b.get(i) {
-                    None => return Err("unterminated string".into()),
-                    Some(b'"') => {
-                        i += 1;
+fn char_type(c: u8) -> Option<Tt> {
+    Some(match c {
+        _ if c.is_ascii_alphanumeric() || c == b'_' => Tt::Item,
+        b'\'' => Tt::Squote,
+        b'"' => Tt::Dquote,
+        b'(' | b')' | b',' => Tt::Delim,
+        _ if c.is_ascii_graphic() => Tt::Op,
+        _ => return None,
+    })
+}
+
+// ---------------------------------------------------------------------------
+// The argument tree (struct tep_print_arg)
+// ---------------------------------------------------------------------------
+
+/// One print fmt argument, as libtraceevent parses it.
+#[derive(Clone, Debug, Default)]
+pub enum Arg {
+    #[default]
+    Null,
+    Atom(String),
+    /// `REC->name`: a field index.
+    Field(usize),
+    /// `(type)item`.
+    Type(String, Box<Arg>),
+    Op {
+        op: String,
+        left: Option<Box<Arg>>,
+        right: Option<Box<Arg>>,
+        prio: i32,
+    },
+    /// `__print_flags(field, delim, {value, str}...)`.
+    Flags(Box<Arg>, Option<String>, Vec<(String, String)>),
+    /// `__print_symbolic(field, {value, str}...)`.
+    Symbol(Box<Arg>, Vec<(String, String)>),
+    /// `__get_str(field)` (None: no such field, prints nothing).
+    Str(Option<usize>),
+}
+
+/// get_op_prio
+fn op_prio(op: &str) -> i32 {
+    match op {
+        "~" | "!" => 4,
+        "*" | "/" | "%" => 6,
+        "+" | "-" => 7,
+        "<<" | ">>" => 8,
+        "<" | ">" | "<=" | ">=" => 9,
+        "==" | "!=" => 10,
+        "&" => 11,
+        "^" => 12,
+        "|" => 13,
+        "&&" => 14,
+        "||" => 15,
+        "?" => 16,
+        "++" | "--" => 3,
+        _ => -1,
+    }
+}
+
+const BINARY: &[&str] =
+    &[">>", "<<", "&", "|", "&&", "||", "-", "+", "*", "^", "/", "%", "<", ">", "<=", ">=", "==", "!="];
+
+type R = Result<(Tt, String), String>;
+
+/// The print fmt parser: a port of libtraceevent's recursive `process_*`
+/// functions, quirks included (its operator "rotation" and the
+/// typecast-after-parenthesis rule decide how an expression groups).
+struct Parser<'a> {
+    s: &'a [u8],
+    pos: usize,
+    fmt: &'a Format,
+    depth: u32,
+}
+
+impl<'a> Parser<'a> {
+    fn peek(&self) -> Option<u8> {
+        self.s.get(self.pos).copied()
+    }
+
+    /// read_token_item: the next token, spaces and newlines skipped.
+    fn token(&mut self) -> (Tt, String) {
+        while self.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+            self.pos += 1;
+        }
+        let Some(ch) = self.peek() else { return (Tt::None, String::new()) };
+        let Some(ty) = char_type(ch) else {
+            self.pos = self.s.len();
+            return (Tt::None, String::new());
+        };
+        self.pos += 1;
+        let mut buf = vec![ch];
+        match ty {
+            Tt::Delim => {}
+            Tt::Op => {
+                let test_equal = |p: &mut Self, buf: &mut Vec<u8>| {
+                    if p.peek() == Some(b'=') {
+                        buf.push(b'=');
+                        p.pos += 1;
+                    }
+                };
+                match ch {
+                    b'-' if self.peek() == Some(b'>') => {
+                        buf.push(b'>');
+                        self.pos += 1;
+                    }
+                    b'-' | b'+' | b'|' | b'&' | b'>' | b'<' => {
+                        if self.peek() == Some(ch) {
+                            buf.push(ch);
+                            self.pos += 1;
+                            if ch == b'<' || ch == b'>' {
+                                test_equal(self, &mut buf);
+                            }
+                        } else {
+                            test_equal(self, &mut buf);
+                        }
+                    }
+                    b'!' | b'=' => test_equal(self, &mut buf),
+                    _ => {}
+                }
+            }
+            Tt::Dquote | Tt::Squote => {
+                buf.clear();
+                loop {
+                    let mut last = 0u8;
+                    loop {
+                        // An unterminated string ends the print fmt (libtraceevent
+                        // would read past the end).
+                        let Some(c) = self.peek() else { return (Tt::None, String::new()) };
+                        self.pos += 1;
+                        if c == ch && last != b'\\' {
+                            break;
+                        }
+                        buf.push(c);
+                        last = if c == b'\\' && last == b'\\' { 0 } else { c };
+                    }
+                    // Adjacent strings concatenate.
+                    if ty != Tt::Dquote {
                         break;
                     }
-                    Some(b'\\') => {
-                        let e = *b.get(i + 1).ok_or("unterminated string")?;
-                        v.push(match e {
-                            b'n' => b'\n',
-                            b't' => b'\t',
-                            b'r' => b'\r',
-                            b'0' => 0,
-                            other => other,
-                        });
-                        i += 2;
+                    let save = self.pos;
+                    while self.peek().is_some_and(|c| c.is_ascii_whitespace()) {
+                        self.pos += 1;
                     }
-                    Some(&x) => {
-                        v.push(x);
-                        i += 1;
+                    if self.peek() == Some(b'"') {
+                        self.pos += 1;
+                        continue;
                     }
+                    self.pos = save;
+                    break;
                 }
             }
-            out.push(Tok::Str(String::from_utf8_lossy(&v).into_owned()));
-        } else if c.is_ascii_digit() {
-            let st = i;
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
-                i += 1;
+            Tt::Item => {
+                while self.peek().and_then(char_type) == Some(Tt::Item) {
+                    buf.push(self.s[self.pos]);
+                    self.pos += 1;
+                }
             }
-            out.push(Tok::Num(s[st..i].to_string()));
-        } else if c.is_ascii_alphabetic() || c == b'_' {
-            let st = i;
-            while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_') {
-                i += 1;
-            }
-            out.push(Tok::Ident(s[st..i].to_string()));
+            Tt::None => {}
+        }
+        (ty, String::from_utf8_lossy(&buf).into_owned())
+    }
+
+    fn expect(&self, got: &(Tt, String), ty: Tt, tok: &str) -> Result<(), String> {
+        if got.0 == ty && got.1 == tok {
+            Ok(())
         } else {
-            let rest = &s[i..];
-            match PUNCTS.iter().find(|p| rest.starts_with(**p)) {
-                Some(p) => {
-                    out.push(Tok::Punct(p));
-                    i += p.len();
+            Err(format!("expected '{tok}' but read '{}'", got.1))
+        }
+    }
+
+    fn deeper(&mut self) -> Result<(), String> {
+        self.depth += 1;
+        if self.depth > 400 {
+            return Err("print fmt nested too deeply".into());
+        }
+        Ok(())
+    }
+
+    fn process_arg(&mut self, arg: &mut Arg) -> R {
+        let (ty, tok) = self.token();
+        self.process_arg_token(arg, tok, ty)
+    }
+
+    fn process_arg_token(&mut self, arg: &mut Arg, tok: String, ty: Tt) -> R {
+        self.deeper()?;
+        let r = match ty {
+            Tt::Item if tok == "REC" => self.process_entry(arg),
+            Tt::Item => {
+                let mut atom = tok;
+                let (mut ty, mut t) = self.token();
+                if ty == Tt::Delim && t == "(" {
+                    self.process_function(arg, &atom)
+                } else {
+                    while ty == Tt::Item {
+                        atom.push(' ');
+                        atom.push_str(&t);
+                        (ty, t) = self.token();
+                    }
+                    *arg = Arg::Atom(atom);
+                    Ok((ty, t))
                 }
-                None => {
-                    let ch = rest.chars().next().unwrap_or('?');
-                    return Err(format!("unexpected '{ch}'"));
+            }
+            Tt::Dquote | Tt::Squote => {
+                *arg = Arg::Atom(tok);
+                Ok(self.token())
+            }
+            Tt::Delim if tok == "(" => self.process_paren(arg),
+            Tt::Delim | Tt::Op => {
+                *arg = Arg::Op { op: tok.clone(), left: None, right: None, prio: 0 };
+                self.process_op(arg, tok)
+            }
+            Tt::None => Err("unexpected end of the print fmt".into()),
+        };
+        self.depth -= 1;
+        r
+    }
+
+    fn process_entry(&mut self, arg: &mut Arg) -> R {
+        let t = self.token();
+        self.expect(&t, Tt::Op, "->")?;
+        let (ty, name) = self.token();
+        if ty != Tt::Item {
+            return Err("expected a field name after REC->".into());
+        }
+        let i = self.fmt.field(&name).ok_or_else(|| format!("field {name} not found"))?;
+        *arg = Arg::Field(i);
+        Ok(self.token())
+    }
+
+    fn process_paren(&mut self, arg: &mut Arg) -> R {
+        let (mut ty, mut t) = self.process_arg(arg)?;
+        if ty == Tt::Op {
+            (ty, t) = self.process_op(arg, t)?;
+        }
+        self.expect(&(ty, t), Tt::Delim, ")")?;
+        let (ty, t) = self.token();
+        if ty.is_item() || (ty == Tt::Delim && t == "(") {
+            // The parenthesis was a typecast.
+            let Arg::Atom(typ) = std::mem::take(arg) else {
+                return Err("a typecast of something that is not a type".into());
+            };
+            let mut item = Arg::Null;
+            let r = self.process_arg_token(&mut item, t, ty)?;
+            *arg = Arg::Type(typ, Box::new(item));
+            return Ok(r);
+        }
+        Ok((ty, t))
+    }
+
+    fn process_function(&mut self, arg: &mut Arg, name: &str) -> R {
+        match name {
+            "__print_flags" => {
+                let mut field = Arg::Null;
+                let (mut ty, mut t) = self.process_arg(&mut field)?;
+                while ty == Tt::Op {
+                    (ty, t) = self.process_op(&mut field, t)?;
                 }
+                self.expect(&(ty, t), Tt::Delim, ",")?;
+                let (mut ty, mut t) = self.token();
+                let mut delim = None;
+                if ty.is_item() {
+                    delim = Some(t);
+                    (ty, t) = self.token();
+                }
+                self.expect(&(ty, t), Tt::Delim, ",")?;
+                let (flags, r) = self.process_fields()?;
+                self.expect(&r, Tt::Delim, ")")?;
+                *arg = Arg::Flags(Box::new(field), delim, flags);
+                Ok(self.token())
+            }
+            "__print_symbolic" => {
+                let mut field = Arg::Null;
+                let (mut ty, mut t) = self.process_arg(&mut field)?;
+                while ty == Tt::Op {
+                    (ty, t) = self.process_op(&mut field, t)?;
+                }
+                self.expect(&(ty, t), Tt::Delim, ",")?;
+                let (syms, r) = self.process_fields()?;
+                self.expect(&r, Tt::Delim, ")")?;
+                *arg = Arg::Symbol(Box::new(field), syms);
+                Ok(self.token())
+            }
+            "__get_str" | "__get_rel_str" => {
+                let (ty, name) = self.token();
+                if ty != Tt::Item {
+                    return Err("__get_str of something that is not a field".into());
+                }
+                *arg = Arg::Str(self.fmt.field(&name));
+                let t = self.token();
+                self.expect(&t, Tt::Delim, ")")?;
+                Ok(self.token())
+            }
+            "__builtin_expect" => {
+                let (ty, t) = self.process_arg(arg)?;
+                self.expect(&(ty, t), Tt::Delim, ",")?;
+                let (ty, _) = self.token();
+                if ty != Tt::Item {
+                    return Err("bad __builtin_expect".into());
+                }
+                let t = self.token();
+                self.expect(&t, Tt::Delim, ")")?;
+                Ok(self.token())
+            }
+            other => Err(format!("function {other}() is not supported")),
+        }
+    }
+
+    /// process_fields: `{value, str}, ...` (each side through arg_eval).
+    #[allow(clippy::type_complexity)]
+    fn process_fields(&mut self) -> Result<(Vec<(String, String)>, (Tt, String)), String> {
+        let mut list = Vec::new();
+        loop {
+            let t = self.token();
+            if self.expect(&t, Tt::Op, "{").is_err() {
+                return Ok((list, t));
+            }
+            let mut a = Arg::Null;
+            let (mut ty, mut t) = self.process_arg(&mut a)?;
+            if ty == Tt::Op {
+                (ty, t) = self.process_op(&mut a, t)?;
+            }
+            self.expect(&(ty, t), Tt::Delim, ",")?;
+            let value = arg_eval(&a).ok_or("a flag value that is not a constant")?;
+            let mut b = Arg::Null;
+            let r = self.process_arg(&mut b)?;
+            self.expect(&r, Tt::Op, "}")?;
+            let name = arg_eval(&b).ok_or("a flag name that is not a constant")?;
+            list.push((value, name));
+            let t = self.token();
+            if !(t.0 == Tt::Delim && t.1 == ",") {
+                return Ok((list, t));
             }
         }
     }
-    Ok(out)
+
+    /// process_cond: `top` is the `?` node; parses `a : b` into its right.
+    fn process_cond(&mut self, top: &mut Arg) -> R {
+        let mut left = Arg::Null;
+        let (mut ty, mut t) = self.process_arg(&mut left)?;
+        while ty == Tt::Op && t != ":" {
+            (ty, t) = self.process_op(&mut left, t)?;
+        }
+        self.expect(&(ty, t), Tt::Op, ":")?;
+        let mut right = Arg::Null;
+        let r = self.process_arg(&mut right)?;
+        if let Arg::Op { right: r_slot, .. } = top {
+            *r_slot = Some(Box::new(Arg::Op {
+                op: ":".into(),
+                left: Some(Box::new(left)),
+                right: Some(Box::new(right)),
+                prio: 0,
+            }));
+        }
+        Ok(r)
+    }
+
+    fn process_op(&mut self, arg: &mut Arg, tok: String) -> R {
+        self.deeper()?;
+        let r = self.process_op_inner(arg, tok);
+        self.depth -= 1;
+        r
+    }
+
+    fn process_op_inner(&mut self, arg: &mut Arg, tok: String) -> R {
+        // Which child of `arg` is the "right" the continuation may recurse into.
+        #[derive(PartialEq)]
+        enum Side {
+            None,
+            Left,
+            Right,
+        }
+        let side;
+        let (ty, t);
+        let unary = matches!(arg, Arg::Op { left: None, .. });
+        if unary {
+            if !matches!(tok.as_str(), "~" | "!" | "+" | "-") {
+                return Err(format!("bad op token {tok}"));
+            }
+            let mut right = Arg::Null;
+            (ty, t) = self.process_arg(&mut right)?;
+            if let Arg::Op { left, right: r, .. } = arg {
+                *left = Some(Box::new(Arg::Null));
+                *r = Some(Box::new(right));
+            }
+            side = Side::Right;
+        } else if tok == "?" {
+            let left = std::mem::take(arg);
+            *arg = Arg::Op { op: tok, left: Some(Box::new(left)), right: None, prio: 0 };
+            (ty, t) = self.process_cond(arg)?;
+            side = Side::None;
+        } else if BINARY.contains(&tok.as_str()) {
+            let left = std::mem::take(arg);
+            let prio = if matches!(left, Arg::Null) { 0 } else { op_prio(&tok) };
+            let (nty, nt) = self.token();
+            if tok == "*" && nty == Tt::Delim && nt == ")" {
+                // A pointer type: `(void *)`.
+                let Arg::Atom(mut a) = left else { return Err("bad pointer type".into()) };
+                a.push_str(" *");
+                *arg = Arg::Atom(a);
+                return Ok((nty, nt));
+            }
+            let mut right = Arg::Null;
+            (ty, t) = self.process_arg_token(&mut right, nt, nty)?;
+            let rotate = matches!(&right, Arg::Op { op, .. } if op_prio(&tok) < op_prio(op));
+            if rotate {
+                // "rotate ops according to the priority"
+                let Arg::Op { op: rop, left: rleft, right: rright, prio: rprio } = right else { unreachable!() };
+                let inner = Arg::Op { op: tok, left: Some(Box::new(left)), right: rleft, prio };
+                *arg = Arg::Op { op: rop, left: Some(Box::new(inner)), right: rright, prio: rprio };
+                side = Side::Left;
+            } else {
+                *arg = Arg::Op { op: tok, left: Some(Box::new(left)), right: Some(Box::new(right)), prio };
+                side = Side::Right;
+            }
+        } else {
+            return Err(format!("operator '{tok}' is not supported"));
+        }
+        if ty == Tt::Op && t != ":" {
+            let prio = op_prio(&t);
+            let arg_prio = match arg {
+                Arg::Op { prio, .. } => *prio,
+                _ => 0,
+            };
+            if prio > arg_prio {
+                return self.process_op(arg, t);
+            }
+            let child = match (arg, side) {
+                (Arg::Op { left: Some(l), .. }, Side::Left) => l,
+                (Arg::Op { right: Some(r), .. }, Side::Right) => r,
+                _ => return Err(format!("cannot attach operator '{t}'")),
+            };
+            return self.process_op(child, t);
+        }
+        Ok((ty, t))
+    }
 }
 
-/// strtoull(s, NULL, 0): the longest valid prefix, 0 if none.
+/// strtoull/strtoll(s, NULL, 0): the longest valid prefix, 0 if none.
 fn strtoull(s: &str) -> u64 {
+    let s = s.trim_start();
+    let (neg, s) = match s.strip_prefix('-') {
+        Some(r) => (true, r),
+        None => (false, s.strip_prefix('+').unwrap_or(s)),
+    };
     let (digits, radix) = if let Some(h) = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
         (h, 16)
     } else if s.len() > 1 && s.starts_with('0') {
@@ -313,368 +701,167 @@ fn strtoull(s: &str) -> u64 {
     let mut v: u64 = 0;
     for c in digits.chars() {
         let Some(d) = c.to_digit(radix) else { break };
-        v = v.wrapping_mul(radix as u64).wrapping_add(d as u64);
+        v = v.saturating_mul(radix as u64).saturating_add(d as u64);
     }
-    v
+    if neg {
+        v.wrapping_neg()
+    } else {
+        v
+    }
 }
 
-// ---------------------------------------------------------------------------
-// Expressions
-// ---------------------------------------------------------------------------
-
-/// A binary operator of the print fmt.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Bin {
-    Or,
-    And,
-    BitOr,
-    BitXor,
-    BitAnd,
-    Eq,
-    Ne,
-    Lt,
-    Gt,
-    Le,
-    Ge,
-    Shl,
-    Shr,
-    Add,
-    Sub,
-    Mul,
-    Div,
-    Rem,
+/// eval_type_str: what a cast keeps.
+fn eval_type(val: u64, typ: &str) -> u64 {
+    if typ.ends_with('*') || typ.starts_with("struct") {
+        return val;
+    }
+    match typ {
+        "u8" | "s8" => return val & 0xff,
+        "u16" | "s16" => return val & 0xffff,
+        "u32" | "s32" => return val & 0xffff_ffff,
+        _ => {}
+    }
+    match typ.strip_prefix("unsigned ").unwrap_or(typ) {
+        "char" => val & 0xff,
+        "short" => val & 0xffff,
+        "int" => val & 0xffff_ffff,
+        _ => val,
+    }
 }
 
-/// An argument of the print fmt.
-#[derive(Clone, Debug)]
-pub enum Expr {
-    Num(u64),
-    Str(String),
-    /// `REC->name` (index into the format's fields).
-    Field(usize),
-    /// `__get_str(name)`.
-    GetStr(usize),
-    Neg(Box<Expr>),
-    Not(Box<Expr>),
-    BitNot(Box<Expr>),
-    /// A cast: the mask it applies (u64::MAX for none).
-    Cast(u64, Box<Expr>),
-    Bin(Bin, Box<Expr>, Box<Expr>),
-    Cond(Box<Expr>, Box<Expr>, Box<Expr>),
-    /// `__print_flags(val, delim, {v, "name"}, ...)`.
-    Flags(Box<Expr>, String, Vec<(u64, String)>),
-    /// `__print_symbolic(val, {v, "name"}, ...)`.
-    Symbolic(Box<Expr>, Vec<(u64, String)>),
-}
-
-struct P<'a> {
-    t: &'a [Tok],
-    i: usize,
-    fmt: &'a Format,
-    depth: u32,
-}
-
-const TYPE_WORDS: &[&str] = &[
-    "unsigned", "signed", "int", "long", "short", "char", "void", "struct", "enum", "union", "const", "volatile", "bool",
-    "_Bool", "u8", "u16", "u32", "u64", "s8", "s16", "s32", "s64", "__u8", "__u16", "__u32", "__u64", "__s8", "__s16",
-    "__s32", "__s64",
-];
-
-impl<'a> P<'a> {
-    fn peek(&self) -> Option<&'a Tok> {
-        self.t.get(self.i)
-    }
-    fn punct(&self, p: &str) -> bool {
-        matches!(self.peek(), Some(Tok::Punct(q)) if *q == p)
-    }
-    fn eat(&mut self, p: &str) -> Result<(), String> {
-        if self.punct(p) {
-            self.i += 1;
-            Ok(())
-        } else {
-            Err(format!("expected '{p}' at token {}", self.i))
-        }
-    }
-
-    fn expr(&mut self) -> Result<Expr, String> {
-        self.depth += 1;
-        if self.depth > 200 {
-            return Err("expression nested too deeply".into());
-        }
-        let c = self.binary(0)?;
-        let r = if self.punct("?") {
-            self.i += 1;
-            let a = self.expr()?;
-            self.eat(":")?;
-            let b = self.expr()?;
-            Expr::Cond(Box::new(c), Box::new(a), Box::new(b))
-        } else {
-            c
-        };
-        self.depth -= 1;
-        Ok(r)
-    }
-
-    fn bin_op(&self) -> Option<(Bin, u8)> {
-        let Some(Tok::Punct(p)) = self.peek() else { return None };
-        Some(match *p {
-            "||" => (Bin::Or, 1),
-            "&&" => (Bin::And, 2),
-            "|" => (Bin::BitOr, 3),
-            "^" => (Bin::BitXor, 4),
-            "&" => (Bin::BitAnd, 5),
-            "==" => (Bin::Eq, 6),
-            "!=" => (Bin::Ne, 6),
-            "<" => (Bin::Lt, 7),
-            ">" => (Bin::Gt, 7),
-            "<=" => (Bin::Le, 7),
-            ">=" => (Bin::Ge, 7),
-            "<<" => (Bin::Shl, 8),
-            ">>" => (Bin::Shr, 8),
-            "+" => (Bin::Add, 9),
-            "-" => (Bin::Sub, 9),
-            "*" => (Bin::Mul, 10),
-            "/" => (Bin::Div, 10),
-            "%" => (Bin::Rem, 10),
-            _ => return None,
-        })
-    }
-
-    fn binary(&mut self, min: u8) -> Result<Expr, String> {
-        let mut l = self.unary()?;
-        while let Some((op, prec)) = self.bin_op() {
-            if prec <= min {
-                break;
-            }
-            self.i += 1;
-            let r = self.binary(prec)?;
-            l = Expr::Bin(op, Box::new(l), Box::new(r));
-        }
-        Ok(l)
-    }
-
-    fn unary(&mut self) -> Result<Expr, String> {
-        self.depth += 1;
-        if self.depth > 200 {
-            return Err("expression nested too deeply".into());
-        }
-        let r = match self.peek() {
-            Some(Tok::Punct("-")) => {
-                self.i += 1;
-                Expr::Neg(Box::new(self.unary()?))
-            }
-            Some(Tok::Punct("+")) => {
-                self.i += 1;
-                self.unary()?
-            }
-            Some(Tok::Punct("!")) => {
-                self.i += 1;
-                Expr::Not(Box::new(self.unary()?))
-            }
-            Some(Tok::Punct("~")) => {
-                self.i += 1;
-                Expr::BitNot(Box::new(self.unary()?))
-            }
-            Some(Tok::Punct("(")) => {
-                if let Some((mask, after)) = self.cast_at(self.i) {
-                    self.i = after;
-                    Expr::Cast(mask, Box::new(self.unary()?))
-                } else {
-                    self.i += 1;
-                    let e = self.expr()?;
-                    self.eat(")")?;
-                    e
-                }
-            }
-            _ => self.primary()?,
-        };
-        self.depth -= 1;
-        Ok(r)
-    }
-
-    /// `( type words [*] )` at token `at`: the mask and the index after `)`.
-    fn cast_at(&self, at: usize) -> Option<(u64, usize)> {
-        let mut j = at + 1;
-        let mut words: Vec<&str> = Vec::new();
-        let mut pointer = false;
-        loop {
-            match self.t.get(j)? {
-                Tok::Ident(w) if !pointer => words.push(w),
-                Tok::Punct("*") => pointer = true,
-                Tok::Punct(")") => break,
-                _ => return None,
-            }
-            j += 1;
-        }
-        let first = *words.first()?;
-        let is_type = pointer || TYPE_WORDS.contains(&first) || first.ends_with("_t");
-        if !is_type {
-            return None;
-        }
-        // The next token must start an operand.
-        match self.t.get(j + 1)? {
-            Tok::Punct("(") | Tok::Punct("-") | Tok::Punct("!") | Tok::Punct("~") => {}
-            Tok::Punct(_) => return None,
-            _ => {}
-        }
-        // eval_type_str: pointers and structs pass through, the rest by name.
-        let ty = words.join(" ");
-        let ty = ty.strip_prefix("unsigned ").unwrap_or(&ty);
-        let mask = if pointer || ty.starts_with("struct") {
-            u64::MAX
-        } else {
-            match ty {
-                "u8" | "s8" | "char" => 0xff,
-                "u16" | "s16" | "short" => 0xffff,
-                "u32" | "s32" | "int" => 0xffff_ffff,
-                _ => u64::MAX,
-            }
-        };
-        Some((mask, j + 1))
-    }
-
-    fn field_name(&mut self) -> Result<usize, String> {
-        match self.peek() {
-            Some(Tok::Ident(n)) => {
-                self.i += 1;
-                self.fmt.field(n).ok_or_else(|| format!("no field '{n}'"))
-            }
-            _ => Err("expected a field name".into()),
-        }
-    }
-
-    fn table(&mut self) -> Result<Vec<(u64, String)>, String> {
-        let mut v = Vec::new();
-        while self.punct(",") {
-            self.i += 1;
-            self.eat("{")?;
-            let val = eval_const(&self.expr()?);
-            self.eat(",")?;
-            let name = match self.expr()? {
-                Expr::Str(s) => Some(s),
-                _ => None, // `{ 0, ((void *)0) }`: never printed
+/// arg_num_eval (long long arithmetic, used for flag tables); None where
+/// libtraceevent gives up.
+fn arg_num_eval(a: &Arg) -> Option<i64> {
+    match a {
+        Arg::Atom(s) => Some(strtoull(s) as i64),
+        Arg::Type(t, item) => Some(eval_type(arg_num_eval(item)? as u64, t) as i64),
+        Arg::Op { op, left, right, .. } => {
+            let l = || left.as_deref().and_then(arg_num_eval);
+            let r = || right.as_deref().and_then(arg_num_eval);
+            let lz = || match left.as_deref() {
+                Some(Arg::Null) => Some(0),
+                x => x.and_then(arg_num_eval),
             };
-            self.eat("}")?;
-            if let Some(name) = name {
-                v.push((val, name));
-            }
+            Some(match op.as_str() {
+                "|" => l()? | r()?,
+                "||" => (l()? != 0 || r()? != 0) as i64,
+                "&" => l()? & r()?,
+                "&&" => (l()? != 0 && r()? != 0) as i64,
+                "<" => (l()? < r()?) as i64,
+                "<<" => l()?.wrapping_shl(r()? as u32),
+                "<=" => (l()? <= r()?) as i64,
+                ">" => (l()? > r()?) as i64,
+                ">>" => l()?.wrapping_shr(r()? as u32),
+                ">=" => (l()? >= r()?) as i64,
+                "==" => (l()? == r()?) as i64,
+                "!=" => (l()? != r()?) as i64,
+                "-" => lz()?.wrapping_sub(r()?),
+                "+" => lz()?.wrapping_add(r()?),
+                "~" => !r()?,
+                _ => return None,
+            })
         }
-        Ok(v)
+        _ => None,
     }
+}
 
-    fn primary(&mut self) -> Result<Expr, String> {
-        let Some(t) = self.peek() else { return Err("unexpected end".into()) };
-        self.i += 1;
-        Ok(match t {
-            Tok::Num(n) => Expr::Num(strtoull(n)),
-            Tok::Str(s) => {
-                let mut s = s.clone();
-                while let Some(Tok::Str(more)) = self.peek() {
-                    s.push_str(more);
-                    self.i += 1;
-                }
-                Expr::Str(s)
-            }
-            Tok::Ident(id) if id == "REC" => {
-                self.eat("->")?;
-                Expr::Field(self.field_name()?)
-            }
-            Tok::Ident(id) if self.punct("(") => {
-                self.i += 1;
-                let e = match id.as_str() {
-                    "__get_str" => Expr::GetStr(self.field_name()?),
-                    "__print_flags" => {
-                        let v = self.expr()?;
-                        self.eat(",")?;
-                        let delim = match self.expr()? {
-                            Expr::Str(s) => s,
-                            _ => return Err("__print_flags: delimiter is not a string".into()),
-                        };
-                        Expr::Flags(Box::new(v), delim, self.table()?)
+/// arg_eval: a flag table entry as text.
+fn arg_eval(a: &Arg) -> Option<String> {
+    match a {
+        Arg::Atom(s) => Some(s.clone()),
+        Arg::Type(_, item) => arg_eval(item),
+        Arg::Op { .. } => arg_num_eval(a).map(|v| v.to_string()),
+        _ => None,
+    }
+}
+
+/// eval_flag: a flag value string as a number.
+fn eval_flag(s: &str) -> i64 {
+    if s.as_bytes().first().is_some_and(|c| c.is_ascii_digit()) {
+        return strtoull(s) as i64;
+    }
+    const SOFTIRQ: [&str; 10] = [
+        "HI_SOFTIRQ", "TIMER_SOFTIRQ", "NET_TX_SOFTIRQ", "NET_RX_SOFTIRQ", "BLOCK_SOFTIRQ", "IRQ_POLL_SOFTIRQ",
+        "TASKLET_SOFTIRQ", "SCHED_SOFTIRQ", "HRTIMER_SOFTIRQ", "RCU_SOFTIRQ",
+    ];
+    if let Some(i) = SOFTIRQ.iter().position(|n| *n == s) {
+        return i as i64;
+    }
+    match s {
+        "HRTIMER_NORESTART" => 0,
+        "HRTIMER_RESTART" => 1,
+        _ => -1,
+    }
+}
+
+/// eval_num_arg: u64 arithmetic on the record's fields (read unsigned).
+fn eval(a: &Arg, f: &Format, raw: &[u8]) -> u64 {
+    match a {
+        Arg::Null | Arg::Flags(..) | Arg::Symbol(..) | Arg::Str(_) => 0,
+        Arg::Atom(s) => strtoull(s),
+        Arg::Field(i) => f.read_unsigned(raw, *i),
+        Arg::Type(t, item) => eval_type(eval(item, f, raw), t),
+        Arg::Op { op, left, right, .. } => {
+            let ev = |x: &Option<Box<Arg>>| x.as_deref().map_or(0, |x| eval(x, f, raw));
+            if op == "?" {
+                let c = ev(left);
+                return match right.as_deref() {
+                    Some(Arg::Op { left: a, right: b, .. }) => {
+                        if c != 0 {
+                            ev(a)
+                        } else {
+                            ev(b)
+                        }
                     }
-                    "__print_symbolic" => {
-                        let v = self.expr()?;
-                        Expr::Symbolic(Box::new(v), self.table()?)
-                    }
-                    other => return Err(format!("function {other}() is not supported")),
+                    _ => 0,
                 };
-                self.eat(")")?;
-                e
             }
-            // An atom libtraceevent cannot know (vmemmap_base): strtoull -> 0.
-            Tok::Ident(_) => Expr::Num(0),
-            Tok::Punct(p) => return Err(format!("unexpected '{p}'")),
-        })
-    }
-}
-
-fn eval_const(e: &Expr) -> u64 {
-    eval(e, &Format::default(), &[])
-}
-
-/// eval_num_arg: u64 arithmetic on the record's fields.
-fn eval(e: &Expr, f: &Format, raw: &[u8]) -> u64 {
-    match e {
-        Expr::Num(n) => *n,
-        Expr::Str(_) | Expr::GetStr(_) | Expr::Flags(..) | Expr::Symbolic(..) => 0,
-        Expr::Field(i) => f.read_num(raw, *i),
-        Expr::Neg(x) => eval(x, f, raw).wrapping_neg(),
-        Expr::Not(x) => (eval(x, f, raw) == 0) as u64,
-        Expr::BitNot(x) => !eval(x, f, raw),
-        Expr::Cast(mask, x) => eval(x, f, raw) & mask,
-        Expr::Cond(c, a, b) => {
-            if eval(c, f, raw) != 0 {
-                eval(a, f, raw)
-            } else {
-                eval(b, f, raw)
-            }
-        }
-        Expr::Bin(op, l, r) => {
-            let a = eval(l, f, raw);
-            let b = eval(r, f, raw);
-            match op {
-                Bin::Or => (a != 0 || b != 0) as u64,
-                Bin::And => (a != 0 && b != 0) as u64,
-                Bin::BitOr => a | b,
-                Bin::BitXor => a ^ b,
-                Bin::BitAnd => a & b,
-                Bin::Eq => (a == b) as u64,
-                Bin::Ne => (a != b) as u64,
-                Bin::Lt => (a < b) as u64,
-                Bin::Gt => (a > b) as u64,
-                Bin::Le => (a <= b) as u64,
-                Bin::Ge => (a >= b) as u64,
-                Bin::Shl => a.checked_shl(b as u32).unwrap_or(0),
-                Bin::Shr => a.checked_shr(b as u32).unwrap_or(0),
-                Bin::Add => a.wrapping_add(b),
-                Bin::Sub => a.wrapping_sub(b),
-                Bin::Mul => a.wrapping_mul(b),
-                Bin::Div => a.checked_div(b).unwrap_or(0),
-                Bin::Rem => a.checked_rem(b).unwrap_or(0),
+            let (l, r) = (ev(left), ev(right));
+            match op.as_str() {
+                "!" => (r == 0) as u64,
+                "!=" => (l != r) as u64,
+                "~" => !r,
+                "|" => l | r,
+                "||" => (l != 0 || r != 0) as u64,
+                "&" => l & r,
+                "&&" => (l != 0 && r != 0) as u64,
+                "<" => (l < r) as u64,
+                "<<" => l.wrapping_shl(r as u32),
+                "<=" => (l <= r) as u64,
+                ">" => (l > r) as u64,
+                ">>" => l.wrapping_shr(r as u32),
+                ">=" => (l >= r) as u64,
+                "==" => (l == r) as u64,
+                "-" => l.wrapping_sub(r),
+                "+" => l.wrapping_add(r),
+                "/" => l.checked_div(r).unwrap_or(0),
+                "%" => l.checked_rem(r).unwrap_or(0),
+                "*" => l.wrapping_mul(r),
+                _ => 0,
             }
         }
     }
 }
 
 // ---------------------------------------------------------------------------
-// Conversions and the program
+// Conversions and the program (parse_args, print_event_cache)
 // ---------------------------------------------------------------------------
 
-/// A printf conversion of the print fmt.
+/// A printf conversion as libtraceevent hands it to glibc.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Spec {
     pub minus: bool,
     pub zero: bool,
-    pub plus: bool,
-    pub space: bool,
     pub hash: bool,
     pub width: usize,
     pub precision: Option<usize>,
-    /// Integer width in bits from the length modifier (none = int).
-    pub bits: u8,
-    /// d i u x X o c s p
+    /// libtraceevent's `ls` (h = -1, hh = -2, l = 1, ll/L = 2): how the value is cast.
+    pub ls: i8,
+    /// The bits glibc reads for this conversion (from its length modifiers).
+    pub read_bits: u8,
+    /// d i u x X o s p
     pub conv: u8,
-    /// `%p` extension: S s F f B (function names), or 0.
+    /// `%p` extension: S s F f (function names), or 0.
     pub ext: u8,
 }
 
@@ -689,27 +876,35 @@ impl Spec {
     pub fn is_pointer(&self) -> bool {
         self.conv == b'p' && self.ext == 0
     }
-    /// `%pS`/`%ps`/`%pF`/`%pf`/`%pB`: a function name.
+    /// `%pS`/`%ps`/`%pF`/`%pf`: a function name.
     pub fn is_function(&self) -> bool {
         self.conv == b'p' && self.ext != 0
     }
-    /// The value as the conversion sees it: masked to its length, and for a
-    /// signed conversion sign-extended.
+    /// The number printf prints for an integer conversion: cast by `ls`
+    /// (print_arg_number), passed through varargs, read back by glibc at
+    /// its own length; signed conversions give the bits of an i64.
     pub fn cast(&self, v: u64) -> u64 {
-        if !self.is_integer() || self.bits >= 64 {
+        if !self.is_integer() {
             return v;
         }
-        let mask = (1u64 << self.bits) - 1;
-        let v = v & mask;
-        if self.signed() && v >> (self.bits - 1) & 1 == 1 {
-            v | !mask
-        } else {
-            v
+        // What lands in the 64-bit argument slot.
+        let reg = match self.ls {
+            i8::MIN..=-2 => v as i8 as i32 as u32 as u64,
+            -1 => v as i16 as i32 as u32 as u64,
+            0 => v as u32 as u64,
+            _ => v,
+        };
+        let s = self.signed();
+        match self.read_bits {
+            8 => if s { reg as i8 as i64 as u64 } else { reg as u8 as u64 },
+            16 => if s { reg as i16 as i64 as u64 } else { reg as u16 as u64 },
+            32 => if s { reg as u32 as i32 as i64 as u64 } else { reg as u32 as u64 },
+            _ => reg,
         }
     }
 }
 
-/// One conversion with the text before it.
+/// One conversion with the literal text around it.
 #[derive(Clone, Debug)]
 pub struct Conv {
     /// The key this value is printed after (`ptr` for `ptr=%p`, `va_start`
@@ -717,10 +912,11 @@ pub struct Conv {
     pub key: String,
     /// Literal text between `key=` and the conversion (`0x` in `pfn=0x%lx`).
     pub prefix: String,
-    /// Literal text right after the conversion, up to a space (`B` in `%ldB`).
+    /// Literal text right after the conversion, up to a space (`B` in
+    /// `%ldB`); `\0` when another conversion follows directly.
     pub suffix: String,
     pub spec: Spec,
-    pub arg: Expr,
+    pub arg: Arg,
 }
 
 #[derive(Clone, Debug)]
@@ -749,146 +945,182 @@ impl Symbols for NoSymbols {
     }
 }
 
-/// A value as a key's conversion prints it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Val {
-    Num(u64),
-    Str(String),
+/// parse_arg_string's escapes (`\n`, `\t`, `\r`, `\\`, `\x` -> x).
+fn unescape(s: &str, out: &mut String) {
+    let mut it = s.chars();
+    while let Some(c) = it.next() {
+        if c != '\\' {
+            out.push(c);
+            continue;
+        }
+        match it.next() {
+            Some('n') => out.push('\n'),
+            Some('t') => out.push('\t'),
+            Some('r') => out.push('\r'),
+            Some(o) => out.push(o),
+            None => {}
+        }
+    }
 }
 
-fn parse_fmt_string(s: &str) -> Result<(Vec<Seg>, Vec<Spec>), String> {
-    let b = s.as_bytes();
+/// parse_args: the format split into literals and conversions, each
+/// conversion taking the next argument. Unknown conversion letters print
+/// as `>c<` and take no argument, as libtraceevent does.
+fn parse_format(fmt: &str, args: Vec<Arg>) -> Result<(Vec<Seg>, Vec<(Spec, Arg)>), String> {
+    let b = fmt.as_bytes();
+    let mut args = args.into_iter();
     let mut segs = Vec::new();
-    let mut specs = Vec::new();
+    let mut convs = Vec::new();
     let mut lit = String::new();
     let mut i = 0;
+    let flush = |lit: &mut String, segs: &mut Vec<Seg>| {
+        if !lit.is_empty() {
+            let mut u = String::new();
+            unescape(lit, &mut u);
+            segs.push(Seg::Lit(u));
+            lit.clear();
+        }
+    };
     while i < b.len() {
         if b[i] != b'%' {
             let st = i;
             while i < b.len() && b[i] != b'%' {
                 i += 1;
             }
-            lit.push_str(&s[st..i]);
+            lit.push_str(&fmt[st..i]);
             continue;
         }
-        i += 1;
-        if b.get(i) == Some(&b'%') {
+        if b.get(i + 1) == Some(&b'%') {
             lit.push('%');
-            i += 1;
+            i += 2;
             continue;
         }
-        let mut sp = Spec {
-            minus: false,
-            zero: false,
-            plus: false,
-            space: false,
-            hash: false,
-            width: 0,
-            precision: None,
-            bits: 32,
-            conv: 0,
-            ext: 0,
-        };
-        while let Some(&c) = b.get(i) {
-            match c {
-                b'-' => sp.minus = true,
-                b'0' => sp.zero = true,
-                b'+' => sp.plus = true,
-                b' ' => sp.space = true,
-                b'#' => sp.hash = true,
-                _ => break,
-            }
-            i += 1;
-        }
-        while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
-            sp.width = sp.width.saturating_mul(10).saturating_add((c - b'0') as usize).min(4096);
-            i += 1;
-        }
-        if b.get(i) == Some(&b'.') {
-            i += 1;
-            let mut p = 0usize;
-            while let Some(&c) = b.get(i).filter(|c| c.is_ascii_digit()) {
-                p = p.saturating_mul(10).saturating_add((c - b'0') as usize).min(4096);
-                i += 1;
-            }
-            sp.precision = Some(p);
-        }
-        if b.get(i) == Some(&b'*') {
-            return Err("'*' widths are not supported".into());
-        }
-        let mut ls = 0i8;
-        while let Some(&c) = b.get(i) {
-            match c {
-                b'h' => ls -= 1,
-                b'l' | b'z' | b'Z' | b't' | b'j' => ls += 1,
-                b'L' | b'q' => ls += 2,
-                _ => break,
-            }
-            i += 1;
-        }
-        sp.bits = match ls {
-            i8::MIN..=-2 => 8,
-            -1 => 16,
-            0 => 32,
-            _ => 64,
-        };
-        let Some(&conv) = b.get(i) else { return Err("conversion at the end of the format".into()) };
         i += 1;
-        match conv {
-            b'd' | b'i' | b'u' | b'x' | b'X' | b'o' | b'c' | b's' => {}
-            b'p' => {
-                sp.bits = 64;
-                match b.get(i) {
-                    Some(&e @ (b'S' | b's' | b'F' | b'f' | b'B')) => {
-                        sp.ext = e;
-                        i += 1;
+        let mut sp =
+            Spec { minus: false, zero: false, hash: false, width: 0, precision: None, ls: 0, read_bits: 32, conv: 0, ext: 0 };
+        let (mut h, mut l, mut z) = (0u8, 0u8, false);
+        let mut in_width = false;
+        let mut done = false;
+        while i < b.len() && !done {
+            let c = b[i];
+            i += 1;
+            match c {
+                b'#' => sp.hash = true,
+                b'h' => {
+                    sp.ls -= 1;
+                    h += 1
+                }
+                b'l' => {
+                    sp.ls += 1;
+                    l += 1
+                }
+                b'L' => {
+                    sp.ls = 2;
+                    l = 2
+                }
+                b'z' | b'Z' => z = true,
+                b'-' => sp.minus = true,
+                b'.' => {
+                    sp.precision = Some(0);
+                    in_width = false;
+                }
+                b'0'..=b'9' => {
+                    let d = (c - b'0') as usize;
+                    if let Some(p) = sp.precision.as_mut() {
+                        *p = (*p * 10 + d).min(4096);
+                    } else if c == b'0' && !in_width {
+                        sp.zero = true;
+                    } else {
+                        in_width = true;
+                        sp.width = (sp.width * 10 + d).min(4096);
                     }
-                    Some(b'K') => i += 1,
-                    Some(e) if e.is_ascii_alphabetic() => {
-                        return Err(format!("%p{} is not supported", *e as char));
+                }
+                b'*' => return Err("'*' widths are not supported".into()),
+                b'p' => {
+                    match b.get(i) {
+                        Some(&e @ (b'S' | b's' | b'F' | b'f')) => {
+                            sp.ext = e;
+                            i += 1;
+                        }
+                        Some(b'M' | b'm' | b'I' | b'i' | b'U' | b'h') => {
+                            return Err("%pM/%pI/%pU/%ph are not supported".into())
+                        }
+                        _ => {}
                     }
-                    _ => {}
+                    sp.conv = b'p';
+                    done = true;
+                }
+                b'd' | b'u' | b'i' | b'x' | b'X' | b'o' | b's' => {
+                    sp.conv = c;
+                    done = true;
+                }
+                other => {
+                    // libtraceevent prints ">c<" and carries on.
+                    lit.push('>');
+                    lit.push(other as char);
+                    lit.push('<');
+                    break;
                 }
             }
-            other => return Err(format!("conversion '%{}' is not supported", other as char)),
         }
-        sp.conv = conv;
-        if !lit.is_empty() {
-            segs.push(Seg::Lit(std::mem::take(&mut lit)));
+        if !done {
+            continue;
         }
-        segs.push(Seg::Conv(specs.len()));
-        specs.push(sp);
+        if !(-2..=2).contains(&sp.ls) {
+            return Err(format!("bad length count {}", sp.ls));
+        }
+        sp.read_bits = if l > 0 || z {
+            64
+        } else if h >= 2 {
+            8
+        } else if h == 1 {
+            16
+        } else {
+            32
+        };
+        let arg = args.next().ok_or("a conversion without an argument")?;
+        flush(&mut lit, &mut segs);
+        segs.push(Seg::Conv(convs.len()));
+        convs.push((sp, arg));
     }
-    if !lit.is_empty() {
-        segs.push(Seg::Lit(lit));
-    }
-    Ok((segs, specs))
+    flush(&mut lit, &mut segs);
+    Ok((segs, convs))
 }
 
 impl Program {
-    /// Compile a format's print fmt.
+    /// Compile a format's print fmt (event_read_print, event_read_print_args).
     pub fn compile(f: &Format) -> Result<Program, String> {
-        let toks = tokenize(&f.print_fmt)?;
-        let mut p = P { t: &toks, i: 0, fmt: f, depth: 0 };
-        let fmt = match p.primary()? {
-            Expr::Str(s) => s,
-            _ => return Err("print fmt does not start with a string".into()),
-        };
-        let (segs, specs) = parse_fmt_string(&fmt)?;
+        let mut p = Parser { s: f.print_fmt.as_bytes(), pos: 0, fmt: f, depth: 0 };
+        let (ty, fmt) = p.token();
+        if ty != Tt::Dquote {
+            return Err("print fmt does not start with a string".into());
+        }
+        let (mut ty, mut t) = p.token();
         let mut args = Vec::new();
-        while p.punct(",") {
-            p.i += 1;
-            args.push(p.expr()?);
+        if ty != Tt::None {
+            p.expect(&(ty, t), Tt::Delim, ",")?;
+            loop {
+                let mut a = Arg::Null;
+                (ty, t) = p.process_arg(&mut a)?;
+                if ty == Tt::Op {
+                    (ty, t) = p.process_op(&mut a, t)?;
+                }
+                args.push(a);
+                if args.len() > 256 {
+                    return Err("too many arguments".into());
+                }
+                if ty == Tt::Delim && t == "," {
+                    continue;
+                }
+                if ty == Tt::None {
+                    break;
+                }
+                return Err(format!("unexpected '{t}' after an argument"));
+            }
         }
-        if p.i != toks.len() {
-            return Err(format!("unexpected tokens after the arguments (token {})", p.i));
-        }
-        if args.len() != specs.len() {
-            return Err(format!("{} conversions but {} arguments", specs.len(), args.len()));
-        }
+        let (segs, specs) = parse_format(&fmt, args)?;
         let mut convs: Vec<Conv> = Vec::with_capacity(specs.len());
-        for (k, (spec, arg)) in specs.into_iter().zip(args).enumerate() {
-            // The literal text before and after this conversion.
+        for (k, (spec, arg)) in specs.into_iter().enumerate() {
             let pos = segs.iter().position(|s| matches!(s, Seg::Conv(c) if *c == k)).unwrap_or(0);
             let before = match pos.checked_sub(1).and_then(|j| segs.get(j)) {
                 Some(Seg::Lit(l)) => l.as_str(),
@@ -896,7 +1128,7 @@ impl Program {
             };
             let after = match segs.get(pos + 1) {
                 Some(Seg::Lit(l)) => l.as_str(),
-                Some(Seg::Conv(_)) => "\u{0}", // glued to the next conversion
+                Some(Seg::Conv(_)) => "\u{0}",
                 None => "",
             };
             let tok = before.rsplit(' ').next().unwrap_or("");
@@ -904,8 +1136,7 @@ impl Program {
                 Some((k, pre)) => (k.to_string(), pre.to_string()),
                 None if tok.is_empty() && before.ends_with(' ') => {
                     // `va_start: %lu`: the key is the token before the space.
-                    let t = before.trim_end();
-                    let prev = t.rsplit(' ').next().unwrap_or("");
+                    let prev = before.trim_end().rsplit(' ').next().unwrap_or("");
                     (prev.strip_suffix(':').unwrap_or("").to_string(), String::new())
                 }
                 None => (String::new(), tok.to_string()),
@@ -933,25 +1164,20 @@ impl Program {
 
     /// The fields a conversion's argument reads (for memoizing by them).
     pub fn fields_read(&self, conv: usize) -> Vec<usize> {
-        fn walk(e: &Expr, out: &mut Vec<usize>) {
-            match e {
-                Expr::Field(i) | Expr::GetStr(i) => {
+        fn walk(a: &Arg, out: &mut Vec<usize>) {
+            match a {
+                Arg::Field(i) | Arg::Str(Some(i)) => {
                     if !out.contains(i) {
                         out.push(*i)
                     }
                 }
-                Expr::Num(_) | Expr::Str(_) => {}
-                Expr::Neg(x) | Expr::Not(x) | Expr::BitNot(x) | Expr::Cast(_, x) => walk(x, out),
-                Expr::Bin(_, a, b) => {
-                    walk(a, out);
-                    walk(b, out)
+                Arg::Type(_, x) | Arg::Flags(x, ..) | Arg::Symbol(x, _) => walk(x, out),
+                Arg::Op { left, right, .. } => {
+                    for x in [left, right].into_iter().flatten() {
+                        walk(x, out);
+                    }
                 }
-                Expr::Cond(c, a, b) => {
-                    walk(c, out);
-                    walk(a, out);
-                    walk(b, out)
-                }
-                Expr::Flags(x, ..) | Expr::Symbolic(x, _) => walk(x, out),
+                Arg::Null | Arg::Atom(_) | Arg::Str(None) => {}
             }
         }
         let mut v = Vec::new();
@@ -991,157 +1217,186 @@ impl Program {
     }
 }
 
-/// The string value of a `%s` argument (print_str_arg).
-fn str_arg(e: &Expr, f: &Format, raw: &[u8], out: &mut String) {
-    match e {
-        Expr::Str(s) => out.push_str(s),
-        Expr::GetStr(i) => out.push_str(&String::from_utf8_lossy(f.read_str(raw, *i))),
-        Expr::Field(i) if f.fields.get(*i).is_some_and(|x| x.kind != FieldKind::Scalar) => {
-            out.push_str(&String::from_utf8_lossy(f.read_str(raw, *i)))
-        }
-        Expr::Cond(c, a, b) => {
-            if eval(c, f, raw) != 0 {
-                str_arg(a, f, raw, out)
+/// glibc's `%s` with this conversion's width, precision and `-`.
+fn put_str(out: &mut String, s: &str, sp: &Spec) {
+    let s = match sp.precision {
+        Some(p) => match s.char_indices().nth(p) {
+            Some((i, _)) => &s[..i],
+            None => s,
+        },
+        None => s,
+    };
+    let n = s.chars().count();
+    if sp.width > n && !sp.minus {
+        out.extend(std::iter::repeat_n(' ', sp.width - n));
+    }
+    out.push_str(s);
+    if sp.width > n && sp.minus {
+        out.extend(std::iter::repeat_n(' ', sp.width - n));
+    }
+}
+
+/// A C string: bytes up to the first NUL.
+fn c_str(b: &[u8]) -> String {
+    let n = b.iter().position(|&c| c == 0).unwrap_or(b.len());
+    String::from_utf8_lossy(&b[..n]).into_owned()
+}
+
+/// print_str_arg
+fn str_arg(a: &Arg, f: &Format, raw: &[u8], sp: &Spec, out: &mut String) {
+    match a {
+        Arg::Atom(s) => put_str(out, s, sp),
+        Arg::Field(i) => {
+            let Some(x) = f.fields.get(*i) else { return };
+            if x.kind == FieldKind::Scalar && x.size == f.long_size as usize {
+                let _ = write!(out, "{:x}", f.read_unsigned(raw, *i));
             } else {
-                str_arg(b, f, raw, out)
+                let end = if x.size == 0 { raw.len() } else { x.offset.saturating_add(x.size).min(raw.len()) };
+                put_str(out, &c_str(raw.get(x.offset..end).unwrap_or(b"")), sp);
             }
         }
-        Expr::Flags(v, delim, table) => {
-            let mut val = eval(v, f, raw);
+        Arg::Flags(v, delim, table) => {
+            let mut val = eval(v, f, raw) as i64;
             let mut printed = false;
             for (fv, name) in table {
-                let fv = *fv;
-                if val == 0 && (fv as i64) < 0 {
-                    out.push_str(name);
+                let fv = eval_flag(fv);
+                if val == 0 && fv < 0 {
+                    put_str(out, name, sp);
                     break;
                 }
-                if (fv as i64) > 0 && val & fv == fv {
+                if fv > 0 && val & fv == fv {
                     if printed {
-                        out.push_str(delim);
+                        if let Some(d) = delim {
+                            out.push_str(d);
+                        }
                     }
-                    out.push_str(name);
+                    put_str(out, name, sp);
                     printed = true;
                     val &= !fv;
                 }
             }
             if val != 0 {
                 if printed {
-                    out.push_str(delim);
+                    if let Some(d) = delim {
+                        out.push_str(d);
+                    }
                 }
-                let _ = write!(out, "0x{val:x}");
+                let _ = write!(out, "0x{:x}", val as u64);
             }
         }
-        Expr::Symbolic(v, table) => {
-            let val = eval(v, f, raw);
-            match table.iter().find(|(fv, _)| *fv == val) {
-                Some((_, name)) => out.push_str(name),
+        Arg::Symbol(v, table) => {
+            let val = eval(v, f, raw) as i64;
+            match table.iter().find(|(fv, _)| eval_flag(fv) == val) {
+                Some((_, name)) => put_str(out, name, sp),
                 None => {
-                    let _ = write!(out, "0x{val:x}");
+                    let _ = write!(out, "0x{:x}", val as u64);
                 }
             }
         }
-        other => {
-            let _ = write!(out, "{}", eval(other, f, raw));
+        Arg::Str(Some(i)) => {
+            let Some(x) = f.fields.get(*i) else { return };
+            let v = read_scalar(raw, x.offset, 4, false, f.big_endian);
+            let mut off = (v & 0xffff) as usize;
+            if x.kind == FieldKind::RelLoc {
+                off = off.saturating_add(x.offset + x.size);
+            }
+            put_str(out, &c_str(raw.get(off..).unwrap_or(b"")), sp);
         }
+        Arg::Op { op, left, right, .. } if op == "?" => {
+            let c = left.as_deref().map_or(0, |x| eval(x, f, raw));
+            if let Some(Arg::Op { left: a, right: b, .. }) = right.as_deref() {
+                let pick = if c != 0 { a } else { b };
+                if let Some(x) = pick.as_deref() {
+                    str_arg(x, f, raw, sp, out);
+                }
+            }
+        }
+        _ => {}
     }
 }
 
-fn pad(out: &mut String, body: &str, sp: &Spec, numeric: bool) {
-    let n = body.chars().count();
-    if sp.width <= n {
-        out.push_str(body);
-    } else if sp.minus {
-        out.push_str(body);
-        out.extend(std::iter::repeat_n(' ', sp.width - n));
-    } else if sp.zero && numeric {
-        // Zeros go after a sign or 0x.
-        let split = if body.starts_with("0x") || body.starts_with("0X") {
-            2
-        } else if body.starts_with(['-', '+', ' ']) {
-            1
-        } else {
-            0
-        };
-        out.push_str(&body[..split]);
-        out.extend(std::iter::repeat_n('0', sp.width - n));
-        out.push_str(&body[split..]);
-    } else {
-        out.extend(std::iter::repeat_n(' ', sp.width - n));
-        out.push_str(body);
-    }
-}
-
-fn print_conv(sp: &Spec, arg: &Expr, f: &Format, raw: &[u8], syms: &dyn Symbols, out: &mut String) {
+fn print_conv(sp: &Spec, arg: &Arg, f: &Format, raw: &[u8], syms: &dyn Symbols, out: &mut String) {
     match sp.conv {
-        b's' => {
-            let mut s = String::new();
-            str_arg(arg, f, raw, &mut s);
-            if let Some(p) = sp.precision {
-                if let Some((i, _)) = s.char_indices().nth(p) {
-                    s.truncate(i);
-                }
-            }
-            pad(out, &s, sp, false);
-        }
-        b'c' => {
-            let v = eval(arg, f, raw) as u8;
-            pad(out, &(v as char).to_string(), sp, false);
-        }
+        b's' => str_arg(arg, f, raw, sp, out),
         b'p' => {
             let v = eval(arg, f, raw);
-            let mut s = String::new();
             if sp.is_function() {
-                let with_off = matches!(sp.ext, b'S' | b'F' | b'B');
-                super::kallsyms::format_ps(&mut s, v, syms.lookup(v), with_off);
+                let with_off = matches!(sp.ext, b'S' | b'F');
+                super::kallsyms::format_ps(out, v, syms.lookup(v), with_off);
             } else if v == 0 {
-                s.push_str("(nil)");
+                out.push_str("(nil)");
             } else {
-                let _ = write!(s, "0x{v:x}");
+                let _ = write!(out, "0x{v:x}");
             }
-            pad(out, &s, sp, false);
         }
         _ => {
             let v = sp.cast(eval(arg, f, raw));
-            let mut s = String::new();
+            let mut digits = String::new();
+            let mut sign = "";
+            let mut prefix = "";
             match sp.conv {
                 b'd' | b'i' => {
                     let x = v as i64;
-                    if x >= 0 && sp.plus {
-                        s.push('+');
-                    } else if x >= 0 && sp.space {
-                        s.push(' ');
+                    if x < 0 {
+                        sign = "-";
                     }
-                    let _ = write!(s, "{x}");
+                    let _ = write!(digits, "{}", x.unsigned_abs());
                 }
                 b'u' => {
-                    let _ = write!(s, "{v}");
+                    let _ = write!(digits, "{v}");
                 }
                 b'x' => {
                     if sp.hash && v != 0 {
-                        s.push_str("0x");
+                        prefix = "0x";
                     }
-                    let _ = write!(s, "{v:x}");
+                    let _ = write!(digits, "{v:x}");
                 }
                 b'X' => {
                     if sp.hash && v != 0 {
-                        s.push_str("0X");
+                        prefix = "0X";
                     }
-                    let _ = write!(s, "{v:X}");
+                    let _ = write!(digits, "{v:X}");
                 }
                 _ => {
-                    if sp.hash && v != 0 {
-                        s.push('0');
+                    let _ = write!(digits, "{v:o}");
+                    if sp.hash && !digits.starts_with('0') {
+                        digits.insert(0, '0');
                     }
-                    let _ = write!(s, "{v:o}");
                 }
             }
-            pad(out, &s, sp, true);
+            if let Some(p) = sp.precision {
+                if p == 0 && v == 0 {
+                    digits.clear();
+                }
+                while digits.len() < p {
+                    digits.insert(0, '0');
+                }
+            }
+            let n = sign.len() + prefix.len() + digits.len();
+            let pad = sp.width.saturating_sub(n);
+            if sp.minus {
+                out.push_str(sign);
+                out.push_str(prefix);
+                out.push_str(&digits);
+                out.extend(std::iter::repeat_n(' ', pad));
+            } else if sp.zero && sp.precision.is_none() {
+                out.push_str(sign);
+                out.push_str(prefix);
+                out.extend(std::iter::repeat_n('0', pad));
+                out.push_str(&digits);
+            } else {
+                out.extend(std::iter::repeat_n(' ', pad));
+                out.push_str(sign);
+                out.push_str(prefix);
+                out.push_str(&digits);
+            }
         }
     }
 }
 
-/// The fields of a record by their struct names, for events whose print
-/// fmt does not compile: numbers in decimal, strings as text.
+/// The fields of a record as libtraceevent's `tep_print_fields` prints them
+/// (` name=value` per field, less the leading space), for events whose print
+/// fmt does not compile here.
 pub fn render_fields(f: &Format, raw: &[u8], out: &mut String) {
     let mut first = true;
     for (i, x) in f.fields.iter().enumerate().filter(|(_, x)| !x.common) {
@@ -1151,16 +1406,38 @@ pub fn render_fields(f: &Format, raw: &[u8], out: &mut String) {
         first = false;
         out.push_str(&x.name);
         out.push('=');
+        let v = f.read_unsigned(raw, i);
+        let is_long = x.decl.contains("long");
         match x.kind {
-            FieldKind::Scalar => {
-                let v = f.read_num(raw, i);
-                if x.signed {
-                    let _ = write!(out, "{}", v as i64);
-                } else {
-                    let _ = write!(out, "{v}");
-                }
+            FieldKind::Array | FieldKind::DataLoc | FieldKind::RelLoc => {
+                out.push_str(&String::from_utf8_lossy(f.read_str(raw, i)));
             }
-            _ => out.push_str(&String::from_utf8_lossy(f.read_str(raw, i))),
+            FieldKind::Scalar if x.decl.contains('*') => {
+                let _ = write!(out, "0x{v:x}");
+            }
+            FieldKind::Scalar if x.signed => match x.size {
+                4 if is_long => {
+                    let _ = write!(out, "0x{:x}", v as u32);
+                }
+                4 => {
+                    let _ = write!(out, "{}", v as u32 as i32);
+                }
+                2 => {
+                    let _ = write!(out, "{:2}", v as u16 as i16);
+                }
+                1 => {
+                    let _ = write!(out, "{}", v as u8 as i8);
+                }
+                _ => {
+                    let _ = write!(out, "{}", v as i64);
+                }
+            },
+            FieldKind::Scalar if is_long => {
+                let _ = write!(out, "0x{v:x}");
+            }
+            FieldKind::Scalar => {
+                let _ = write!(out, "{v}");
+            }
         }
     }
 }
@@ -1297,6 +1574,6 @@ print fmt: "call_site=%pS ptr=%p bytes_req=%zu bytes_alloc=%zu gfp_flags=%s node
         assert!(s.starts_with("call_site=0x0 ptr=(nil)"), "{s}");
         s.clear();
         render_fields(&f, &record(1, 2, 3, 4, 5, -6), &mut s);
-        assert_eq!(s, "call_site=1 ptr=2 bytes_req=3 bytes_alloc=4 gfp_flags=5 node=-6");
+        assert_eq!(s, "call_site=0x1 ptr=0x2 bytes_req=3 bytes_alloc=4 gfp_flags=0x5 node=-6");
     }
 }
