@@ -187,6 +187,13 @@ impl PyTraceLog {
     fn truncated_at(&self) -> Option<u64> {
         self.log.truncated_at
     }
+    /// The first event where this trace and `other` differ: (index, what),
+    /// or None. `ts_unit_ns`: compare timestamps in these units.
+    #[pyo3(signature = (other, ts_unit_ns=1))]
+    fn first_difference(&self, py: Python<'_>, other: PyRef<'_, PyTraceLog>, ts_unit_ns: u64) -> Option<(usize, String)> {
+        let (a, b) = (self.log.clone(), other.log.clone());
+        py.detach(move || perf_data::first_difference(&a, &b, ts_unit_ns))
+    }
     /// The violated invariants of the parsed trace (empty when sound).
     fn check(&self) -> Vec<String> {
         self.log.check()

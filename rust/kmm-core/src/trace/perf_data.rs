@@ -316,7 +316,7 @@ impl Header {
                 k += 1;
                 match (rd64(d, at, be), rd64(d, at + 8, be)) {
                     (Some(off), Some(sz)) if fits(off, sz, len) => h.features.push((bit, off, sz)),
-                    (Some(off), Some(sz)) if fits(off, sz, u64::MAX) && off <= len => {
+                    (Some(off), Some(sz)) if fits(off, sz, u64::MAX) => {
                         h.lost_features.push(bit);
                         h.truncated_at = Some(len);
                     }
@@ -1159,6 +1159,34 @@ pub fn parse(data: &[u8], o: &Options<'_>) -> Result<TraceLog, PerfDataError> {
     log.skipped_examples = skipped.into_iter().take(10).collect();
     debug_assert!(log.check().is_empty(), "{:?}", log.check());
     Ok(log)
+}
+
+/// The first event where two traces differ (name, comm, pid, cpu, time or
+/// any field by name), as (index, what differs); None if they are the same
+/// events in the same order. `ts_unit_ns`: compare times in these units
+/// (1000 when one side came from perf script's microseconds).
+pub fn first_difference(a: &TraceLog, b: &TraceLog, ts_unit_ns: u64) -> Option<(usize, String)> {
+    let unit = ts_unit_ns.max(1);
+    for i in 0..a.len().min(b.len()) {
+        let (x, y) = (&a.events[i], &b.events[i]);
+        let what = if a.name(i) != b.name(i) {
+            format!("name {} != {}", a.name(i), b.name(i))
+        } else if a.comm(i) != b.comm(i) {
+            format!("comm {} != {}", a.comm(i), b.comm(i))
+        } else if (x.pid, x.cpu) != (y.pid, y.cpu) {
+            format!("pid/cpu {}/{} != {}/{}", x.pid, x.cpu, y.pid, y.cpu)
+        } else if x.ts_ns / unit != y.ts_ns / unit {
+            format!("time {} != {}", x.ts_ns, y.ts_ns)
+        } else {
+            let (fa, fb) = (a.fields(i), b.fields(i));
+            if fa == fb {
+                continue;
+            }
+            format!("fields {fa:?} != {fb:?}")
+        };
+        return Some((i, format!("{}: {what}", a.name(i))));
+    }
+    (a.len() != b.len()).then(|| (a.len().min(b.len()), format!("{} events != {}", a.len(), b.len())))
 }
 
 /// The byte offset of a sample record whose body is `body` (error messages only).
