@@ -231,7 +231,7 @@ def test_kallsyms_beside_the_file_or_given(tmp_path, warm2_bytes, warm2_text):
             break
         text[event_key(e)] += 1
     assert all(text[event_key(t[i])] > 0 for i in range(len(t)))
-    assert sum(1 for i in range(len(t)) if "call_site" in t[i].fields) > 1000
+    assert sum(1 for i in range(len(t)) if "call_site" in t[i].fields) > 500
     assert t[0].fields["call_site"] == "sched_setaffinity+0x127"
     plain = tmp_path / "kallsyms.txt"
     plain.write_bytes(lzma.decompress((WARM2 / "kallsyms.txt.xz").read_bytes()))
