@@ -74,9 +74,12 @@
 //! (`kallsyms.rs`).
 //!
 //! # Invariants
-//! - perf-data-1: decoding never panics and never allocates more than the
-//!   input's size suggests, whatever the bytes (proptest over mutated real
-//!   files, `tests/perf_data.rs`).
+//! - perf-data-1: decoding never panics, whatever the bytes, and allocates
+//!   for a size or count read from the file only once it is checked against
+//!   the file's length (proptest over mutated real files,
+//!   `tests/perf_data.rs`). The exception is what perf itself trusts: the
+//!   zstd records of `perf record -z` expand as their frames say (at most
+//!   ~128 KiB per compressed block).
 //! - perf-data-2: the TraceLog's events are in perf script's order: time
 //!   non-decreasing except where perf itself delivers a late record.
 #![forbid(unsafe_code)]
@@ -240,6 +243,8 @@ const HEADER_SIZE: u64 = 104;
 const FEAT_TRACING_DATA: u32 = 1;
 const FEAT_EVENT_DESC: u32 = 12;
 const FEAT_COMPRESSED: u32 = 27;
+/// PERF_RECORD_AUXTRACE (tools/lib/perf/include/perf/event.h).
+const PERF_RECORD_AUXTRACE: u32 = 71;
 /// PERF_ATTR_SIZE_VER0 + the ids file section after each attr.
 const MIN_ATTR_SIZE: u64 = 64 + 16;
 
@@ -942,6 +947,9 @@ pub fn parse(data: &[u8], o: &Options<'_>) -> Result<TraceLog, PerfDataError> {
             Some(format!("a record header says its size is {size} bytes: the data section is corrupt from here"))
         } else if at + size > d1 {
             Some(format!("a record of {size} bytes runs past the end of the data section (byte {d1})"))
+        } else if ty == PERF_RECORD_AUXTRACE {
+            // Its payload follows the record (the crate would allocate what it claims).
+            Some("an AUXTRACE record (hardware trace data, not tracepoints): kmm does not read these".to_string())
         } else {
             None
         };
@@ -1040,6 +1048,11 @@ pub fn parse(data: &[u8], o: &Options<'_>) -> Result<TraceLog, PerfDataError> {
                 let b: [u8; 8] = b.try_into().unwrap_or_default();
                 if h.be { u64::from_be_bytes(b) } else { u64::from_le_bytes(b) }
             });
+            continue;
+        }
+        // Only the records kmm uses are parsed (the crate asserts on some
+        // fields of others, e.g. an MMAP2 build id longer than 20 bytes).
+        if ![RecordType::SAMPLE, RecordType::COMM, RecordType::FORK, RecordType::LOST, RecordType::MMAP].contains(&rt) {
             continue;
         }
         let parsed = match record.parse() {

@@ -20,6 +20,10 @@
 //! Anything else is malformed: an error naming the 1-based line number, or,
 //! with `lenient`, a skipped line that is counted.
 //!
+//! A perf.data builds the same [`TraceLog`] (`perf_data.rs`): its decoder
+//! appends records through `TraceLog::push_rec`, and events it prints from
+//! their format go through `Parser::push_event` like a line of this text.
+//!
 //! # Storage
 //! One fixed-size [`Rec`] per event (88 bytes); event names, comms, call
 //! sites and cache names are interned once. Events kmm does not decode field

@@ -1054,10 +1054,13 @@ fn parse_format(fmt: &str, args: Vec<Arg>) -> Result<(Vec<Seg>, Vec<(Spec, Arg)>
                     sp.conv = c;
                     done = true;
                 }
-                other => {
-                    // libtraceevent prints ">c<" and carries on.
+                _ => {
+                    // libtraceevent prints ">c<" and carries on (everything
+                    // before this byte in the conversion was ASCII).
+                    let ch = fmt.get(i - 1..).and_then(|r| r.chars().next()).unwrap_or('?');
+                    i = i - 1 + ch.len_utf8();
                     lit.push('>');
-                    lit.push(other as char);
+                    lit.push(ch);
                     lit.push('<');
                     break;
                 }
