@@ -963,10 +963,13 @@ fn unescape(s: &str, out: &mut String) {
     }
 }
 
+/// A format split into segments, and each conversion with its argument.
+type Parsed = (Vec<Seg>, Vec<(Spec, Arg)>);
+
 /// parse_args: the format split into literals and conversions, each
 /// conversion taking the next argument. Unknown conversion letters print
 /// as `>c<` and take no argument, as libtraceevent does.
-fn parse_format(fmt: &str, args: Vec<Arg>) -> Result<(Vec<Seg>, Vec<(Spec, Arg)>), String> {
+fn parse_format(fmt: &str, args: Vec<Arg>) -> Result<Parsed, String> {
     let b = fmt.as_bytes();
     let mut args = args.into_iter();
     let mut segs = Vec::new();
