@@ -40,7 +40,9 @@ __all__ = [
     "Zone",
     "gfp_format",
     "gfp_parse",
+    "parse_perf_data",
     "parse_size",
+    "sniff_trace",
 ]
 
 GFP_NAMES: Final[list[tuple[str, int]]]
