@@ -67,11 +67,14 @@
 //!
 //! Differences from perf script's text: none in the decoded events of
 //! Linux 6.18's kmem, percpu and vmalloc tracepoints (tested on two
-//! recordings). SIMPLIFICATION: a print fmt `tp_format.rs` cannot compile
-//! prints its fields by their struct names (`name=value`, numbers in
-//! decimal) instead of perf's text, so `fields()` has the struct's names;
-//! call sites in modules resolve as if perf ran on the recording machine
-//! (`kallsyms.rs`).
+//! recordings: every field of every event, call sites included, equal).
+//! SIMPLIFICATION: an event whose print fmt `tp_format.rs` cannot compile
+//! (none of the kmem, percpu and vmalloc events of 6.18) is printed as
+//! libtraceevent's `tep_print_fields` prints fields (`name=value` by the
+//! struct's names) rather than as perf would, so its `fields()` are the
+//! struct's; call sites in modules resolve as if perf ran on the recording
+//! machine (`kallsyms.rs`); pipe-mode files (`perf record -o -`) and
+//! AUXTRACE records are refused with what to do instead.
 //!
 //! # Invariants
 //! - perf-data-1: decoding never panics, whatever the bytes, and allocates

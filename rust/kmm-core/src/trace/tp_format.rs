@@ -1,38 +1,50 @@
 //! A tracepoint's `format` description (tracefs `events/SYS/NAME/format`, as
 //! stored in perf.data's tracing data): its fields with their offsets and
 //! sizes, and its `print fmt` compiled into a small program that reads the
-//! fields of a raw record and prints them as libtraceevent prints them.
+//! fields of a raw record and prints them exactly as libtraceevent prints
+//! them for `perf script`.
 //!
 //! The program is compiled once per event. [`Program::render`] prints a
 //! whole record (what `perf script` shows after the event name);
 //! [`Program::convs`] exposes each conversion with the `key=` text before it,
 //! so a caller can read just the keys it needs ([`Program::value`],
-//! [`Program::render_conv`]) without printing the rest.
+//! [`Spec::cast`], [`Program::render_conv`]) without printing the rest.
 //!
 //! # Kernel
 //! Format files: `kernel/trace/trace_events.c` (`f_show`: `\tfield:TYPE
 //! NAME;\toffset:N;\tsize:N;\tsigned:N;`, a blank line after the common
-//! fields, then `print fmt: "..." , args`). Printing:
-//! `tools/lib/traceevent/event-parse.c` (libtraceevent, as perf 6.1 uses it):
-//! `eval_num_arg` (u64 arithmetic; a cast masks to u8/u16/u32 for
-//! `u8/s8/char`, `u16/s16/short`, `u32/s32/int` and leaves everything else;
-//! an unknown identifier such as `vmemmap_base` evaluates to 0 via strtoull),
+//! fields, then `print fmt: "..." , args`). Parsing and printing follow
+//! libtraceevent as perf 6.1 links it (`tools/lib/traceevent/event-parse.c`),
+//! function by function, because its grouping is not C's: `__read_token`
+//! (token classes, `->`, doubled and `=`-ended operators, adjacent strings
+//! joined), `process_arg_token`/`process_paren` (a parenthesised atom
+//! followed by an operand is a typecast; `(void *)` via the `*` + `)` rule),
+//! `process_op` (priorities of `get_op_prio`, and the "rotate ops according
+//! to the priority" step: in `a < (b < c ? d : e)` the `?` ends up at the
+//! top, so perf prints `fragmenting=10` for mm_page_alloc_extfrag),
+//! `process_cond`, `process_flags`/`process_symbols`/`process_fields` (flag
+//! tables through `arg_eval`/`arg_num_eval`, long long arithmetic),
+//! `eval_num_arg` (u64 arithmetic, fields read unsigned, casts by
+//! `eval_type_str`, unknown atoms such as `vmemmap_base` are 0),
 //! `print_str_arg` (`__print_flags`: names of the set bits joined by the
-//! delimiter, leftover bits as `0x%llx`; `__print_symbolic`: the matching
-//! name or `0x%llx`; `cond ? "a" : "b"` picks a string), `pretty_print`
-//! (integer conversions are cast to the conversion's length: none = int,
-//! `l`/`z` = long, `ll` = long long, `h`/`hh` = short/char), `print_function`
-//! (`%pS`: `name+0x%llx` or `0x%llx`), glibc's `%p` (`0x%lx`, `(nil)` for 0).
+//! delimiter, leftover bits `0x%llx`; `__print_symbolic`: the name or
+//! `0x%llx`; a `long`-sized field under `%s` prints `%llx`),
+//! `parse_arg_format` (`h`/`l`/`L` set the cast, `z` does not: `%zu` of
+//! 0x100000005 prints 5; an unknown conversion letter prints `>c<`),
+//! `print_arg_number` then glibc's printf, `print_function` (`%pS`:
+//! `name+0x%llx` or `0x%llx`), glibc's `%p` (`0x%lx`, `(nil)` for 0).
 //!
 //! SIMPLIFICATION: print fmt constructs libtraceevent knows but no kmem,
-//! percpu or vmalloc event uses (`__print_hex`, `__get_bitmask`, `%pM`, `%pI4`,
-//! arrays indexed in the fmt, `sizeof`, functions registered by plugins) do
-//! not compile; the caller then prints the fields by their struct names.
+//! percpu or vmalloc event uses (`__print_hex`, `__print_array`,
+//! `__get_bitmask`, `__get_dynamic_array`, `%pM`/`%pI`/`%pU`/`%ph`, `*`
+//! widths, `[` indexing, functions registered by plugins) do not compile;
+//! the caller then prints the fields as libtraceevent's `tep_print_fields`
+//! does ([`render_fields`]).
 //!
 //! # Invariants
 //! - tp-format-1: compiling and running a program never panics, whatever
 //!   the format text and the record bytes (reads outside the record give 0
-//!   or an empty string).
+//!   or an empty string; nesting is bounded).
 #![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
@@ -1553,6 +1565,43 @@ print fmt: "call_site=%pS ptr=%p bytes_req=%zu bytes_alloc=%zu gfp_flags=%s node
         s.clear();
         p.render(&f, &raw, &NoSymbols, &mut s);
         assert!(s.starts_with("page=(nil) pfn=0x0 order=9 type=0x7 "), "{s}");
+    }
+
+    /// What perf 6.1 printed for mm_page_alloc_extfrag records of warm2 with
+    /// fallback_order rewritten (perf script on the edited perf.data):
+    /// 0 -> fragmenting=9, 1, 3, 8, 9, 10, 11, -1 -> fragmenting=10.
+    #[test]
+    fn extfrag_fragmenting_groups_as_libtraceevent_does() {
+        let text = "name: mm_page_alloc_extfrag\nID: 650\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:unsigned long pfn;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:int alloc_order;\toffset:16;\tsize:4;\tsigned:1;\n\tfield:int fallback_order;\toffset:20;\tsize:4;\tsigned:1;\n\tfield:int alloc_migratetype;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:int fallback_migratetype;\toffset:28;\tsize:4;\tsigned:1;\n\tfield:int change_ownership;\toffset:32;\tsize:4;\tsigned:1;\n\nprint fmt: \"page=%p pfn=0x%lx alloc_order=%d fallback_order=%d pageblock_order=%d alloc_migratetype=%d fallback_migratetype=%d fragmenting=%d change_ownership=%d\", (((struct page *)vmemmap_base) + (REC->pfn)), REC->pfn, REC->alloc_order, REC->fallback_order, (((unsigned int)((21 - 12))) < ((unsigned int)(10)) ? ((unsigned int)((21 - 12))) : ((unsigned int)(10))), REC->alloc_migratetype, REC->fallback_migratetype, REC->fallback_order < (((unsigned int)((21 - 12))) < ((unsigned int)(10)) ? ((unsigned int)((21 - 12))) : ((unsigned int)(10))), REC->change_ownership\n";
+        let f = Format::parse(text, false, 8).unwrap();
+        let p = Program::compile(&f).unwrap();
+        for (fallback, expect) in [(0, 9), (1, 10), (3, 10), (8, 10), (9, 10), (10, 10), (11, 10), (-1, 10)] {
+            let mut raw = vec![0u8; 36];
+            raw[8..16].copy_from_slice(&0x1c6800u64.to_le_bytes());
+            raw[16..20].copy_from_slice(&2i32.to_le_bytes());
+            raw[20..24].copy_from_slice(&(fallback as i32).to_le_bytes());
+            raw[24..28].copy_from_slice(&2i32.to_le_bytes());
+            raw[28..32].copy_from_slice(&1i32.to_le_bytes());
+            raw[32..36].copy_from_slice(&1i32.to_le_bytes());
+            let mut s = String::new();
+            p.render(&f, &raw, &NoSymbols, &mut s);
+            assert_eq!(
+                s,
+                format!("page=0x1c6800 pfn=0x1c6800 alloc_order=2 fallback_order={fallback} pageblock_order=9 alloc_migratetype=2 fallback_migratetype=1 fragmenting={expect} change_ownership=1")
+            );
+        }
+    }
+
+    /// `%zu` takes its cast from `ls` only (perf printed bytes_req=5 for
+    /// 0x100000005), `%d` of node -2 is -2.
+    #[test]
+    fn z_does_not_widen() {
+        let f = Format::parse(KMALLOC, false, 8).unwrap();
+        let p = Program::compile(&f).unwrap();
+        let raw = record(0, 1, 0x1_0000_0005, 32, 0xcc0, -2);
+        let mut s = String::new();
+        p.render(&f, &raw, &NoSymbols, &mut s);
+        assert!(s.contains(" bytes_req=5 bytes_alloc=32 ") && s.contains(" node=-2 "), "{s}");
     }
 
     #[test]
