@@ -1575,11 +1575,11 @@ print fmt: "call_site=%pS ptr=%p bytes_req=%zu bytes_alloc=%zu gfp_flags=%s node
         let text = "name: mm_page_alloc_extfrag\nID: 650\nformat:\n\tfield:unsigned short common_type;\toffset:0;\tsize:2;\tsigned:0;\n\n\tfield:unsigned long pfn;\toffset:8;\tsize:8;\tsigned:0;\n\tfield:int alloc_order;\toffset:16;\tsize:4;\tsigned:1;\n\tfield:int fallback_order;\toffset:20;\tsize:4;\tsigned:1;\n\tfield:int alloc_migratetype;\toffset:24;\tsize:4;\tsigned:1;\n\tfield:int fallback_migratetype;\toffset:28;\tsize:4;\tsigned:1;\n\tfield:int change_ownership;\toffset:32;\tsize:4;\tsigned:1;\n\nprint fmt: \"page=%p pfn=0x%lx alloc_order=%d fallback_order=%d pageblock_order=%d alloc_migratetype=%d fallback_migratetype=%d fragmenting=%d change_ownership=%d\", (((struct page *)vmemmap_base) + (REC->pfn)), REC->pfn, REC->alloc_order, REC->fallback_order, (((unsigned int)((21 - 12))) < ((unsigned int)(10)) ? ((unsigned int)((21 - 12))) : ((unsigned int)(10))), REC->alloc_migratetype, REC->fallback_migratetype, REC->fallback_order < (((unsigned int)((21 - 12))) < ((unsigned int)(10)) ? ((unsigned int)((21 - 12))) : ((unsigned int)(10))), REC->change_ownership\n";
         let f = Format::parse(text, false, 8).unwrap();
         let p = Program::compile(&f).unwrap();
-        for (fallback, expect) in [(0, 9), (1, 10), (3, 10), (8, 10), (9, 10), (10, 10), (11, 10), (-1, 10)] {
+        for (fallback, expect) in [(0i32, 9), (1, 10), (3, 10), (8, 10), (9, 10), (10, 10), (11, 10), (-1, 10)] {
             let mut raw = vec![0u8; 36];
             raw[8..16].copy_from_slice(&0x1c6800u64.to_le_bytes());
             raw[16..20].copy_from_slice(&2i32.to_le_bytes());
-            raw[20..24].copy_from_slice(&(fallback as i32).to_le_bytes());
+            raw[20..24].copy_from_slice(&fallback.to_le_bytes());
             raw[24..28].copy_from_slice(&2i32.to_le_bytes());
             raw[28..32].copy_from_slice(&1i32.to_le_bytes());
             raw[32..36].copy_from_slice(&1i32.to_le_bytes());
