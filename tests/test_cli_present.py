@@ -176,7 +176,9 @@ def test_an_empty_trace_says_no_events(tmp_path, capsys, content, why, cmd):
     p.write_text(content)
     assert cli.main([*cmd, str(p)]) == 1
     out, err = capsys.readouterr()
-    assert err == f"kmm: error: {p}: no events ({why})\n"
+    # One line naming the file and saying "no events" (an empty file also
+    # says what kmm reads instead).
+    assert err.startswith(f"kmm: error: {p}: no events ({why})") and err.count("\n") == 1
     assert out == ""
 
 

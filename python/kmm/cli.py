@@ -2,7 +2,7 @@
 
 ``kmm`` (or ``kmm replay``) replays the sample kernel trace shipped with kmm
 on a simulated machine; ``kmm replay FILE`` and ``kmm stat FILE`` work on a
-trace of your own (``perf script`` text); ``kmm demo`` boots a machine and
+trace of your own (a ``perf.data``, or its ``perf script`` text); ``kmm demo`` boots a machine and
 walks through the page allocator, printing the kernel's own views;
 ``kmm proc`` prints a /proc file of a configured machine; ``kmm record``
 writes a recording bundle of the Linux machine it runs on.
@@ -310,9 +310,16 @@ def _no_events(path, t: "kmm.trace.TraceLog") -> bool:
 
 def _load(a: argparse.Namespace, path) -> "kmm.trace.TraceLog":
     t = kmm.trace.load(path, lenient=a.lenient, progress=a.progress)
-    if t.lost_events:
-        print(f"kmm: the trace reports {t.lost_events} lost events (ring buffer overruns): counts are partial",
-              file=sys.stderr)
+    lost = []
+    if t.lost_chunks:
+        lost.append(f"{t.lost_chunks:,} chunks ({max(t.lost_events, t.lost_samples):,} events) while recording")
+    elif t.lost_events or t.lost_samples:
+        lost.append(f"{max(t.lost_events, t.lost_samples):,} events while recording")
+    if t.truncated_at is not None:
+        lost.append(f"whatever came after byte {t.truncated_at:,}, where the file is cut")
+    if lost:
+        print(f"kmm: warning: the trace lost {' and '.join(lost)} (ring buffer overruns): "
+              "kmm could not see them, so these counts and the replay are partial", file=sys.stderr)
     if t.skipped:
         first = t.skipped_examples[0]
         print(f"kmm: skipped {t.skipped} malformed line(s) (first: line {first[0]}: {first[1]})", file=sys.stderr)
@@ -416,7 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=demo)
     pr = sub.add_parser("proc", help="print a /proc file of a freshly booted machine (or after replaying a trace)")
     pr.add_argument("file", choices=["buddyinfo", "zoneinfo", "pagetypeinfo", "meminfo", "vmstat", "slabinfo", "vmallocinfo"])
-    pr.add_argument("--trace", metavar="FILE", help="replay this perf script / trace_pipe text first")
+    pr.add_argument("--trace", metavar="FILE", help="replay this trace first (perf.data, or perf script / trace_pipe text)")
     pr.add_argument("--lenient", action="store_true", help="skip malformed trace lines (counted) instead of failing")
     pr.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                     help="progress bar while loading (default: when stderr is a terminal)")
@@ -424,11 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     pr.set_defaults(func=proc)
     st = sub.add_parser(
         "stat",
-        help="perf kmem stat over a perf script / trace_pipe text file (plain, .gz, .xz)",
+        help="perf kmem stat over a perf.data or perf script / trace_pipe text (plain, .gz, .xz)",
         description="The numbers of `perf kmem --slab stat` and `perf kmem --page stat` (perf 6.1), "
         "in perf's layout. With neither --slab nor --page, both.",
     )
-    st.add_argument("file", metavar="FILE", help="`perf script` or trace_pipe text (plain, .gz or .xz)")
+    st.add_argument("file", metavar="FILE", help="a perf.data (call sites named from a kallsyms.txt[.xz|.gz] beside it), "
+                    "or `perf script` / trace_pipe text; plain, .gz or .xz")
     st.add_argument("--slab", action="store_true", help="analyze the slab allocator")
     st.add_argument("--page", action="store_true", help="analyze the page allocator")
     st.add_argument("--caller", action="store_true", help="show per-callsite statistics")

@@ -1,5 +1,6 @@
-"""Real kernel traces: load ``perf script`` / ``trace_pipe`` text, compute
-``perf kmem stat``'s numbers, and replay a trace on a kmm machine.
+"""Real kernel traces: load a ``perf.data`` or ``perf script`` /
+``trace_pipe`` text, compute ``perf kmem stat``'s numbers, and replay a trace
+on a kmm machine.
 
 >>> import kmm
 >>> t = kmm.trace.load(kmm.trace.SAMPLE)          # plain, .gz or .xz
@@ -7,14 +8,18 @@
 
 Record a trace of your own machine with::
 
-    perf record -e 'kmem:*' -a -- sleep 5
-    perf script > my.perf.txt
+    perf record -k CLOCK_MONOTONIC -e 'kmem:*,percpu:*,vmalloc:*' -a -- sleep 5
+    cp /proc/kallsyms kallsyms.txt     # to name the call sites (as root)
+
+and load ``perf.data`` directly (``perf script > my.perf.txt`` works too).
 
 This module is ``kmm.trace``; ``Machine.trace`` (a machine's own
 tracepoints, ``m.trace.record(...)``) is a different thing.
 
 Parsing runs in Rust with the GIL released; Python only decompresses
-(``gzip``/``lzma`` from the standard library) and feeds chunks.
+(``gzip``/``lzma`` from the standard library: C code that releases the GIL)
+and feeds chunks. A perf.data is decompressed into memory whole (its event
+formats are stored after its events) and decoded in one call.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from kmm._kmm import KmemStat as _KmemStat
-from kmm._kmm import TraceEvent, TraceLog, TraceParser
+from kmm._kmm import TraceEvent, TraceLog, TraceParser, parse_perf_data, sniff_trace
 from kmm.errors import TraceFormatError
 from kmm.recording import Recording, load_dir
 
@@ -69,6 +74,9 @@ _CHUNK = 1 << 20
 #: Width of the report's wrapped notes.
 _WIDTH = 100
 _PROGRESS_MIN_BYTES = 4 << 20
+_SNIFF_BYTES = 4096
+#: Names of the kallsyms file looked for next to a perf.data.
+KALLSYMS_NAMES = ("kallsyms.txt", "kallsyms.txt.xz", "kallsyms.txt.gz")
 
 
 class _Progress:
@@ -82,7 +90,7 @@ class _Progress:
         self.total = max(total, 1)
         self.shown = -1
 
-    def update(self, done: int, events: int) -> None:
+    def update(self, done: int, events: int | None) -> None:
         if not self.enabled:
             return
         pct = min(100, done * 100 // self.total)
@@ -90,7 +98,8 @@ class _Progress:
             return
         self.shown = pct
         bar = "#" * (pct // 5)
-        sys.stderr.write(f"\rkmm: reading {self.path} [{bar:<20}] {pct:3d}% {events:,} events")
+        tail = "" if events is None else f" {events:,} events"
+        sys.stderr.write(f"\rkmm: reading {self.path} [{bar:<20}] {pct:3d}%{tail}")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -99,13 +108,26 @@ class _Progress:
             sys.stderr.flush()
 
 
-def load(path: str | os.PathLike[str], lenient: bool = False, progress: bool | None = None) -> TraceLog:
-    """Read a ``perf script`` or ``trace_pipe`` text file (plain, .gz or .xz).
+def load(
+    path: str | os.PathLike[str],
+    lenient: bool = False,
+    progress: bool | None = None,
+    kallsyms: str | os.PathLike[str] | None = None,
+) -> TraceLog:
+    """Read a trace file: a ``perf.data``, or ``perf script`` / ``trace_pipe``
+    text; plain, .gz or .xz (the content decides, not the name).
 
-    ``lenient``: skip malformed lines (counted in ``.skipped``) instead of
-    raising :class:`TraceFormatError` naming the line. ``progress``: a
+    ``lenient``: skip malformed lines or undecodable perf.data records
+    (counted in ``.skipped``) instead of raising :class:`TraceFormatError`
+    naming the line (text) or byte offset (perf.data). ``progress``: a
     progress bar on stderr (None: only for files over 4 MiB when stderr is a
-    terminal).
+    terminal). ``kallsyms``: for a perf.data, the recorded boot's
+    /proc/kallsyms (plain, .gz or .xz), to print call sites as ``perf script``
+    does (``function+0xoff``); None looks for ``kallsyms.txt[.xz|.gz]`` next
+    to the file, and without one call sites are raw addresses (``0x...``),
+    as perf prints what it cannot resolve. A truncated perf.data whose event
+    formats survived loads with ``.truncated_at`` set; lost chunks are in
+    ``.lost_chunks``/``.lost_events``.
 
     A directory is read as a recording bundle (``kmm.recording``): the
     result is a :class:`Recording`, which behaves as its trace.
@@ -113,6 +135,11 @@ def load(path: str | os.PathLike[str], lenient: bool = False, progress: bool | N
     p = Path(path)
     if p.is_dir():
         return load_dir(p, lenient=lenient, progress=progress)  # type: ignore[return-value]
+    kind, why = sniff_trace(_head(p))
+    if kind == "perf.data":
+        return _load_perf_data(p, lenient, progress, kallsyms)
+    if why is not None and not (lenient and "binary data" in why):
+        raise TraceFormatError(f"{p}: {why}")
     total = p.stat().st_size
     parser = TraceParser(lenient)
     bar = _Progress(p, total, progress)
@@ -165,6 +192,73 @@ def load(path: str | os.PathLike[str], lenient: bool = False, progress: bool | N
             except queue.Empty:
                 t.join(0.01)
         bar.close()
+
+
+def _head(p: Path) -> bytes:
+    """The first bytes of the decompressed content."""
+    with open(p, "rb") as raw, _open_fileobj(raw) as f:
+        try:
+            return f.read(_SNIFF_BYTES)
+        except (EOFError, lzma.LZMAError, gzip.BadGzipFile, OSError) as e:
+            raise TraceFormatError(f"{p}: compressed data is damaged or truncated ({e})") from None
+
+
+def _read_all(p: Path, bar: _Progress | None = None) -> bytes:
+    """The whole decompressed content (lzma and zlib release the GIL)."""
+    with open(p, "rb") as raw:
+        magic = raw.read(6)
+        raw.seek(0)
+        if magic[:2] != b"\x1f\x8b" and magic != b"\xfd7zXZ\x00":
+            data = raw.read()
+            if bar:
+                bar.update(len(data), None)
+            return data
+        parts = []
+        with _open_fileobj(raw) as f:
+            while True:
+                try:
+                    chunk = f.read(8 * _CHUNK)
+                except (EOFError, lzma.LZMAError, gzip.BadGzipFile, OSError) as e:
+                    raise TraceFormatError(f"{p}: compressed data is damaged or truncated ({e})") from None
+                if not chunk:
+                    break
+                parts.append(chunk)
+                if bar:
+                    bar.update(raw.tell(), None)
+        return b"".join(parts)
+
+
+def find_kallsyms(path: str | os.PathLike[str]) -> Path | None:
+    """The ``kallsyms.txt[.xz|.gz]`` in the directory of ``path``, if any."""
+    d = Path(path).parent
+    for name in KALLSYMS_NAMES:
+        if (d / name).is_file():
+            return d / name
+    return None
+
+
+def _load_perf_data(
+    p: Path, lenient: bool, progress: bool | None, kallsyms: str | os.PathLike[str] | None
+) -> TraceLog:
+    kpath = Path(kallsyms) if kallsyms is not None else find_kallsyms(p)
+    ks = _read_all(kpath) if kpath is not None else None
+    bar = _Progress(p, p.stat().st_size, progress)
+    try:
+        data = _read_all(p, bar)
+    finally:
+        bar.close()
+    try:
+        return parse_perf_data(data, ks, lenient)
+    except TraceFormatError as e:
+        line = getattr(e, "kallsyms_line", None)
+        if line is not None and kpath is not None:
+            msg = str(e).split(": ", 1)[-1]
+            err = TraceFormatError(f"{kpath}: line {line}: {msg}")
+            err.line = line
+            raise err from None
+        err = TraceFormatError(f"{p}: {e}")
+        err.offset = getattr(e, "offset", None)  # type: ignore[attr-defined]
+        raise err from None
 
 
 def _open_fileobj(raw: IO[bytes]) -> IO[bytes]:

@@ -49,6 +49,8 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gfp_format, m)?)?;
     m.add_function(wrap_pyfunction!(gfp_parse, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
+    m.add_function(wrap_pyfunction!(trace_import::sniff_trace, m)?)?;
+    m.add_function(wrap_pyfunction!(trace_import::parse_perf_data, m)?)?;
     let names: Vec<(&str, u32)> = kmm_core::gfp::ALL_NAMES.to_vec();
     m.add("GFP_NAMES", names)?;
     let table: Vec<(&str, u32)> = kmm_core::gfp::PRINT_TABLE.to_vec();

@@ -3,6 +3,8 @@
 
 use std::sync::Arc;
 
+use kmm_core::trace::kallsyms::Kallsyms;
+use kmm_core::trace::perf_data::{self, Content};
 use kmm_core::trace::perf_script::{ParseError, Parser, TraceLog};
 use kmm_core::trace::replay::{fragmentation_index, replay_bundle, unusable_free_index, ReplayOptions};
 use kmm_core::trace::stat::{kmem_stat, page_keys, slab_keys, KmemStat, StatOptions};
@@ -21,6 +23,48 @@ fn parse_err(py: Python<'_>, e: ParseError) -> PyErr {
     let err = TraceFormatError::new_err(e.to_string());
     let _ = err.value(py).setattr("line", e.line);
     err
+}
+
+/// What a file's first bytes look like: "perf.data", "text", or (for
+/// anything else) a sentence saying what it looks like and what would work.
+#[pyfunction]
+pub(crate) fn sniff_trace(head: &[u8]) -> (String, Option<String>) {
+    match perf_data::sniff(head) {
+        Content::PerfData => ("perf.data".into(), None),
+        Content::Text => ("text".into(), None),
+        Content::NotATrace(m) => ("none".into(), Some(m)),
+    }
+}
+
+/// Decode a perf.data held in `data` (GIL released). `kallsyms`: the
+/// recorded boot's /proc/kallsyms text, to name call sites. Errors are
+/// TraceFormatError with `offset` (byte in the file) or `kallsyms_line` set.
+#[pyfunction]
+#[pyo3(signature = (data, kallsyms=None, lenient=false))]
+pub(crate) fn parse_perf_data(py: Python<'_>, data: &[u8], kallsyms: Option<&[u8]>, lenient: bool) -> PyResult<PyTraceLog> {
+    let r = py.detach(|| -> Result<TraceLog, (String, Option<u64>, Option<u64>)> {
+        let ks = match kallsyms {
+            Some(k) => Some(Kallsyms::parse(k).map_err(|e| (e.message.clone(), None, Some(e.line)))?),
+            None => None,
+        };
+        let o = perf_data::Options { kallsyms: ks.as_ref(), lenient };
+        perf_data::parse(data, &o).map_err(|e| (e.message, e.offset, None))
+    });
+    match r {
+        Ok(log) => Ok(PyTraceLog { log: Arc::new(log) }),
+        Err((msg, offset, kline)) => {
+            let text = match (offset, kline) {
+                (Some(o), _) => format!("byte {o}: {msg}"),
+                (None, Some(l)) => format!("kallsyms line {l}: {msg}"),
+                _ => msg,
+            };
+            let err = TraceFormatError::new_err(text);
+            let v = err.value(py);
+            let _ = v.setattr("offset", offset);
+            let _ = v.setattr("kallsyms_line", kline);
+            Err(err)
+        }
+    }
 }
 
 /// A fragmentation sample as Python tuples: (event, used_pages, zones).
@@ -122,10 +166,33 @@ impl PyTraceLog {
     fn lines(&self) -> u64 {
         self.log.lines
     }
-    /// Events the kernel reported lost (ftrace `CPU:N [LOST M EVENTS]`).
+    /// Events the kernel reported lost (ftrace `CPU:N [LOST M EVENTS]`;
+    /// perf.data: the events its PERF_RECORD_LOST records count).
     #[getter]
     fn lost_events(&self) -> u64 {
         self.log.lost_events
+    }
+    /// perf.data: PERF_RECORD_LOST records ("chunks" perf lost).
+    #[getter]
+    fn lost_chunks(&self) -> u64 {
+        self.log.lost_chunks
+    }
+    /// perf.data: samples counted by PERF_RECORD_LOST_SAMPLES records.
+    #[getter]
+    fn lost_samples(&self) -> u64 {
+        self.log.lost_samples
+    }
+    /// perf.data: the byte offset where a truncated file ended (None if whole).
+    #[getter]
+    fn truncated_at(&self) -> Option<u64> {
+        self.log.truncated_at
+    }
+    /// The first event where this trace and `other` differ: (index, what),
+    /// or None. `ts_unit_ns`: compare timestamps in these units.
+    #[pyo3(signature = (other, ts_unit_ns=1))]
+    fn first_difference(&self, py: Python<'_>, other: PyRef<'_, PyTraceLog>, ts_unit_ns: u64) -> Option<(usize, String)> {
+        let (a, b) = (self.log.clone(), other.log.clone());
+        py.detach(move || perf_data::first_difference(&a, &b, ts_unit_ns))
     }
     /// The violated invariants of the parsed trace (empty when sound).
     fn check(&self) -> Vec<String> {

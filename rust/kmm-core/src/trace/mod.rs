@@ -48,11 +48,14 @@ use parking_lot::RwLock;
 use crate::gfp;
 
 pub mod bundle;
+pub mod kallsyms;
+pub mod perf_data;
 pub mod perf_script;
 pub mod procfs;
 pub mod replay;
 pub mod shape;
 pub mod stat;
+pub mod tp_format;
 
 /// Every tracepoint kmm knows, by id (bit in the enabled mask).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -20,6 +20,10 @@
 //! Anything else is malformed: an error naming the 1-based line number, or,
 //! with `lenient`, a skipped line that is counted.
 //!
+//! A perf.data builds the same [`TraceLog`] (`perf_data.rs`): its decoder
+//! appends records through `TraceLog::push_rec`, and events it prints from
+//! their format go through `Parser::push_event` like a line of this text.
+//!
 //! # Storage
 //! One fixed-size [`Rec`] per event (88 bytes); event names, comms, call
 //! sites and cache names are interned once. Events kmm does not decode field
@@ -114,7 +118,7 @@ pub struct Rec {
 }
 
 impl Rec {
-    fn new(kind: Kind) -> Rec {
+    pub(crate) fn new(kind: Kind) -> Rec {
         Rec {
             ts_ns: 0,
             ptr: 0,
@@ -201,8 +205,19 @@ pub struct TraceLog {
     pub skipped_examples: Vec<(u64, String)>,
     /// Lines read (including blank, comment and callchain lines).
     pub lines: u64,
-    /// Events the kernel dropped (ftrace `CPU:N [LOST M EVENTS]` lines).
+    /// Events the kernel dropped (ftrace `CPU:N [LOST M EVENTS]` lines;
+    /// in perf.data, the events counted by its PERF_RECORD_LOST records).
     pub lost_events: u64,
+    /// perf.data: PERF_RECORD_LOST records ("chunks": each is one stretch
+    /// of events a CPU's ring buffer had no room for).
+    pub lost_chunks: u64,
+    /// perf.data: samples its PERF_RECORD_LOST_SAMPLES records count (perf
+    /// record reads them from each event at the end; they overlap
+    /// `lost_events`).
+    pub lost_samples: u64,
+    /// perf.data: the file ended (or was unreadable) at this byte offset;
+    /// the events before it were kept.
+    pub truncated_at: Option<u64>,
 }
 
 impl TraceLog {
@@ -253,6 +268,15 @@ impl TraceLog {
             }
         }
         errs
+    }
+
+    /// Append a decoded event (perf.data), counting it as the parser does.
+    pub(crate) fn push_rec(&mut self, r: Rec) {
+        if r.flags & F_UNKNOWN != 0 {
+            self.unknown += 1;
+        }
+        *self.name_counts.entry(r.name).or_insert(0) += 1;
+        self.events.push(r);
     }
 
     /// The field text of an `Other` event.
@@ -432,7 +456,7 @@ impl<'a> Iterator for FieldIter<'a> {
 // ---------------------------------------------------------------------------
 
 /// `%p`: `(nil)`, `0x...`, or bare hex (a hashed pointer).
-fn parse_ptr(v: &str) -> Result<u64, String> {
+pub(crate) fn parse_ptr(v: &str) -> Result<u64, String> {
     if v == "(nil)" || v == "(null)" {
         return Ok(0);
     }
@@ -441,7 +465,7 @@ fn parse_ptr(v: &str) -> Result<u64, String> {
 }
 
 /// `pfn=0x%lx` (or `%lu` on old kernels).
-fn parse_pfn(v: &str) -> Result<u64, String> {
+pub(crate) fn parse_pfn(v: &str) -> Result<u64, String> {
     match v.strip_prefix("0x") {
         Some(h) => u64::from_str_radix(h, 16),
         None => v.parse::<u64>(),
@@ -449,15 +473,15 @@ fn parse_pfn(v: &str) -> Result<u64, String> {
     .map_err(|_| format!("bad pfn '{v}'"))
 }
 
-fn parse_u64(k: &str, v: &str) -> Result<u64, String> {
+pub(crate) fn parse_u64(k: &str, v: &str) -> Result<u64, String> {
     v.parse::<u64>().map_err(|_| format!("bad {k} '{v}'"))
 }
 
-fn parse_i64(k: &str, v: &str) -> Result<i64, String> {
+pub(crate) fn parse_i64(k: &str, v: &str) -> Result<i64, String> {
     v.parse::<i64>().map_err(|_| format!("bad {k} '{v}'"))
 }
 
-fn parse_bool(k: &str, v: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(k: &str, v: &str) -> Result<bool, String> {
     match v {
         "true" | "1" => Ok(true),
         "false" | "0" => Ok(false),
@@ -467,7 +491,7 @@ fn parse_bool(k: &str, v: &str) -> Result<bool, String> {
 
 /// gfp text (`GFP_KERNEL|__GFP_ZERO`, `0x...`, `none`); unknown names are
 /// dropped (see the module header).
-fn parse_gfp(v: &str) -> Result<u32, String> {
+pub(crate) fn parse_gfp(v: &str) -> Result<u32, String> {
     if let Ok(m) = gfp::parse(v) {
         return Ok(m);
     }
@@ -485,7 +509,7 @@ fn parse_gfp(v: &str) -> Result<u32, String> {
     Ok(m)
 }
 
-fn small<T: TryFrom<i64>>(k: &str, v: i64) -> Result<T, String> {
+pub(crate) fn small<T: TryFrom<i64>>(k: &str, v: i64) -> Result<T, String> {
     T::try_from(v).map_err(|_| format!("{k}={v} out of range"))
 }
 
@@ -519,7 +543,7 @@ const KNOWN: &[(&str, Kind)] = &[
     ("vmalloc:purge_vmap_area_lazy", Kind::Other),
 ];
 
-fn lookup_kind(name: &str) -> Option<(&'static str, Kind)> {
+pub(crate) fn lookup_kind(name: &str) -> Option<(&'static str, Kind)> {
     KNOWN.iter().find_map(|&(full, k)| {
         let short = &full[full.find(':').unwrap_or(0) + 1..];
         (full == name || short == name).then_some((full, k))
@@ -676,6 +700,27 @@ impl Parser {
     /// Events parsed so far.
     pub fn events(&self) -> usize {
         self.log.events.len()
+    }
+
+    /// The trace built so far (perf.data appends to it directly).
+    pub(crate) fn log_mut(&mut self) -> &mut TraceLog {
+        &mut self.log
+    }
+
+    /// One event from its parts, as if it were a line of `perf script`
+    /// (perf.data: events printed from their format). The error is the
+    /// message a malformed line would get.
+    pub(crate) fn push_event(
+        &mut self,
+        comm: &str,
+        pid: u32,
+        cpu: u32,
+        ts_ns: u64,
+        name: &str,
+        fields: &str,
+    ) -> Result<(), String> {
+        self.chain_of = None;
+        self.event(Head { comm, pid, cpu, ts_ns, name, fields })
     }
 
     /// Parse the complete lines of `chunk` (keeping a trailing partial line).
