@@ -27,7 +27,7 @@
 //!    to become reserved instead (free pages never exceed managed ones);
 //! 4. the traced pre-trace blocks become allocated blocks of their order at
 //!    their pfns (elsewhere in their zone, same order, if a free block had to
-//!    take the spot);
+//!    take the spot or the layout reserves it);
 //! 5. slabs: the traced ones at their pfns with their traced live objects,
 //!    the rest of each cache's recorded slabs in other in-use pages of
 //!    GFP_KERNEL's zones (Normal first, then the zones below); free objects spread evenly over a cache's slabs, which then sit
@@ -259,17 +259,23 @@ impl Machine {
                     lay.set(pfn, n, USED);
                 }
             }
-            for &(pfn, order) in &plan.allocated {
-                let n = 1u64 << order.min(crate::arch::MAX_PAGE_ORDER);
+            // Only pages ours to hand out: a traced block over reserved
+            // (or already used) pages goes elsewhere (steps 4 and 5), so the
+            // zone keeps its managed count.
+            let need = |lay: &mut Layout, pfn: u64, n: u64| {
                 if lay.contains(pfn, n) {
-                    lay.set(pfn, n, NEED);
+                    for p in pfn..pfn + n {
+                        if lay.get(p) == USED {
+                            lay.set(p, 1, NEED);
+                        }
+                    }
                 }
+            };
+            for &(pfn, order) in &plan.allocated {
+                need(&mut lay, pfn, 1u64 << order.min(crate::arch::MAX_PAGE_ORDER));
             }
             for &(pfn, order, _) in &slab_need {
-                let n = 1u64 << order;
-                if lay.contains(pfn, n) {
-                    lay.set(pfn, n, NEED);
-                }
+                need(&mut lay, pfn, 1u64 << order);
             }
             let mut zr = WarmZoneReport { zone: z.kind.name(), target: wz.free, ..Default::default() };
             {
