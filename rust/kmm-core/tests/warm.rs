@@ -509,3 +509,37 @@ fn warm_start_refuses_a_machine_in_use() {
     m.kfree(a.0, &cs).unwrap();
     assert_clean(&m);
 }
+
+
+
+#[test]
+fn a_pre_trace_block_on_a_reserved_page_goes_elsewhere() {
+    // The trace frees pfn 50 (order 0) and 3950 (order 1) before allocating
+    // them, but the layout reserves 1..100 and 3940..4096 of DMA: the blocks
+    // are placed on managed pages instead, and the zone keeps its 255
+    // reserved pages (managed 3840).
+    let m = small();
+    let mut free = no_free();
+    free[10][MOV] = 2;
+    let plan = WarmPlan {
+        zones: vec![zone_plan(ZoneKind::Dma, free, vec![])],
+        allocated: vec![(50, 0), (3950, 1)],
+        ..Default::default()
+    };
+    let rep = m.warm_start(&plan).unwrap();
+    assert!(rep.warnings.is_empty(), "{:?}", rep.warnings);
+    assert_eq!(rep.allocated_missed, 0);
+    assert_eq!(rep.allocated.len(), 2);
+    let dma = &m.zones[0];
+    assert_eq!(reserved(&m, dma).len(), 255);
+    for &(traced, at, order) in &rep.allocated {
+        assert_ne!(traced, at);
+        assert!(at >= 100 && at + (1 << order) <= 3940, "{at}");
+        assert!(!m.mem_map.get(at).has(PG_RESERVED));
+        m.free_pages(Pfn(at), order).unwrap();
+    }
+    m.drain_all_pages();
+    assert_eq!(dma.free_pages(), 2048 + 1 + 2);
+    assert!(dma.free_pages() <= dma.managed);
+    assert_clean(&m);
+}
