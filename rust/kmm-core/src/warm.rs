@@ -22,13 +22,15 @@
 //!    the zone down, smaller ones in the other pageblocks of their type from
 //!    the bottom up; a block is placed only where its buddy is not a free
 //!    block of the same order, so nothing merges and each free list holds
-//!    exactly its count. Pages the trace needs allocated are avoided;
+//!    exactly its count. Pages the trace needs allocated are avoided; a
+//!    block may take reserved pages only while as many in-use pages are left
+//!    to become reserved instead (free pages never exceed managed ones);
 //! 4. the traced pre-trace blocks become allocated blocks of their order at
 //!    their pfns (elsewhere in their zone, same order, if a free block had to
-//!    take the spot);
+//!    take the spot or the layout reserves it);
 //! 5. slabs: the traced ones at their pfns with their traced live objects,
-//!    the rest of each cache's recorded slabs in the zone's other in-use
-//!    pages; free objects spread evenly over a cache's slabs, which then sit
+//!    the rest of each cache's recorded slabs in other in-use pages of
+//!    GFP_KERNEL's zones (Normal first, then the zones below); free objects spread evenly over a cache's slabs, which then sit
 //!    on the node partial list (so slabinfo's active_objs/num_objs come back);
 //! 6. each CPU's pcp list gets its recorded `count` of order-0 pages (the
 //!    traced ones first) and its recorded `high`;
@@ -257,17 +259,23 @@ impl Machine {
                     lay.set(pfn, n, USED);
                 }
             }
-            for &(pfn, order) in &plan.allocated {
-                let n = 1u64 << order.min(crate::arch::MAX_PAGE_ORDER);
+            // Only pages ours to hand out: a traced block over reserved
+            // (or already used) pages goes elsewhere (steps 4 and 5), so the
+            // zone keeps its managed count.
+            let need = |lay: &mut Layout, pfn: u64, n: u64| {
                 if lay.contains(pfn, n) {
-                    lay.set(pfn, n, NEED);
+                    for p in pfn..pfn + n {
+                        if lay.get(p) == USED {
+                            lay.set(p, 1, NEED);
+                        }
+                    }
                 }
+            };
+            for &(pfn, order) in &plan.allocated {
+                need(&mut lay, pfn, 1u64 << order.min(crate::arch::MAX_PAGE_ORDER));
             }
             for &(pfn, order, _) in &slab_need {
-                let n = 1u64 << order;
-                if lay.contains(pfn, n) {
-                    lay.set(pfn, n, NEED);
-                }
+                need(&mut lay, pfn, 1u64 << order);
             }
             let mut zr = WarmZoneReport { zone: z.kind.name(), target: wz.free, ..Default::default() };
             {
@@ -485,6 +493,10 @@ impl Machine {
         let mut took = 0u64;
         let pbo = self.pageblock_order;
         let end = lay.start + lay.state.len() as u64;
+        // USED pages not in a placed block: each reserved page a block takes
+        // needs one of them to become reserved in its place (free pages
+        // never exceed the managed ones).
+        let mut used_left = lay.state.iter().filter(|&&s| s == USED).count() as u64;
         for order in (0..NR_PAGE_ORDERS as u32).rev() {
             let n = 1u64 << order;
             for mt in 0..MIGRATE_TYPES as u8 {
@@ -511,7 +523,9 @@ impl Machine {
                             && (order < pbo || (0..n >> pbo).all(|k| a.pageblock_migratetype(cur + (k << pbo)) == mt))
                             && lay.all_free_candidates(cur, n, avoid_need)
                             && !a.would_merge(&self.mem_map, cur, order, mt)
+                            && used_left - lay.count(cur, n, USED) >= took + lay.count(cur, n, RESV)
                         {
+                            used_left -= lay.count(cur, n, USED);
                             let resv = lay.count(cur, n, RESV);
                             if resv > 0 {
                                 for p in cur..cur + n {
@@ -614,7 +628,12 @@ impl Machine {
         // Free objects per slab beyond the known ones, spread evenly.
         let each = free_left.checked_div(nslabs).unwrap_or(0);
         let extra = free_left.checked_rem(nslabs).unwrap_or(0);
-        let normal = self.zone_index(ZoneKind::Normal).unwrap_or(0);
+        // Slabs come from GFP_KERNEL's zonelist: Normal, then the zones below
+        // it (a machine below 4 GiB has no Normal zone; a full one falls back).
+        let zonelist: Vec<usize> = (0..=self.zone_index(ZoneKind::Normal).unwrap_or(0)).rev().collect();
+        let find = |layouts: &mut [Option<Layout>]| {
+            zonelist.iter().find_map(|&zi| layouts[zi].as_mut().and_then(|l| find_aligned(l, order, USED, true)))
+        };
         let mut made = 0u64;
         let mut active = 0u64;
         let mut k = 0u64;
@@ -652,7 +671,7 @@ impl Machine {
                 }
                 None => {
                     rep.slabs_moved += 1;
-                    layouts[normal].as_mut().and_then(|l| find_aligned(l, order, USED, true))
+                    find(layouts)
                 }
             };
             let Some(at) = at else { break };
@@ -663,7 +682,7 @@ impl Machine {
             made += 1;
         }
         for _ in 0..anon {
-            let at = layouts[normal].as_mut().and_then(|l| find_aligned(l, order, USED, true));
+            let at = find(layouts);
             let Some(at) = at else {
                 rep.warnings.push(format!("{}: no room for {} more slabs", c.name, nslabs - made));
                 break;

@@ -351,7 +351,12 @@ fn pagetypeinfo_lines(lines: &[Line<'_>]) -> Result<PagetypeInfo, ProcError> {
             }
             continue;
         }
-        // A section this reader does not know ("Number of mixed blocks ..."): skip it.
+        // A section this reader does not know ("Number of mixed blocks type",
+        // vmstat.c pagetypeinfo_showmixedcount with page_owner): skip it. Any
+        // other line is malformed (skipping it would drop the rows after it).
+        if !t.starts_with("Number of") {
+            return err(n, format!("expected 'Node N, zone NAME, ...' or a 'Number of ...' header, found '{}'", show(t)));
+        }
         sec = PtSection::Other;
     }
     if !have_order {
