@@ -229,7 +229,7 @@ def test_help_says_plain_kmm_replays_the_sample(capsys):
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     path, what = cli.default_trace()
-    assert path == SAMPLE_TRACE
+    assert path == kmm.trace.BUNDLE and (path / "perf.data.xz").is_file()
     assert f"Plain `kmm` (no COMMAND) is `kmm replay`: it replays {what} ({path.name})" in text
 
 

@@ -26,7 +26,8 @@ EXIT_ERROR = 1
 def default_trace() -> tuple[Path, str]:
     """The trace plain ``kmm`` (and ``kmm replay`` without a FILE) replays,
     and a few words on what it is: the one place to change the default."""
-    return kmm.trace.SAMPLE, "the sample trace shipped with kmm, a perf script of Linux 6.18 on 2 CPUs"
+    return kmm.trace.BUNDLE, ("the recording shipped with kmm (12 s of a Linux 6.18 VM with 2 CPUs copying, "
+                              "compressing and compiling files: its perf.data and /proc state)")
 
 
 def _machine_args(p: argparse.ArgumentParser, memory: str | None = "1G", cpus: int | None = 2) -> None:

@@ -42,6 +42,7 @@ from kmm.recording import Recording, load_dir
 
 __all__ = [
     "SAMPLE",
+    "BUNDLE",
     "TraceLog",
     "TraceEvent",
     "Recording",
@@ -65,6 +66,11 @@ __all__ = [
 
 #: The sample trace shipped with kmm (Linux 6.18, 2 CPUs, 83,084 events).
 SAMPLE = Path(__file__).parent / "data" / "sample.perf.txt.xz"
+
+#: The recording bundle shipped with kmm (Linux 6.18 VM, 2 CPUs, 12 s of a
+#: copy/compress/compile workload, 2.08M events; perf.data, kallsyms and the
+#: /proc state around it): what plain ``kmm`` replays.
+BUNDLE = Path(__file__).parent / "data" / "warm2"
 
 #: perf kmem's sort keys (``-s``), slab and page.
 SLAB_SORT_KEYS = ("ptr", "callsite", "hit", "bytes", "frag", "pingpong")
@@ -445,11 +451,20 @@ class DynRow:
     tracepoint: str
     kernel: int
     kmm: int
+    #: Of ``kmm``, those that fell in stretches where perf lost the kernel's
+    #: events on their CPU (the kernel's count cannot include its own there).
+    kmm_in_lost: int = 0
 
     @property
     def ratio(self) -> float | None:
         """kmm / kernel (None when the kernel's count is 0)."""
         return self.kmm / self.kernel if self.kernel else None
+
+    @property
+    def ratio_seen(self) -> float | None:
+        """kmm outside perf's lost stretches / kernel: the comparison where
+        the trace saw everything (None when the kernel's count is 0)."""
+        return (self.kmm - self.kmm_in_lost) / self.kernel if self.kernel else None
 
 
 @dataclass(frozen=True)
@@ -526,6 +541,9 @@ class ReplayReport:
     #: Chunks and events perf lost while recording (the replay could not see them).
     lost_chunks: int = 0
     lost_events: int = 0
+    #: Where perf lost events: (cpu, start ns, end ns), each the CPU's longest
+    #: silence before its PERF_RECORD_LOST.
+    lost_stretches: list[tuple[int, int, int]] = field(default_factory=list)
 
     def __getitem__(self, key: str) -> Any:
         """``report["dynamics"]``, ``report["end_state"]``, ``report["trajectory"]``, ...:
@@ -649,11 +667,25 @@ class ReplayReport:
         out: list[str] = []
         w = out.append
         if self.dynamics:
+            lost = bool(self.lost_stretches)
             w("kmm's dynamics against the kernel's (tracepoints counted in the trace and in the replay):")
-            w(f"  {'':<44} {'kernel':>10} {'kmm':>10} {'kmm/kernel':>11}")
+            head = f"  {'':<44} {'kernel':>10} {'kmm':>10} {'kmm/kernel':>11}"
+            if lost:
+                head += f" {'in lost':>9} {'seen/kernel':>12}"
+            w(head)
             for r in self.dynamics:
                 ratio = f"{r.ratio:.2f}" if r.ratio is not None else "-"
-                w(f"  {r.what:<44} {r.kernel:>10,} {r.kmm:>10,} {ratio:>11}")
+                line = f"  {r.what:<44} {r.kernel:>10,} {r.kmm:>10,} {ratio:>11}"
+                if lost:
+                    seen = f"{r.ratio_seen:.2f}" if r.ratio_seen is not None else "-"
+                    line += f" {r.kmm_in_lost:>9,} {seen:>12}"
+                w(line)
+            if lost:
+                span = sum(b - a for _c, a, b in self.lost_stretches) / 1e9
+                w(f"  in lost: kmm's events in the {len(self.lost_stretches)} stretches ({span:.2f} s of CPU time) where "
+                  f"perf lost {self.lost_events:,} of the kernel's events ({self.lost_chunks} chunks); seen/kernel "
+                  "leaves them out. The kernel's counts miss what perf lost, and the replay never saw the lost "
+                  "allocations and frees.")
             w("")
         if self.end_state:
             w("End state against the kernel's end.buddyinfo (free blocks per order; distance = "

@@ -177,6 +177,11 @@ impl PyTraceLog {
     fn lost_chunks(&self) -> u64 {
         self.log.lost_chunks
     }
+    /// perf.data: each lost chunk as (cpu, ns when perf wrote it, events lost).
+    #[getter]
+    fn lost_records(&self) -> Vec<(u32, u64, u64)> {
+        self.log.lost_records.clone()
+    }
     /// perf.data: samples counted by PERF_RECORD_LOST_SAMPLES records.
     #[getter]
     fn lost_samples(&self) -> u64 {
@@ -225,9 +230,10 @@ impl PyTraceLog {
         d.set_item("timer_runs", r.timer_runs)?;
         d.set_item("sim_ns", r.sim_ns)?;
         d.set_item("warnings", r.warnings.clone())?;
-        let dynamics: Vec<(String, String, u64, u64)> =
-            r.dynamics.iter().map(|x| (x.what.clone(), x.tracepoint.clone(), x.kernel, x.kmm)).collect();
+        let dynamics: Vec<(String, String, u64, u64, u64)> =
+            r.dynamics.iter().map(|x| (x.what.clone(), x.tracepoint.clone(), x.kernel, x.kmm, x.kmm_in_lost)).collect();
         d.set_item("dynamics", dynamics)?;
+        d.set_item("lost_stretches", r.lost_stretches.clone())?;
         let ends = pyo3::types::PyList::empty(py);
         for z in &r.end_state {
             let zd = PyDict::new(py);
@@ -241,7 +247,8 @@ impl PyTraceLog {
             ends.append(zd)?;
         }
         d.set_item("end_state", ends)?;
-        let traj: Vec<(u64, u64, Vec<(String, u64, u64, f64)>)> =
+        type Point = (u64, u64, Vec<(String, u64, u64, f64)>);
+        let traj: Vec<Point> =
             r.trajectory.iter().map(|t| (t.ts_ns, t.event, t.zones.clone())).collect();
         d.set_item("trajectory", traj)?;
         d.set_item("events", r.events)?;

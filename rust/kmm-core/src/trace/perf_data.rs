@@ -1027,6 +1027,7 @@ pub fn parse(data: &[u8], o: &Options<'_>) -> Result<TraceLog, PerfDataError> {
     let mut res = Resolver { kallsyms: o.kallsyms, map: None, delta: 0 };
     let mut cs_memo: HashMap<u64, u32> = HashMap::new();
     let (mut lost_chunks, mut lost_events, mut lost_samples) = (0u64, 0u64, 0u64);
+    let mut lost_recs: Vec<(u32, u64, u64)> = Vec::new();
     let mut text = String::new();
     let mut sample_no = 0u64;
 
@@ -1142,6 +1143,9 @@ pub fn parse(data: &[u8], o: &Options<'_>) -> Result<TraceLog, PerfDataError> {
             EventRecord::Lost(l) => {
                 lost_chunks += 1;
                 lost_events += l.count;
+                if let Ok(c) = record.common_data() {
+                    lost_recs.push((c.cpu.unwrap_or(u32::MAX), c.timestamp.unwrap_or(0), l.count));
+                }
             }
             EventRecord::Mmap(m) if m.cpu_mode == CpuMode::Kernel => {
                 let path = m.path.as_slice();
@@ -1168,6 +1172,8 @@ pub fn parse(data: &[u8], o: &Options<'_>) -> Result<TraceLog, PerfDataError> {
 
     let mut log = std::mem::take(parser.log_mut());
     log.lost_chunks = lost_chunks;
+    lost_recs.sort_unstable_by_key(|r| r.1);
+    log.lost_records = lost_recs;
     log.lost_events = lost_events;
     log.lost_samples = lost_samples;
     log.truncated_at = truncated_at;

@@ -211,6 +211,9 @@ pub struct TraceLog {
     /// perf.data: PERF_RECORD_LOST records ("chunks": each is one stretch
     /// of events a CPU's ring buffer had no room for).
     pub lost_chunks: u64,
+    /// perf.data: each PERF_RECORD_LOST as (cpu, ns, events lost): the
+    /// time perf wrote it, after the stretch it could not record.
+    pub lost_records: Vec<(u32, u64, u64)>,
     /// perf.data: samples its PERF_RECORD_LOST_SAMPLES records count (perf
     /// record reads them from each event at the end; they overlap
     /// `lost_events`).

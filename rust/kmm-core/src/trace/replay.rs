@@ -129,6 +129,9 @@ pub struct DynRow {
     pub tracepoint: String,
     pub kernel: u64,
     pub kmm: u64,
+    /// Of `kmm`, those in stretches perf lost on their CPU (the kernel's
+    /// trace cannot show its own there).
+    pub kmm_in_lost: u64,
 }
 
 impl DynRow {
@@ -273,6 +276,8 @@ pub struct ReplayReport {
     pub sim_ns: u64,
     /// Things the reader should know (a warm start made for another trace, ...).
     pub warnings: Vec<String>,
+    /// Where perf lost events: (cpu, start ns, end ns).
+    pub lost_stretches: Vec<(u32, u64, u64)>,
 }
 
 impl ReplayReport {
@@ -411,13 +416,12 @@ struct Replayer<'a> {
     counts: Arc<KmmCounts>,
 }
 
-/// kmm's own allocator-internal events during a replay (a trace sink).
+/// Counts of kmm's own allocator-internal events.
 #[derive(Default)]
-struct KmmCounts {
+struct Counts {
     zone_locked: AtomicU64,
     zone_locked_refill: AtomicU64,
     drain: AtomicU64,
-    drain_pages: AtomicU64,
     extfrag: AtomicU64,
     extfrag_owner: AtomicU64,
     /// (alloc_mt, fallback_mt) -> count, both < MIGRATE_TYPES.
@@ -428,44 +432,100 @@ struct KmmCounts {
     free_pages: AtomicU64,
 }
 
+impl Counts {
+    fn add(&self, p: &crate::trace::Payload) {
+        use crate::trace::Payload::*;
+        match p {
+            MmPageAllocZoneLocked { percpu_refill, .. } => {
+                self.zone_locked.fetch_add(1, Relaxed);
+                if *percpu_refill {
+                    self.zone_locked_refill.fetch_add(1, Relaxed);
+                }
+            }
+            MmPagePcpuDrain { .. } => {
+                self.drain.fetch_add(1, Relaxed);
+            }
+            MmPageAllocExtfrag { alloc_migratetype, fallback_migratetype, change_ownership, .. } => {
+                self.extfrag.fetch_add(1, Relaxed);
+                if *change_ownership {
+                    self.extfrag_owner.fetch_add(1, Relaxed);
+                }
+                let (a, f) = (*alloc_migratetype as usize, *fallback_migratetype as usize);
+                if a < MIGRATE_TYPES && f < MIGRATE_TYPES {
+                    self.extfrag_by[a][f].fetch_add(1, Relaxed);
+                }
+            }
+            MmPageAlloc { pfn: Some(_), order, .. } => {
+                self.alloc_events.fetch_add(1, Relaxed);
+                self.alloc_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
+            }
+            MmPageFree { order, .. } => {
+                self.free_events.fetch_add(1, Relaxed);
+                self.free_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// kmm's own allocator-internal events during a replay (a trace sink):
+/// all of them, and those inside the stretches perf lost on their CPU
+/// (where the kernel's trace has no events to compare them with).
+#[derive(Default)]
+struct KmmCounts {
+    all: Counts,
+    in_lost: Counts,
+    /// Per CPU: the stretches (start, end ns) perf lost, sorted.
+    lost: Vec<Vec<(u64, u64)>>,
+}
+
 impl KmmCounts {
+    fn in_lost_stretch(&self, cpu: u32, ts: u64) -> bool {
+        let Some(w) = self.lost.get(cpu as usize) else { return false };
+        let i = w.partition_point(|&(a, _)| a < ts);
+        i > 0 && ts < w[i - 1].1
+    }
+
     fn sink(self: &Arc<Self>) -> crate::trace::Sink {
         let c = self.clone();
         Arc::new(move |ev: &crate::trace::Event| {
-            use crate::trace::Payload::*;
-            match &ev.payload {
-                MmPageAllocZoneLocked { percpu_refill, .. } => {
-                    c.zone_locked.fetch_add(1, Relaxed);
-                    if *percpu_refill {
-                        c.zone_locked_refill.fetch_add(1, Relaxed);
-                    }
-                }
-                MmPagePcpuDrain { order, .. } => {
-                    c.drain.fetch_add(1, Relaxed);
-                    c.drain_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
-                }
-                MmPageAllocExtfrag { alloc_migratetype, fallback_migratetype, change_ownership, .. } => {
-                    c.extfrag.fetch_add(1, Relaxed);
-                    if *change_ownership {
-                        c.extfrag_owner.fetch_add(1, Relaxed);
-                    }
-                    let (a, f) = (*alloc_migratetype as usize, *fallback_migratetype as usize);
-                    if a < MIGRATE_TYPES && f < MIGRATE_TYPES {
-                        c.extfrag_by[a][f].fetch_add(1, Relaxed);
-                    }
-                }
-                MmPageAlloc { pfn: Some(_), order, .. } => {
-                    c.alloc_events.fetch_add(1, Relaxed);
-                    c.alloc_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
-                }
-                MmPageFree { order, .. } => {
-                    c.free_events.fetch_add(1, Relaxed);
-                    c.free_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
-                }
-                _ => {}
+            c.all.add(&ev.payload);
+            if c.in_lost_stretch(ev.cpu, ev.ts_ns) {
+                c.in_lost.add(&ev.payload);
             }
         })
     }
+}
+
+/// Where perf lost events: for each PERF_RECORD_LOST of a CPU, the longest
+/// silence of that CPU in the second before perf wrote the record (the
+/// record carries the time writing resumed, not when the buffer filled).
+/// Per CPU, sorted (start, end) ns.
+pub fn lost_stretches(log: &TraceLog) -> Vec<Vec<(u64, u64)>> {
+    let ncpu = log.events.iter().map(|e| e.cpu as usize + 1).max().unwrap_or(0);
+    let mut out: Vec<Vec<(u64, u64)>> = vec![Vec::new(); ncpu];
+    if log.lost_records.is_empty() {
+        return out;
+    }
+    let mut per_cpu: Vec<Vec<u64>> = vec![Vec::new(); ncpu];
+    for e in &log.events {
+        per_cpu[e.cpu as usize].push(e.ts_ns);
+    }
+    for &(cpu, t, _) in &log.lost_records {
+        let Some(ts) = per_cpu.get(cpu as usize) else { continue };
+        let lo = ts.partition_point(|&x| x < t.saturating_sub(1_000_000_000)).saturating_sub(1);
+        let hi = ts.partition_point(|&x| x <= t);
+        let seg = &ts[lo..hi.max(lo)];
+        if let Some((a, b)) = seg.windows(2).map(|w| (w[0], w[1])).max_by_key(|(a, b)| b - a) {
+            if !out[cpu as usize].contains(&(a, b)) {
+                out[cpu as usize].push((a, b));
+            }
+        }
+    }
+    for w in out.iter_mut() {
+        w.sort_unstable();
+    }
+    out
 }
 
 /// Mark the page allocations the slab layer made (`true` = slab-owned).
@@ -773,10 +833,10 @@ impl<'a> Replayer<'a> {
                         k.slab_out += n;
                     }
                 }
-                Kind::Kmalloc | Kind::KmallocNode | Kind::KmemCacheAlloc | Kind::KmemCacheAllocNode | Kind::Kfree | Kind::KmemCacheFree => {
-                    if e.ptr >= self.o.page_offset && e.ptr - self.o.page_offset < (64 << 40) {
-                        obj_pfns.insert((e.ptr - self.o.page_offset) >> shift);
-                    }
+                Kind::Kmalloc | Kind::KmallocNode | Kind::KmemCacheAlloc | Kind::KmemCacheAllocNode | Kind::Kfree | Kind::KmemCacheFree
+                    if e.ptr >= self.o.page_offset && e.ptr - self.o.page_offset < (64 << 40) =>
+                {
+                    obj_pfns.insert((e.ptr - self.o.page_offset) >> shift);
                 }
                 Kind::Other if self.log.name(i) == "kmem:mm_page_alloc_extfrag" => {
                     k.extfrag += 1;
@@ -792,36 +852,55 @@ impl<'a> Replayer<'a> {
                 _ => {}
             }
         }
-        let c = &self.counts;
+        let (c, l) = (&self.counts.all, &self.counts.in_lost);
         let g = |a: &AtomicU64| a.load(Relaxed);
-        let row = |what: &str, tp: &str, kernel: u64, kmm: u64| DynRow { what: what.into(), tracepoint: tp.into(), kernel, kmm };
+        let row = |what: &str, tp: &str, kernel: u64, kmm: u64, lost: u64| DynRow {
+            what: what.into(),
+            tracepoint: tp.into(),
+            kernel,
+            kmm,
+            kmm_in_lost: lost,
+        };
         let mut rows = vec![
-            row("pcp refills and other buddy allocations", "kmem:mm_page_alloc_zone_locked", k.zone_locked, g(&c.zone_locked)),
-            row("  of pcp-sized orders (percpu_refill=1)", "kmem:mm_page_alloc_zone_locked percpu_refill=1", k.zone_locked_refill, g(&c.zone_locked_refill)),
-            row("pcp drains (pages)", "kmem:mm_page_pcpu_drain", k.drain, g(&c.drain)),
-            row("fallbacks to another migratetype", "kmem:mm_page_alloc_extfrag", k.extfrag, g(&c.extfrag)),
-            row("  that took the pageblock", "kmem:mm_page_alloc_extfrag change_ownership=1", k.extfrag_owner, g(&c.extfrag_owner)),
+            row("pcp refills and other buddy allocations", "kmem:mm_page_alloc_zone_locked", k.zone_locked, g(&c.zone_locked), g(&l.zone_locked)),
+            row(
+                "  of pcp-sized orders (percpu_refill=1)",
+                "kmem:mm_page_alloc_zone_locked percpu_refill=1",
+                k.zone_locked_refill,
+                g(&c.zone_locked_refill),
+                g(&l.zone_locked_refill),
+            ),
+            row("pcp drains (pages)", "kmem:mm_page_pcpu_drain", k.drain, g(&c.drain), g(&l.drain)),
+            row("fallbacks to another migratetype", "kmem:mm_page_alloc_extfrag", k.extfrag, g(&c.extfrag), g(&l.extfrag)),
+            row(
+                "  that took the pageblock",
+                "kmem:mm_page_alloc_extfrag change_ownership=1",
+                k.extfrag_owner,
+                g(&c.extfrag_owner),
+                g(&l.extfrag_owner),
+            ),
         ];
-        for a in 0..MIGRATE_TYPES {
-            for f in 0..MIGRATE_TYPES {
+        for (a, an) in MIGRATETYPE_NAMES.iter().enumerate() {
+            for (f, fname) in MIGRATETYPE_NAMES.iter().enumerate() {
                 let (kn, mn) = (k.extfrag_by[a][f], g(&c.extfrag_by[a][f]));
                 if kn + mn > 0 {
                     rows.push(row(
-                        &format!("  {} from {}", MIGRATETYPE_NAMES[a], MIGRATETYPE_NAMES[f]),
+                        &format!("  {an} from {fname}"),
                         &format!("kmem:mm_page_alloc_extfrag alloc_migratetype={a} fallback_migratetype={f}"),
                         kn,
                         mn,
+                        g(&l.extfrag_by[a][f]),
                     ));
                 }
             }
         }
         rows.extend([
-            row("pages the slab layer took", "kmem:mm_page_alloc of slab pages", k.slab_in, slab_pages_in),
-            row("pages the slab layer returned", "kmem:mm_page_free of slab pages", k.slab_out, slab_pages_out),
-            row("page allocations", "kmem:mm_page_alloc", k.alloc_events, g(&c.alloc_events)),
-            row("pages allocated", "kmem:mm_page_alloc (1 << order)", k.alloc_pages, g(&c.alloc_pages)),
-            row("page frees", "kmem:mm_page_free", k.free_events, g(&c.free_events)),
-            row("pages freed", "kmem:mm_page_free (1 << order)", k.free_pages, g(&c.free_pages)),
+            row("pages the slab layer took", "kmem:mm_page_alloc of slab pages", k.slab_in, slab_pages_in, 0),
+            row("pages the slab layer returned", "kmem:mm_page_free of slab pages", k.slab_out, slab_pages_out, 0),
+            row("page allocations", "kmem:mm_page_alloc", k.alloc_events, g(&c.alloc_events), g(&l.alloc_events)),
+            row("pages allocated", "kmem:mm_page_alloc (1 << order)", k.alloc_pages, g(&c.alloc_pages), g(&l.alloc_pages)),
+            row("page frees", "kmem:mm_page_free", k.free_events, g(&c.free_events), g(&l.free_events)),
+            row("pages freed", "kmem:mm_page_free (1 << order)", k.free_pages, g(&c.free_pages), g(&l.free_pages)),
         ]);
         self.r.dynamics = rows;
     }
@@ -870,6 +949,9 @@ impl<'a> Replayer<'a> {
         let slab_in = self.m.slab.pages_allocated.load(Relaxed) - slab_in0;
         let slab_out = self.m.slab.pages_freed.load(Relaxed) - slab_out0;
         self.dynamics(&owned, slab_in, slab_out);
+        for (cpu, w) in self.counts.lost.iter().enumerate() {
+            self.r.lost_stretches.extend(w.iter().map(|&(a, b)| (cpu as u32, a, b)));
+        }
         self.end_state();
         self.r.sim_ns = match (self.log.events.first(), self.log.events.last()) {
             (Some(a), Some(b)) => b.ts_ns.saturating_sub(a.ts_ns),
@@ -1241,7 +1323,7 @@ pub fn replay_bundle(log: &TraceLog, m: &Machine, o: &ReplayOptions, bundle: Opt
         bundle,
         next_sample: 0,
         next_due: 0,
-        counts: Arc::new(KmmCounts::default()),
+        counts: Arc::new(KmmCounts { lost: lost_stretches(log), ..Default::default() }),
     };
     let res = r.run();
     if r.bound.take().is_some() {
