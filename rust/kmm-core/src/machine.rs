@@ -746,6 +746,18 @@ impl Machine {
                     a.free_pages
                 ));
             }
+            // machine-3: the zone's pages that are not reserved are its managed ones.
+            let unreserved = (z.start_pfn..z.end_pfn()).filter(|&p| !self.mem_map.get(p).has(PG_RESERVED)).count() as u64;
+            if unreserved != z.managed {
+                errs.push(format!(
+                    "machine-3: {} has {unreserved} pages not PG_reserved but manages {}",
+                    z.kind.name(),
+                    z.managed
+                ));
+            }
+            if a.free_pages > z.managed {
+                errs.push(format!("zone-1: {} has {} free pages but manages {}", z.kind.name(), a.free_pages, z.managed));
+            }
             let w: Vec<u64> = z.watermark.iter().map(|w| w.load(Relaxed)).collect();
             if !(w[0] <= w[1] && w[1] <= w[2] && w[2] <= w[3]) {
                 errs.push(format!("zone-2: {} watermarks out of order {w:?}", z.kind.name()));

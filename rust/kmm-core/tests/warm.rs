@@ -543,3 +543,14 @@ fn a_pre_trace_block_on_a_reserved_page_goes_elsewhere() {
     assert!(dma.free_pages() <= dma.managed);
     assert_clean(&m);
 }
+
+#[test]
+fn checker_reports_a_reserved_page_that_lost_its_flag() {
+    let m = Machine::new(warm2_config()).unwrap();
+    assert!(m.check().is_empty());
+    // An offline page of Normal (beyond its managed run) loses PG_reserved:
+    // the zone now has one page more outside the reserved ones than it manages.
+    let pfn = 1048576 + 2064384 + 100;
+    m.mem_map.get(pfn).clear();
+    assert_eq!(m.check(), vec!["machine-3: Normal has 2064385 pages not PG_reserved but manages 2064384".to_string()]);
+}
