@@ -34,11 +34,12 @@ def best(fn, repeat: int):
 
 def table(r: kmm.trace.ReplayReport, title: str) -> None:
     print(f"\n{title}\n")
-    print("| figure | tracepoint | kernel | kmm | kmm/kernel |")
-    print("|---|---|---:|---:|---:|")
+    print("| figure | tracepoint | kernel | kmm | kmm/kernel | kmm in perf's lost stretches | seen/kernel |")
+    print("|---|---|---:|---:|---:|---:|---:|")
     for d in r["dynamics"]:
         ratio = f"{d.ratio:.2f}" if d.ratio is not None else "-"
-        print(f"| {d.what.strip()} | `{d.tracepoint}` | {d.kernel:,} | {d.kmm:,} | {ratio} |")
+        seen = f"{d.ratio_seen:.2f}" if d.ratio_seen is not None else "-"
+        print(f"| {d.what.strip()} | `{d.tracepoint}` | {d.kernel:,} | {d.kmm:,} | {ratio} | {d.kmm_in_lost:,} | {seen} |")
     print()
     print("| zone | kernel free pages at the end | kmm's | end-state distance | mean trajectory distance |")
     print("|---|---:|---:|---:|---:|")

@@ -117,6 +117,22 @@ impl Clock {
         }
     }
 
+    /// The first time after `t` on `cpu`'s grid (where work that
+    /// `round_jiffies_relative(HZ)` keeps re-arming fires): a worker of a
+    /// system already running when the clock starts fires there next.
+    pub fn next_on_grid(t: u64, cpu: u32, phase: u64) -> u64 {
+        let skew = CPU_SKEW_NS * cpu as u64;
+        let phase = phase % STAT_INTERVAL_NS;
+        // Grid points g with (g + skew) % 1s == phase.
+        let off = (phase + STAT_INTERVAL_NS - skew % STAT_INTERVAL_NS) % STAT_INTERVAL_NS;
+        let base = t - t % STAT_INTERVAL_NS + off;
+        if base > t {
+            base
+        } else {
+            base + STAT_INTERVAL_NS
+        }
+    }
+
     /// The jiffies phase seen in timer work of a trace: the start times
     /// (ns) of vmstat_update's drains on each CPU. A run of CPU `c` fires at
     /// `phase - skew(c)` into a second; returns the median phase, or None.

@@ -927,11 +927,12 @@ impl Machine {
             return 0;
         }
         if self.clock.shepherd_ns.load(Relaxed) == 0 {
-            // Start: the workers of a running system are armed.
+            // Start: the workers of a running system are armed on their
+            // grid, each to fire at its next point after `t`.
             self.clock_set(t);
-            self.clock.shepherd_ns.store(Clock::round_next(t, 0, phase), Relaxed);
+            self.clock.shepherd_ns.store(Clock::next_on_grid(t, 0, phase), Relaxed);
             for (cpu, w) in work.iter_mut().enumerate() {
-                w.next_ns = Clock::round_next(t, cpu as u32, phase);
+                w.next_ns = Clock::next_on_grid(t, cpu as u32, phase);
                 w.seen_events = self.cpu_page_events(cpu as u32);
             }
             return 0;

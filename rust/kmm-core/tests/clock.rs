@@ -283,12 +283,13 @@ fn the_first_advance_only_starts_the_clock() {
     assert_eq!(m.clock.now(), 0);
     assert_eq!(m.clock_next_due(), 0, "not started");
     let ev = record(&m, &[EventId::MmPagePcpuDrain]);
-    let t0 = 10 * S + 500 * MS;
+    let t0 = 11 * S + 500 * MS;
     assert_eq!(m.advance_time(t0), 0, "no work at the start");
     assert_eq!(m.clock.now(), t0);
     assert!(drains(&ev).is_empty());
     assert_eq!(pcp(&m, 0), (950, 1000));
-    // cpu 1 fires first: 11.5 + 0.012 -> up to 12.0, minus 12 ms.
+    // The workers of a system already running fire at their next point on
+    // the jiffies grid: cpu 1 first, at 12.0 s minus its 12 ms skew.
     assert_eq!(m.clock_next_due(), 12 * S - 12 * MS);
     // A time in the past changes nothing.
     assert_eq!(m.advance_time(t0 - S), 0);
@@ -300,7 +301,7 @@ fn timer_work_runs_in_time_order_and_its_events_carry_the_simulated_time() {
     let m = machine();
     warm(&m, vec![(300, 400), (950, 1000)]);
     let ev = record(&m, &[EventId::MmPagePcpuDrain]);
-    let t0 = 10 * S + 500 * MS;
+    let t0 = 11 * S + 500 * MS;
     m.advance_time(t0);
     // Up to 12.5 s: cpu 1 at 11.988 (drains 64: 950 -> 886), cpu 0 at 12.0
     // (400 -> 350, nothing drained).

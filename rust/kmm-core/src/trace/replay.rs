@@ -477,6 +477,10 @@ struct KmmCounts {
     in_lost: Counts,
     /// Per CPU: the stretches (start, end ns) perf lost, sorted.
     lost: Vec<Vec<(u64, u64)>>,
+    /// Only events in the trace's time span count (timer work that runs
+    /// between the start state and the first traced event, or after the
+    /// last, has no kernel events to compare with).
+    span: (u64, u64),
 }
 
 impl KmmCounts {
@@ -489,6 +493,9 @@ impl KmmCounts {
     fn sink(self: &Arc<Self>) -> crate::trace::Sink {
         let c = self.clone();
         Arc::new(move |ev: &crate::trace::Event| {
+            if ev.ts_ns < c.span.0 || ev.ts_ns > c.span.1 {
+                return;
+            }
             c.all.add(&ev.payload);
             if c.in_lost_stretch(ev.cpu, ev.ts_ns) {
                 c.in_lost.add(&ev.payload);
@@ -1323,7 +1330,14 @@ pub fn replay_bundle(log: &TraceLog, m: &Machine, o: &ReplayOptions, bundle: Opt
         bundle,
         next_sample: 0,
         next_due: 0,
-        counts: Arc::new(KmmCounts { lost: lost_stretches(log), ..Default::default() }),
+        counts: Arc::new(KmmCounts {
+            lost: lost_stretches(log),
+            span: match (log.events.first(), log.events.last(), o.time) {
+                (Some(a), Some(b), true) => (a.ts_ns, b.ts_ns),
+                _ => (0, u64::MAX),
+            },
+            ..Default::default()
+        }),
     };
     let res = r.run();
     if r.bound.take().is_some() {
