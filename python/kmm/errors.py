@@ -77,7 +77,10 @@ class MemoryCorruptionError(KmmError):
 
 
 class TraceFormatError(KmmError, ValueError):
-    """A malformed line in a trace file; ``line`` is its 1-based number."""
+    """A trace file kmm cannot read: ``line`` is the 1-based number of a
+    malformed text line (0 if none), ``offset`` the byte offset in a
+    perf.data where reading failed (None if none)."""
 
     code = "trace_format"
     line: int = 0
+    offset: int | None = None

@@ -28,6 +28,7 @@
 //!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
 //!                   vmalloc, kmap, stacks; Machine::read/write go through it)
 //!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
+//!   trace::{perf_data, tp_format, kallsyms} <- perf_script (perf.data input: formats from the file, call sites)
 //!   trace::{procfs, bundle} <- perf_script                (a recording's /proc files)
 //!   trace::shape  <- machine, slab, warm, bundle          (a machine shaped and warmed for a trace)
 //!   warm         <- machine, buddy, pcp, slab            (warm start: a recorded state)
