@@ -596,6 +596,23 @@ def test_zoneinfo_of_another_machine_is_a_warning(tmp_path, head_lines):
     assert m.check() == []
 
 
+def test_zones_no_machine_can_have_fall_back_to_the_trace(tmp_path, head_lines):
+    # A zoneinfo whose Normal spans 35 TiB of physical addresses: the warning
+    # says why it was not used, and the machine is sized from the trace, cold.
+    def huge(t: str) -> str:
+        return t.replace("spanned  5505024", "spanned  9505024000").replace("present  5505024", "present  9505024000")
+    rec = kmm.trace.load(small_bundle(tmp_path / "b", head_lines, edit={"start.zoneinfo.txt": huge}))
+    m = rec.machine()
+    w = rec.machine_info["warnings"][0]
+    assert w.startswith("the recording's zones cannot shape a machine (start.zoneinfo: its zones span ") and \
+        "sized from the trace, cold" in w, w
+    assert "cold start: the recording's zones could not be used" in rec.machine_info["notes"]
+    assert m.warm_start is None and m.memory < 64 << 30
+    r = kmm.trace.replay(rec, m)
+    assert r.events == len(rec) and not r.warm
+    assert m.check() == []
+
+
 def test_malformed_files_are_warnings_naming_file_and_line(tmp_path, head_lines):
     garbage = "garbage line here"
     d = small_bundle(tmp_path / "b", head_lines, edit={

@@ -191,7 +191,7 @@ impl Layout {
         self.state[i..i + n as usize].fill(v);
     }
     fn contains(&self, pfn: u64, n: u64) -> bool {
-        pfn >= self.start && pfn + n <= self.start + self.state.len() as u64
+        pfn >= self.start && pfn.checked_add(n).is_some_and(|e| e <= self.start + self.state.len() as u64)
     }
     fn all(&self, pfn: u64, n: u64, v: u8) -> bool {
         self.contains(pfn, n) && {
@@ -310,6 +310,10 @@ impl Machine {
 
         // 4. pre-trace allocated blocks.
         for &(pfn, order) in &plan.allocated {
+            if order > crate::arch::MAX_PAGE_ORDER {
+                rep.allocated_missed += 1;
+                continue;
+            }
             let n = 1u64 << order;
             let zi = self.zones.iter().position(|z| z.spans(pfn));
             let Some(zi) = zi else {

@@ -834,7 +834,7 @@ impl<'a> Replayer<'a> {
                     k.free_pages += n;
                     let slab = match traced.remove(&e.ptr) {
                         Some(owned) => owned,
-                        None => (e.ptr..e.ptr + n).any(|p| obj_pfns.contains(&p)),
+                        None => (e.ptr..e.ptr.saturating_add(n)).any(|p| obj_pfns.contains(&p)),
                     };
                     if slab {
                         k.slab_out += n;

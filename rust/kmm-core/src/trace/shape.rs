@@ -70,6 +70,10 @@ pub const RECLAIMABLE_CACHES: &[&str] = &[
     "xfs_inode",
 ];
 
+/// The most page frames a recorded layout may span (256 GiB of 4 KiB pages):
+/// every frame outside the managed runs gets its struct page written at boot.
+pub const MAX_RECORDED_PAGES: u64 = 64 << 20;
+
 /// A machine configuration shaped for a trace, and how it was shaped.
 #[derive(Clone, Debug)]
 pub struct Shape {
@@ -117,7 +121,7 @@ pub fn max_pfn_seen(log: &TraceLog, page_offset: u64, page_shift: u32) -> Option
             if e.kind == Kind::MmPageAlloc && e.flags & F_FAILED != 0 {
                 continue;
             }
-            e.ptr + (1u64 << (e.order as u32).min(MAX_PAGE_ORDER)) - 1
+            e.ptr.saturating_add((1u64 << (e.order as u32).min(MAX_PAGE_ORDER)) - 1)
         } else if is_slab_event(e.kind) && e.ptr >= page_offset && e.ptr - page_offset < (64 << 40) {
             (e.ptr - page_offset) >> page_shift
         } else {
@@ -136,7 +140,7 @@ fn traced_pfn_range(log: &TraceLog, lo: u64, hi: u64) -> Option<(u64, u64)> {
             continue;
         }
         if e.ptr >= lo && e.ptr < hi {
-            let end = e.ptr + (1u64 << (e.order as u32).min(MAX_PAGE_ORDER)) - 1;
+            let end = e.ptr.saturating_add((1u64 << (e.order as u32).min(MAX_PAGE_ORDER)) - 1);
             r = Some(r.map_or((e.ptr, end), |(a, b)| (a.min(e.ptr), b.max(end))));
         }
     }
@@ -228,6 +232,14 @@ pub fn shape_config(
             if layout.is_empty() {
                 return Err(KmmError::InvalidArgument(format!("{which}: no populated zone to shape the machine from")));
             }
+            let end = layout.iter().map(|l| l.start_pfn.saturating_add(l.spanned)).max().unwrap_or(0);
+            if end > MAX_RECORDED_PAGES {
+                return Err(KmmError::InvalidArgument(format!(
+                    "{which}: its zones span {} GiB of physical addresses; kmm shapes machines of up to {} GiB",
+                    (end << page_shift) >> 30,
+                    (MAX_RECORDED_PAGES << 12) >> 30
+                )));
+            }
             if cfg.min_free_kbytes.is_some() || cfg.watermark_scale_factor != MachineConfig::default().watermark_scale_factor {
                 // The caller's sysctls decide the watermarks; keep the pageset sizes.
                 notes.push("watermarks from kmm's formulas (min_free_kbytes or watermark_scale_factor was set)".into());
@@ -256,11 +268,13 @@ pub fn shape_config(
                     Some(p) => {
                         let bytes = (p + 1) << page_shift;
                         let mem = bytes.div_ceil(gib / 4) * (gib / 4);
-                        let mem = mem.max(gib).min(cfg.arch.max_phys());
+                        let cap = cfg.arch.max_phys().min(MAX_RECORDED_PAGES * cfg.page_size as u64);
+                        let mem = mem.max(gib).min(cap);
                         notes.push(format!(
-                            "sized from the trace: highest pfn {p:#x} ({:.2} GiB) -> {} MiB of RAM",
+                            "sized from the trace: highest pfn {p:#x} ({:.2} GiB) -> {} MiB of RAM{}",
                             bytes as f64 / gib as f64,
-                            mem >> 20
+                            mem >> 20,
+                            if mem < bytes { " (kmm's limit for a machine sized from a trace)" } else { "" }
                         ));
                         mem
                     }
@@ -445,13 +459,13 @@ pub fn warm_inputs(m: &Machine, bundle: &Bundle, log: &TraceLog, page_offset: u6
                     }
                 }
                 live.insert(e.ptr, o);
-                for p in e.ptr..e.ptr + (1u64 << o) {
+                for p in e.ptr..e.ptr.saturating_add(1u64 << o) {
                     touched.insert(p);
                 }
             }
             Kind::MmPageAllocZoneLocked => {
                 let o = (e.order as u32).min(MAX_PAGE_ORDER);
-                for p in e.ptr..e.ptr + (1u64 << o) {
+                for p in e.ptr..e.ptr.saturating_add(1u64 << o) {
                     touched.insert(p);
                 }
             }
@@ -468,7 +482,7 @@ pub fn warm_inputs(m: &Machine, bundle: &Bundle, log: &TraceLog, page_offset: u6
                 if live.remove(&e.ptr).is_none() && !touched.contains(&e.ptr) && !pre_slabs.contains_key(&e.ptr) {
                     allocated.push((e.ptr, o));
                 }
-                for p in e.ptr..e.ptr + (1u64 << o) {
+                for p in e.ptr..e.ptr.saturating_add(1u64 << o) {
                     touched.insert(p);
                 }
             }
@@ -714,8 +728,21 @@ pub fn recorded_machine(
     cpus_given: bool,
     memory_given: bool,
 ) -> Result<Recorded> {
-    let shape = shape_config(base, bundle, log, page_offset, cpus_given, memory_given)?;
-    let m = Machine::new(shape.cfg)?;
+    // A bundle whose zones cannot make a machine: say why, and size the
+    // machine from the trace instead (a cold start).
+    let given_bundle = bundle.is_some();
+    let (shape, m, bundle) = match shape_config(base.clone(), bundle, log, page_offset, cpus_given, memory_given)
+        .and_then(|s| Machine::new(s.cfg.clone()).map(|m| (s, m)))
+    {
+        Ok((s, m)) => (s, m, bundle),
+        Err(e) if bundle.is_some() => {
+            let mut s = shape_config(base, None, log, page_offset, cpus_given, memory_given)?;
+            s.warnings.insert(0, format!("the recording's zones cannot shape a machine ({}): sized from the trace, cold", e.message()));
+            let m = Machine::new(s.cfg.clone())?;
+            (s, m, None)
+        }
+        Err(e) => return Err(e),
+    };
     let mut notes = shape.notes;
     let mut warnings = shape.warnings;
     let mut caches_created = Vec::new();
@@ -761,6 +788,7 @@ pub fn recorded_machine(
             warm_rep = Some(rep);
         }
         (true, Some(_)) => notes.push("cold start: the bundle has no start.pagetypeinfo, buddyinfo or slabinfo".into()),
+        (true, None) if given_bundle => notes.push("cold start: the recording's zones could not be used".into()),
         (true, None) => notes.push("cold start: no recording bundle (its start.* files give the warm start)".into()),
         (false, _) => notes.push("cold start (warm=False)".into()),
     }
