@@ -613,6 +613,19 @@ def test_zones_no_machine_can_have_fall_back_to_the_trace(tmp_path, head_lines):
     assert m.check() == []
 
 
+def test_samples_on_another_clock_are_not_compared(tmp_path, head_lines):
+    # samples.txt 8000 s later than the trace (a trace recorded without
+    # -k CLOCK_MONOTONIC would be on another clock): said once, no trajectory.
+    def later(t: str) -> str:
+        return re.sub(r"^@ (\d+)\.", lambda mo: f"@ {int(mo.group(1)) + 8000}.", t, flags=re.M)
+    rec = kmm.trace.load(small_bundle(tmp_path / "b", head_lines, edit={"samples.txt": later}))
+    r = kmm.trace.replay(rec, rec.machine())
+    assert r["trajectory"] == []
+    assert any("samples.txt's times" in w and "do not overlap the trace's" in w and "CLOCK_MONOTONIC" in w
+               for w in r.warnings), r.warnings
+    assert r["end_state"], "the end state is still compared"
+
+
 def test_malformed_files_are_warnings_naming_file_and_line(tmp_path, head_lines):
     garbage = "garbage line here"
     d = small_bundle(tmp_path / "b", head_lines, edit={

@@ -413,6 +413,8 @@ struct Replayer<'a> {
     next_sample: usize,
     /// The clock's next due work (ns): events before it need no advance.
     next_due: u64,
+    /// samples.txt is on the trace's clock (their times overlap).
+    use_samples: bool,
     counts: Arc<KmmCounts>,
 }
 
@@ -726,7 +728,7 @@ impl<'a> Replayer<'a> {
 
     /// Run the timer work due up to `t` (and compare samples due by then).
     fn advance(&mut self, t: u64, event: u64) {
-        while let Some(b) = self.bundle {
+        while let Some(b) = self.bundle.filter(|_| self.use_samples) {
             let Some(s) = b.samples.get(self.next_sample) else { break };
             if s.ts_ns > t {
                 break;
@@ -915,6 +917,23 @@ impl<'a> Replayer<'a> {
     fn run(&mut self) -> Result<()> {
         let owned = slab_owned_pages(self.log, self.o.page_offset, self.m.page_size.trailing_zeros());
         self.seed_warm();
+        // samples.txt must be on the trace's clock (perf record -k CLOCK_MONOTONIC).
+        if let (Some(b), Some(e0), Some(e1)) = (self.bundle, self.log.events.first(), self.log.events.last()) {
+            if let (Some(s0), Some(s1)) = (b.samples.first(), b.samples.last()) {
+                let slack = 1_000_000_000;
+                if s0.ts_ns > e1.ts_ns.saturating_add(slack) || s1.ts_ns.saturating_add(slack) < e0.ts_ns {
+                    self.use_samples = false;
+                    self.r.warnings.push(format!(
+                        "samples.txt's times ({:.3} .. {:.3} s) do not overlap the trace's ({:.3} .. {:.3} s): was the trace \
+                         recorded without `perf record -k CLOCK_MONOTONIC`? The trajectory is not compared",
+                        s0.ts_ns as f64 / 1e9,
+                        s1.ts_ns as f64 / 1e9,
+                        e0.ts_ns as f64 / 1e9,
+                        e1.ts_ns as f64 / 1e9
+                    ));
+                }
+            }
+        }
         self.r.boot_used_pages = self.used_pages();
         self.r.peak_used_pages = self.r.boot_used_pages;
         // kmm's own events, counted while the replay runs.
@@ -928,7 +947,7 @@ impl<'a> Replayer<'a> {
         // The clock starts at the first event (or the first sample, if earlier).
         if self.o.time {
             let first_ev = self.log.events.first().map(|e| e.ts_ns);
-            let first_sample = self.bundle.and_then(|b| b.samples.first()).map(|s| s.ts_ns);
+            let first_sample = self.bundle.filter(|_| self.use_samples).and_then(|b| b.samples.first()).map(|s| s.ts_ns);
             let start = match (first_ev, first_sample) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -1182,7 +1201,7 @@ impl<'a> Replayer<'a> {
         self.r.seconds = t0.elapsed().as_secs_f64();
         self.r.events = self.log.events.len() as u64;
         // Samples after the last event: the clock runs on to them.
-        let end_ts = self.bundle.and_then(|b| b.samples.last()).map(|s| s.ts_ns).unwrap_or(0);
+        let end_ts = self.bundle.filter(|_| self.use_samples).and_then(|b| b.samples.last()).map(|s| s.ts_ns).unwrap_or(0);
         if end_ts > 0 {
             self.advance(end_ts, self.r.events);
         }
@@ -1330,6 +1349,7 @@ pub fn replay_bundle(log: &TraceLog, m: &Machine, o: &ReplayOptions, bundle: Opt
         bundle,
         next_sample: 0,
         next_due: 0,
+        use_samples: true,
         counts: Arc::new(KmmCounts {
             lost: lost_stretches(log),
             span: match (log.events.first(), log.events.last(), o.time) {
