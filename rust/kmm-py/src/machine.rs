@@ -65,6 +65,20 @@ impl PyMachine {
         Ok(p.pfn)
     }
 
+    /// A zone by its /proc name, checking `cpu` is one of the machine's.
+    fn zone_and_cpu(&self, zone: &str, cpu: u32) -> PyResult<&kmm_core::zone::Zone> {
+        let z = self
+            .m
+            .zones
+            .iter()
+            .find(|z| z.kind.name() == zone)
+            .ok_or_else(|| PyValueError::new_err(format!("no zone {zone:?} on this machine")))?;
+        if cpu >= self.m.cfg.cpus {
+            return Err(PyValueError::new_err(format!("cpu {cpu} out of range (the machine has {})", self.m.cfg.cpus)));
+        }
+        Ok(z)
+    }
+
     fn do_free(&self, x: &Bound<'_, PyAny>, order: u32) -> PyResult<()> {
         match page_or_addr(x)? {
             PageOrAddr::Page(pfn) => {
@@ -145,17 +159,8 @@ impl PyMachine {
     /// "high_max", "batch", "free_count", "alloc_factor", "lists"} where
     /// lists maps (order, migratetype) to the pages on that list.
     fn pcp_state<'py>(&self, py: Python<'py>, zone: &str, cpu: u32) -> PyResult<Bound<'py, PyDict>> {
-        let z = self
-            .m
-            .zones
-            .iter()
-            .find(|z| z.kind.name() == zone)
-            .ok_or_else(|| PyValueError::new_err(format!("no zone {zone:?} on this machine")))?;
-        let slot = z
-            .pcp
-            .get(cpu as usize)
-            .ok_or_else(|| PyValueError::new_err(format!("cpu {cpu} out of range (the machine has {})", self.m.cfg.cpus)))?;
-        let p = slot.lists.lock();
+        let z = self.zone_and_cpu(zone, cpu)?;
+        let p = z.pcp[cpu as usize].lists.lock();
         let d = PyDict::new(py);
         d.set_item("count", p.count)?;
         d.set_item("high", p.high)?;
@@ -183,15 +188,7 @@ impl PyMachine {
     /// `decay_pcp_high` of one CPU's lists in one zone (by zone name); the
     /// kernel's `todo` (non-zero while work is left).
     fn decay_pcp_high(&self, zone: &str, cpu: u32) -> PyResult<u32> {
-        let z = self
-            .m
-            .zones
-            .iter()
-            .find(|z| z.kind.name() == zone)
-            .ok_or_else(|| PyValueError::new_err(format!("no zone {zone:?} on this machine")))?;
-        if cpu >= self.m.cfg.cpus {
-            return Err(PyValueError::new_err(format!("cpu {cpu} out of range (the machine has {})", self.m.cfg.cpus)));
-        }
+        let z = self.zone_and_cpu(zone, cpu)?;
         Ok(self.m.decay_pcp_high(z, cpu))
     }
 
