@@ -406,8 +406,10 @@ def build_parser() -> argparse.ArgumentParser:
     tunables = "\n".join(f"  {n:24s} {d:16s} {h}" for n, d, h in kmm.TUNABLES)
     path, what = default_trace()
     plain = _fill(
-        f"Plain `kmm` (no COMMAND) is `kmm replay`: it replays {what} ({path.name}), on a simulated machine, "
-        "and reports where kmm decided differently from the kernel, memory in use and fragmentation. "
+        f"Plain `kmm` (no COMMAND) is `kmm replay`: it replays {what} ({path.name}), on a simulated machine "
+        "shaped like the recorded one and started from its recorded state, and reports how kmm's own decisions "
+        "compare with the kernel's (per-CPU list refills and drains, fallbacks, slab pages, the free lists over "
+        "time), memory in use and fragmentation. "
         "`kmm demo` is a guided tour instead; `kmm COMMAND --help` describes each command."
     )
     p = argparse.ArgumentParser(
