@@ -18,6 +18,7 @@
 //! ## Module graph (lower modules never import higher ones)
 //! ```text
 //!   error, arch, gfp, page, physmem      (no dependencies inside the crate)
+//!   cmdline      <- slab::geometry                       (boot parameters)
 //!   trace        <- gfp
 //!   buddy        <- page, arch
 //!   zone         <- buddy, arch
@@ -46,6 +47,7 @@
 pub mod arch;
 pub mod buddy;
 pub mod clock;
+pub mod cmdline;
 pub mod cpu;
 pub mod error;
 pub mod gfp;

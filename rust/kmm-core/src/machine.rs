@@ -116,6 +116,8 @@ pub struct MachineConfig {
     pub layout: Option<Vec<ZoneLayout>>,
     /// Per zone index: the recorded kernel's watermarks and pageset sizes.
     pub tuning: Option<Vec<Option<ZoneTuning>>>,
+    /// The kernel command line the machine boots with (`cmdline.rs`).
+    pub cmdline: crate::cmdline::BootParams,
 }
 
 impl Default for MachineConfig {
@@ -134,6 +136,7 @@ impl Default for MachineConfig {
             tlb: crate::vm::tlb::TlbConfig::default(),
             layout: None,
             tuning: None,
+            cmdline: crate::cmdline::BootParams::default(),
         }
     }
 }

@@ -62,6 +62,8 @@ pub struct SlabRegistry {
     pub tunables: SlubTunables,
     /// `slab_nomerge`.
     pub nomerge: bool,
+    /// `slub_debug=` (`kmem_cache_flags` applies it to each new cache).
+    pub debug: Option<crate::cmdline::SlubDebug>,
     /// Pages the slab layer took from the page allocator for new slabs, and
     /// gave back when it discarded them (warm slabs not counted).
     pub pages_allocated: std::sync::atomic::AtomicU64,
@@ -85,6 +87,7 @@ pub struct CacheArgs {
 impl SlabRegistry {
     pub fn new(tunables: SlubTunables, nomerge: bool) -> SlabRegistry {
         SlabRegistry {
+            debug: None,
             caches: (0..MAX_CACHES).map(|_| OnceLock::new()).collect(),
             next_id: AtomicU32::new(0),
             list: Mutex::new(Vec::new()),
@@ -124,11 +127,37 @@ impl Machine {
         SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size, word: 8 }
     }
 
-    /// A fresh registry for a machine.
+    /// A fresh registry for a machine: `slub_min_order=`, `slub_max_order=`,
+    /// `slub_min_objects=` and `slub_debug=` from the command line
+    /// (`setup_slub_min_order` and friends clamp the orders to
+    /// MAX_PAGE_ORDER; min_order raises max_order, as
+    /// `setup_slub_min_order` does).
     pub(crate) fn new_slab_registry(cfg: &crate::machine::MachineConfig) -> SlabRegistry {
         let mut t = Self::slub_tunables(cfg.cpus, cfg.page_size);
         t.word = cfg.arch.pointer_bytes();
-        SlabRegistry::new(t, cfg.slab_nomerge)
+        let b = &cfg.cmdline;
+        if let Some(o) = b.slub_max_order {
+            t.max_order = o.min(crate::arch::MAX_PAGE_ORDER);
+            t.min_order = t.min_order.min(t.max_order);
+        }
+        if let Some(o) = b.slub_min_order {
+            t.min_order = o.min(crate::arch::MAX_PAGE_ORDER);
+            t.max_order = t.max_order.max(t.min_order);
+        }
+        if let Some(n) = b.slub_min_objects {
+            t.min_objects = n;
+        }
+        let mut r = SlabRegistry::new(t, cfg.slab_nomerge);
+        r.debug = b.slub_debug.clone().filter(|d| d.enabled());
+        r
+    }
+
+    /// `kmem_cache_flags`: the slub_debug flags a cache of this name gets.
+    pub(crate) fn kmem_cache_flags(&self, name: &str, flags: u32) -> u32 {
+        match &self.slab.debug {
+            Some(d) => d.flags_for(name, flags),
+            None => flags,
+        }
     }
 
     /// `find_mergeable`: an existing cache this request can share.
@@ -203,16 +232,27 @@ impl Machine {
             }
         }
         self.might_sleep_mutex()?;
+        // kmem_cache_flags: slub_debug= adds its flags by cache name.
+        let mut flags = self.kmem_cache_flags(name, a.flags);
         let mut list = self.slab.list.lock(); // slab_mutex
-        if let Some(c) = self.find_mergeable(&list, size, a.align, a.flags, &a) {
+        if let Some(c) = self.find_mergeable(&list, size, a.align, flags, &a) {
             c.refcount.fetch_add(1, Relaxed);
             c.merge_size(size);
             c.aliases.lock().push(name.to_string());
             return Ok(Created { cache: c, merged: true });
         }
         let t = &self.slab.tunables;
-        let align = calculate_alignment(a.flags, a.align, size, t.word);
-        let mut geo = calculate_sizes(size, align, a.flags, a.ctor.is_some(), a.freeptr_offset, t)?;
+        let align = calculate_alignment(flags, a.align, size, t.word);
+        let mut geo = calculate_sizes(size, align, flags, a.ctor.is_some(), a.freeptr_offset, t)?;
+        // slub_debug=O (kmem_cache_open, disable_higher_order_debug): no
+        // debug metadata where it would make a slot need a higher page order.
+        if self.slab.debug.as_ref().is_some_and(|d| d.disable_higher_order)
+            && flags & (SLAB_RED_ZONE | SLAB_STORE_USER) != a.flags & (SLAB_RED_ZONE | SLAB_STORE_USER)
+            && get_order(geo.size as u64, t.page_size) > get_order(size as u64, t.page_size)
+        {
+            flags &= !((SLAB_RED_ZONE | SLAB_STORE_USER) & !a.flags);
+            geo = calculate_sizes(size, calculate_alignment(flags, a.align, size, t.word), flags, a.ctor.is_some(), a.freeptr_offset, t)?;
+        }
         if let Some(order) = a.order {
             geo = with_order(geo, order, t.page_size).ok_or_else(|| {
                 KmmError::InvalidArgument(format!(
@@ -227,7 +267,7 @@ impl Machine {
                 "kmem_cache_create({name}): more than {MAX_CACHES} caches created on this machine"
             )));
         }
-        let cache = Arc::new(KmemCache::new(id, name, geo, a.flags | (geo.flags & SLAB_OBJECT_POISON), a.ctor, self.cfg.cpus));
+        let cache = Arc::new(KmemCache::new(id, name, geo, flags | (geo.flags & SLAB_OBJECT_POISON), a.ctor, self.cfg.cpus));
         let _ = self.slab.caches[id as usize].set(cache.clone());
         list.insert(0, id);
         drop(list);
