@@ -19,6 +19,12 @@
 //! `need_update`, `sysctl_stat_interval`, `round_jiffies_relative`),
 //! `mm/page_alloc.c` (`decay_pcp_high`).
 //!
+//! Both timers are deferrable (`INIT_DEFERRABLE_WORK`): a CPU's worker that
+//! falls due while the CPU is idle runs when it next wakes. A replay knows
+//! which CPU is running at each event (`Machine::advance_time_awake`), so a
+//! CPU's worker runs at its first event at or after the due time;
+//! `Machine::advance_time` (Python) counts every CPU as awake.
+//!
 //! SIMPLIFICATION: work runs at its due time exactly (no scheduling delay,
 //! no jiffy granularity beyond the whole-second rounding of
 //! `round_jiffies_relative`, whose per-CPU skew of 3 jiffies at HZ=250 is
@@ -40,6 +46,10 @@
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 
 use parking_lot::Mutex;
+
+/// The latest time the clock reaches (u64::MAX less an hour): due times
+/// computed from it cannot wrap.
+pub const MAX_TIME_NS: u64 = u64::MAX - 3_600_000_000_000;
 
 /// One second, in nanoseconds (`sysctl_stat_interval` = HZ).
 pub const STAT_INTERVAL_NS: u64 = 1_000_000_000;
@@ -72,8 +82,6 @@ pub struct Clock {
     pub phase_ns: AtomicU64,
     /// Serialises advances; holds each CPU's vmstat worker state.
     pub(crate) work: Mutex<Vec<VmstatWork>>,
-    /// Whether timer work runs at all (off: the clock only counts).
-    pub(crate) enabled: std::sync::atomic::AtomicBool,
 }
 
 impl Clock {
@@ -83,7 +91,6 @@ impl Clock {
             shepherd_ns: AtomicU64::new(0),
             phase_ns: AtomicU64::new(0),
             work: Mutex::new(vec![VmstatWork::default(); cpus as usize]),
-            enabled: std::sync::atomic::AtomicBool::new(true),
         }
     }
 
@@ -102,7 +109,8 @@ impl Clock {
     /// rounds (with the CPU's skew; down when less than a quarter second
     /// past it, else up), never at or before `t`.
     pub fn round_next(t: u64, cpu: u32, phase: u64) -> u64 {
-        let skew = CPU_SKEW_NS * cpu as u64;
+        let t = t.min(MAX_TIME_NS);
+        let skew = CPU_SKEW_NS * cpu as u64 % STAT_INTERVAL_NS;
         let phase = phase % STAT_INTERVAL_NS;
         let abs = t + STAT_INTERVAL_NS;
         // On the jiffies grid: whole seconds fall at `phase` on this clock.
@@ -121,7 +129,8 @@ impl Clock {
     /// `round_jiffies_relative(HZ)` keeps re-arming fires): a worker of a
     /// system already running when the clock starts fires there next.
     pub fn next_on_grid(t: u64, cpu: u32, phase: u64) -> u64 {
-        let skew = CPU_SKEW_NS * cpu as u64;
+        let t = t.min(MAX_TIME_NS);
+        let skew = CPU_SKEW_NS * cpu as u64 % STAT_INTERVAL_NS;
         let phase = phase % STAT_INTERVAL_NS;
         // Grid points g with (g + skew) % 1s == phase.
         let off = (phase + STAT_INTERVAL_NS - skew % STAT_INTERVAL_NS) % STAT_INTERVAL_NS;
@@ -137,8 +146,10 @@ impl Clock {
     /// (ns) of vmstat_update's drains on each CPU. A run of CPU `c` fires at
     /// `phase - skew(c)` into a second; returns the median phase, or None.
     pub fn estimate_phase(bursts: &[(u32, u64)]) -> Option<u64> {
-        let mut v: Vec<u64> =
-            bursts.iter().map(|&(cpu, t)| (t + CPU_SKEW_NS * cpu as u64) % STAT_INTERVAL_NS).collect();
+        let mut v: Vec<u64> = bursts
+            .iter()
+            .map(|&(cpu, t)| (t % STAT_INTERVAL_NS + CPU_SKEW_NS * cpu as u64 % STAT_INTERVAL_NS) % STAT_INTERVAL_NS)
+            .collect();
         if v.is_empty() {
             return None;
         }

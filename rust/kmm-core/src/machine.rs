@@ -275,7 +275,11 @@ impl Machine {
                     Some(nb) if managed > 0 => {
                         let pb = 1u64 << pageblock_order;
                         let oe = (ms + managed).next_multiple_of(pb).min(end);
-                        (oe.saturating_sub(nb * pb).max(start), oe)
+                        // The online pageblocks end with the managed run; if
+                        // they reach below the zone's start, they end higher.
+                        let span = nb.saturating_mul(pb);
+                        let oe = oe.max(start.saturating_add(span).min(end));
+                        (oe.saturating_sub(span).max(start), oe)
                     }
                     _ => (start, end),
                 }
@@ -467,7 +471,7 @@ impl Machine {
                 ));
             }
             if let Some(ms) = l.managed_start {
-                if ms < l.start_pfn || ms + l.managed > l.start_pfn + l.spanned {
+                if ms < l.start_pfn || ms.saturating_add(l.managed) > l.start_pfn.saturating_add(l.spanned) {
                     return invalid(format!(
                         "zone {}: managed pages {:#x}+{} fall outside the zone's span {:#x}+{}",
                         l.kind.name(),
@@ -509,7 +513,7 @@ impl Machine {
     /// sizes (`cfg.tuning`) over the ones `setup_watermarks` computed.
     fn apply_tuning(&self) {
         let Some(tuning) = &self.cfg.tuning else { return };
-        let mut pages_min = 0;
+        let mut pages_min: u64 = 0;
         for (z, t) in self.zones.iter().zip(tuning.iter()) {
             let Some(t) = t else { continue };
             if let Some(mut w) = t.watermarks {
@@ -521,7 +525,7 @@ impl Machine {
                     z.watermark[i].store(*v, Relaxed);
                 }
                 if z.kind != ZoneKind::HighMem && z.kind != ZoneKind::Movable {
-                    pages_min += w[0];
+                    pages_min = pages_min.saturating_add(w[0]);
                 }
             }
             for (j, r) in z.lowmem_reserve.iter().enumerate() {
@@ -544,7 +548,7 @@ impl Machine {
         // min_free_kbytes as the sum of the recorded lowmem min watermarks
         // (`__setup_per_zone_wmarks` splits it in proportion to managed pages).
         if pages_min > 0 {
-            self.min_free_kbytes.store(pages_min * (self.page_size / 1024), Relaxed);
+            self.min_free_kbytes.store(pages_min.saturating_mul(self.page_size / 1024), Relaxed);
         }
     }
 

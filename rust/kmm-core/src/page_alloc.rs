@@ -918,8 +918,19 @@ impl Machine {
     /// the clock at `t` and arms every CPU's vmstat worker. Returns how many
     /// times timer work ran. A `t` in the past changes nothing.
     pub fn advance_time(&self, t: u64) -> u64 {
+        self.advance_time_when(t, &|_, due| due)
+    }
+
+    /// `advance_time` with the kernel's deferrable timers: `when(cpu, due)`
+    /// says when a worker due at `due` can run (`due` for a CPU that is
+    /// running; the time it next wakes for an idle one; beyond `t`: not in
+    /// this advance). A replay answers from the trace (`replay.rs`).
+    pub fn advance_time_when(&self, t: u64, when: &dyn Fn(u32, u64) -> u64) -> u64 {
         use crate::clock::{Clock, STAT_INTERVAL_NS};
-        let _d = self.trace.defer();
+        // Far enough from the end of time that due times cannot wrap.
+        let t = t.min(crate::clock::MAX_TIME_NS);
+        // Events of timer work reach sinks after `work` is released.
+        let _d = self.trace.defer_always();
         let mut work = self.clock.work.lock();
         let now = self.clock.now();
         let phase = self.clock.phase_ns.load(Relaxed);
@@ -937,14 +948,19 @@ impl Machine {
             }
             return 0;
         }
-        let enabled = self.clock.enabled.load(Relaxed);
         let mut runs = 0;
         loop {
-            // The earliest due work: a CPU's worker, or the shepherd (ties: the worker first).
+            // The earliest work that can run: a worker (when its CPU runs),
+            // or the shepherd (ties: the worker first).
             let shepherd = self.clock.shepherd_ns.load(Relaxed);
-            let next_cpu = work.iter().enumerate().filter(|(_, w)| w.next_ns != 0).min_by_key(|(_, w)| w.next_ns);
+            let next_cpu = work
+                .iter()
+                .enumerate()
+                .filter(|(_, w)| w.next_ns != 0)
+                .map(|(c, w)| (c, when(c as u32, w.next_ns).max(w.next_ns).max(now)))
+                .min_by_key(|&(_, at)| at);
             let (due, cpu) = match next_cpu {
-                Some((c, w)) if w.next_ns <= shepherd => (w.next_ns, Some(c as u32)),
+                Some((c, at)) if at <= shepherd => (at, Some(c as u32)),
                 _ => (shepherd, None),
             };
             if due > t {
@@ -954,19 +970,25 @@ impl Machine {
             match cpu {
                 Some(c) => {
                     let w = &mut work[c as usize];
-                    let changes = if enabled { self.vmstat_update(c, w) } else { 0 };
+                    let changes = self.vmstat_update(c, w);
                     w.next_ns = if changes > 0 { Clock::round_next(due, c, phase) } else { 0 };
                     runs += 1;
                 }
                 None => {
                     // vmstat_shepherd: queue (delay 0) the work of CPUs whose counters moved.
-                    for c in 0..work.len() {
-                        if work[c].next_ns == 0 && self.cpu_page_events(c as u32) != work[c].seen_events {
-                            work[c].next_ns = due;
+                    let mut armed = false;
+                    for (c, w) in work.iter_mut().enumerate() {
+                        if w.next_ns == 0 && self.cpu_page_events(c as u32) != w.seen_events {
+                            w.next_ns = due;
                         }
+                        armed |= w.next_ns != 0;
                     }
-                    let next = Clock::round_next(due, 0, phase);
-                    self.clock.shepherd_ns.store(next.max(due + STAT_INTERVAL_NS / 2), Relaxed);
+                    let next = Clock::round_next(due, 0, phase).max(due + STAT_INTERVAL_NS / 2);
+                    // Nothing armed and nothing moving: the shepherd's ticks
+                    // up to `t` would find nothing either (nothing else runs
+                    // during an advance), so skip to its first tick after `t`.
+                    let next = if armed { next } else { next.max(Clock::next_on_grid(t, 0, phase)) };
+                    self.clock.shepherd_ns.store(next, Relaxed);
                 }
             }
         }

@@ -151,8 +151,11 @@ pub struct WarmReport {
 
 /// What a warm start leaves for the replay of the trace it was made for:
 /// how traced pre-trace pages and objects map to kmm's.
-#[derive(Clone, Debug, Default)]
+#[derive(Debug, Default)]
 pub struct WarmSeeds {
+    /// A replay has mapped them already (a second replay must not free
+    /// what the first one left, taking it for pre-trace memory).
+    pub used: std::sync::atomic::AtomicBool,
     /// The trace it was made for: (events, first timestamp, last timestamp).
     pub trace_id: (u64, u64, u64),
     pub report: WarmReport,
@@ -324,7 +327,8 @@ impl Machine {
                 rep.allocated_missed += 1;
                 continue;
             };
-            let at = if lay.contains(pfn, n) && (0..n).all(|k| lay.get(pfn + k) == NEED) {
+            let aligned = pfn & (n - 1) == 0;
+            let at = if aligned && lay.contains(pfn, n) && (0..n).all(|k| lay.get(pfn + k) == NEED) {
                 Some(pfn)
             } else {
                 find_aligned(lay, order, USED, false)
@@ -442,7 +446,7 @@ impl Machine {
         let end = lay.start + lay.state.len() as u64;
         let blocks = self.online_pageblocks(z);
         let mut left = target;
-        let total: u64 = target.iter().sum();
+        let total: u64 = target.iter().fold(0u64, |a, &c| a.saturating_add(c));
         let n = blocks.len() as u64;
         if total != n {
             rep.warnings.push(format!(
@@ -515,6 +519,9 @@ impl Machine {
                 while placed < want && pass < 2 {
                     // Pass 0 avoids pages the trace needs; pass 1 takes them.
                     let avoid_need = pass == 0;
+                    if end.saturating_sub(lay.start) < n {
+                        break; // no block of this order fits the zone at all
+                    }
                     let mut cur = if top_down { (end - n) >> order << order } else { lay.start.next_multiple_of(n) };
                     loop {
                         if placed >= want {
@@ -623,7 +630,7 @@ impl Machine {
             }
         }
         let nslabs = wc.num_slabs.max(traced.len() as u64);
-        let total_objs = nslabs * per_slab;
+        let total_objs = nslabs.saturating_mul(per_slab);
         let mut free_left = total_objs.saturating_sub(wc.active_objs.min(wc.num_objs.max(wc.active_objs)));
         // Free objects the traced slabs must have.
         let known_free: u64 = traced.iter().map(|s| s.free.len() as u64).sum();

@@ -131,7 +131,8 @@ impl PyMachine {
     }
 
     /// The warm start this machine was brought to for a trace
-    /// (`recorded_machine`), as {"notes", "report"}; None for a cold machine.
+    /// (`recorded_machine`), as {"notes", "report", "trace_events"}; None
+    /// for a cold machine.
     #[getter]
     fn warm_start<'py>(&self, py: Python<'py>) -> PyResult<Option<Bound<'py, PyDict>>> {
         let Some(w) = self.m.warm.lock().clone() else { return Ok(None) };
@@ -180,7 +181,12 @@ impl PyMachine {
             } else {
                 (i % kmm_core::buddy::MIGRATE_PCPTYPES as usize) as u8
             };
-            lists.set_item((order, kmm_core::buddy::MIGRATETYPE_NAMES[mt as usize]), l.len() as u64 * (1u64 << order))?;
+            // The THP lists are one for movable pages and one for the rest.
+            let name = match (i >= kmm_core::pcp::NR_LOWORDER_PCP_LISTS, mt) {
+                (true, 0) => "Unmovable+Reclaimable",
+                _ => kmm_core::buddy::MIGRATETYPE_NAMES[mt as usize],
+            };
+            lists.set_item((order, name), l.len() as u64 * (1u64 << order))?;
         }
         d.set_item("lists", lists)?;
         Ok(d)

@@ -314,9 +314,11 @@ pub fn calculate_sizes(
     })
 }
 
-/// The geometry with its slab order set to `order`, as a write of
-/// /sys/kernel/slab/<cache>/order does (`order_store` -> `calculate_sizes`
-/// with a forced order: `s->oo = oo_make(order, size)`). None when no object
+/// The geometry of a cache created with slab order `order` (the
+/// objects per slab `oo_make(order, size)` gives, and the CPU partial slabs
+/// that follow from them), as a recorded kernel's slabinfo shows a cache
+/// whose order differs from SLUB's pick (e.g. one written through
+/// /sys/kernel/slab/<cache>/order). None when no object
 /// fits a slab of that order or the order is above the page allocator's
 /// costly order (SLUB's `slub_max_order` bound).
 pub fn with_order(mut g: Geometry, order: u32, page_size: u32) -> Option<Geometry> {

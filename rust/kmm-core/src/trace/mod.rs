@@ -777,6 +777,14 @@ impl Tracing {
         });
     }
 
+    /// `defer` even when no tracepoint is on at entry (a sink attached
+    /// meanwhile by another thread must not run under the caller's locks):
+    /// for long calls such as `advance_time` that hold a lock throughout.
+    pub fn defer_always(&self) -> Deferral {
+        DEFER.with(|d| d.set(d.get() + 1));
+        Deferral { active: true }
+    }
+
     /// Queue this thread's events until the returned guard drops: for calls
     /// that may emit while holding allocator locks. Costs one relaxed load
     /// when no tracepoint is on.

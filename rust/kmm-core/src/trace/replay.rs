@@ -262,8 +262,6 @@ pub struct ReplayReport {
     pub machine_notes: Vec<String>,
     /// The replay started from a warm start made for this trace.
     pub warm: bool,
-    /// Pre-trace page blocks and objects the trace freed on warm memory.
-    pub warm_frees: u64,
     /// The kernel's allocator-internal events against kmm's own.
     pub dynamics: Vec<DynRow>,
     /// kmm's end state beside the kernel's (with an end.* file).
@@ -415,6 +413,8 @@ struct Replayer<'a> {
     next_due: u64,
     /// samples.txt is on the trace's clock (their times overlap).
     use_samples: bool,
+    /// When each CPU was running, as the trace shows it (deferrable timers).
+    activity: Activity,
     counts: Arc<KmmCounts>,
 }
 
@@ -478,7 +478,7 @@ struct KmmCounts {
     all: Counts,
     in_lost: Counts,
     /// Per CPU: the stretches (start, end ns) perf lost, sorted.
-    lost: Vec<Vec<(u64, u64)>>,
+    lost: std::collections::BTreeMap<u32, Vec<(u64, u64)>>,
     /// Only events in the trace's time span count (timer work that runs
     /// between the start state and the first traced event, or after the
     /// last, has no kernel events to compare with).
@@ -487,7 +487,7 @@ struct KmmCounts {
 
 impl KmmCounts {
     fn in_lost_stretch(&self, cpu: u32, ts: u64) -> bool {
-        let Some(w) = self.lost.get(cpu as usize) else { return false };
+        let Some(w) = self.lost.get(&cpu) else { return false };
         let i = w.partition_point(|&(a, _)| a < ts);
         i > 0 && ts < w[i - 1].1
     }
@@ -510,31 +510,93 @@ impl KmmCounts {
 /// silence of that CPU in the second before perf wrote the record (the
 /// record carries the time writing resumed, not when the buffer filled).
 /// Per CPU, sorted (start, end) ns.
-pub fn lost_stretches(log: &TraceLog) -> Vec<Vec<(u64, u64)>> {
-    let ncpu = log.events.iter().map(|e| e.cpu as usize + 1).max().unwrap_or(0);
-    let mut out: Vec<Vec<(u64, u64)>> = vec![Vec::new(); ncpu];
+pub fn lost_stretches(log: &TraceLog) -> std::collections::BTreeMap<u32, Vec<(u64, u64)>> {
+    let mut out: std::collections::BTreeMap<u32, Vec<(u64, u64)>> = Default::default();
     if log.lost_records.is_empty() {
         return out;
     }
-    let mut per_cpu: Vec<Vec<u64>> = vec![Vec::new(); ncpu];
-    for e in &log.events {
-        per_cpu[e.cpu as usize].push(e.ts_ns);
+    let cpus: HashSet<u32> = log.lost_records.iter().map(|r| r.0).collect();
+    let mut per_cpu: HashMap<u32, Vec<u64>> = HashMap::new();
+    for e in log.events.iter().filter(|e| cpus.contains(&e.cpu)) {
+        per_cpu.entry(e.cpu).or_default().push(e.ts_ns);
+    }
+    for ts in per_cpu.values_mut() {
+        ts.sort_unstable(); // perf's order is by time already; a hostile file may not be
     }
     for &(cpu, t, _) in &log.lost_records {
-        let Some(ts) = per_cpu.get(cpu as usize) else { continue };
+        let Some(ts) = per_cpu.get(&cpu) else { continue };
         let lo = ts.partition_point(|&x| x < t.saturating_sub(1_000_000_000)).saturating_sub(1);
         let hi = ts.partition_point(|&x| x <= t);
         let seg = &ts[lo..hi.max(lo)];
-        if let Some((a, b)) = seg.windows(2).map(|w| (w[0], w[1])).max_by_key(|(a, b)| b - a) {
-            if !out[cpu as usize].contains(&(a, b)) {
-                out[cpu as usize].push((a, b));
+        if let Some((a, b)) = seg.windows(2).map(|w| (w[0], w[1])).max_by_key(|(a, b)| b.saturating_sub(*a)) {
+            let v = out.entry(cpu).or_default();
+            if !v.contains(&(a, b)) {
+                v.push((a, b));
             }
         }
     }
-    for w in out.iter_mut() {
+    for w in out.values_mut() {
         w.sort_unstable();
     }
     out
+}
+
+/// A CPU silent this long in the trace around a due time counts as idle.
+pub const IDLE_GAP_NS: u64 = 100_000_000;
+
+/// When each CPU ran, as the trace shows it: the kernel's vmstat timers are
+/// deferrable, so an idle CPU's work waits for the CPU to wake.
+///
+/// SIMPLIFICATION: a CPU with no traced event within `IDLE_GAP_NS` on both
+/// sides of a due time counts as idle (NOHZ) until its next event; a CPU
+/// that runs without allocating for that long (a compute-bound task) is
+/// taken for idle too. Outside the trace's time span and in stretches perf
+/// lost, CPUs count as running.
+struct Activity {
+    /// Per CPU (as the machine runs them: trace CPU % cpus): event times, sorted.
+    times: HashMap<u32, Vec<u64>>,
+    lost: std::collections::BTreeMap<u32, Vec<(u64, u64)>>,
+    span: (u64, u64),
+}
+
+impl Activity {
+    fn new(log: &TraceLog, ncpus: u32) -> Activity {
+        let mut times: HashMap<u32, Vec<u64>> = HashMap::new();
+        for e in &log.events {
+            let c = if e.cpu < ncpus { e.cpu } else { e.cpu % ncpus.max(1) };
+            times.entry(c).or_default().push(e.ts_ns);
+        }
+        for v in times.values_mut() {
+            v.sort_unstable();
+        }
+        let span = match (log.events.first(), log.events.last()) {
+            (Some(a), Some(b)) => (a.ts_ns, b.ts_ns),
+            _ => (u64::MAX, 0),
+        };
+        Activity { times, lost: lost_stretches(log), span }
+    }
+
+    /// When `cpu`'s worker due at `due` runs: at `due` if the CPU is running
+    /// then, else at its next traced event.
+    fn runs_at(&self, cpu: u32, due: u64) -> u64 {
+        if due < self.span.0 || due > self.span.1 {
+            return due;
+        }
+        if self.lost.get(&cpu).is_some_and(|w| w.iter().any(|&(a, b)| a <= due && due <= b)) {
+            return due;
+        }
+        let Some(ts) = self.times.get(&cpu) else { return u64::MAX };
+        let i = ts.partition_point(|&x| x < due);
+        let next = ts.get(i).copied();
+        let prev = i.checked_sub(1).map(|j| ts[j]);
+        let busy_before = prev.is_some_and(|p| due - p <= IDLE_GAP_NS);
+        let busy_after = next.is_some_and(|n| n - due <= IDLE_GAP_NS);
+        if busy_before || busy_after {
+            due
+        } else {
+            next.unwrap_or(u64::MAX)
+        }
+    }
 }
 
 /// Mark the page allocations the slab layer made (`true` = slab-owned).
@@ -695,6 +757,12 @@ impl<'a> Replayer<'a> {
             );
             return;
         }
+        if seeds.used.swap(true, Relaxed) {
+            self.r.warnings.push(
+                "the machine's warm start was used by an earlier replay: this one starts from the state that replay left, its pre-trace pages and objects not mapped again".into(),
+            );
+            return;
+        }
         self.r.warm = true;
         self.r.machine_notes = seeds.notes.clone();
         for &(tp, kp, order) in &seeds.report.allocated {
@@ -734,14 +802,17 @@ impl<'a> Replayer<'a> {
                 break;
             }
             if self.o.time {
-                self.r.timer_runs += self.m.advance_time(s.ts_ns);
+                // Reading /proc wakes no CPU of the model.
+                let act = &self.activity;
+                self.r.timer_runs += self.m.advance_time_when(s.ts_ns, &|c, due| act.runs_at(c, due));
             }
             self.compare_sample(s.ts_ns, event, &s.buddyinfo);
             self.next_sample += 1;
         }
         if self.o.time {
             if t >= self.next_due {
-                self.r.timer_runs += self.m.advance_time(t);
+                let act = &self.activity;
+                self.r.timer_runs += self.m.advance_time_when(t, &|c, due| act.runs_at(c, due));
                 self.next_due = self.m.clock_next_due();
             } else {
                 self.m.clock_set(t);
@@ -975,8 +1046,8 @@ impl<'a> Replayer<'a> {
         let slab_in = self.m.slab.pages_allocated.load(Relaxed) - slab_in0;
         let slab_out = self.m.slab.pages_freed.load(Relaxed) - slab_out0;
         self.dynamics(&owned, slab_in, slab_out);
-        for (cpu, w) in self.counts.lost.iter().enumerate() {
-            self.r.lost_stretches.extend(w.iter().map(|&(a, b)| (cpu as u32, a, b)));
+        for (&cpu, w) in self.counts.lost.iter() {
+            self.r.lost_stretches.extend(w.iter().map(|&(a, b)| (cpu, a, b)));
         }
         self.end_state();
         self.r.sim_ns = match (self.log.events.first(), self.log.events.last()) {
@@ -1350,6 +1421,7 @@ pub fn replay_bundle(log: &TraceLog, m: &Machine, o: &ReplayOptions, bundle: Opt
         next_sample: 0,
         next_due: 0,
         use_samples: true,
+        activity: Activity::new(log, m.cpus.len()),
         counts: Arc::new(KmmCounts {
             lost: lost_stretches(log),
             span: match (log.events.first(), log.events.last(), o.time) {

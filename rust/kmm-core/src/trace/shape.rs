@@ -70,6 +70,9 @@ pub const RECLAIMABLE_CACHES: &[&str] = &[
     "xfs_inode",
 ];
 
+/// The most CPUs a machine built for a trace gets (`Machine::new`'s limit).
+pub const MAX_CPUS: u32 = 1024;
+
 /// The most page frames a recorded layout may span (256 GiB of 4 KiB pages):
 /// every frame outside the managed runs gets its struct page written at boot.
 pub const MAX_RECORDED_PAGES: u64 = 64 << 20;
@@ -162,7 +165,12 @@ pub fn shape_config(
     let mut notes = Vec::new();
     let mut warnings = Vec::new();
     let page_shift = cfg.page_size.trailing_zeros();
-    let traced_cpus = cpus_seen(log);
+    // The CPUs the trace ran on, as many as kmm models (events of higher
+    // CPUs run on cpu % cpus, and the report counts them).
+    let traced_cpus = cpus_seen(log).min(MAX_CPUS);
+    if cpus_seen(log) > MAX_CPUS {
+        notes.push(format!("the trace names CPU {}; kmm models {MAX_CPUS} CPUs at most", cpus_seen(log) - 1));
+    }
     let zi = bundle.and_then(|b| b.start.zoneinfo.as_ref().or(b.end.zoneinfo.as_ref()));
     let from_start = bundle.is_some_and(|b| b.start.zoneinfo.is_some());
     match zi {
@@ -183,22 +191,26 @@ pub fn shape_config(
                     warnings.push(format!("{which}: zone {} does not exist on x86_64; left out", z.name));
                     continue;
                 };
-                rec_cpus = rec_cpus.max(z.pagesets.iter().map(|p| p.cpu + 1).max().unwrap_or(0));
-                if z.spanned == 0 || z.managed == 0 {
+                rec_cpus = rec_cpus.max(z.pagesets.iter().map(|p| p.cpu.saturating_add(1)).max().unwrap_or(0));
+                // What a zoneinfo can say: managed <= present <= spanned.
+                let spanned = z.spanned;
+                let present = z.present.min(spanned);
+                let managed = z.managed.min(present);
+                if spanned == 0 || managed == 0 {
                     continue;
                 }
                 let Some(start) = z.start_pfn else {
                     warnings.push(format!("{which}: zone {} has no start_pfn; left out", z.name));
                     continue;
                 };
-                let end = start.saturating_add(z.spanned);
+                let end = start.saturating_add(spanned);
                 // The managed pages as one run: over the pfns the trace uses,
                 // else ending at the zone's last MAX_ORDER boundary.
-                let top = (end / align * align).max(start + z.managed).min(end);
+                let top = (end / align * align).max(start.saturating_add(managed)).min(end);
                 let ms = match traced_pfn_range(log, start, end) {
                     Some((lo, hi)) => {
-                        let ms = (lo / align * align).clamp(start, top - z.managed.min(top - start));
-                        if hi >= ms + z.managed {
+                        let ms = (lo / align * align).clamp(start, top - managed.min(top - start));
+                        if hi >= ms.saturating_add(managed) {
                             warnings.push(format!(
                                 "{which}: zone {} manages {} pages but the trace uses pfns {lo:#x}..{hi:#x}; some traced pages fall outside them",
                                 z.name, z.managed
@@ -206,27 +218,34 @@ pub fn shape_config(
                         }
                         ms
                     }
-                    None => top.saturating_sub(z.managed).max(start),
+                    None => top.saturating_sub(managed).max(start),
                 };
                 let online = pti.and_then(|p| {
-                    p.blocks.iter().find(|b| b.node == 0 && b.zone == z.name).map(|b| b.counts.iter().sum::<u64>())
+                    p.blocks
+                        .iter()
+                        .find(|b| b.node == 0 && b.zone == z.name)
+                        .map(|b| b.counts.iter().fold(0u64, |a, &c| a.saturating_add(c)))
                 });
                 layout.push(ZoneLayout {
                     kind,
                     start_pfn: start,
-                    spanned: z.spanned,
-                    present: z.present.min(z.spanned),
-                    managed: z.managed.min(z.present).min(z.spanned),
+                    spanned,
+                    present,
+                    managed,
                     managed_start: Some(ms),
-                    online_pageblocks: online.filter(|&n| n * pb >= z.managed),
+                    online_pageblocks: online.filter(|&n| n.saturating_mul(pb) >= managed && n.saturating_mul(pb) <= spanned),
                 });
+                // The kernel keeps pageset sizes in ints, and no zone's lists
+                // can hold more than it manages.
+                let cap = managed.min(i32::MAX as u64);
                 let ps0 = z.pagesets.first();
+                let clamp = |v: u64| v.min(cap);
                 tuning[idx] = Some(ZoneTuning {
-                    watermarks: Some([z.min, z.low, z.high, z.promo.unwrap_or(z.high)]),
-                    lowmem_reserve: z.protection.clone(),
-                    batch: ps0.map_or(1, |p| p.batch),
-                    high_min: ps0.map_or(0, |p| p.high_min.unwrap_or(p.high)),
-                    high_max: ps0.map_or(0, |p| p.high_max.unwrap_or(p.high)),
+                    watermarks: Some([z.min, z.low, z.high, z.promo.unwrap_or(z.high)].map(|w| w.min(managed))),
+                    lowmem_reserve: z.protection.iter().map(|&p| p.min(i64::MAX as u64)).collect(),
+                    batch: clamp(ps0.map_or(1, |p| p.batch)).max(1),
+                    high_min: clamp(ps0.map_or(0, |p| p.high_min.unwrap_or(p.high))),
+                    high_max: clamp(ps0.map_or(0, |p| p.high_max.unwrap_or(p.high))),
                 });
             }
             if layout.is_empty() {
@@ -248,7 +267,7 @@ pub fn shape_config(
                 }
             }
             if !cpus_given {
-                cfg.cpus = rec_cpus.max(traced_cpus).max(1);
+                cfg.cpus = rec_cpus.max(traced_cpus).clamp(1, MAX_CPUS);
             }
             let desc: Vec<String> = layout
                 .iter()
@@ -440,6 +459,7 @@ pub fn warm_inputs(m: &Machine, bundle: &Bundle, log: &TraceLog, page_offset: u6
     // pfns the trace allocated, freed or took off the buddy lists (first touch seen).
     let mut touched: HashSet<u64> = HashSet::new();
     let mut allocated: Vec<(u64, u32)> = Vec::new();
+    let mut misaligned = 0u64;
     let mut pre_slabs: HashMap<u64, PreSlab> = HashMap::new();
     let mut pending_kfree: Vec<u64> = Vec::new();
     let mut pcp_pfns: Vec<Vec<u64>> = vec![Vec::new(); m.cpus.len() as usize];
@@ -480,7 +500,11 @@ pub fn warm_inputs(m: &Machine, bundle: &Bundle, log: &TraceLog, page_offset: u6
             Kind::MmPageFree => {
                 let o = (e.order as u32).min(MAX_PAGE_ORDER);
                 if live.remove(&e.ptr).is_none() && !touched.contains(&e.ptr) && !pre_slabs.contains_key(&e.ptr) {
-                    allocated.push((e.ptr, o));
+                    if e.ptr & ((1u64 << o) - 1) == 0 {
+                        allocated.push((e.ptr, o));
+                    } else {
+                        misaligned += 1; // no buddy block starts there: the trace is damaged
+                    }
                 }
                 for p in e.ptr..e.ptr.saturating_add(1u64 << o) {
                     touched.insert(p);
@@ -545,6 +569,11 @@ pub fn warm_inputs(m: &Machine, bundle: &Bundle, log: &TraceLog, page_offset: u6
     // Page blocks freed before allocation that hold a pre-trace slab are the
     // kernel discarding it: not "allocated" blocks.
     allocated.retain(|&(pfn, _)| !pre_slabs.contains_key(&pfn));
+    if misaligned > 0 {
+        out.warnings.push(format!(
+            "the trace frees {misaligned} page blocks at pfns not aligned to their order (no block of the buddy allocator starts there); they are not placed"
+        ));
+    }
     out.plan.allocated = allocated;
     out.plan.pcp_pfns = pcp_pfns;
 
@@ -779,6 +808,7 @@ pub fn recorded_machine(
                 objs.len(),
             ));
             *m.warm.lock() = Some(Arc::new(crate::warm::WarmSeeds {
+                used: Default::default(),
                 trace_id: trace_id(log),
                 report: rep.clone(),
                 objs,
