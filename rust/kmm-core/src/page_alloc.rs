@@ -976,18 +976,18 @@ impl Machine {
                 }
                 None => {
                     // vmstat_shepherd: queue (delay 0) the work of CPUs whose counters moved.
-                    let mut armed = false;
                     for (c, w) in work.iter_mut().enumerate() {
                         if w.next_ns == 0 && self.cpu_page_events(c as u32) != w.seen_events {
                             w.next_ns = due;
                         }
-                        armed |= w.next_ns != 0;
                     }
-                    let next = Clock::round_next(due, 0, phase).max(due + STAT_INTERVAL_NS / 2);
-                    // Nothing armed and nothing moving: the shepherd's ticks
-                    // up to `t` would find nothing either (nothing else runs
-                    // during an advance), so skip to its first tick after `t`.
-                    let next = if armed { next } else { next.max(Clock::next_on_grid(t, 0, phase)) };
+                    // No counter moves during an advance (timer work drains,
+                    // it neither allocates nor frees through the lists), so
+                    // the shepherd's later ticks up to `t` would arm nothing:
+                    // its next tick is the first after `t`, on its grid.
+                    let next = Clock::round_next(due, 0, phase)
+                        .max(due + STAT_INTERVAL_NS / 2)
+                        .max(Clock::next_on_grid(t, 0, phase));
                     self.clock.shepherd_ns.store(next, Relaxed);
                 }
             }
