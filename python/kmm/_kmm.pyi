@@ -36,6 +36,7 @@ __all__ = [
     "Recording",
     "TRACEPOINTS",
     "TUNABLES",
+    "BOOT_PARAMS",
     "Trace",
     "TraceHandle",
     "Zone",
@@ -54,6 +55,7 @@ MAX_PAGE_ORDER: Final[int]
 MIGRATETYPE_NAMES: Final[list[str]]
 TRACEPOINTS: Final[list[str]]
 TUNABLES: Final[list[tuple[str, str, str]]]
+BOOT_PARAMS: Final[list[tuple[str, str, str, str]]]
 ERROR_CODES: Final[list[str]]
 SLAB_FLAGS: Final[list[tuple[str, int]]]
 ZERO_SIZE_PTR: Final[int]
@@ -82,6 +84,7 @@ def recorded_machine(
     seed: int = 0,
     slab_nomerge: bool = False,
     tlb: dict[str, tuple[int, int]] | None = None,
+    cmdline: str = "",
 ) -> tuple[Machine, dict[str, Any]]: ...
 def sniff_trace(head: bytes) -> tuple[str, str | None]: ...
 def parse_perf_data(data: bytes, kallsyms: bytes | None = None, lenient: bool = False) -> TraceLog: ...
@@ -427,11 +430,14 @@ class Machine:
         seed: int = 0,
         slab_nomerge: bool = False,
         tlb: dict[str, tuple[int, int]] | None = None,
+        cmdline: str = "",
     ) -> Machine: ...
     @property
     def warm_start(self) -> dict[str, Any] | None: ...
     @property
     def time_ns(self) -> int: ...
+    @property
+    def cmdline(self) -> str: ...
     def advance_time(self, t_ns: int) -> int: ...
     def decay_pcp_high(self, zone: str, cpu: int) -> int: ...
     def pcp_state(self, zone: str, cpu: int) -> dict[str, Any]: ...

@@ -43,10 +43,14 @@ def _machine_args(p: argparse.ArgumentParser, memory: str | None = "1G", cpus: i
         p.add_argument("--cpus", type=int, default=cpus, help=f"simulated CPUs (default {cpus})")
     p.add_argument("--page-size", type=int, default=4096, help="bytes per page (default 4096)")
     p.add_argument("--min-free-kbytes", type=int, default=None, help="vm.min_free_kbytes (default: the kernel's formula)")
+    p.add_argument("--cmdline", default="", metavar="PARAMS",
+                   help="boot parameters in the kernel's syntax, e.g. \"slub_debug=FZ,kmalloc-64 slub_min_order=1\" "
+                   "(kmm --help lists them)")
 
 
 def _make_machine(a: argparse.Namespace) -> kmm.Machine:
-    return kmm.Machine(arch=a.arch, memory=a.memory, cpus=a.cpus, page_size=a.page_size, min_free_kbytes=a.min_free_kbytes)
+    return kmm.Machine(arch=a.arch, memory=a.memory, cpus=a.cpus, page_size=a.page_size, min_free_kbytes=a.min_free_kbytes,
+                       cmdline=a.cmdline)
 
 
 def _section(title: str) -> None:
@@ -358,7 +362,7 @@ def replay(a: argparse.Namespace) -> int:
     if _no_events(path, t):
         return EXIT_ERROR
     overrides = {k: v for k, v in (("arch", a.arch), ("memory", a.memory), ("cpus", a.cpus), ("page_size", a.page_size),
-                                   ("min_free_kbytes", a.min_free_kbytes)) if v is not None}
+                                   ("min_free_kbytes", a.min_free_kbytes), ("cmdline", a.cmdline or None)) if v is not None}
     if overrides.get("arch") == "x86_64":
         del overrides["arch"]
     if overrides.get("page_size") == 4096:
@@ -404,6 +408,7 @@ def _fill(text: str, width: int = 78) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     tunables = "\n".join(f"  {n:24s} {d:16s} {h}" for n, d, h in kmm.TUNABLES)
+    boot = "\n".join(f"  {n:24s} {d or '-':16s} {h}" for n, d, _f, h in kmm.BOOT_PARAMS)
     path, what = default_trace()
     plain = _fill(
         f"Plain `kmm` (no COMMAND) is `kmm replay`: it replays {what} ({path.name}), on a simulated machine "
@@ -417,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"kmm: a fast, faithful model of the Linux kernel's memory manager.\n\n{plain}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Machine tunables (kmm.Machine keyword arguments):\n{tunables}\n\n"
+        f"Boot parameters (kmm.Machine(cmdline=...), --cmdline):\n{boot}\n\n"
         "Exit codes: 0 success, 1 an error (a malformed trace line, a missing file, a model or\n"
         "invariant error), 2 bad usage.",
     )

@@ -97,7 +97,7 @@ impl PyMachine {
     #[new]
     #[pyo3(signature = (arch="x86_64", memory=None, cpus=2, page_size=4096, min_free_kbytes=None,
                         watermark_scale_factor=10, lowmem_reserve_ratio=None,
-                        transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None))]
+                        transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None, cmdline=""))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -112,8 +112,9 @@ impl PyMachine {
         seed: u64,
         slab_nomerge: bool,
         tlb: Option<std::collections::HashMap<String, (u32, u32)>>,
+        cmdline: &str,
     ) -> PyResult<PyMachine> {
-        let cfg = machine_config(
+        let mut cfg = machine_config(
             arch,
             memory,
             cpus,
@@ -126,6 +127,7 @@ impl PyMachine {
             slab_nomerge,
             tlb,
         )?;
+        cfg.cmdline = kmm_core::cmdline::BootParams::parse(cmdline).map_err(to_py_err)?;
         let m = py.detach(|| Machine::new(cfg)).map_err(to_py_err)?;
         Ok(PyMachine { m: Arc::new(m) })
     }
@@ -141,6 +143,11 @@ impl PyMachine {
         d.set_item("report", crate::recorded::warm_report(py, &w.report)?)?;
         d.set_item("trace_events", w.trace_id.0)?;
         Ok(Some(d))
+    }
+    /// The kernel command line the machine booted with (normalised).
+    #[getter]
+    fn cmdline(&self) -> String {
+        self.m.cfg.cmdline.text.clone()
     }
     /// The simulated clock, ns (CLOCK_MONOTONIC of the replayed trace).
     #[getter]

@@ -63,7 +63,7 @@ pub(crate) fn warm_report<'py>(py: Python<'py>, r: &WarmReport) -> PyResult<Boun
 #[pyfunction]
 #[pyo3(signature = (trace, bundle=None, warm=true, arch="x86_64", memory=None, cpus=None, page_size=4096,
                     min_free_kbytes=None, watermark_scale_factor=10, lowmem_reserve_ratio=None,
-                    transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None))]
+                    transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None, cmdline=""))]
 #[allow(clippy::too_many_arguments)]
 pub fn recorded_machine<'py>(
     py: Python<'py>,
@@ -81,9 +81,10 @@ pub fn recorded_machine<'py>(
     seed: u64,
     slab_nomerge: bool,
     tlb: Option<std::collections::HashMap<String, (u32, u32)>>,
+    cmdline: &str,
 ) -> PyResult<(PyMachine, Bound<'py, PyDict>)> {
     let memory_given = memory.is_some();
-    let cfg = machine_config(
+    let mut cfg = machine_config(
         arch,
         memory,
         cpus.unwrap_or(2),
@@ -96,6 +97,7 @@ pub fn recorded_machine<'py>(
         slab_nomerge,
         tlb,
     )?;
+    cfg.cmdline = kmm_core::cmdline::BootParams::parse(cmdline).map_err(to_py_err)?;
     let log = trace.log.clone();
     let b = bundle.map(|b| b.bundle.clone());
     let po = ReplayOptions::default().page_offset;
