@@ -200,6 +200,8 @@ pub struct Machine {
     pub cpus: Cpus,
     /// Per-object state beside memory (live/pinned/generation).
     pub shadow: Shadow,
+    /// KASAN's shadow, quarantine and tracks (`kasan=on`; empty otherwise).
+    pub kasan: crate::kasan::Kasan,
     /// Every kmem_cache.
     pub slab: SlabRegistry,
     /// The kmalloc caches (set at boot).
@@ -342,6 +344,7 @@ impl Machine {
             vmstat: VmStat::default(),
             cpus: Cpus::new(cfg.cpus),
             shadow: Shadow::new(cfg.memory),
+            kasan: crate::kasan::Kasan::new(&cfg, max_low_pfn * ps, vm.vmalloc.start, vm.vmalloc.end),
             slab: Machine::new_slab_registry(&cfg),
             kmalloc_caches: OnceLock::new(),
             percpu: crate::percpu::Percpu::default(),
@@ -373,6 +376,8 @@ impl Machine {
             m.mem_map.get(pfn).set(PG_RESERVED, 0);
             m.mem_map.get(pfn).set_refcount(1);
         }
+        // KASAN: reserved memory accessible, the rest KASAN_PAGE_FREE.
+        m.kasan_boot();
         // memblock_free_all: free each zone's managed pages in maximal
         // aligned chunks, to the tail.
         for (z, &(_, _, _, _, ms, managed)) in m.zones.iter().zip(&spans) {
@@ -779,6 +784,7 @@ impl Machine {
         errs.extend(self.check_percpu());
         errs.extend(self.check_slab());
         errs.extend(self.check_vm());
+        errs.extend(self.check_kasan());
         errs
     }
 }

@@ -124,7 +124,7 @@ pub struct Created {
 
 impl Machine {
     fn slub_tunables(cpus: u32, page_size: u32) -> SlubTunables {
-        SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size, word: 8 }
+        SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size, word: 8, kasan: false }
     }
 
     /// A fresh registry for a machine: `slub_min_order=`, `slub_max_order=`,
@@ -136,6 +136,7 @@ impl Machine {
         let mut t = Self::slub_tunables(cfg.cpus, cfg.page_size);
         t.word = cfg.arch.pointer_bytes();
         let b = &cfg.cmdline;
+        t.kasan = b.kasan;
         if let Some(o) = b.slub_max_order {
             t.max_order = o.min(crate::arch::MAX_PAGE_ORDER);
             t.min_order = t.min_order.min(t.max_order);
@@ -312,6 +313,9 @@ impl Machine {
     /// `kmem_cache_alloc(s, gfp)`.
     pub fn kmem_cache_alloc(&self, c: &KmemCache, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
         let obj = self.kmem_cache_alloc_inner(c, gfp, None);
+        if let Ok(o) = obj {
+            self.kasan_slab_alloc(c, o, gfp, Some(call_site));
+        }
         if self.trace.on(EventId::KmemCacheAlloc) {
             self.trace.emit(
                 self.this_cpu(),
@@ -334,6 +338,8 @@ impl Machine {
     /// `check_slab_free` once the object is located.
     #[inline]
     pub(crate) fn check_slab_free_at(&self, c: &KmemCache, o: cache::ObjRef, va: u64) -> Result<cache::ObjRef> {
+        // slab_free_hook -> kasan_slab_pre_free: KASAN sees a double free first.
+        self.kasan_slab_pre_free(c, va)?;
         let phys = va - self.cfg.arch.page_offset();
         let sh = self.shadow.get(phys);
         if sh & crate::shadow::LIVE == 0 {
@@ -351,9 +357,13 @@ impl Machine {
         Ok(o)
     }
 
-    /// Free an object already checked with `check_slab_free`.
-    pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32) {
+    /// Free an object already checked with `check_slab_free`. With KASAN
+    /// it goes to the quarantine instead (`kasan_slab_free`).
+    pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32, call_site: &CallSite) {
         self.shadow.free(va - self.cfg.arch.page_offset());
+        if self.kasan_slab_free(c, o, va, Some(call_site)) {
+            return;
+        }
         c.free_raw(self, o, va, cpu);
     }
 
@@ -384,7 +394,8 @@ impl Machine {
                         c.name, owner.name
                     )));
                 }
-                c.locate_at(self, head, va.0)?
+                // check_slab_allocation: not an object's start.
+                c.locate_at(self, head, va.0).map_err(|e| self.kasan_invalid_free(va.0, e))?
             }
             None => c.locate(self, va.0)?,
         };
@@ -395,7 +406,7 @@ impl Machine {
                 Payload::KmemCacheFree { call_site: call_site.clone(), ptr: va.0, name: c.name.clone().into() },
             );
         }
-        self.slab_free_checked(c, &o, va.0, self.run_cpu());
+        self.slab_free_checked(c, &o, va.0, self.run_cpu(), call_site);
         Ok(())
     }
 
@@ -426,6 +437,7 @@ impl Machine {
                 let _ = self.phys.zero(o - po, c.object_size() as u64);
             }
         }
+        self.kasan_slab_alloc_bulk(c, &out[start..], gfp);
         Ok(())
     }
 
@@ -441,7 +453,7 @@ impl Machine {
                     "kmem_cache_free_bulk: Wrong slab cache. {} but object {o:#x} is from {}",
                     c.name, owner.name
                 ))),
-                Some((head, _)) => c.locate_at(self, head, o),
+                Some((head, _)) => c.locate_at(self, head, o).map_err(|e| self.kasan_invalid_free(o, e)),
                 None => c.locate(self, o),
             }
             .and_then(|r| self.check_slab_free_at(c, r, o));
@@ -463,6 +475,8 @@ impl Machine {
             }
             return Err(e);
         }
+        // KASAN quarantines what it poisons (slab_free_freelist_hook).
+        let refs = self.kasan_slab_free_bulk(c, refs);
         c.free_bulk_raw(self, &refs, self.run_cpu());
         Ok(())
     }
@@ -472,6 +486,7 @@ impl Machine {
     pub fn kmem_cache_shrink(&self, c: &KmemCache) -> Result<u64> {
         let _d = self.trace.defer(); // page events under slab_mutex
         self.might_sleep_mutex()?;
+        self.kasan_quarantine_remove_cache(c); // kasan_cache_shrink
         let _l = self.slab.list.lock();
         Ok(c.shrink(self))
     }
@@ -499,6 +514,8 @@ impl Machine {
             c.aliases.lock().pop();
             return Ok(());
         }
+        // kasan_cache_shutdown: quarantined objects go back first.
+        self.kasan_quarantine_remove_cache(c);
         c.shrink(self);
         let inuse = c.objects_in_use(self);
         if inuse > 0 {

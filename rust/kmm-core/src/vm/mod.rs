@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!   Machine::read/write/access(va)
+//!      -> the KASAN check (kasan=on, kasan.rs)
 //!      -> this CPU's TLB (tlb.rs) --miss--> page walk (pgtable.rs) -> fill
 //!      -> physical bytes (physmem.rs)
 //!   vmalloc.rs: vmap areas over [VMALLOC_START, VMALLOC_END), pages mapped
@@ -178,7 +179,17 @@ impl Machine {
 
     /// Touch `[va, va+n)` through the MMU (each page once), as a load or a
     /// store would, without moving data. Faults change nothing but the TLB.
+    /// With `kasan=on` the access is checked against the shadow first
+    /// (`kasan.rs`): a bad one is reported and touches nothing.
     pub fn access(&self, va: VirtAddr, n: usize, write: bool) -> Result<()> {
+        if self.kasan_on() {
+            self.kasan_check(va.0, n as u64, write)?;
+        }
+        self.access_nocheck(va, n, write)
+    }
+
+    /// `access` without the KASAN check (uninstrumented code: stack pushes).
+    pub(crate) fn access_nocheck(&self, va: VirtAddr, n: usize, write: bool) -> Result<()> {
         let mut at = va.0;
         let mut left = n as u64;
         while left > 0 {
@@ -208,8 +219,18 @@ impl Machine {
         Ok(out)
     }
 
-    /// `memcpy` from kernel virtual memory, through the MMU model.
+    /// `memcpy` from kernel virtual memory, through the MMU model (and,
+    /// with `kasan=on`, the KASAN check).
     pub fn read(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
+        if self.kasan_on() {
+            self.kasan_check(va.0, n as u64, false)?;
+        }
+        self.read_nocheck(va, n)
+    }
+
+    /// `read` without the KASAN check (`kasan_disable_current()`
+    /// sections: krealloc's copy of the old object).
+    pub(crate) fn read_nocheck(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
         let chunks = self.chunks(va.0, n, false)?; // fault before allocating
         let mut buf = vec![0u8; n];
         let mut done = 0;
@@ -220,8 +241,18 @@ impl Machine {
         Ok(buf)
     }
 
-    /// `memcpy` into kernel virtual memory, through the MMU model.
+    /// `memcpy` into kernel virtual memory, through the MMU model (and,
+    /// with `kasan=on`, the KASAN check: a bad write changes nothing).
     pub fn write(&self, va: VirtAddr, data: &[u8]) -> Result<()> {
+        if self.kasan_on() {
+            self.kasan_check(va.0, data.len() as u64, true)?;
+        }
+        self.write_nocheck(va, data)
+    }
+
+    /// `write` without the KASAN check (uninstrumented code: stack pushes,
+    /// kmm's own bookkeeping writes).
+    pub(crate) fn write_nocheck(&self, va: VirtAddr, data: &[u8]) -> Result<()> {
         let mut done = 0;
         for (pa, k) in self.chunks(va.0, data.len(), true)? {
             self.phys.write(pa, &data[done..done + k])?;
