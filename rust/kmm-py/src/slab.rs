@@ -267,6 +267,57 @@ impl PyBlock {
         }
     }
 
+    /// With `kasan=on`: KASAN's check of an access of `n` bytes at offset
+    /// `off` from the Block (which may lie outside it), made before
+    /// anything else; `index`: from indexing or slicing (the report is then
+    /// also an IndexError). On a Block whose memory was freed, the report
+    /// is a use after free.
+    pub(crate) fn kasan_guard(&self, off: i64, n: usize, write: bool, index: bool) -> PyResult<()> {
+        if !self.m.kasan_on() || n == 0 {
+            return Ok(());
+        }
+        let va = self.addr.wrapping_add_signed(off);
+        self.m.kasan_check(va, n as u64, write).map_err(|e| crate::errors::kasan_block_err(e, !self.alive(), index))
+    }
+
+    /// The access indexing or slicing asks for, before Python clamps a
+    /// slice to the Block: (offset, length). None when it is no plain
+    /// access (a step, or bounds beyond 64 bits): `range` decides.
+    fn raw_access(&self, idx: &Bound<'_, PyAny>) -> PyResult<Option<(i64, usize)>> {
+        let len = self.len as i64;
+        if let Ok(s) = idx.cast::<PySlice>() {
+            let step = s.getattr("step")?;
+            if !step.is_none() && step.extract::<i64>().ok() != Some(1) {
+                return Ok(None);
+            }
+            let bound = |v: Bound<'_, PyAny>, dflt: i64| -> Option<i64> {
+                if v.is_none() {
+                    return Some(dflt);
+                }
+                let x: i64 = v.extract().ok()?;
+                Some(if x < 0 { x.saturating_add(len).max(0) } else { x })
+            };
+            let (Some(a), Some(b)) = (bound(s.getattr("start")?, 0), bound(s.getattr("stop")?, len)) else {
+                return Ok(None);
+            };
+            return Ok(Some((a, b.saturating_sub(a).max(0) as usize)));
+        }
+        match idx.extract::<i64>() {
+            Ok(i) => Ok(Some((if i < 0 { i.saturating_add(len) } else { i }, 1))),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// `kasan_guard` for an index or a slice.
+    fn kasan_guard_index(&self, idx: &Bound<'_, PyAny>, write: bool) -> PyResult<()> {
+        if self.m.kasan_on() {
+            if let Some((off, n)) = self.raw_access(idx)? {
+                self.kasan_guard(off, n, write, true)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Free through this Block (kfree or kmem_cache_free).
     pub(crate) fn free_with(&self, f: impl FnOnce(u64) -> kmm_core::Result<()>) -> PyResult<()> {
         if self.kind == Kind::Ctor {
@@ -299,6 +350,11 @@ impl PyBlock {
             // Free memory: a double free. Reallocated memory: the stale
             // handle is a use after free (the new owner is left alone).
             if !self.m.shadow.is_live(self.phys()) {
+                if self.m.kasan_on() && self.kind == Kind::Object {
+                    // KASAN reports the double free (the free is refused:
+                    // the object is not live, so nothing can be freed).
+                    f(self.addr).map_err(to_py_err)?;
+                }
                 return Err(crate::errors::DoubleFreeError::new_err(format!(
                     "double free or corruption: Block {:#x} was already freed",
                     self.addr
@@ -364,11 +420,13 @@ impl PyBlock {
         self.addr
     }
     fn __bytes__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        self.kasan_guard(0, self.len, false, false)?;
         self.check_alive()?;
         let v = self.m.read(VirtAddr(self.addr), self.len).map_err(to_py_err)?;
         Ok(PyBytes::new(py, &v))
     }
     fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.kasan_guard_index(idx, false)?;
         self.check_alive()?;
         let (a, b, slice) = self.range(idx)?;
         let v = self.m.read(VirtAddr(self.addr + a as u64), b - a).map_err(to_py_err)?;
@@ -379,6 +437,7 @@ impl PyBlock {
         }
     }
     fn __setitem__(&self, idx: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.kasan_guard_index(idx, true)?;
         self.check_alive()?;
         let (a, b, slice) = self.range(idx)?;
         if slice {
@@ -403,8 +462,9 @@ impl PyBlock {
     /// Read `n` bytes at `offset` (bounds-checked).
     #[pyo3(signature = (offset=0, n=None))]
     fn read<'py>(&self, py: Python<'py>, offset: usize, n: Option<usize>) -> PyResult<Bound<'py, PyBytes>> {
-        self.check_alive()?;
         let n = n.unwrap_or(self.len.saturating_sub(offset));
+        self.kasan_guard(offset.min(i64::MAX as usize) as i64, n, false, true)?;
+        self.check_alive()?;
         if offset.checked_add(n).is_none_or(|e| e > self.len) {
             return Err(PyIndexError::new_err("read beyond the Block"));
         }
@@ -414,6 +474,7 @@ impl PyBlock {
     /// Write bytes at `offset` (bounds-checked).
     #[pyo3(signature = (data, offset=0))]
     fn write(&self, data: &[u8], offset: usize) -> PyResult<()> {
+        self.kasan_guard(offset.min(i64::MAX as usize) as i64, data.len(), true, true)?;
         self.check_alive()?;
         if offset.checked_add(data.len()).is_none_or(|e| e > self.len) {
             return Err(PyIndexError::new_err("write beyond the Block"));
@@ -447,6 +508,8 @@ impl PyBlock {
             return Err(PyBufferError::new_err("View is null"));
         }
         let b = slf.get();
+        // KASAN checks the exported range as one access.
+        b.kasan_guard(0, b.len, flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE, false)?;
         b.check_alive()?;
         // A vmalloc area is pinned per export, checked under the area lock
         // (a concurrent vfree either sees the pin or wins and this fails).
