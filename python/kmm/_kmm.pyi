@@ -37,6 +37,7 @@ __all__ = [
     "TRACEPOINTS",
     "TUNABLES",
     "BOOT_PARAMS",
+    "SYSCTLS",
     "Trace",
     "TraceHandle",
     "Zone",
@@ -56,6 +57,7 @@ MIGRATETYPE_NAMES: Final[list[str]]
 TRACEPOINTS: Final[list[str]]
 TUNABLES: Final[list[tuple[str, str, str]]]
 BOOT_PARAMS: Final[list[tuple[str, str, str, str]]]
+SYSCTLS: Final[list[tuple[str, str, str, str]]]
 ERROR_CODES: Final[list[str]]
 SLAB_FLAGS: Final[list[tuple[str, int]]]
 ZERO_SIZE_PTR: Final[int]
@@ -85,6 +87,7 @@ def recorded_machine(
     slab_nomerge: bool = False,
     tlb: dict[str, tuple[int, int]] | None = None,
     cmdline: str = "",
+    sysctl: dict[str, int | str | list[int]] | None = None,
 ) -> tuple[Machine, dict[str, Any]]: ...
 def sniff_trace(head: bytes) -> tuple[str, str | None]: ...
 def parse_perf_data(data: bytes, kallsyms: bytes | None = None, lenient: bool = False) -> TraceLog: ...
@@ -431,6 +434,7 @@ class Machine:
         slab_nomerge: bool = False,
         tlb: dict[str, tuple[int, int]] | None = None,
         cmdline: str = "",
+        sysctl: dict[str, int | str | list[int]] | None = None,
     ) -> Machine: ...
     @property
     def warm_start(self) -> dict[str, Any] | None: ...
@@ -438,6 +442,7 @@ class Machine:
     def time_ns(self) -> int: ...
     @property
     def cmdline(self) -> str: ...
+    def sysctl(self, name: str, value: int | str | list[int] | None = None) -> str | None: ...
     def advance_time(self, t_ns: int) -> int: ...
     def decay_pcp_high(self, zone: str, cpu: int) -> int: ...
     def pcp_state(self, zone: str, cpu: int) -> dict[str, Any]: ...

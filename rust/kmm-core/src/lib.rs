@@ -26,6 +26,7 @@
 //!   clock        (simulated time; its work lives in page_alloc)
 //!   page_alloc   <- machine, buddy, gfp, trace, clock   (the page-allocator API, timer work)
 //!   proc         <- machine, page_alloc                  (/proc renderers)
+//!   sysctl       <- machine, zone                        (vm.* sysctls and their handlers)
 //!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
 //!                   vmalloc, kmap, stacks; Machine::read/write go through it)
 //!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
@@ -59,6 +60,7 @@ pub mod pcp;
 pub mod percpu;
 pub mod physmem;
 pub mod slab;
+pub mod sysctl;
 pub mod sync;
 pub mod proc;
 pub mod shadow;

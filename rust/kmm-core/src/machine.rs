@@ -118,6 +118,8 @@ pub struct MachineConfig {
     pub tuning: Option<Vec<Option<ZoneTuning>>>,
     /// The kernel command line the machine boots with (`cmdline.rs`).
     pub cmdline: crate::cmdline::BootParams,
+    /// Sysctls written once booted, in order (`sysctl.rs`: name, value).
+    pub sysctl: Vec<(String, String)>,
 }
 
 impl Default for MachineConfig {
@@ -137,6 +139,7 @@ impl Default for MachineConfig {
             layout: None,
             tuning: None,
             cmdline: crate::cmdline::BootParams::default(),
+            sysctl: Vec::new(),
         }
     }
 }
@@ -214,6 +217,8 @@ pub struct Machine {
     pub warm: parking_lot::Mutex<Option<std::sync::Arc<crate::warm::WarmSeeds>>>,
     /// How a machine built for a trace was sized and started (`trace::shape`).
     pub shape_notes: parking_lot::Mutex<Vec<String>>,
+    /// The `vm.*` sysctls' current values (`sysctl.rs`).
+    pub sysctls: crate::sysctl::Sysctls,
 }
 
 impl Machine {
@@ -349,6 +354,7 @@ impl Machine {
             clock: crate::clock::Clock::new(cfg.cpus),
             warm: parking_lot::Mutex::new(None),
             shape_notes: parking_lot::Mutex::new(Vec::new()),
+            sysctls: crate::sysctl::Sysctls::new(&cfg, &spans.iter().map(|s| s.0).collect::<Vec<_>>()),
             cfg,
         };
 
@@ -391,6 +397,9 @@ impl Machine {
         }
         m.setup_watermarks(m.cfg.min_free_kbytes);
         m.apply_tuning();
+        for (name, value) in m.cfg.sysctl.clone() {
+            m.sysctl_set(&name, &value)?;
+        }
         let k = m.create_kmalloc_caches()?;
         let _ = m.kmalloc_caches.set(k);
         // vmalloc_init: the vmap_area cache (no pages until first use).
@@ -612,8 +621,19 @@ impl Machine {
             }
         };
         self.min_free_kbytes.store(mfk, Relaxed);
-        let pages_min = mfk / page_kb;
-        let wsf = self.cfg.watermark_scale_factor;
+        self.setup_per_zone_wmarks();
+        self.setup_per_zone_lowmem_reserve();
+    }
+
+    /// `setup_per_zone_wmarks`: every zone's watermarks from
+    /// `vm.min_free_kbytes` and `vm.watermark_scale_factor`, then its
+    /// pageset sizes (`zone_pcp_update`), as the kernel does after any
+    /// change of them.
+    pub fn setup_per_zone_wmarks(&self) {
+        let page_kb = self.page_size / 1024;
+        let lowmem = self.lowmem_managed();
+        let pages_min = self.min_free_kbytes.load(Relaxed) / page_kb;
+        let wsf = self.sysctls.watermark_scale_factor.load(Relaxed);
         for z in &self.zones {
             let hm = matches!(z.kind, ZoneKind::HighMem | ZoneKind::Movable);
             let w = if z.kind == ZoneKind::Device {
@@ -625,28 +645,45 @@ impl Machine {
             z.watermark[1].store(w.low, Relaxed);
             z.watermark[2].store(w.high, Relaxed);
             z.watermark[3].store(w.promo, Relaxed);
-            let batch = zone::zone_batchsize(z.managed, self.page_size).max(1);
-            let cpus = self.cfg.cpus as u64;
-            let (high_min, high_max) = if z.managed == 0 {
-                (0, 0)
-            } else {
-                (zone::zone_highsize(w.low, z.managed, batch, cpus, 0), zone::zone_highsize(w.low, z.managed, batch, cpus, 8))
-            };
-            z.pcp_batch.store(batch, Relaxed);
-            z.pcp_high_min.store(high_min, Relaxed);
-            z.pcp_high_max.store(high_max, Relaxed);
-            // zone_set_pageset_high_and_batch: every CPU's pageset.
-            for slot in z.pcp.iter() {
-                let mut p = slot.lists.lock();
-                p.batch = batch;
-                p.high_min = high_min;
-                p.high_max = high_max;
-            }
+            self.zone_set_pageset_high_and_batch(z);
         }
-        let ratio: Vec<u64> = match &self.cfg.lowmem_reserve_ratio {
-            Some(r) => (0..self.zones.len()).map(|i| r.get(i).copied().unwrap_or(0)).collect(),
-            None => self.zones.iter().map(|z| zone::default_lowmem_reserve_ratio(z.kind)).collect(),
+    }
+
+    /// `zone_set_pageset_high_and_batch`: batch from the zone's size; high
+    /// from its low watermark, auto-tuned between high_min and high_max
+    /// (managed / 8) -- or, with `vm.percpu_pagelist_high_fraction`, fixed
+    /// at managed / fraction (auto-tuning off).
+    pub fn zone_set_pageset_high_and_batch(&self, z: &crate::zone::Zone) {
+        let batch = zone::zone_batchsize(z.managed, self.page_size).max(1);
+        let cpus = self.cfg.cpus as u64;
+        let low = z.watermark[crate::zone::WMARK_LOW].load(Relaxed);
+        let fraction = self.sysctls.percpu_pagelist_high_fraction.load(Relaxed);
+        let (high_min, high_max) = if z.managed == 0 {
+            (0, 0)
+        } else if fraction != 0 {
+            let h = zone::zone_highsize(low, z.managed, batch, cpus, fraction);
+            (h, h)
+        } else {
+            (
+                zone::zone_highsize(low, z.managed, batch, cpus, 0),
+                zone::zone_highsize(low, z.managed, batch, cpus, crate::sysctl::MIN_PERCPU_PAGELIST_HIGH_FRACTION),
+            )
         };
+        z.pcp_batch.store(batch, Relaxed);
+        z.pcp_high_min.store(high_min, Relaxed);
+        z.pcp_high_max.store(high_max, Relaxed);
+        // __zone_set_pageset_high_and_batch: every CPU's pageset.
+        for slot in z.pcp.iter() {
+            let mut p = slot.lists.lock();
+            p.batch = batch;
+            p.high_min = high_min;
+            p.high_max = high_max;
+        }
+    }
+
+    /// `setup_per_zone_lowmem_reserve` from `vm.lowmem_reserve_ratio`.
+    pub fn setup_per_zone_lowmem_reserve(&self) {
+        let ratio: Vec<u64> = self.sysctls.lowmem_reserve_ratio.lock().clone();
         let managed: Vec<u64> = self.zones.iter().map(|z| z.managed).collect();
         let res = zone::lowmem_reserve(&managed, &ratio);
         for (i, z) in self.zones.iter().enumerate() {

@@ -506,7 +506,8 @@ impl Machine {
         if pb * 4 > z.managed {
             return false;
         }
-        let max_boost = z.watermark[2].load(Relaxed) * WATERMARK_BOOST_FACTOR / 10000;
+        let factor = self.sysctls.watermark_boost_factor.load(Relaxed);
+        let max_boost = z.watermark[2].load(Relaxed).saturating_mul(factor) / 10000;
         if max_boost == 0 {
             return false;
         }

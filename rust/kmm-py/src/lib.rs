@@ -61,6 +61,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let tunables: Vec<(&str, &str, &str)> = kmm_core::MachineConfig::TUNABLES.to_vec();
     m.add("TUNABLES", tunables)?;
     m.add("BOOT_PARAMS", kmm_core::cmdline::BOOT_PARAMS.to_vec())?;
+    m.add("SYSCTLS", kmm_core::sysctl::SYSCTLS.to_vec())?;
     m.add("ERROR_CODES", kmm_core::KmmError::ALL_CODES.to_vec())?;
     let slab_flags: Vec<(&str, u32)> = kmm_core::slab::geometry::SLAB_FLAG_NAMES.to_vec();
     m.add("SLAB_FLAGS", slab_flags)?;

@@ -97,7 +97,7 @@ impl PyMachine {
     #[new]
     #[pyo3(signature = (arch="x86_64", memory=None, cpus=2, page_size=4096, min_free_kbytes=None,
                         watermark_scale_factor=10, lowmem_reserve_ratio=None,
-                        transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None, cmdline=""))]
+                        transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None, cmdline="", sysctl=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -113,6 +113,7 @@ impl PyMachine {
         slab_nomerge: bool,
         tlb: Option<std::collections::HashMap<String, (u32, u32)>>,
         cmdline: &str,
+        sysctl: Option<Bound<'_, PyDict>>,
     ) -> PyResult<PyMachine> {
         let mut cfg = machine_config(
             arch,
@@ -128,6 +129,7 @@ impl PyMachine {
             tlb,
         )?;
         cfg.cmdline = kmm_core::cmdline::BootParams::parse(cmdline).map_err(to_py_err)?;
+        cfg.sysctl = sysctl_items(sysctl)?;
         let m = py.detach(|| Machine::new(cfg)).map_err(to_py_err)?;
         Ok(PyMachine { m: Arc::new(m) })
     }
@@ -143,6 +145,21 @@ impl PyMachine {
         d.set_item("report", crate::recorded::warm_report(py, &w.report)?)?;
         d.set_item("trace_events", w.trace_id.0)?;
         Ok(Some(d))
+    }
+    /// `m.sysctl(name)` reads a sysctl as /proc/sys prints it;
+    /// `m.sysctl(name, value)` writes it, recomputing what the kernel's
+    /// handler recomputes (watermarks, protection, pageset sizes). A value
+    /// the kernel refuses raises ValueError and changes nothing.
+    #[pyo3(signature = (name, value=None))]
+    fn sysctl(&self, name: &str, value: Option<Bound<'_, PyAny>>) -> PyResult<Option<String>> {
+        match value {
+            None => self.m.sysctl_get(name).map(Some).map_err(to_py_err),
+            Some(v) => {
+                let text = sysctl_value(&v)?;
+                self.m.sysctl_set(name, &text).map_err(to_py_err)?;
+                Ok(None)
+            }
+        }
     }
     /// The kernel command line the machine booted with (normalised).
     #[getter]
@@ -830,4 +847,28 @@ pub(crate) fn machine_config(
         cfg.tlb.set(&name, entries, ways).map_err(PyValueError::new_err)?;
     }
     Ok(cfg)
+}
+
+/// A sysctl value from Python: an int, a string, or a list of ints
+/// (`vm.lowmem_reserve_ratio`), as the text one would write to /proc/sys.
+pub(crate) fn sysctl_value(v: &Bound<'_, PyAny>) -> PyResult<String> {
+    if let Ok(s) = v.extract::<String>() {
+        return Ok(s);
+    }
+    if let Ok(n) = v.extract::<i64>() {
+        return Ok(n.to_string());
+    }
+    if let Ok(l) = v.extract::<Vec<i64>>() {
+        return Ok(l.iter().map(|n| n.to_string()).collect::<Vec<_>>().join(" "));
+    }
+    Err(pyo3::exceptions::PyTypeError::new_err(format!(
+        "a sysctl value is an int, a str or a list of ints, not {}",
+        v.get_type().name()?
+    )))
+}
+
+/// `sysctl={name: value}` as (name, text) pairs, in the dict's order.
+pub(crate) fn sysctl_items(items: Option<Bound<'_, PyDict>>) -> PyResult<Vec<(String, String)>> {
+    let Some(d) = items else { return Ok(Vec::new()) };
+    d.iter().map(|(k, v)| Ok((k.extract::<String>()?, sysctl_value(&v)?))).collect()
 }
