@@ -133,3 +133,43 @@ def test_sysctls_at_boot():
     with pytest.raises(ValueError, match="vm.watermark_scale_factor"):
         kmm.Machine(memory="1G", sysctl={"vm.watermark_scale_factor": 5000})
     assert kmm.SYSCTLS[0][0] == "vm.min_free_kbytes"
+
+
+def test_settings_split_boot_parameters_from_sysctls():
+    from kmm import settings
+
+    assert settings.split("slub_min_order=1 vm.watermark_scale_factor=200 kasan") == (
+        "slub_min_order=1 kasan", {"vm.watermark_scale_factor": "200"})
+    with pytest.raises(ValueError, match="unknown sysctl 'vm.swappiness'"):
+        settings.split("vm.swappiness=10")
+    with pytest.raises(ValueError, match="needs a value"):
+        settings.split("vm.min_free_kbytes")
+
+
+def test_cli_set_applies_both_kinds(capsys):
+    from kmm import cli
+
+    assert cli.main(["proc", "zoneinfo", "--memory", "1G", "--set", "vm.watermark_scale_factor=200"]) == 0
+    out = capsys.readouterr().out
+    m = kmm.Machine(memory="1G")
+    mfk = int(m.sysctl("vm.min_free_kbytes"))
+    z = populated(m)[-1]
+    want = wmarks(mfk // 4, z.managed, lowmem(m), 200)
+    block = out.split(f"zone {z.name:>8}")[1]
+    assert f"min      {want[0]}\n" in block and f"low      {want[1]}\n" in block
+
+
+@pytest.mark.parametrize("setting,what", [
+    ("vm.watermark_scale_factor=99999", "valid: 1 .. 3000"),
+    ("vm.percpu_pagelist_high_fraction=3", "valid: 0, or 8 .. 2147483647"),
+    ("quiet", 'unknown boot parameter "quiet"'),
+    ("vm.nope=1", "unknown sysctl"),
+])
+def test_cli_bad_settings_exit_2_before_anything_runs(capsys, setting, what):
+    from kmm import cli
+
+    with pytest.raises(SystemExit) as e:
+        cli.main(["replay", "--set", setting])
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and what in err and err.count("\n") == 1

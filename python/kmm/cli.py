@@ -46,11 +46,23 @@ def _machine_args(p: argparse.ArgumentParser, memory: str | None = "1G", cpus: i
     p.add_argument("--cmdline", default="", metavar="PARAMS",
                    help="boot parameters in the kernel's syntax, e.g. \"slub_debug=FZ,kmalloc-64 slub_min_order=1\" "
                    "(kmm --help lists them)")
+    p.add_argument("--set", dest="settings", default="", metavar="\"NAME=VALUE ...\"",
+                   help="settings: a NAME with a dot is a sysctl (vm.watermark_scale_factor=200), one without a "
+                   "boot parameter (slub_min_order=1); kmm --help lists both")
+
+
+def _settings(a: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """--cmdline and --set, as (command line, sysctls)."""
+    from kmm import settings
+
+    boot, sysctl = settings.split(a.settings)
+    return " ".join(x for x in (a.cmdline, boot) if x), sysctl
 
 
 def _make_machine(a: argparse.Namespace) -> kmm.Machine:
+    cmdline, sysctl = _settings(a)
     return kmm.Machine(arch=a.arch, memory=a.memory, cpus=a.cpus, page_size=a.page_size, min_free_kbytes=a.min_free_kbytes,
-                       cmdline=a.cmdline)
+                       cmdline=cmdline, sysctl=sysctl)
 
 
 def _section(title: str) -> None:
@@ -361,8 +373,10 @@ def replay(a: argparse.Namespace) -> int:
     t = _load(a, path)
     if _no_events(path, t):
         return EXIT_ERROR
+    cmdline, sysctl = _settings(a)
     overrides = {k: v for k, v in (("arch", a.arch), ("memory", a.memory), ("cpus", a.cpus), ("page_size", a.page_size),
-                                   ("min_free_kbytes", a.min_free_kbytes), ("cmdline", a.cmdline or None)) if v is not None}
+                                   ("min_free_kbytes", a.min_free_kbytes), ("cmdline", cmdline or None),
+                                   ("sysctl", sysctl or None)) if v is not None}
     if overrides.get("arch") == "x86_64":
         del overrides["arch"]
     if overrides.get("page_size") == 4096:
@@ -409,6 +423,7 @@ def _fill(text: str, width: int = 78) -> str:
 def build_parser() -> argparse.ArgumentParser:
     tunables = "\n".join(f"  {n:24s} {d:16s} {h}" for n, d, h in kmm.TUNABLES)
     boot = "\n".join(f"  {n:24s} {d or '-':16s} {h}" for n, d, _f, h in kmm.BOOT_PARAMS)
+    sysctls = "\n".join(f"  {n:34s} {v:22s} {h}" for n, _d, v, h in kmm.SYSCTLS)
     path, what = default_trace()
     plain = _fill(
         f"Plain `kmm` (no COMMAND) is `kmm replay`: it replays {what} ({path.name}), on a simulated machine "
@@ -422,7 +437,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=f"kmm: a fast, faithful model of the Linux kernel's memory manager.\n\n{plain}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Machine tunables (kmm.Machine keyword arguments):\n{tunables}\n\n"
-        f"Boot parameters (kmm.Machine(cmdline=...), --cmdline):\n{boot}\n\n"
+        f"Boot parameters (kmm.Machine(cmdline=...), --cmdline, --set NAME=VALUE):\n{boot}\n\n"
+        f"Sysctls (kmm.Machine(sysctl={{...}}), m.sysctl(name, value), --set NAME=VALUE):\n{sysctls}\n\n"
         "Exit codes: 0 success, 1 an error (a malformed trace line, a missing file, a model or\n"
         "invariant error), 2 bad usage.",
     )
@@ -512,6 +528,13 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    if hasattr(a, "settings"):
+        # Settings are checked before anything runs: a bad one is bad usage.
+        try:
+            cmdline, sysctl = _settings(a)
+            kmm._kmm.check_settings(cmdline, sysctl)
+        except ValueError as e:
+            parser.exit(EXIT_USAGE, f"kmm: error: {e}\n")
     try:
         return a.func(a)
     except BrokenPipeError:  # `kmm | head`: the reader left; not an error (before OSError, its base)

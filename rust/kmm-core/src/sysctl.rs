@@ -142,6 +142,32 @@ impl Machine {
     }
 }
 
+/// Check a value's syntax and range before any machine exists (what
+/// depends on the machine, e.g. a min_free_kbytes above its memory, is
+/// checked when it is written).
+pub fn check_value(name: &str, value: &str) -> Result<()> {
+    let row = SYSCTLS.iter().find(|r| r.0 == name).ok_or_else(|| unknown(name))?;
+    let valid = row.2;
+    match name {
+        "vm.watermark_scale_factor" => parse_int(name, value, 1, 3000, valid).map(drop),
+        "vm.percpu_pagelist_high_fraction" => {
+            let v = parse_int(name, value, 0, INT_MAX, valid)?;
+            if v != 0 && v < MIN_PERCPU_PAGELIST_HIGH_FRACTION {
+                return Err(einval(name, value, valid));
+            }
+            Ok(())
+        }
+        "vm.lowmem_reserve_ratio" => {
+            let words: Vec<&str> = value.split_whitespace().collect();
+            if words.is_empty() || words.iter().any(|w| w.parse::<i64>().map_or(true, |n| n > INT_MAX as i64)) {
+                return Err(einval(name, value, valid));
+            }
+            Ok(())
+        }
+        _ => parse_int(name, value, 0, INT_MAX, valid).map(drop),
+    }
+}
+
 fn unknown(name: &str) -> KmmError {
     let known: Vec<&str> = SYSCTLS.iter().map(|r| r.0).collect();
     KmmError::InvalidArgument(format!("unknown sysctl {name:?} (kmm knows: {})", known.join(", ")))

@@ -43,6 +43,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bundle::PyBundle>()?;
     m.add_function(wrap_pyfunction!(bundle::parse_proc, m)?)?;
     m.add_function(wrap_pyfunction!(recorded::recorded_machine, m)?)?;
+    m.add_function(wrap_pyfunction!(machine::check_settings, m)?)?;
     m.add_class::<machine::PyProc>()?;
     m.add_class::<machine::PyTrace>()?;
     m.add_class::<vm::PyThreadStack>()?;

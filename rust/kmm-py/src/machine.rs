@@ -872,3 +872,15 @@ pub(crate) fn sysctl_items(items: Option<Bound<'_, PyDict>>) -> PyResult<Vec<(St
     let Some(d) = items else { return Ok(Vec::new()) };
     d.iter().map(|(k, v)| Ok((k.extract::<String>()?, sysctl_value(&v)?))).collect()
 }
+
+/// Check a command line and sysctls without booting a machine: raises
+/// ValueError naming the first unknown name or bad value.
+#[pyfunction]
+#[pyo3(signature = (cmdline="", sysctl=None))]
+pub fn check_settings(cmdline: &str, sysctl: Option<Bound<'_, PyDict>>) -> PyResult<()> {
+    kmm_core::cmdline::BootParams::parse(cmdline).map_err(to_py_err)?;
+    for (k, v) in sysctl_items(sysctl)? {
+        kmm_core::sysctl::check_value(&k, &v).map_err(to_py_err)?;
+    }
+    Ok(())
+}
