@@ -214,6 +214,8 @@ pub struct Machine {
     pub warm: parking_lot::Mutex<Option<std::sync::Arc<crate::warm::WarmSeeds>>>,
     /// How a machine built for a trace was sized and started (`trace::shape`).
     pub shape_notes: parking_lot::Mutex<Vec<String>>,
+    /// failslab and fail_page_alloc (`fault_inject.rs`).
+    pub faults: crate::fault_inject::FaultInject,
 }
 
 impl Machine {
@@ -349,6 +351,7 @@ impl Machine {
             clock: crate::clock::Clock::new(cfg.cpus),
             warm: parking_lot::Mutex::new(None),
             shape_notes: parking_lot::Mutex::new(Vec::new()),
+            faults: crate::fault_inject::FaultInject::new(cfg.seed),
             cfg,
         };
 
@@ -395,6 +398,14 @@ impl Machine {
         let _ = m.kmalloc_caches.set(k);
         // vmalloc_init: the vmap_area cache (no pages until first use).
         m.vmap_area_cache()?;
+        // failslab= and fail_page_alloc= (setup_fault_attr), armed once
+        // booted: boot's own allocations never fail.
+        if let Some(p) = &m.cfg.cmdline.failslab {
+            m.faults.failslab.setup(p);
+        }
+        if let Some(p) = &m.cfg.cmdline.fail_page_alloc {
+            m.faults.fail_page_alloc.setup(p);
+        }
         Ok(m)
     }
 
@@ -779,6 +790,7 @@ impl Machine {
         errs.extend(self.check_percpu());
         errs.extend(self.check_slab());
         errs.extend(self.check_vm());
+        errs.extend(self.faults.check());
         errs
     }
 }
