@@ -313,6 +313,7 @@ class SlabSummary:
 
     @property
     def net_allocated(self) -> int:
+        """Bytes allocated and not freed within the trace."""
         return self.total_allocated - self.total_freed
 
     @property
@@ -341,6 +342,7 @@ class PageSummary:
 
     @property
     def nr_alloc_only(self) -> int:
+        """Page allocations the trace does not free."""
         return self.nr_page_allocs - self.nr_alloc_freed
 
 

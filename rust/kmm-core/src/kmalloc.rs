@@ -346,9 +346,10 @@ impl Machine {
             _ => self.ksize(va)?,
         };
         if ks >= new_size && va > ZERO_SIZE_PTR {
-            // "Zero out spare memory": with no orig_size stored (no
+            // "Zero out spare memory" (want_init_on_alloc: __GFP_ZERO or
+            // init_on_alloc): with no orig_size stored (no
             // SLAB_STORE_USER), the kernel zeroes [new_size, ks).
-            if gfp & gfp::__GFP_ZERO != 0 {
+            if self.want_init_on_alloc(gfp) {
                 self.phys.zero(va - self.cfg.arch.page_offset() + new_size, ks - new_size)?;
             }
             return Ok(VirtAddr(va));

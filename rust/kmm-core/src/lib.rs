@@ -19,6 +19,9 @@
 //! ```text
 //!   error, arch, gfp, page, physmem      (no dependencies inside the crate)
 //!   cmdline      <- slab::geometry                       (boot parameters)
+//!   mem_init     <- machine, slab                        (init_on_alloc, init_on_free)
+//!   fault_inject <- cmdline, gfp                         (failslab, fail_page_alloc; its
+//!                   hooks run in page_alloc's and slab's request paths)
 //!   trace        <- gfp
 //!   buddy        <- page, arch
 //!   zone         <- buddy, arch
@@ -51,9 +54,11 @@ pub mod clock;
 pub mod cmdline;
 pub mod cpu;
 pub mod error;
+pub mod fault_inject;
 pub mod gfp;
 pub mod kmalloc;
 pub mod machine;
+pub mod mem_init;
 pub mod page;
 pub mod page_alloc;
 pub mod pcp;

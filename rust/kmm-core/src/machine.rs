@@ -219,6 +219,8 @@ pub struct Machine {
     pub shape_notes: parking_lot::Mutex<Vec<String>>,
     /// The `vm.*` sysctls' current values (`sysctl.rs`).
     pub sysctls: crate::sysctl::Sysctls,
+    /// failslab and fail_page_alloc (`fault_inject.rs`).
+    pub faults: crate::fault_inject::FaultInject,
 }
 
 impl Machine {
@@ -355,6 +357,7 @@ impl Machine {
             warm: parking_lot::Mutex::new(None),
             shape_notes: parking_lot::Mutex::new(Vec::new()),
             sysctls: crate::sysctl::Sysctls::new(&cfg, &spans.iter().map(|s| s.0).collect::<Vec<_>>()),
+            faults: crate::fault_inject::FaultInject::new(cfg.seed),
             cfg,
         };
 
@@ -404,6 +407,14 @@ impl Machine {
         let _ = m.kmalloc_caches.set(k);
         // vmalloc_init: the vmap_area cache (no pages until first use).
         m.vmap_area_cache()?;
+        // failslab= and fail_page_alloc= (setup_fault_attr), armed once
+        // booted: boot's own allocations never fail.
+        if let Some(p) = &m.cfg.cmdline.failslab {
+            m.faults.failslab.setup(p);
+        }
+        if let Some(p) = &m.cfg.cmdline.fail_page_alloc {
+            m.faults.fail_page_alloc.setup(p);
+        }
         Ok(m)
     }
 
@@ -816,6 +827,7 @@ impl Machine {
         errs.extend(self.check_percpu());
         errs.extend(self.check_slab());
         errs.extend(self.check_vm());
+        errs.extend(self.faults.check());
         errs
     }
 }

@@ -8,8 +8,9 @@
 //! `__alloc_pages_slowpath`, `rmqueue`, `rmqueue_buddy`,
 //! `reserve_highatomic_pageblock`, `boost_watermark`, `warn_alloc`,
 //! `__free_pages`, `free_pages_prepare`, `__free_pages_ok`, `free_one_page`;
-//! `mm/page_alloc.c` `prep_new_page` / `post_alloc_hook` (zeroing),
-//! `prep_compound_page`.
+//! `mm/page_alloc.c` `prep_new_page` / `post_alloc_hook` (zeroing, with
+//! init_on_alloc/init_on_free: `mem_init.rs`), `prep_compound_page`;
+//! `should_fail_alloc_page` in `prepare_alloc_pages` (`fault_inject.rs`).
 //!
 //! SIMPLIFICATION: there is nothing to reclaim (no page cache, no swap), so
 //! the slow path has no direct reclaim, compaction or OOM killer: after the
@@ -110,6 +111,7 @@ impl Machine {
         if order > MAX_PAGE_ORDER {
             return Err(self.alloc_failure(gfp, order, "order > MAX_PAGE_ORDER"));
         }
+        self.should_fail_alloc_page(gfp, order)?;
         Ok(AllocContext { highest_zoneidx, migratetype: gfp::migratetype(gfp) })
     }
 
@@ -566,7 +568,7 @@ impl Machine {
         }
         head.set(flags, order);
         head.set_refcount(1);
-        if gfp & gfp::__GFP_ZERO != 0 {
+        if self.page_init_on_alloc(gfp) {
             let pa = self.pfn_to_phys(pfn).0;
             if let Err(e) = self.phys.zero(pa, self.page_size << order) {
                 // Undo: give the block back, so a failure changes nothing.
@@ -684,6 +686,7 @@ impl Machine {
     /// `free_pages_prepare` + `__free_frozen_pages`: clear page state, then
     /// the per-CPU lists for pcp-sized orders, or the buddy allocator.
     fn free_block(&self, pfn: Pfn, order: u32) {
+        self.page_init_on_free(pfn, order);
         let head = self.mem_map.get(pfn.0);
         if head.has(PG_HEAD) {
             for t in 1..(1u64 << order) {

@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 mod bundle;
 mod cpu;
 mod errors;
+mod fault;
 mod machine;
 mod objects;
 mod recorded;
@@ -46,6 +47,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(machine::check_settings, m)?)?;
     m.add_class::<machine::PyProc>()?;
     m.add_class::<machine::PyTrace>()?;
+    m.add_class::<fault::PyFaultAttr>()?;
     m.add_class::<vm::PyThreadStack>()?;
     m.add_function(wrap_pyfunction!(gfp_format, m)?)?;
     m.add_function(wrap_pyfunction!(gfp_parse, m)?)?;

@@ -222,26 +222,32 @@ impl PyMachine {
         Ok(self.m.decay_pcp_high(z, cpu))
     }
 
+    /// The architecture: "x86_64", "i386" or "i386-pae".
     #[getter]
     fn arch(&self) -> &'static str {
         self.m.cfg.arch.name()
     }
+    /// Bytes of RAM.
     #[getter]
     fn memory(&self) -> u64 {
         self.m.cfg.memory
     }
+    /// Number of simulated CPUs.
     #[getter]
     fn cpus(&self) -> u32 {
         self.m.cfg.cpus
     }
+    /// Bytes per page (PAGE_SIZE).
     #[getter]
     fn page_size(&self) -> u64 {
         self.m.page_size
     }
+    /// Page frames of RAM, pfn 0 included.
     #[getter]
     fn nr_pages(&self) -> u64 {
         self.m.nr_pages
     }
+    /// `pageblock_order`: pages of one migratetype block are 2^pageblock_order.
     #[getter]
     fn pageblock_order(&self) -> u32 {
         self.m.pageblock_order
@@ -783,6 +789,13 @@ impl PyProc {
         }
         Ok(d)
     }
+    fn __repr__(&self) -> String {
+        format!(
+            "<Proc of a {} machine, {} MiB: buddyinfo() zoneinfo() pagetypeinfo() meminfo() vmstat() slabinfo() vmallocinfo()>",
+            self.m.cfg.arch.name(),
+            self.m.cfg.memory >> 20
+        )
+    }
 }
 
 /// Tracepoints of a machine.
@@ -808,6 +821,16 @@ impl PyTrace {
     /// Names of every tracepoint the machine has.
     fn available(&self) -> Vec<&'static str> {
         kmm_core::trace::EventId::ALL.iter().map(|e| e.name()).collect()
+    }
+    /// Which tracepoints are on (a recording or a callback wants them).
+    fn __repr__(&self) -> String {
+        let all = kmm_core::trace::EventId::ALL;
+        let on: Vec<&str> = all.iter().filter(|e| self.m.trace.on(**e)).map(|e| e.name()).collect();
+        if on.is_empty() {
+            format!("<Trace: {} tracepoints, all off>", all.len())
+        } else {
+            format!("<Trace: {} of {} tracepoints on: {}>", on.len(), all.len(), on.join(", "))
+        }
     }
 }
 

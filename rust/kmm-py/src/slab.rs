@@ -649,26 +649,32 @@ impl PyKmemCache {
     fn size(&self) -> u32 {
         self.c.geo.size
     }
+    /// The object alignment (/sys/kernel/slab/<cache>/align).
     #[getter]
     fn align(&self) -> u32 {
         self.c.geo.align
     }
+    /// Objects in one slab (objs_per_slab).
     #[getter]
     fn objs_per_slab(&self) -> u32 {
         self.c.geo.objects
     }
+    /// The page order of a slab (/sys/kernel/slab/<cache>/order).
     #[getter]
     fn order(&self) -> u32 {
         self.c.geo.order
     }
+    /// The cache's SLAB_* flags, slub_debug= ones included.
     #[getter]
     fn flags(&self) -> u32 {
         self.c.flags
     }
+    /// Empty slabs kept on the node partial list (min_partial).
     #[getter]
     fn min_partial(&self) -> u32 {
         self.c.geo.min_partial
     }
+    /// Free objects kept on per-CPU partial slabs at most (cpu_partial).
     #[getter]
     fn cpu_partial(&self) -> u32 {
         self.c.geo.cpu_partial
@@ -683,6 +689,7 @@ impl PyKmemCache {
     fn ksize(&self) -> u32 {
         self.c.ksize()
     }
+    /// The constructor the cache was created with, or None.
     #[getter]
     fn ctor(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.ctor.as_ref().map(|c| c.clone_ref(py))

@@ -324,6 +324,7 @@ impl PyTraceEvent {
     fn name(&self) -> &str {
         self.log.name(self.i)
     }
+    /// The CPU the event was recorded on.
     #[getter]
     fn cpu(&self) -> u32 {
         self.log.events[self.i].cpu
@@ -333,10 +334,12 @@ impl PyTraceEvent {
     fn timestamp(&self) -> u64 {
         self.log.events[self.i].ts_ns
     }
+    /// The task's command name, as perf script prints it.
     #[getter]
     fn comm(&self) -> &str {
         self.log.comm(self.i)
     }
+    /// The task's pid (tid), as perf script prints it.
     #[getter]
     fn pid(&self) -> u32 {
         self.log.events[self.i].pid

@@ -345,6 +345,7 @@ impl PyThreadStack {
     fn top(&self) -> u64 {
         self.st.top()
     }
+    /// THREAD_SIZE: bytes of the stack.
     #[getter]
     fn size(&self) -> u64 {
         self.st.size

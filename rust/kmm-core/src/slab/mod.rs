@@ -6,7 +6,9 @@
 //! `slab_unmergeable`, `kmem_cache_destroy`, `kmem_cache_shrink`,
 //! `create_boot_cache`), `mm/slub.c` (`kmem_cache_alloc`, `kmem_cache_free`,
 //! `cache_from_obj`, `kmem_cache_alloc_bulk`, `kmem_cache_free_bulk`,
-//! `__kmem_cache_shutdown`, `slab_post_alloc_hook`), `mm/slab.h`.
+//! `__kmem_cache_shutdown`, `slab_pre_alloc_hook` (failslab:
+//! `fault_inject.rs`), `slab_post_alloc_hook` and `slab_free_hook`
+//! (zeroing, init_on_alloc/init_on_free: `mem_init.rs`)), `mm/slab.h`.
 //!
 //! Modules: `geometry` (layout and order), `cache` (one cache's slabs and
 //! per-CPU state).
@@ -279,9 +281,7 @@ impl Machine {
     fn slab_post_alloc(&self, c: &KmemCache, obj: u64, gfp: Gfp) -> u64 {
         let phys = obj - self.cfg.arch.page_offset();
         self.shadow.alloc(phys);
-        if gfp & gfp::__GFP_ZERO != 0 {
-            let _ = self.phys.zero(phys, c.object_size() as u64);
-        }
+        self.slab_init_on_alloc(c, phys, gfp);
         obj
     }
 
@@ -304,6 +304,7 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
+        self.should_failslab(c, gfp)?;
         let cpu = cpu.unwrap_or_else(|| self.run_cpu());
         let obj = c.alloc_raw(self, gfp, cpu)?;
         Ok(self.slab_post_alloc(c, obj, gfp))
@@ -354,6 +355,7 @@ impl Machine {
     /// Free an object already checked with `check_slab_free`.
     pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32) {
         self.shadow.free(va - self.cfg.arch.page_offset());
+        self.slab_init_on_free(c, va - self.cfg.arch.page_offset());
         c.free_raw(self, o, va, cpu);
     }
 
@@ -407,6 +409,9 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
+        if n > 0 {
+            self.should_failslab(c, gfp)?;
+        }
         let start = out.len();
         let cpu = self.run_cpu();
         out.reserve(n);
@@ -419,12 +424,9 @@ impl Machine {
             return Err(e);
         }
         let po = self.cfg.arch.page_offset();
-        let zero = gfp & gfp::__GFP_ZERO != 0;
         for &o in &out[start..] {
             self.shadow.alloc(o - po);
-            if zero {
-                let _ = self.phys.zero(o - po, c.object_size() as u64);
-            }
+            self.slab_init_on_alloc(c, o - po, gfp);
         }
         Ok(())
     }
@@ -462,6 +464,11 @@ impl Machine {
                 self.shadow.revive(o - po);
             }
             return Err(e);
+        }
+        if self.slab_want_init_on_free(c) {
+            for (o, _) in &refs {
+                self.slab_init_on_free(c, o - po);
+            }
         }
         c.free_bulk_raw(self, &refs, self.run_cpu());
         Ok(())
