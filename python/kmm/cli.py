@@ -15,6 +15,7 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import kmm
 
@@ -381,6 +382,8 @@ def replay(a: argparse.Namespace) -> int:
         del overrides["arch"]
     if overrides.get("page_size") == 4096:
         del overrides["page_size"]
+    if a.compare:
+        return _compare(a, t, path, overrides)
     if isinstance(t, kmm.trace.Recording):
         m = t.machine(warm=not a.cold, **overrides)
         for w in (*t.warnings, *t.machine_info.get("warnings", ())):
@@ -397,6 +400,24 @@ def replay(a: argparse.Namespace) -> int:
 
         plot.replay_plot(r, a.plot, title=f"kmm replay of {Path(path).name} on {m!r}", owners=m.page_owners(),
                          pageblock_order=m.pageblock_order)
+        print(f"\nplot written to {a.plot}")
+    return EXIT_OK
+
+
+def _compare(a: argparse.Namespace, t: Any, path: str | Path, overrides: dict[str, Any]) -> int:
+    """kmm replay --compare A B: both replays, side by side."""
+    from kmm import compare
+
+    name = Path(path).name
+    sa, sb = a.compare
+    print(f"Replaying {name} twice: A {sa or '(default)'!r}, B {sb or '(default)'!r}\n", flush=True)
+    c = compare.compare(t, sa, sb, name=name, warm=not a.cold, time=a.time, sample_every=a.sample_every, **overrides)
+    for w in getattr(t, "warnings", ()):
+        print(f"kmm: warning: {w}", file=sys.stderr)
+    print(f"Machine A: {c.a.machine}\nMachine B: {c.b.machine}\n")
+    sys.stdout.write(c.format())
+    if a.plot:
+        compare.plot(c, a.plot, title=f"kmm replay --compare of {name}")
         print(f"\nplot written to {a.plot}")
     return EXIT_OK
 
@@ -497,6 +518,11 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--plot", metavar="OUT.png", help="draw free pages per order over time and the physical memory map by owner (needs matplotlib: the 'plot' extra)")
     rp.add_argument("--slabinfo", action="store_true", help="print /proc/slabinfo at the end too")
     rp.add_argument("--free-at-end", action="store_true", help="free everything the replay allocated at the end")
+    rp.add_argument("--compare", nargs=2, metavar=("SETTINGS_A", "SETTINGS_B"),
+                    help="replay twice, under settings A and under settings B (each \"NAME=VALUE ...\" as --set; \"\" "
+                    "is the default machine; --set and --cmdline apply to both), and print the two side by side in "
+                    "mmtests' compare style: memory, slab space and loss per cache, THP-sized allocation success, "
+                    "fallbacks, mixed pageblocks, fragmentation, pcp refills, drains and high, zone-lock acquisitions")
     _trace_args(rp)
     rp.set_defaults(func=replay)
     rc = sub.add_parser(
@@ -530,9 +556,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     if hasattr(a, "settings"):
         # Settings are checked before anything runs: a bad one is bad usage.
+        from kmm import settings as _s
+
         try:
             cmdline, sysctl = _settings(a)
             kmm._kmm.check_settings(cmdline, sysctl)
+            for extra in getattr(a, "compare", None) or ():
+                boot, more = _s.split(extra)
+                kmm._kmm.check_settings(" ".join(x for x in (cmdline, boot) if x), {**sysctl, **more})
         except ValueError as e:
             parser.exit(EXIT_USAGE, f"kmm: error: {e}\n")
     try:

@@ -546,6 +546,11 @@ class ReplayReport:
     #: Where perf lost events: (cpu, start ns, end ns), each the CPU's longest
     #: silence before its PERF_RECORD_LOST.
     lost_stretches: list[tuple[int, int, int]] = field(default_factory=list)
+    #: Page allocations per order the trace used: (order, kernel succeeded,
+    #: kernel failed, kmm succeeded, kmm failed), mm_page_alloc on each side.
+    page_alloc_orders: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    #: zone->lock acquisitions during the replay, all zones.
+    zone_lock_acquisitions: int = 0
 
     def __getitem__(self, key: str) -> Any:
         """``report["dynamics"]``, ``report["end_state"]``, ``report["trajectory"]``, ...:

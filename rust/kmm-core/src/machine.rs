@@ -307,7 +307,7 @@ impl Machine {
                     present,
                     managed,
                     online: online[idx],
-                    area: parking_lot::Mutex::new(area),
+                    area: crate::zone::ZoneLock::new(area),
                     pageblocks,
                     // Boot pagesets (high 0, batch 1) until setup_watermarks sizes them.
                     pcp: (0..cfg.cpus)
@@ -789,7 +789,7 @@ impl Machine {
                 errs.push(format!("machine-1: zone {} starts at {:#x}, expected {prev_end:#x}", z.kind.name(), z.start_pfn));
             }
             prev_end = z.end_pfn();
-            let a = z.area.lock();
+            let a = z.area.lock_uncounted();
             for e in a.check(&self.mem_map) {
                 errs.push(format!("{}: {e}", z.kind.name()));
             }

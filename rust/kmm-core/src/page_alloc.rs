@@ -567,6 +567,7 @@ impl Machine {
             flags |= PG_LRU;
         }
         head.set(flags, order);
+        head.set_owner_mt(gfp::migratetype(gfp));
         head.set_refcount(1);
         if self.page_init_on_alloc(gfp) {
             let pa = self.pfn_to_phys(pfn).0;
@@ -1047,7 +1048,12 @@ impl Machine {
     pub(crate) fn make_slab_pages(&self, pfn: Pfn, order: u32, cache_id: u32) {
         let head = self.mem_map.get(pfn.0);
         let flags = head.flags() & PG_HEAD;
+        // page_owner's record survives the page becoming a slab.
+        let owner = head.owner_mt();
         head.set(flags | PG_SLAB, order);
+        if let Some(mt) = owner {
+            head.set_owner_mt(mt);
+        }
         head.set_refcount(cache_id as i32);
     }
 

@@ -179,6 +179,25 @@ impl PyMachine {
         let m = self.m.clone();
         py.detach(move || m.advance_time(t_ns))
     }
+    /// pagetypeinfo's "Number of mixed blocks" (what the kernel prints with
+    /// page_owner=on): per populated zone, per pageblock migratetype, the
+    /// pageblocks that hold an allocation of another migratetype
+    /// (`pagetypeinfo_showmixedcount_print`). Walks every page: O(RAM).
+    fn mixed_blocks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let m = self.m.clone();
+        let per: Vec<(&'static str, [u64; kmm_core::buddy::MIGRATE_TYPES])> = py.detach(move || {
+            m.zones.iter().filter(|z| z.is_populated()).map(|z| (z.kind.name(), m.mixed_blocks(z))).collect()
+        });
+        let d = PyDict::new(py);
+        for (zone, counts) in per {
+            let row = PyDict::new(py);
+            for (t, n) in counts.iter().enumerate() {
+                row.set_item(kmm_core::buddy::MIGRATETYPE_NAMES[t], n)?;
+            }
+            d.set_item(zone, row)?;
+        }
+        Ok(d)
+    }
     /// One CPU's per-CPU page lists in one zone (by zone name), as
     /// `struct per_cpu_pages` holds them: {"count", "high", "high_min",
     /// "high_max", "batch", "free_count", "alloc_factor", "lists"} where

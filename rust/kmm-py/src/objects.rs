@@ -153,6 +153,10 @@ pub struct PyZone {
     /// Pages freed to the zone (its share of /proc/vmstat's pgfree).
     #[pyo3(get)]
     pub pgfree: u64,
+    /// Times `zone->lock` was taken since boot by the allocator (refills,
+    /// drains, buddy allocations and frees; kmm's own snapshots not counted).
+    #[pyo3(get)]
+    pub lock_acquisitions: u64,
     nr_free_mt: Vec<Vec<u64>>,
     pageblocks: Vec<u64>,
 }
@@ -160,8 +164,9 @@ pub struct PyZone {
 impl PyZone {
     pub(crate) fn snapshot(m: &Machine, i: usize) -> PyZone {
         let z = &m.zones[i];
-        let a = z.area.lock();
+        let a = z.area.lock_uncounted();
         PyZone {
+            lock_acquisitions: z.area.acquisitions(),
             name: z.kind.name(),
             index: i,
             start_pfn: z.start_pfn,

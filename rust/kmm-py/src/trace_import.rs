@@ -234,6 +234,8 @@ impl PyTraceLog {
             r.dynamics.iter().map(|x| (x.what.clone(), x.tracepoint.clone(), x.kernel, x.kmm, x.kmm_in_lost)).collect();
         d.set_item("dynamics", dynamics)?;
         d.set_item("lost_stretches", r.lost_stretches.clone())?;
+        d.set_item("page_alloc_orders", r.page_alloc_orders.clone())?;
+        d.set_item("zone_lock_acquisitions", r.zone_lock_acquisitions)?;
         let ends = pyo3::types::PyList::empty(py);
         for z in &r.end_state {
             let zd = PyDict::new(py);
