@@ -28,20 +28,32 @@
 //! kernel's constant-ceiling path does: `get_random_u8()` times 100,
 //! rejecting low bytes below 256 % 100.
 //!
-//! SIMPLIFICATION: no `task-filter` (`make-it-fail`), `fail-nth`,
-//! stack-trace filter (`require-start` ...) or verbose rate limit (the
-//! kernel's default, `RATELIMIT_STATE_INIT_DISABLED`, limits nothing).
-//! `verbose` 2's `dump_stack()` is the Python traceback of the exception.
+//! `fail-nth` (`/proc/thread-self/fail-nth`, `fault_inject.rst`): a thread
+//! that writes N makes the N-th fault-injection point it reaches fail (a
+//! point is a call that passed its wrapper's tests: ignore-gfp-wait,
+//! min-order, ...), whatever the probability; reading it back gives 0 once
+//! the failure was injected. Task context only, as `in_task()` demands.
+//! A thread here is a host thread (one Python thread).
+//!
+//! SIMPLIFICATION: no `task-filter` (`make-it-fail`), stack-trace filter
+//! (`require-start` ...) or verbose rate limit (the kernel's default,
+//! `RATELIMIT_STATE_INIT_DISABLED`, limits nothing). `verbose` 2's
+//! `dump_stack()` is the Python traceback of the exception.
 //!
 //! # Invariants
 //! - fault-1: an attribute is armed (its lock-free test passes) exactly when
-//!   its probability is not 0, the first test of `should_fail_ex`.
+//!   its probability is not 0 or some thread has a fail-nth pending: the
+//!   first tests of `should_fail_ex`.
+//! - fault-2: `nth_pending` counts the threads with a non-zero fail-nth.
 //!
-//! Lock order: one mutex per attribute, taken only when it is armed, with
-//! the caller's locks (none on the paths that call it) held outside it.
+//! Lock order: `nth` -> one attribute's mutex; both are taken only when the
+//! attribute is armed, with none of the caller's locks held (the hooks run
+//! before the allocators take theirs).
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::thread::ThreadId;
 
 use parking_lot::Mutex;
 
@@ -109,8 +121,10 @@ pub struct AttrState {
 #[derive(Debug)]
 pub struct FaultAttr {
     pub kind: FaultKind,
-    /// fault-1: probability != 0.
+    /// fault-1: probability != 0, or a fail-nth pending.
     armed: AtomicBool,
+    /// A thread has a fail-nth pending (set by `FaultInject`).
+    nth_armed: AtomicBool,
     st: Mutex<AttrState>,
 }
 
@@ -139,7 +153,7 @@ impl FaultAttr {
             count: 0,
             rng: oorandom::Rand32::new_inc(seed, stream(kind)),
         };
-        FaultAttr { kind, armed: AtomicBool::new(false), st: Mutex::new(st) }
+        FaultAttr { kind, armed: AtomicBool::new(false), nth_armed: AtomicBool::new(false), st: Mutex::new(st) }
     }
 
     /// The lock-free first test of `should_fail_ex` (probability != 0).
@@ -153,11 +167,12 @@ impl FaultAttr {
         self.st.lock().clone()
     }
 
-    /// Change the state (keeps fault-1).
+    /// Change the state (keeps fault-1 for the probability; a machine's
+    /// `FaultInject` also re-arms for fail-nth).
     pub fn update(&self, f: impl FnOnce(&mut AttrState)) {
         let mut st = self.st.lock();
         f(&mut st);
-        self.armed.store(st.probability != 0, Relaxed);
+        self.armed.store(st.probability != 0 || self.nth_armed.load(Relaxed), Relaxed);
     }
 
     /// `setup_fault_attr`: the command line's four numbers.
@@ -255,12 +270,23 @@ impl FaultAttr {
     /// `filtered(st)` is the wrapper's own tests (true: leave this request
     /// alone). Returns None to let the request through, or Some(report):
     /// `fail_dump`'s text ("" when silent).
-    fn should_fail(&self, size: i64, gfp: Gfp, filtered: impl FnOnce(&AttrState) -> bool) -> Option<String> {
+    fn should_fail(
+        &self,
+        size: i64,
+        gfp: Gfp,
+        filtered: impl FnOnce(&AttrState) -> bool,
+        nth: Option<&FailNth>,
+    ) -> Option<String> {
         let mut st = self.st.lock();
         if gfp & gfp::__GFP_NOFAIL != 0 || (st.ignore_gfp_reclaim && gfp & gfp::__GFP_DIRECT_RECLAIM != 0) || filtered(&st) {
             return None;
         }
-        // should_fail_ex, in its order.
+        // should_fail_ex, in its order: the task's fail-nth first.
+        match nth.map(FailNth::step) {
+            Some(NthStep::Fail) => return Some(self.fail(&mut st, gfp)),
+            Some(NthStep::NotYet) => return None,
+            _ => {}
+        }
         if st.probability == 0 || st.times == 0 {
             return None;
         }
@@ -277,7 +303,12 @@ impl FaultAttr {
         if st.probability <= get_random_u32_below_100(&mut st.rng) as u64 {
             return None;
         }
-        // fail: fail_dump unless FAULT_NOWARN (__GFP_NOWARN), then times--.
+        Some(self.fail(&mut st, gfp))
+    }
+
+    /// `fail:` fail_dump unless FAULT_NOWARN (__GFP_NOWARN), then times--
+    /// (`atomic_dec_not_zero` unless -1).
+    fn fail(&self, st: &mut AttrState, gfp: Gfp) -> String {
         let report = if gfp & gfp::__GFP_NOWARN == 0 && st.verbose > 0 {
             format!(
                 "FAULT_INJECTION: forcing a failure.\nname {}, interval {}, probability {}, space {}, times {}\n",
@@ -290,10 +321,10 @@ impl FaultAttr {
         } else {
             String::new()
         };
-        if st.times != -1 {
-            st.times -= 1; // atomic_dec_not_zero: times is not 0 here
+        if st.times != -1 && st.times != 0 {
+            st.times -= 1;
         }
-        Some(report)
+        report
     }
 }
 
@@ -311,11 +342,48 @@ fn get_random_u32_below_100(rng: &mut oorandom::Rand32) -> u32 {
     }
 }
 
+/// Every thread's `current->fail_nth` (non-zero entries only).
+#[derive(Debug, Default)]
+pub struct FailNth {
+    map: Mutex<HashMap<ThreadId, u32>>,
+    /// fault-2: entries in `map`.
+    pending: AtomicU32,
+}
+
+enum NthStep {
+    /// This thread has no fail-nth.
+    Unset,
+    /// Counted down, not yet 0: this point passes.
+    NotYet,
+    /// Reached 0: this point fails.
+    Fail,
+}
+
+impl FailNth {
+    /// should_fail_ex's first test for the calling thread.
+    fn step(&self) -> NthStep {
+        if self.pending.load(Relaxed) == 0 {
+            return NthStep::Unset;
+        }
+        let mut map = self.map.lock();
+        let me = std::thread::current().id();
+        let Some(n) = map.get_mut(&me) else { return NthStep::Unset };
+        *n -= 1;
+        if *n > 0 {
+            return NthStep::NotYet;
+        }
+        map.remove(&me);
+        self.pending.store(map.len() as u32, Relaxed);
+        NthStep::Fail
+    }
+}
+
 /// The machine's fault attributes.
 #[derive(Debug)]
 pub struct FaultInject {
     pub failslab: FaultAttr,
     pub fail_page_alloc: FaultAttr,
+    nth: FailNth,
 }
 
 impl FaultInject {
@@ -323,7 +391,64 @@ impl FaultInject {
         FaultInject {
             failslab: FaultAttr::new(FaultKind::Failslab, seed),
             fail_page_alloc: FaultAttr::new(FaultKind::FailPageAlloc, seed),
+            nth: FailNth::default(),
         }
+    }
+
+    /// Write the calling thread's `fail-nth`: its `n`-th fault-injection
+    /// point fails (0: none).
+    pub fn set_fail_nth(&self, n: u32) {
+        {
+            let mut map = self.nth.map.lock();
+            let me = std::thread::current().id();
+            if n == 0 {
+                map.remove(&me);
+            } else {
+                map.insert(me, n);
+            }
+            self.nth.pending.store(map.len() as u32, Relaxed);
+        }
+        self.rearm();
+    }
+
+    /// Read the calling thread's `fail-nth`: points left before the failure
+    /// (0: none pending, or it was injected).
+    pub fn fail_nth(&self) -> u32 {
+        self.nth.map.lock().get(&std::thread::current().id()).copied().unwrap_or(0)
+    }
+
+    /// fault-1 after fail-nth changed.
+    fn rearm(&self) {
+        let pending = self.nth.pending.load(Relaxed) != 0;
+        for a in [&self.failslab, &self.fail_page_alloc] {
+            a.nth_armed.store(pending, Relaxed);
+            a.update(|_| {});
+        }
+    }
+
+    /// The fail-nth state to consult, if any thread has one.
+    #[inline]
+    fn nth(&self) -> Option<&FailNth> {
+        (self.nth.pending.load(Relaxed) != 0).then_some(&self.nth)
+    }
+
+    /// `a`'s wrapper tests and `should_fail_ex`, with the calling thread's
+    /// fail-nth when `in_task`; re-arms (fault-1) once the last fail-nth
+    /// was consumed.
+    fn should_fail(
+        &self,
+        a: &FaultAttr,
+        size: i64,
+        gfp: Gfp,
+        filtered: impl FnOnce(&AttrState) -> bool,
+        in_task: bool,
+    ) -> Option<String> {
+        let nth = if in_task { self.nth() } else { None };
+        let r = a.should_fail(size, gfp, filtered, nth);
+        if nth.is_some() && self.nth.pending.load(Relaxed) == 0 {
+            self.rearm();
+        }
+        r
     }
 
     /// An attribute by its debugfs directory name.
@@ -337,13 +462,22 @@ impl FaultInject {
         }
     }
 
-    /// fault-1.
+    /// fault-1, fault-2.
     pub fn check(&self) -> Vec<String> {
         let mut errs = Vec::new();
+        let entries = self.nth.map.lock().len() as u32;
+        let pending = self.nth.pending.load(Relaxed);
+        if entries != pending {
+            errs.push(format!("fault-2: {entries} threads have a fail-nth but {pending} are counted"));
+        }
         for a in [&self.failslab, &self.fail_page_alloc] {
             let p = a.st.lock().probability;
-            if a.armed() != (p != 0) {
-                errs.push(format!("fault-1: {} armed={} with probability {p}", a.kind.name(), a.armed()));
+            if a.armed() != (p != 0 || pending != 0) {
+                errs.push(format!(
+                    "fault-1: {} armed={} with probability {p} and {pending} fail-nth pending",
+                    a.kind.name(),
+                    a.armed()
+                ));
             }
         }
         errs
@@ -368,7 +502,8 @@ impl crate::machine::Machine {
             return Ok(());
         }
         let filtered = |st: &AttrState| st.cache_filter && c.flags & crate::slab::geometry::SLAB_FAILSLAB == 0;
-        match self.faults.failslab.should_fail(c.object_size() as i64, gfp, filtered) {
+        let in_task = !self.cpus.in_interrupt();
+        match self.faults.should_fail(&self.faults.failslab, c.object_size() as i64, gfp, filtered, in_task) {
             None => Ok(()),
             Some(report) => Err(KmmError::OutOfMemory {
                 order: c.geo.order,
@@ -396,7 +531,8 @@ impl crate::machine::Machine {
     fn should_fail_alloc_page_slow(&self, gfp: Gfp, order: u32) -> Result<()> {
         let filtered =
             |st: &AttrState| order < st.min_order || (st.ignore_gfp_highmem && gfp & gfp::__GFP_HIGHMEM != 0);
-        match self.faults.fail_page_alloc.should_fail(1i64 << order.min(62), gfp, filtered) {
+        let in_task = !self.cpus.in_interrupt();
+        match self.faults.should_fail(&self.faults.fail_page_alloc, 1i64 << order.min(62), gfp, filtered, in_task) {
             None => Ok(()),
             Some(report) => Err(KmmError::OutOfMemory {
                 order,
@@ -426,7 +562,7 @@ mod tests {
     }
 
     fn decisions(a: &FaultAttr, n: usize, size: i64) -> Vec<bool> {
-        (0..n).map(|_| a.should_fail(size, gfp::GFP_KERNEL, |_| false).is_some()).collect()
+        (0..n).map(|_| a.should_fail(size, gfp::GFP_KERNEL, |_| false, None).is_some()).collect()
     }
 
     #[test]
@@ -460,11 +596,11 @@ mod tests {
             st.times = -1;
         });
         // ignore-gfp-wait is on by default: GFP_KERNEL passes, GFP_ATOMIC fails.
-        assert!(a.should_fail(2, gfp::GFP_KERNEL, |_| false).is_none());
-        assert!(a.should_fail(2, gfp::GFP_ATOMIC, |_| false).is_some());
-        assert!(a.should_fail(2, gfp::GFP_ATOMIC | gfp::__GFP_NOFAIL, |_| false).is_none());
+        assert!(a.should_fail(2, gfp::GFP_KERNEL, |_| false, None).is_none());
+        assert!(a.should_fail(2, gfp::GFP_ATOMIC, |_| false, None).is_some());
+        assert!(a.should_fail(2, gfp::GFP_ATOMIC | gfp::__GFP_NOFAIL, |_| false, None).is_none());
         // __GFP_NOWARN: a failure with no report.
-        assert_eq!(a.should_fail(2, gfp::GFP_ATOMIC | gfp::__GFP_NOWARN, |_| false), Some(String::new()));
+        assert_eq!(a.should_fail(2, gfp::GFP_ATOMIC | gfp::__GFP_NOWARN, |_| false, None), Some(String::new()));
     }
 
     #[test]
@@ -490,13 +626,13 @@ mod tests {
     fn report_is_fail_dump() {
         let a = FaultAttr::new(FaultKind::Failslab, 0);
         arm(&a, 100, 1, 5, 0);
-        let r = a.should_fail(8, gfp::GFP_KERNEL, |_| false).unwrap();
+        let r = a.should_fail(8, gfp::GFP_KERNEL, |_| false, None).unwrap();
         assert_eq!(
             r,
             "FAULT_INJECTION: forcing a failure.\nname failslab, interval 1, probability 100, space 0, times 5\n"
         );
         a.update(|st| st.verbose = 0);
-        assert_eq!(a.should_fail(8, gfp::GFP_KERNEL, |_| false).unwrap(), "");
+        assert_eq!(a.should_fail(8, gfp::GFP_KERNEL, |_| false, None).unwrap(), "");
     }
 
     #[test]
@@ -513,5 +649,34 @@ mod tests {
         f.failslab.write("probability", 5).unwrap();
         assert!(f.failslab.armed() && f.check().is_empty());
         assert!(f.get("failmalloc").is_err());
+    }
+
+    #[test]
+    fn fail_nth_fails_the_nth_point_of_this_thread_only() {
+        let f = FaultInject::new(0);
+        f.failslab.update(|st| st.ignore_gfp_reclaim = false);
+        assert!(!f.failslab.armed());
+        f.set_fail_nth(3);
+        assert!(f.failslab.armed() && f.check().is_empty());
+        // Another thread's points do not count down this thread's.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert_eq!(f.fail_nth(), 0);
+                assert!(f.should_fail(&f.failslab, 8, gfp::GFP_KERNEL, |_| false, true).is_none());
+            });
+        });
+        let got: Vec<bool> =
+            (0..5).map(|_| f.should_fail(&f.failslab, 8, gfp::GFP_KERNEL, |_| false, true).is_some()).collect();
+        assert_eq!(got, vec![false, false, true, false, false]);
+        assert_eq!(f.fail_nth(), 0);
+        assert!(!f.failslab.armed() && f.check().is_empty());
+        // times went from 1 to 0 with the failure, as should_fail_ex does.
+        assert_eq!(f.failslab.state().times, 0);
+        // Not reached: the count stays.
+        f.set_fail_nth(10);
+        let _ = f.should_fail(&f.failslab, 8, gfp::GFP_KERNEL, |_| false, true);
+        assert_eq!(f.fail_nth(), 9);
+        f.set_fail_nth(0);
+        assert!(!f.failslab.armed() && f.check().is_empty());
     }
 }
