@@ -494,3 +494,60 @@ def test_fail_nth_walks_every_point_of_a_call():
         ("allocated", 1, 4),  # two points only: the third is never reached
         ("allocated", 2, 4),
     ]
+
+
+ACCOUNTED = ("MemFree", "Slab", "PageTables", "Percpu", "KernelStack", "VmallocUsed")
+
+
+def accounted(m: kmm.Machine) -> dict[str, int]:
+    m.drain_all_pages()
+    mi = m.proc.meminfo_dict()
+    return {k: mi[k] for k in ACCOUNTED}
+
+
+def test_fail_nth_every_error_path_of_composite_calls_leaks_nothing():
+    """vmalloc, vzalloc, a vmapped kernel stack, percpu and bulk allocations
+    make several allocations each; failing each of them in turn (fail-nth)
+    must raise OutOfMemoryError, leave every invariant whole and lose no
+    page: what /proc/meminfo accounts (free, slab, page tables, percpu,
+    stacks, vmalloc) adds up to the same. A failed call may leave its
+    metadata caches a slab bigger, as the kernel's does (the slab's objects
+    are free again)."""
+    calls = {
+        "vmalloc": lambda m, c: m.vmalloc(5 * 4096),
+        "vzalloc": lambda m, c: m.vzalloc(3 * 4096),
+        "kvmalloc": lambda m, c: m.kvmalloc(40000),
+        "alloc_thread_stack": lambda m, c: m.alloc_thread_stack(vmap=True),
+        "alloc_percpu": lambda m, c: m.alloc_percpu(20000),
+        "kmem_cache_alloc_bulk": lambda m, c: c.alloc_bulk(kmm.GFP_KERNEL, 200),
+    }
+    for name, call in calls.items():
+        injected = 0
+        for n in range(1, 100):
+            m = kmm.Machine(memory="256M")
+            for attr in ("failslab", "fail_page_alloc"):
+                arm(m, attr, probability=0, verbose=0)
+            m.fault_attr("fail_page_alloc").min_order = 0
+            c = m.kmem_cache_create("fi_walk2", 100)
+            with m.on_cpu(0):
+                before = accounted(m)
+                m.fail_nth = n
+                try:
+                    call(m, c)
+                    failed = False
+                except kmm.OutOfMemoryError:
+                    failed = True
+                left, m.fail_nth = m.fail_nth, 0
+                if failed:
+                    injected += 1
+                    after = accounted(m)
+                    assert sum(after.values()) == sum(before.values()), (name, n, before, after)
+                    assert after["MemFree"] >= before["MemFree"] - 16, (name, n)  # a few cached slabs at most
+                assert m.check() == [], (name, n)
+            if left:
+                break  # the n-th point was never reached: every point was tried
+        else:
+            raise AssertionError(f"{name}: more than 99 injection points")
+        # kvmalloc answers its failed kmalloc with vmalloc, which fail-nth
+        # (spent on the kmalloc) then lets through: kvmalloc never fails here.
+        assert injected >= 1 or name == "kvmalloc", name
