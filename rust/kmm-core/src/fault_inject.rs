@@ -46,9 +46,9 @@
 //!   first tests of `should_fail_ex`.
 //! - fault-2: `nth_pending` counts the threads with a non-zero fail-nth.
 //!
-//! Lock order: `nth` -> one attribute's mutex; both are taken only when the
-//! attribute is armed, with none of the caller's locks held (the hooks run
-//! before the allocators take theirs).
+//! Lock order: one attribute's mutex -> `nth`. Both are leaves (nothing else
+//! is taken under them) and are taken only when the attribute is armed; the
+//! hooks run before the allocator they guard takes any lock of its own.
 #![forbid(unsafe_code)]
 
 use std::collections::HashMap;
