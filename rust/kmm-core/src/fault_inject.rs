@@ -33,7 +33,9 @@
 //! point is a call that passed its wrapper's tests: ignore-gfp-wait,
 //! min-order, ...), whatever the probability; reading it back gives 0 once
 //! the failure was injected. Task context only, as `in_task()` demands.
-//! A thread here is a host thread (one Python thread).
+//! A task here is a host thread (one Python thread): its fail-nth lives in
+//! thread-local storage and goes with the thread, as `current->fail_nth`
+//! goes with the task.
 //!
 //! SIMPLIFICATION: no `task-filter` (`make-it-fail`), stack-trace filter
 //! (`require-start` ...) or verbose rate limit (the kernel's default,
@@ -41,19 +43,19 @@
 //! `dump_stack()` is the Python traceback of the exception.
 //!
 //! # Invariants
-//! - fault-1: an attribute is armed (its lock-free test passes) exactly when
-//!   its probability is not 0 or some thread has a fail-nth pending: the
-//!   first tests of `should_fail_ex`.
-//! - fault-2: `nth_pending` counts the threads with a non-zero fail-nth.
+//! - fault-1: an attribute is armed exactly when its probability is not 0;
+//!   the hooks' lock-free test is "armed, or some thread has a fail-nth
+//!   pending for this machine" (`FailNth::pending`, kept by each thread's
+//!   set, consume and exit), the first tests of `should_fail_ex`.
 //!
-//! Lock order: one attribute's mutex -> `nth`. Both are leaves (nothing else
-//! is taken under them) and are taken only when the attribute is armed; the
-//! hooks run before the allocator they guard takes any lock of its own.
+//! Lock order: one mutex per attribute, a leaf (nothing else is taken under
+//! it), taken only past the lock-free test; the hooks run before the
+//! allocator they guard takes any lock of its own.
 #![forbid(unsafe_code)]
 
-use std::collections::HashMap;
+use std::cell::RefCell;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
-use std::thread::ThreadId;
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
@@ -121,10 +123,8 @@ pub struct AttrState {
 #[derive(Debug)]
 pub struct FaultAttr {
     pub kind: FaultKind,
-    /// fault-1: probability != 0, or a fail-nth pending.
+    /// fault-1: probability != 0.
     armed: AtomicBool,
-    /// A thread has a fail-nth pending (set by `FaultInject`).
-    nth_armed: AtomicBool,
     st: Mutex<AttrState>,
 }
 
@@ -153,10 +153,10 @@ impl FaultAttr {
             count: 0,
             rng: oorandom::Rand32::new_inc(seed, stream(kind)),
         };
-        FaultAttr { kind, armed: AtomicBool::new(false), nth_armed: AtomicBool::new(false), st: Mutex::new(st) }
+        FaultAttr { kind, armed: AtomicBool::new(false), st: Mutex::new(st) }
     }
 
-    /// The lock-free first test of `should_fail_ex` (probability != 0).
+    /// probability != 0 (fault-1).
     #[inline(always)]
     pub fn armed(&self) -> bool {
         self.armed.load(Relaxed)
@@ -167,12 +167,11 @@ impl FaultAttr {
         self.st.lock().clone()
     }
 
-    /// Change the state (keeps fault-1 for the probability; a machine's
-    /// `FaultInject` also re-arms for fail-nth).
+    /// Change the state (keeps fault-1).
     pub fn update(&self, f: impl FnOnce(&mut AttrState)) {
         let mut st = self.st.lock();
         f(&mut st);
-        self.armed.store(st.probability != 0 || self.nth_armed.load(Relaxed), Relaxed);
+        self.armed.store(st.probability != 0, Relaxed);
     }
 
     /// `setup_fault_attr`: the command line's four numbers.
@@ -275,14 +274,14 @@ impl FaultAttr {
         size: i64,
         gfp: Gfp,
         filtered: impl FnOnce(&AttrState) -> bool,
-        nth: Option<&FailNth>,
+        nth: Option<&Arc<FailNth>>,
     ) -> Option<String> {
         let mut st = self.st.lock();
         if gfp & gfp::__GFP_NOFAIL != 0 || (st.ignore_gfp_reclaim && gfp & gfp::__GFP_DIRECT_RECLAIM != 0) || filtered(&st) {
             return None;
         }
         // should_fail_ex, in its order: the task's fail-nth first.
-        match nth.map(FailNth::step) {
+        match nth.map(|n| n.step()) {
             Some(NthStep::Fail) => return Some(self.fail(&mut st, gfp)),
             Some(NthStep::NotYet) => return None,
             _ => {}
@@ -342,12 +341,32 @@ fn get_random_u32_below_100(rng: &mut oorandom::Rand32) -> u32 {
     }
 }
 
-/// Every thread's `current->fail_nth` (non-zero entries only).
+/// The threads' `current->fail_nth` for one machine: how many are pending
+/// (non-zero). The values live in each thread's `TASK_FAIL_NTH`.
 #[derive(Debug, Default)]
 pub struct FailNth {
-    map: Mutex<HashMap<ThreadId, u32>>,
-    /// fault-2: entries in `map`.
     pending: AtomicU32,
+}
+
+/// One thread's fail-nth per machine (by the machine's `FailNth`); on
+/// thread exit the pending ones are uncounted.
+#[derive(Default)]
+struct TaskFailNth(Vec<(Weak<FailNth>, u32)>);
+
+impl Drop for TaskFailNth {
+    fn drop(&mut self) {
+        for (w, n) in &self.0 {
+            if *n > 0 {
+                if let Some(f) = w.upgrade() {
+                    f.pending.fetch_sub(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static TASK_FAIL_NTH: RefCell<TaskFailNth> = RefCell::new(TaskFailNth::default());
 }
 
 enum NthStep {
@@ -360,21 +379,50 @@ enum NthStep {
 }
 
 impl FailNth {
+    /// Run `f` on the calling thread's fail-nth for this machine (None
+    /// while the thread's storage is being torn down at its exit).
+    fn with_mine<R>(self: &Arc<Self>, f: impl FnOnce(&mut u32) -> R) -> Option<R> {
+        TASK_FAIL_NTH.try_with(|t| {
+            let mut t = t.borrow_mut();
+            let me = Arc::as_ptr(self);
+            t.0.retain(|(w, n)| (*n > 0 && w.strong_count() > 0) || w.as_ptr() == me);
+            let i = match t.0.iter().position(|(w, _)| w.as_ptr() == me) {
+                Some(i) => i,
+                None => {
+                    t.0.push((Arc::downgrade(self), 0));
+                    t.0.len() - 1
+                }
+            };
+            let before = t.0[i].1;
+            let r = f(&mut t.0[i].1);
+            match (before, t.0[i].1) {
+                (0, n) if n > 0 => {
+                    self.pending.fetch_add(1, Relaxed);
+                }
+                (b, 0) if b > 0 => {
+                    self.pending.fetch_sub(1, Relaxed);
+                }
+                _ => {}
+            }
+            r
+        })
+        .ok()
+    }
+
     /// should_fail_ex's first test for the calling thread.
-    fn step(&self) -> NthStep {
-        if self.pending.load(Relaxed) == 0 {
-            return NthStep::Unset;
-        }
-        let mut map = self.map.lock();
-        let me = std::thread::current().id();
-        let Some(n) = map.get_mut(&me) else { return NthStep::Unset };
-        *n -= 1;
-        if *n > 0 {
-            return NthStep::NotYet;
-        }
-        map.remove(&me);
-        self.pending.store(map.len() as u32, Relaxed);
-        NthStep::Fail
+    fn step(self: &Arc<Self>) -> NthStep {
+        self.with_mine(|n| match *n {
+            0 => NthStep::Unset,
+            1 => {
+                *n = 0;
+                NthStep::Fail
+            }
+            _ => {
+                *n -= 1;
+                NthStep::NotYet
+            }
+        })
+        .unwrap_or(NthStep::Unset)
     }
 }
 
@@ -383,7 +431,7 @@ impl FailNth {
 pub struct FaultInject {
     pub failslab: FaultAttr,
     pub fail_page_alloc: FaultAttr,
-    nth: FailNth,
+    nth: Arc<FailNth>,
 }
 
 impl FaultInject {
@@ -391,50 +439,35 @@ impl FaultInject {
         FaultInject {
             failslab: FaultAttr::new(FaultKind::Failslab, seed),
             fail_page_alloc: FaultAttr::new(FaultKind::FailPageAlloc, seed),
-            nth: FailNth::default(),
+            nth: Arc::new(FailNth::default()),
         }
     }
 
     /// Write the calling thread's `fail-nth`: its `n`-th fault-injection
     /// point fails (0: none).
     pub fn set_fail_nth(&self, n: u32) {
-        {
-            let mut map = self.nth.map.lock();
-            let me = std::thread::current().id();
-            if n == 0 {
-                map.remove(&me);
-            } else {
-                map.insert(me, n);
-            }
-            self.nth.pending.store(map.len() as u32, Relaxed);
-        }
-        self.rearm();
+        let _ = self.nth.with_mine(|v| *v = n);
     }
 
     /// Read the calling thread's `fail-nth`: points left before the failure
     /// (0: none pending, or it was injected).
     pub fn fail_nth(&self) -> u32 {
-        self.nth.map.lock().get(&std::thread::current().id()).copied().unwrap_or(0)
+        self.nth.with_mine(|v| *v).unwrap_or(0)
     }
 
-    /// fault-1 after fail-nth changed.
-    fn rearm(&self) {
-        let pending = self.nth.pending.load(Relaxed) != 0;
-        for a in [&self.failslab, &self.fail_page_alloc] {
-            a.nth_armed.store(pending, Relaxed);
-            a.update(|_| {});
-        }
+    /// Threads with a fail-nth pending on this machine.
+    pub fn nth_pending(&self) -> u32 {
+        self.nth.pending.load(Relaxed)
     }
 
-    /// The fail-nth state to consult, if any thread has one.
-    #[inline]
-    fn nth(&self) -> Option<&FailNth> {
-        (self.nth.pending.load(Relaxed) != 0).then_some(&self.nth)
+    /// The hooks' lock-free test: `a` armed, or a fail-nth pending somewhere.
+    #[inline(always)]
+    pub fn maybe(&self, a: &FaultAttr) -> bool {
+        a.armed() || self.nth.pending.load(Relaxed) != 0
     }
 
     /// `a`'s wrapper tests and `should_fail_ex`, with the calling thread's
-    /// fail-nth when `in_task`; re-arms (fault-1) once the last fail-nth
-    /// was consumed.
+    /// fail-nth when `in_task`.
     fn should_fail(
         &self,
         a: &FaultAttr,
@@ -443,12 +476,8 @@ impl FaultInject {
         filtered: impl FnOnce(&AttrState) -> bool,
         in_task: bool,
     ) -> Option<String> {
-        let nth = if in_task { self.nth() } else { None };
-        let r = a.should_fail(size, gfp, filtered, nth);
-        if nth.is_some() && self.nth.pending.load(Relaxed) == 0 {
-            self.rearm();
-        }
-        r
+        let nth = (in_task && self.nth.pending.load(Relaxed) != 0).then_some(&self.nth);
+        a.should_fail(size, gfp, filtered, nth)
     }
 
     /// An attribute by its debugfs directory name.
@@ -462,22 +491,13 @@ impl FaultInject {
         }
     }
 
-    /// fault-1, fault-2.
+    /// fault-1.
     pub fn check(&self) -> Vec<String> {
         let mut errs = Vec::new();
-        let entries = self.nth.map.lock().len() as u32;
-        let pending = self.nth.pending.load(Relaxed);
-        if entries != pending {
-            errs.push(format!("fault-2: {entries} threads have a fail-nth but {pending} are counted"));
-        }
         for a in [&self.failslab, &self.fail_page_alloc] {
             let p = a.st.lock().probability;
-            if a.armed() != (p != 0 || pending != 0) {
-                errs.push(format!(
-                    "fault-1: {} armed={} with probability {p} and {pending} fail-nth pending",
-                    a.kind.name(),
-                    a.armed()
-                ));
+            if a.armed() != (p != 0) {
+                errs.push(format!("fault-1: {} armed={} with probability {p}", a.kind.name(), a.armed()));
             }
         }
         errs
@@ -489,7 +509,7 @@ impl crate::machine::Machine {
     /// failslab fails this kmem_cache_alloc / kmalloc / bulk request.
     #[inline]
     pub(crate) fn should_failslab(&self, c: &crate::slab::KmemCache, gfp: Gfp) -> Result<()> {
-        if !self.faults.failslab.armed() {
+        if !self.faults.maybe(&self.faults.failslab) {
             return Ok(());
         }
         self.should_failslab_slow(c, gfp)
@@ -521,7 +541,7 @@ impl crate::machine::Machine {
     /// when fail_page_alloc fails this page allocation.
     #[inline]
     pub(crate) fn should_fail_alloc_page(&self, gfp: Gfp, order: u32) -> Result<()> {
-        if !self.faults.fail_page_alloc.armed() {
+        if !self.faults.maybe(&self.faults.fail_page_alloc) {
             return Ok(());
         }
         self.should_fail_alloc_page_slow(gfp, order)
@@ -655,9 +675,9 @@ mod tests {
     fn fail_nth_fails_the_nth_point_of_this_thread_only() {
         let f = FaultInject::new(0);
         f.failslab.update(|st| st.ignore_gfp_reclaim = false);
-        assert!(!f.failslab.armed());
+        assert!(!f.maybe(&f.failslab));
         f.set_fail_nth(3);
-        assert!(f.failslab.armed() && f.check().is_empty());
+        assert!(f.maybe(&f.failslab) && !f.failslab.armed() && f.nth_pending() == 1);
         // Another thread's points do not count down this thread's.
         std::thread::scope(|s| {
             s.spawn(|| {
@@ -669,7 +689,7 @@ mod tests {
             (0..5).map(|_| f.should_fail(&f.failslab, 8, gfp::GFP_KERNEL, |_| false, true).is_some()).collect();
         assert_eq!(got, vec![false, false, true, false, false]);
         assert_eq!(f.fail_nth(), 0);
-        assert!(!f.failslab.armed() && f.check().is_empty());
+        assert!(!f.maybe(&f.failslab) && f.nth_pending() == 0);
         // times went from 1 to 0 with the failure, as should_fail_ex does.
         assert_eq!(f.failslab.state().times, 0);
         // Not reached: the count stays.
@@ -677,6 +697,14 @@ mod tests {
         let _ = f.should_fail(&f.failslab, 8, gfp::GFP_KERNEL, |_| false, true);
         assert_eq!(f.fail_nth(), 9);
         f.set_fail_nth(0);
-        assert!(!f.failslab.armed() && f.check().is_empty());
+        assert!(!f.maybe(&f.failslab) && f.check().is_empty());
+        // A thread that ends with a fail-nth pending is uncounted.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                f.set_fail_nth(5);
+                assert_eq!(f.nth_pending(), 1);
+            });
+        });
+        assert_eq!(f.nth_pending(), 0);
     }
 }
