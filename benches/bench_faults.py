@@ -12,10 +12,11 @@ One process, one machine per mode (x86_64, 1 GiB, 2 CPUs, bound to CPU 0):
   init_on_free   init_on_free=1: zeroed at free instead
 For each: `m.kmalloc(64) + m.kfree(b)` and `m.alloc_pages(GFP_KERNEL, 0) +
 m.free_pages(p)`, best of `--repeat` runs of `--number` pairs (ns per pair),
-with the modes interleaved run by run so that noise from other processes
-falls on all of them alike. `--baseline DIR` also times the `off` mode of
-another build of kmm (a directory holding its `kmm` package), in a
-subprocess per run, interleaved the same way.
+each run in a fresh interpreter and the modes interleaved run by run, so
+that noise from other processes falls on all of them alike. `--baseline
+DIR` also times the `off` mode of another build of kmm (a directory
+holding its `kmm` package, e.g. a copy of main's python/kmm with its
+compiled module), interleaved the same way; ratios are to it.
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ def one_run(mode: str, number: int) -> dict[str, float]:
     return {"kmalloc": k, "pages": p}
 
 
+def run_one(mode: str, number: int, path: str | None) -> dict[str, float]:
+    """One mode timed in a fresh interpreter (so every figure starts alike)."""
+    env = dict(os.environ)
+    if path:
+        env["PYTHONPATH"] = path
+    out = subprocess.run(
+        [sys.executable, __file__, "--one", mode, "--number", str(number)],
+        env=env, capture_output=True, text=True, check=True,
+    ).stdout
+    return json.loads(out)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=9)
@@ -84,14 +97,9 @@ def main() -> int:
 
     for _ in range(a.repeat):
         if a.baseline:
-            env = dict(os.environ, PYTHONPATH=a.baseline)
-            out = subprocess.run(
-                [sys.executable, __file__, "--one", "off", "--number", str(a.number)],
-                env=env, capture_output=True, text=True, check=True,
-            ).stdout
-            note("baseline off", json.loads(out))
+            note("baseline off", run_one("off", a.number, a.baseline))
         for mode in MODES:
-            note(mode, one_run(mode, a.number))
+            note(mode, run_one(mode, a.number, None))
     ref = best.get("baseline off", best["off"])
     print(f"CPython {sys.version.split()[0]}; best of {a.repeat} x {a.number} pairs; ns per pair")
     print(f"{'mode':16s} {'kmalloc(64)+kfree':>18s} {'vs ref':>7s} {'alloc_pages+free':>17s} {'vs ref':>7s}")

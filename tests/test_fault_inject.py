@@ -406,3 +406,148 @@ def test_debugfs_names_and_bad_values():
     m.fault_attr("fail_page_alloc").probability = 7
     assert a.probability == 7
     assert m.check() == []
+
+
+# ---- fail-nth ---------------------------------------------------------------------------
+
+
+def test_fail_nth_fails_the_nth_point():
+    m = kmm.Machine()
+    m.fault_attr("failslab").ignore_gfp_wait = False
+    assert m.fail_nth == 0
+    m.fail_nth = 3
+    got = [outcome(lambda: m.kfree(m.kmalloc(16))) for _ in range(6)]
+    # Any probability (0 here): the third point fails, then nothing.
+    assert got == [False, False, True, False, False, False]
+    assert m.fail_nth == 0
+    # Not reached: it reads how many points are left.
+    m.fail_nth = 10
+    for _ in range(4):
+        m.kfree(m.kmalloc(16))
+    assert m.fail_nth == 6
+    m.fail_nth = 0
+    assert m.check() == []
+    # The wrapper still picks the points: with ignore-gfp-wait on, GFP_KERNEL is none.
+    m.fault_attr("failslab").ignore_gfp_wait = True
+    m.fail_nth = 1
+    m.kfree(m.kmalloc(16))
+    assert m.fail_nth == 1
+    assert outcome(lambda: m.kmalloc(16, ATOMIC))
+    with pytest.raises(ValueError, match="fail_nth: -1 is out of range"):
+        m.fail_nth = -1
+    with pytest.raises(TypeError):
+        m.fail_nth = "1"  # type: ignore[assignment]
+
+
+def test_fail_nth_is_per_thread():
+    import threading
+
+    m = kmm.Machine()
+    m.fault_attr("failslab").ignore_gfp_wait = False
+    m.fail_nth = 2
+    seen: list[int] = []
+
+    def other() -> None:
+        seen.append(m.fail_nth)
+        for _ in range(5):
+            m.kfree(m.kmalloc(16))  # no fail-nth of its own: nothing fails
+
+    t = threading.Thread(target=other)
+    t.start()
+    t.join()
+    assert seen == [0]
+    assert m.fail_nth == 2
+    assert [outcome(lambda: m.kfree(m.kmalloc(16))) for _ in range(3)] == [False, True, False]
+
+
+def test_fail_nth_walks_every_point_of_a_call():
+    """The systematic use: fail the 1st, 2nd, ... point of one call until
+    fail-nth is no longer reached. kmem_cache_alloc on an empty cache of
+    1 KiB objects has two: should_failslab, then new_slab's order-2 page
+    allocation (calculate_order on 2 CPUs: min_objects 4 * (fls(2) + 1) = 12,
+    16 objects in 16 KiB), whose failure allocate_slab answers with the
+    cache's smallest order (order 0, below min-order: not a point)."""
+    results = []
+    for n in range(1, 5):
+        m = kmm.Machine()
+        arm(m, "failslab", probability=0)
+        arm(m, "fail_page_alloc", probability=0)
+        c = m.kmem_cache_create("fi_walk", 1024)
+        assert m.sysfs_slab("fi_walk")["order"] == 2
+        m.drain_all_pages()
+        before = state(m)
+        m.fail_nth = n
+        try:
+            obj = c.alloc()
+        except kmm.OutOfMemoryError:
+            assert state(m) == before
+            results.append(("failed", m.fail_nth))
+        else:
+            used = (before[0] + before[1]) - (m.nr_free_pages() + m.nr_pcp_pages())
+            results.append(("allocated", m.fail_nth, used))
+            c.free(obj)
+        assert m.check() == []
+        m.fail_nth = 0
+    assert results == [
+        ("failed", 0),  # should_failslab
+        ("allocated", 0, 1),  # the order-2 slab failed; an order-0 slab instead
+        ("allocated", 1, 4),  # two points only: the third is never reached
+        ("allocated", 2, 4),
+    ]
+
+
+ACCOUNTED = ("MemFree", "Slab", "PageTables", "Percpu", "KernelStack", "VmallocUsed")
+
+
+def accounted(m: kmm.Machine) -> dict[str, int]:
+    m.drain_all_pages()
+    mi = m.proc.meminfo_dict()
+    return {k: mi[k] for k in ACCOUNTED}
+
+
+def test_fail_nth_every_error_path_of_composite_calls_leaks_nothing():
+    """vmalloc, vzalloc, a vmapped kernel stack, percpu and bulk allocations
+    make several allocations each; failing each of them in turn (fail-nth)
+    must raise OutOfMemoryError, leave every invariant whole and lose no
+    page: what /proc/meminfo accounts (free, slab, page tables, percpu,
+    stacks, vmalloc) adds up to the same. A failed call may leave its
+    metadata caches a slab bigger, as the kernel's does (the slab's objects
+    are free again)."""
+    calls = {
+        "vmalloc": lambda m, c: m.vmalloc(5 * 4096),
+        "vzalloc": lambda m, c: m.vzalloc(3 * 4096),
+        "kvmalloc": lambda m, c: m.kvmalloc(40000),
+        "alloc_thread_stack": lambda m, c: m.alloc_thread_stack(vmap=True),
+        "alloc_percpu": lambda m, c: m.alloc_percpu(20000),
+        "kmem_cache_alloc_bulk": lambda m, c: c.alloc_bulk(kmm.GFP_KERNEL, 200),
+    }
+    for name, call in calls.items():
+        injected = 0
+        for n in range(1, 100):
+            m = kmm.Machine(memory="256M")
+            for attr in ("failslab", "fail_page_alloc"):
+                arm(m, attr, probability=0, verbose=0)
+            m.fault_attr("fail_page_alloc").min_order = 0
+            c = m.kmem_cache_create("fi_walk2", 100)
+            with m.on_cpu(0):
+                before = accounted(m)
+                m.fail_nth = n
+                try:
+                    call(m, c)
+                    failed = False
+                except kmm.OutOfMemoryError:
+                    failed = True
+                left, m.fail_nth = m.fail_nth, 0
+                if failed:
+                    injected += 1
+                    after = accounted(m)
+                    assert sum(after.values()) == sum(before.values()), (name, n, before, after)
+                    assert after["MemFree"] >= before["MemFree"] - 16, (name, n)  # a few cached slabs at most
+                assert m.check() == [], (name, n)
+            if left:
+                break  # the n-th point was never reached: every point was tried
+        else:
+            raise AssertionError(f"{name}: more than 99 injection points")
+        # kvmalloc answers its failed kmalloc with vmalloc, which fail-nth
+        # (spent on the kmalloc) then lets through: kvmalloc never fails here.
+        assert injected >= 1 or name == "kvmalloc", name

@@ -28,20 +28,34 @@
 //! kernel's constant-ceiling path does: `get_random_u8()` times 100,
 //! rejecting low bytes below 256 % 100.
 //!
-//! SIMPLIFICATION: no `task-filter` (`make-it-fail`), `fail-nth`,
-//! stack-trace filter (`require-start` ...) or verbose rate limit (the
-//! kernel's default, `RATELIMIT_STATE_INIT_DISABLED`, limits nothing).
-//! `verbose` 2's `dump_stack()` is the Python traceback of the exception.
+//! `fail-nth` (`/proc/thread-self/fail-nth`, `fault_inject.rst`): a thread
+//! that writes N makes the N-th fault-injection point it reaches fail (a
+//! point is a call that passed its wrapper's tests: ignore-gfp-wait,
+//! min-order, ...), whatever the probability; reading it back gives 0 once
+//! the failure was injected. Task context only, as `in_task()` demands.
+//! A task here is a host thread (one Python thread): its fail-nth lives in
+//! thread-local storage and goes with the thread, as `current->fail_nth`
+//! goes with the task.
+//!
+//! SIMPLIFICATION: no `task-filter` (`make-it-fail`), stack-trace filter
+//! (`require-start` ...) or verbose rate limit (the kernel's default,
+//! `RATELIMIT_STATE_INIT_DISABLED`, limits nothing). `verbose` 2's
+//! `dump_stack()` is the Python traceback of the exception.
 //!
 //! # Invariants
-//! - fault-1: an attribute is armed (its lock-free test passes) exactly when
-//!   its probability is not 0, the first test of `should_fail_ex`.
+//! - fault-1: an attribute is armed exactly when its probability is not 0;
+//!   the hooks' lock-free test is "armed, or some thread has a fail-nth
+//!   pending for this machine" (`FailNth::pending`, kept by each thread's
+//!   set, consume and exit), the first tests of `should_fail_ex`.
 //!
-//! Lock order: one mutex per attribute, taken only when it is armed, with
-//! the caller's locks (none on the paths that call it) held outside it.
+//! Lock order: one mutex per attribute, a leaf (nothing else is taken under
+//! it), taken only past the lock-free test; the hooks run before the
+//! allocator they guard takes any lock of its own.
 #![forbid(unsafe_code)]
 
-use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering::Relaxed};
+use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
 
@@ -142,7 +156,7 @@ impl FaultAttr {
         FaultAttr { kind, armed: AtomicBool::new(false), st: Mutex::new(st) }
     }
 
-    /// The lock-free first test of `should_fail_ex` (probability != 0).
+    /// probability != 0 (fault-1).
     #[inline(always)]
     pub fn armed(&self) -> bool {
         self.armed.load(Relaxed)
@@ -255,12 +269,23 @@ impl FaultAttr {
     /// `filtered(st)` is the wrapper's own tests (true: leave this request
     /// alone). Returns None to let the request through, or Some(report):
     /// `fail_dump`'s text ("" when silent).
-    fn should_fail(&self, size: i64, gfp: Gfp, filtered: impl FnOnce(&AttrState) -> bool) -> Option<String> {
+    fn should_fail(
+        &self,
+        size: i64,
+        gfp: Gfp,
+        filtered: impl FnOnce(&AttrState) -> bool,
+        nth: Option<&Arc<FailNth>>,
+    ) -> Option<String> {
         let mut st = self.st.lock();
         if gfp & gfp::__GFP_NOFAIL != 0 || (st.ignore_gfp_reclaim && gfp & gfp::__GFP_DIRECT_RECLAIM != 0) || filtered(&st) {
             return None;
         }
-        // should_fail_ex, in its order.
+        // should_fail_ex, in its order: the task's fail-nth first.
+        match nth.map(|n| n.step()) {
+            Some(NthStep::Fail) => return Some(self.fail(&mut st, gfp)),
+            Some(NthStep::NotYet) => return None,
+            _ => {}
+        }
         if st.probability == 0 || st.times == 0 {
             return None;
         }
@@ -277,7 +302,12 @@ impl FaultAttr {
         if st.probability <= get_random_u32_below_100(&mut st.rng) as u64 {
             return None;
         }
-        // fail: fail_dump unless FAULT_NOWARN (__GFP_NOWARN), then times--.
+        Some(self.fail(&mut st, gfp))
+    }
+
+    /// `fail:` fail_dump unless FAULT_NOWARN (__GFP_NOWARN), then times--
+    /// (`atomic_dec_not_zero` unless -1).
+    fn fail(&self, st: &mut AttrState, gfp: Gfp) -> String {
         let report = if gfp & gfp::__GFP_NOWARN == 0 && st.verbose > 0 {
             format!(
                 "FAULT_INJECTION: forcing a failure.\nname {}, interval {}, probability {}, space {}, times {}\n",
@@ -290,10 +320,10 @@ impl FaultAttr {
         } else {
             String::new()
         };
-        if st.times != -1 {
-            st.times -= 1; // atomic_dec_not_zero: times is not 0 here
+        if st.times != -1 && st.times != 0 {
+            st.times -= 1;
         }
-        Some(report)
+        report
     }
 }
 
@@ -311,11 +341,97 @@ fn get_random_u32_below_100(rng: &mut oorandom::Rand32) -> u32 {
     }
 }
 
+/// The threads' `current->fail_nth` for one machine: how many are pending
+/// (non-zero). The values live in each thread's `TASK_FAIL_NTH`.
+#[derive(Debug, Default)]
+pub struct FailNth {
+    pending: AtomicU32,
+}
+
+/// One thread's fail-nth per machine (by the machine's `FailNth`); on
+/// thread exit the pending ones are uncounted.
+#[derive(Default)]
+struct TaskFailNth(Vec<(Weak<FailNth>, u32)>);
+
+impl Drop for TaskFailNth {
+    fn drop(&mut self) {
+        for (w, n) in &self.0 {
+            if *n > 0 {
+                if let Some(f) = w.upgrade() {
+                    f.pending.fetch_sub(1, Relaxed);
+                }
+            }
+        }
+    }
+}
+
+thread_local! {
+    static TASK_FAIL_NTH: RefCell<TaskFailNth> = RefCell::new(TaskFailNth::default());
+}
+
+enum NthStep {
+    /// This thread has no fail-nth.
+    Unset,
+    /// Counted down, not yet 0: this point passes.
+    NotYet,
+    /// Reached 0: this point fails.
+    Fail,
+}
+
+impl FailNth {
+    /// Run `f` on the calling thread's fail-nth for this machine (None
+    /// while the thread's storage is being torn down at its exit).
+    fn with_mine<R>(self: &Arc<Self>, f: impl FnOnce(&mut u32) -> R) -> Option<R> {
+        TASK_FAIL_NTH.try_with(|t| {
+            let mut t = t.borrow_mut();
+            let me = Arc::as_ptr(self);
+            t.0.retain(|(w, n)| (*n > 0 && w.strong_count() > 0) || w.as_ptr() == me);
+            let i = match t.0.iter().position(|(w, _)| w.as_ptr() == me) {
+                Some(i) => i,
+                None => {
+                    t.0.push((Arc::downgrade(self), 0));
+                    t.0.len() - 1
+                }
+            };
+            let before = t.0[i].1;
+            let r = f(&mut t.0[i].1);
+            match (before, t.0[i].1) {
+                (0, n) if n > 0 => {
+                    self.pending.fetch_add(1, Relaxed);
+                }
+                (b, 0) if b > 0 => {
+                    self.pending.fetch_sub(1, Relaxed);
+                }
+                _ => {}
+            }
+            r
+        })
+        .ok()
+    }
+
+    /// should_fail_ex's first test for the calling thread.
+    fn step(self: &Arc<Self>) -> NthStep {
+        self.with_mine(|n| match *n {
+            0 => NthStep::Unset,
+            1 => {
+                *n = 0;
+                NthStep::Fail
+            }
+            _ => {
+                *n -= 1;
+                NthStep::NotYet
+            }
+        })
+        .unwrap_or(NthStep::Unset)
+    }
+}
+
 /// The machine's fault attributes.
 #[derive(Debug)]
 pub struct FaultInject {
     pub failslab: FaultAttr,
     pub fail_page_alloc: FaultAttr,
+    nth: Arc<FailNth>,
 }
 
 impl FaultInject {
@@ -323,7 +439,45 @@ impl FaultInject {
         FaultInject {
             failslab: FaultAttr::new(FaultKind::Failslab, seed),
             fail_page_alloc: FaultAttr::new(FaultKind::FailPageAlloc, seed),
+            nth: Arc::new(FailNth::default()),
         }
+    }
+
+    /// Write the calling thread's `fail-nth`: its `n`-th fault-injection
+    /// point fails (0: none).
+    pub fn set_fail_nth(&self, n: u32) {
+        let _ = self.nth.with_mine(|v| *v = n);
+    }
+
+    /// Read the calling thread's `fail-nth`: points left before the failure
+    /// (0: none pending, or it was injected).
+    pub fn fail_nth(&self) -> u32 {
+        self.nth.with_mine(|v| *v).unwrap_or(0)
+    }
+
+    /// Threads with a fail-nth pending on this machine.
+    pub fn nth_pending(&self) -> u32 {
+        self.nth.pending.load(Relaxed)
+    }
+
+    /// The hooks' lock-free test: `a` armed, or a fail-nth pending somewhere.
+    #[inline(always)]
+    pub fn maybe(&self, a: &FaultAttr) -> bool {
+        a.armed() || self.nth.pending.load(Relaxed) != 0
+    }
+
+    /// `a`'s wrapper tests and `should_fail_ex`, with the calling thread's
+    /// fail-nth when `in_task`.
+    fn should_fail(
+        &self,
+        a: &FaultAttr,
+        size: i64,
+        gfp: Gfp,
+        filtered: impl FnOnce(&AttrState) -> bool,
+        in_task: bool,
+    ) -> Option<String> {
+        let nth = (in_task && self.nth.pending.load(Relaxed) != 0).then_some(&self.nth);
+        a.should_fail(size, gfp, filtered, nth)
     }
 
     /// An attribute by its debugfs directory name.
@@ -355,7 +509,7 @@ impl crate::machine::Machine {
     /// failslab fails this kmem_cache_alloc / kmalloc / bulk request.
     #[inline]
     pub(crate) fn should_failslab(&self, c: &crate::slab::KmemCache, gfp: Gfp) -> Result<()> {
-        if !self.faults.failslab.armed() {
+        if !self.faults.maybe(&self.faults.failslab) {
             return Ok(());
         }
         self.should_failslab_slow(c, gfp)
@@ -368,7 +522,8 @@ impl crate::machine::Machine {
             return Ok(());
         }
         let filtered = |st: &AttrState| st.cache_filter && c.flags & crate::slab::geometry::SLAB_FAILSLAB == 0;
-        match self.faults.failslab.should_fail(c.object_size() as i64, gfp, filtered) {
+        let in_task = !self.cpus.in_interrupt();
+        match self.faults.should_fail(&self.faults.failslab, c.object_size() as i64, gfp, filtered, in_task) {
             None => Ok(()),
             Some(report) => Err(KmmError::OutOfMemory {
                 order: c.geo.order,
@@ -386,7 +541,7 @@ impl crate::machine::Machine {
     /// when fail_page_alloc fails this page allocation.
     #[inline]
     pub(crate) fn should_fail_alloc_page(&self, gfp: Gfp, order: u32) -> Result<()> {
-        if !self.faults.fail_page_alloc.armed() {
+        if !self.faults.maybe(&self.faults.fail_page_alloc) {
             return Ok(());
         }
         self.should_fail_alloc_page_slow(gfp, order)
@@ -396,7 +551,8 @@ impl crate::machine::Machine {
     fn should_fail_alloc_page_slow(&self, gfp: Gfp, order: u32) -> Result<()> {
         let filtered =
             |st: &AttrState| order < st.min_order || (st.ignore_gfp_highmem && gfp & gfp::__GFP_HIGHMEM != 0);
-        match self.faults.fail_page_alloc.should_fail(1i64 << order.min(62), gfp, filtered) {
+        let in_task = !self.cpus.in_interrupt();
+        match self.faults.should_fail(&self.faults.fail_page_alloc, 1i64 << order.min(62), gfp, filtered, in_task) {
             None => Ok(()),
             Some(report) => Err(KmmError::OutOfMemory {
                 order,
@@ -426,7 +582,7 @@ mod tests {
     }
 
     fn decisions(a: &FaultAttr, n: usize, size: i64) -> Vec<bool> {
-        (0..n).map(|_| a.should_fail(size, gfp::GFP_KERNEL, |_| false).is_some()).collect()
+        (0..n).map(|_| a.should_fail(size, gfp::GFP_KERNEL, |_| false, None).is_some()).collect()
     }
 
     #[test]
@@ -460,11 +616,11 @@ mod tests {
             st.times = -1;
         });
         // ignore-gfp-wait is on by default: GFP_KERNEL passes, GFP_ATOMIC fails.
-        assert!(a.should_fail(2, gfp::GFP_KERNEL, |_| false).is_none());
-        assert!(a.should_fail(2, gfp::GFP_ATOMIC, |_| false).is_some());
-        assert!(a.should_fail(2, gfp::GFP_ATOMIC | gfp::__GFP_NOFAIL, |_| false).is_none());
+        assert!(a.should_fail(2, gfp::GFP_KERNEL, |_| false, None).is_none());
+        assert!(a.should_fail(2, gfp::GFP_ATOMIC, |_| false, None).is_some());
+        assert!(a.should_fail(2, gfp::GFP_ATOMIC | gfp::__GFP_NOFAIL, |_| false, None).is_none());
         // __GFP_NOWARN: a failure with no report.
-        assert_eq!(a.should_fail(2, gfp::GFP_ATOMIC | gfp::__GFP_NOWARN, |_| false), Some(String::new()));
+        assert_eq!(a.should_fail(2, gfp::GFP_ATOMIC | gfp::__GFP_NOWARN, |_| false, None), Some(String::new()));
     }
 
     #[test]
@@ -490,13 +646,13 @@ mod tests {
     fn report_is_fail_dump() {
         let a = FaultAttr::new(FaultKind::Failslab, 0);
         arm(&a, 100, 1, 5, 0);
-        let r = a.should_fail(8, gfp::GFP_KERNEL, |_| false).unwrap();
+        let r = a.should_fail(8, gfp::GFP_KERNEL, |_| false, None).unwrap();
         assert_eq!(
             r,
             "FAULT_INJECTION: forcing a failure.\nname failslab, interval 1, probability 100, space 0, times 5\n"
         );
         a.update(|st| st.verbose = 0);
-        assert_eq!(a.should_fail(8, gfp::GFP_KERNEL, |_| false).unwrap(), "");
+        assert_eq!(a.should_fail(8, gfp::GFP_KERNEL, |_| false, None).unwrap(), "");
     }
 
     #[test]
@@ -513,5 +669,42 @@ mod tests {
         f.failslab.write("probability", 5).unwrap();
         assert!(f.failslab.armed() && f.check().is_empty());
         assert!(f.get("failmalloc").is_err());
+    }
+
+    #[test]
+    fn fail_nth_fails_the_nth_point_of_this_thread_only() {
+        let f = FaultInject::new(0);
+        f.failslab.update(|st| st.ignore_gfp_reclaim = false);
+        assert!(!f.maybe(&f.failslab));
+        f.set_fail_nth(3);
+        assert!(f.maybe(&f.failslab) && !f.failslab.armed() && f.nth_pending() == 1);
+        // Another thread's points do not count down this thread's.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                assert_eq!(f.fail_nth(), 0);
+                assert!(f.should_fail(&f.failslab, 8, gfp::GFP_KERNEL, |_| false, true).is_none());
+            });
+        });
+        let got: Vec<bool> =
+            (0..5).map(|_| f.should_fail(&f.failslab, 8, gfp::GFP_KERNEL, |_| false, true).is_some()).collect();
+        assert_eq!(got, vec![false, false, true, false, false]);
+        assert_eq!(f.fail_nth(), 0);
+        assert!(!f.maybe(&f.failslab) && f.nth_pending() == 0);
+        // times went from 1 to 0 with the failure, as should_fail_ex does.
+        assert_eq!(f.failslab.state().times, 0);
+        // Not reached: the count stays.
+        f.set_fail_nth(10);
+        let _ = f.should_fail(&f.failslab, 8, gfp::GFP_KERNEL, |_| false, true);
+        assert_eq!(f.fail_nth(), 9);
+        f.set_fail_nth(0);
+        assert!(!f.maybe(&f.failslab) && f.check().is_empty());
+        // A thread that ends with a fail-nth pending is uncounted.
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                f.set_fail_nth(5);
+                assert_eq!(f.nth_pending(), 1);
+            });
+        });
+        assert_eq!(f.nth_pending(), 0);
     }
 }

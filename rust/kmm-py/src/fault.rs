@@ -203,4 +203,24 @@ impl PyMachine {
         };
         Ok(PyFaultAttr { m: self.m.clone(), kind })
     }
+    /// The calling thread's fail-nth (/proc/thread-self/fail-nth): set it to
+    /// N and the N-th fault-injection point this thread reaches fails (any
+    /// probability; the attributes' ignore-gfp-wait, min-order and the like
+    /// still pick the points); it reads 0 once the failure was injected, or
+    /// how many points are left. 0 switches it off.
+    #[getter]
+    fn fail_nth(&self) -> u32 {
+        self.m.faults.fail_nth()
+    }
+    #[setter]
+    fn set_fail_nth(&self, v: &Bound<'_, PyAny>) -> PyResult<()> {
+        if v.is_instance_of::<PyBool>() || !v.is_instance_of::<PyInt>() {
+            return Err(PyTypeError::new_err(format!("fail_nth must be an int, not {}", v.get_type().name()?)));
+        }
+        let n: i128 = v.extract()?;
+        let n = u32::try_from(n)
+            .map_err(|_| PyValueError::new_err(format!("fail_nth: {n} is out of range (0 .. {})", u32::MAX)))?;
+        self.m.faults.set_fail_nth(n);
+        Ok(())
+    }
 }
