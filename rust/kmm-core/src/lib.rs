@@ -26,6 +26,7 @@
 //!   clock        (simulated time; its work lives in page_alloc)
 //!   page_alloc   <- machine, buddy, gfp, trace, clock   (the page-allocator API, timer work)
 //!   proc         <- machine, page_alloc                  (/proc renderers)
+//!   pins         <- machine, shadow, page                (exports and mappings that keep memory from being freed)
 //!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
 //!                   vmalloc, kmap, stacks; Machine::read/write go through it)
 //!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
@@ -58,6 +59,7 @@ pub mod page_alloc;
 pub mod pcp;
 pub mod percpu;
 pub mod physmem;
+pub mod pins;
 pub mod slab;
 pub mod sync;
 pub mod proc;
