@@ -699,11 +699,15 @@ mod tests {
         f.set_fail_nth(0);
         assert!(!f.maybe(&f.failslab) && f.check().is_empty());
         // A thread that ends with a fail-nth pending is uncounted.
+        // An explicit join waits for the OS thread, thread-local destructors
+        // included; the scope's implicit end waits only for the closure.
         std::thread::scope(|s| {
             s.spawn(|| {
                 f.set_fail_nth(5);
                 assert_eq!(f.nth_pending(), 1);
-            });
+            })
+            .join()
+            .unwrap();
         });
         assert_eq!(f.nth_pending(), 0);
     }

@@ -337,6 +337,10 @@ impl Machine {
     /// `krealloc(p, new_size, gfp)`: in place when `ksize` allows, else
     /// allocate, copy and free. `p` may be NULL/ZERO_SIZE_PTR; size 0 frees.
     pub fn krealloc(&self, va: u64, new_size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
+        self.refused_changes_nothing(|| self.krealloc_(va, new_size, gfp, call_site))
+    }
+
+    fn krealloc_(&self, va: u64, new_size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
         if new_size == 0 {
             self.kfree(va, call_site)?;
             return Ok(VirtAddr(ZERO_SIZE_PTR));

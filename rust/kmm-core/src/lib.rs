@@ -30,6 +30,7 @@
 //!   page_alloc   <- machine, buddy, gfp, trace, clock   (the page-allocator API, timer work)
 //!   proc         <- machine, page_alloc                  (/proc renderers)
 //!   sysctl       <- machine, zone                        (vm.* sysctls and their handlers)
+//!   pins         <- machine, shadow, page                (exports and mappings that keep memory from being freed)
 //!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
 //!                   vmalloc, kmap, stacks; Machine::read/write go through it)
 //!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
@@ -64,6 +65,7 @@ pub mod page_alloc;
 pub mod pcp;
 pub mod percpu;
 pub mod physmem;
+pub mod pins;
 pub mod slab;
 pub mod sysctl;
 pub mod sync;

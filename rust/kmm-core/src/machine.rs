@@ -203,6 +203,8 @@ pub struct Machine {
     pub cpus: Cpus,
     /// Per-object state beside memory (live/pinned/generation).
     pub shadow: Shadow,
+    /// Buffer exports and mappings that keep memory from being freed (`pins.rs`).
+    pub pins: crate::pins::Pins,
     /// Every kmem_cache.
     pub slab: SlabRegistry,
     /// The kmalloc caches (set at boot).
@@ -266,9 +268,13 @@ impl Machine {
         let nr_pages = cfg.memory / ps;
         let pageblock_order = cfg.arch.pageblock_order(page_shift);
         let max_low_pfn = (cfg.arch.direct_map_span().min(cfg.memory)) / ps;
+        let mut spans = spans;
+        let arena_in_ram = Self::place_boot_tables(&cfg, &mut spans, page_shift, max_low_pfn)?;
+        // The metadata first: a machine too big for the host fails here,
+        // before its memory is mapped.
+        let mem_map = MemMap::try_new(nr_pages)?;
         let phys = PhysMem::new(cfg.memory, max_low_pfn * ps)?;
-        let vm = crate::vm::Vm::new(&cfg, page_shift, max_low_pfn, &phys)?;
-        let mem_map = MemMap::new(nr_pages);
+        let vm = crate::vm::Vm::new(&cfg, page_shift, max_low_pfn, &phys, arena_in_ram)?;
         mem_map.get(0).set(PG_RESERVED, 0);
         mem_map.get(0).set_refcount(1);
 
@@ -349,6 +355,7 @@ impl Machine {
             vmstat: VmStat::default(),
             cpus: Cpus::new(cfg.cpus),
             shadow: Shadow::new(cfg.memory),
+            pins: crate::pins::Pins::default(),
             slab: Machine::new_slab_registry(&cfg),
             kmalloc_caches: OnceLock::new(),
             percpu: crate::percpu::Percpu::default(),
@@ -381,6 +388,12 @@ impl Machine {
         for pfn in prev_end..m.nr_pages {
             m.mem_map.get(pfn).set(PG_RESERVED, 0);
             m.mem_map.get(pfn).set_refcount(1);
+        }
+        // Boot page tables in reserved RAM (i386 with 4 GiB) are table pages.
+        if let Some((s, e)) = m.vm.pt.arena_in_ram() {
+            for pfn in s / ps..e / ps {
+                m.mem_map.get(pfn).set_flag(crate::page::PG_TABLE);
+            }
         }
         // memblock_free_all: free each zone's managed pages in maximal
         // aligned chunks, to the tail.
@@ -416,6 +429,53 @@ impl Machine {
             m.faults.fail_page_alloc.setup(p);
         }
         Ok(m)
+    }
+
+    /// Where the boot page tables go when they cannot sit above RAM (see
+    /// `vm/pgtable.rs`): i386's 4-byte entries address 4 GiB, so a machine
+    /// whose RAM reaches that far keeps them in lowmem pages reserved at
+    /// boot, as memblock does (`memblock_alloc` top-down below
+    /// `max_low_pfn`). Default layouts give up the top of the last lowmem
+    /// zone's managed run; recorded ones use their highest run of reserved
+    /// lowmem frames. Returns the arena's physical address, if in RAM.
+    #[allow(clippy::type_complexity)]
+    fn place_boot_tables(
+        cfg: &MachineConfig,
+        spans: &mut [(ZoneKind, u64, u64, u64, u64, u64)],
+        page_shift: u32,
+        max_low_pfn: u64,
+    ) -> Result<Option<u64>> {
+        let ps = 1u64 << page_shift;
+        let n = crate::vm::Vm::arena_tables(cfg, page_shift, max_low_pfn) as u64;
+        let (_, entry_bytes) = crate::vm::pgtable::PageTables::geometry(cfg.arch);
+        if entry_bytes != 4 || cfg.memory.saturating_add(n * ps) <= 1u64 << 32 {
+            return Ok(None);
+        }
+        if cfg.layout.is_none() {
+            // Trim the managed run that ends at max_low_pfn.
+            if let Some(z) = spans.iter_mut().find(|z| z.4 + z.5 == max_low_pfn && z.5 > n) {
+                z.5 -= n;
+            }
+        }
+        // The highest run of n frames in [1, max_low_pfn) outside every managed run.
+        let mut runs: Vec<(u64, u64)> = spans.iter().filter(|z| z.5 > 0).map(|z| (z.4, z.4 + z.5)).collect();
+        runs.sort_unstable();
+        let mut top = max_low_pfn;
+        for &(s, e) in runs.iter().rev() {
+            if e <= top && top - e >= n {
+                return Ok(Some((top - n) * ps));
+            }
+            top = top.min(s);
+        }
+        if top >= 1 + n {
+            return Ok(Some((top - n) * ps));
+        }
+        invalid(format!(
+            "{} with {} bytes of RAM: no {n} reserved lowmem frames for the boot page tables \
+             (i386 page-table entries hold 32-bit addresses, so they cannot sit above RAM)",
+            cfg.arch.name(),
+            cfg.memory
+        ))
     }
 
     /// Zone spans at the arch's boundaries for `cfg.memory` bytes: contiguous,
@@ -828,6 +888,7 @@ impl Machine {
         errs.extend(self.check_slab());
         errs.extend(self.check_vm());
         errs.extend(self.faults.check());
+        errs.extend(self.check_pins());
         errs
     }
 }

@@ -202,6 +202,22 @@ impl MemMap {
     pub fn new(nr: u64) -> MemMap {
         MemMap { pages: bytemuck::allocation::zeroed_slice_box(nr as usize) }
     }
+
+    /// `new`, or an error when the host cannot allocate the array (a
+    /// machine of many TiB: 16 bytes a frame).
+    pub fn try_new(nr: u64) -> crate::Result<MemMap> {
+        let bytes = nr.saturating_mul(std::mem::size_of::<PageMeta>() as u64);
+        let fail = || {
+            crate::KmmError::Host(format!(
+                "cannot allocate the mem_map of {nr} page frames ({} MiB of struct page metadata): \
+                 the host refused the memory (use a smaller machine)",
+                bytes >> 20
+            ))
+        };
+        let n = usize::try_from(nr).map_err(|_| fail())?;
+        let pages = bytemuck::allocation::try_zeroed_slice_box(n).map_err(|_| fail())?;
+        Ok(MemMap { pages })
+    }
     #[inline]
     pub fn len(&self) -> u64 {
         self.pages.len() as u64

@@ -622,6 +622,20 @@ impl Machine {
                 pfn.0
             )));
         }
+        if p.has(crate::page::PG_TABLE) {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: freeing a page-table page with free_pages \
+                 (the page tables still link it)",
+                pfn.0
+            )));
+        }
+        if self.shadow.is_live(self.pfn_to_phys(pfn).0) {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: freeing a large kmalloc with free_pages \
+                 (kfree frees it)",
+                pfn.0
+            )));
+        }
         if p.refcount() <= 0 {
             // Inside a free block, or a tail of an allocated block?
             let z = self.pfn_zone(pfn).expect("valid pfn has a zone");
@@ -644,6 +658,8 @@ impl Machine {
                 p.order()
             )));
         }
+        // A buffer export or a vmap over it (pins.rs).
+        self.check_unpinned(pfn.0, 1 << order)?;
         Ok(p.order())
     }
 

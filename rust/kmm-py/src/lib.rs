@@ -7,6 +7,7 @@
 
 use pyo3::prelude::*;
 
+mod args;
 mod bundle;
 mod cpu;
 mod errors;

@@ -409,18 +409,41 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
+        // More objects than all of RAM holds can never be had: fail before
+        // taking any (and before sizing a host buffer for them).
+        let slots = self.totalram_pages().saturating_mul(self.page_size) / c.geo.size.max(1) as u64;
+        if n as u64 > slots {
+            return Err(KmmError::OutOfMemory {
+                order: c.geo.order,
+                gfp,
+                message: format!(
+                    "SLUB: Unable to allocate memory on node -1, gfp={gfp:#x}({})\n  cache: {}: kmem_cache_alloc_bulk \
+                     of {n} objects of {} bytes, more than all of RAM ({} pages) holds",
+                    gfp::format_pgg(gfp),
+                    c.name,
+                    c.geo.size,
+                    self.totalram_pages()
+                ),
+            });
+        }
         if n > 0 {
             self.should_failslab(c, gfp)?;
         }
         let start = out.len();
+        if out.try_reserve(n).is_err() {
+            return Err(KmmError::Host(format!(
+                "kmem_cache_alloc_bulk: the host cannot allocate an array of {n} object addresses"
+            )));
+        }
         let cpu = self.run_cpu();
-        out.reserve(n);
+        let since = self.slab.pages_allocated.load(Relaxed);
         if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out) {
             // All or nothing: what was taken goes back.
             let got: Vec<(u64, cache::ObjRef)> =
                 out[start..].iter().filter_map(|&o| c.locate(self, o).ok().map(|r| (o, r))).collect();
             c.free_bulk_raw(self, &got, cpu);
             out.truncate(start);
+            c.discard_new_empty(self, cpu, since);
             return Err(e);
         }
         let po = self.cfg.arch.page_offset();
@@ -506,7 +529,8 @@ impl Machine {
             c.aliases.lock().pop();
             return Ok(());
         }
-        c.shrink(self);
+        // Refused before anything moves (the kernel flushes and shrinks
+        // first, then complains; a refused call here changes nothing).
         let inuse = c.objects_in_use(self);
         if inuse > 0 {
             return Err(KmmError::Busy(format!(
@@ -514,6 +538,7 @@ impl Machine {
                 c.name, "kmm"
             )));
         }
+        c.shrink(self);
         // Any slabs left are empty ones kept for min_partial: free them all.
         {
             let n = c.node.lock();
@@ -523,6 +548,22 @@ impl Machine {
         c.dead.store(true, Relaxed);
         list.retain(|&id| id != c.id);
         Ok(())
+    }
+
+    /// Run `f`; if it fails, give back the empty slabs it made (in every
+    /// cache), so that a refused call changes no accounting: a failed
+    /// vmalloc or bulk allocation leaves no slab pages behind. Returns
+    /// what `f` returned.
+    pub fn refused_changes_nothing<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let since = self.slab.pages_allocated.load(Relaxed);
+        let r = f();
+        if r.is_err() && self.slab.pages_allocated.load(Relaxed) != since {
+            let cpu = self.this_cpu();
+            for c in self.slab.caches() {
+                c.discard_new_empty(self, cpu, since);
+            }
+        }
+        r
     }
 
     /// Invariants of every cache.
