@@ -739,3 +739,40 @@ def test_i386_direct_map_checked_kmap_windows_not():
     m.kfree(b)
     m.free_pages(page, 0)
     assert m.check() == []
+
+
+# ---- with the other boot parameters --------------------------------------------------
+
+
+def test_with_init_on_free_quarantine_and_destroy():
+    """kasan=on beside init_on_alloc/init_on_free: slab_free_hook zeroes the
+    object, then kasan_slab_free quarantines it (mm/slub.c), so a use after
+    free is still reported; kmem_cache_destroy flushes the cache's
+    quarantined objects first (kasan_cache_shutdown) and is refused only
+    for live ones (mm/slab_common.c)."""
+    m = kmm.Machine(memory="256M", cpus=2, cmdline="kasan=on init_on_alloc=1 init_on_free=1")
+    with m.on_cpu(0):
+        p = m.kmalloc(100)
+        p[0:4] = b"\xaa\xbb\xcc\xdd"
+        addr = p.addr
+        m.kfree(p)
+        kasan_fail(lambda: m.read(addr, 4), "slab-use-after-free", access="Read", size=4,
+                   cls=kmm.KasanUseAfterFreeError)
+        c = m.kmem_cache_create("kasan_destroy", 40)
+        live = c.alloc()
+        freed = [c.alloc() for _ in range(5)]
+        for o in freed:
+            c.free(o)
+        with pytest.raises(kmm.KmmError, match="Slab cache still has objects"):
+            m.kmem_cache_destroy(c)
+        assert live[0:1] == bytes(1)  # init_on_alloc: zeroed, and still live
+        c.free(live)
+        m.kmem_cache_destroy(c)
+    assert m.check() == []
+
+
+def test_read_whose_end_wraps_is_out_of_bounds(m):
+    # report_generic.c, kasan_get_bug_type: access_addr + access_size < access_addr.
+    p = m.kmalloc(64)
+    kasan_fail(lambda: m.read(p.addr, 2**64 - 8), "out-of-bounds")
+    m.kfree(p)

@@ -347,6 +347,10 @@ impl Machine {
     /// `krealloc(p, new_size, gfp)`: in place when `ksize` allows, else
     /// allocate, copy and free. `p` may be NULL/ZERO_SIZE_PTR; size 0 frees.
     pub fn krealloc(&self, va: u64, new_size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
+        self.refused_changes_nothing(|| self.krealloc_(va, new_size, gfp, call_site))
+    }
+
+    fn krealloc_(&self, va: u64, new_size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
         if new_size == 0 {
             self.kfree(va, call_site)?;
             return Ok(VirtAddr(ZERO_SIZE_PTR));
@@ -360,9 +364,10 @@ impl Machine {
             _ => self.ksize(va)?,
         };
         if ks >= new_size && va > ZERO_SIZE_PTR {
-            // "Zero out spare memory": with no orig_size stored (no
+            // "Zero out spare memory" (want_init_on_alloc: __GFP_ZERO or
+            // init_on_alloc): with no orig_size stored (no
             // SLAB_STORE_USER), the kernel zeroes [new_size, ks).
-            if gfp & gfp::__GFP_ZERO != 0 {
+            if self.want_init_on_alloc(gfp) {
                 self.phys.zero(va - self.cfg.arch.page_offset() + new_size, ks - new_size)?;
             }
             self.kasan_krealloc(va, new_size, call_site);

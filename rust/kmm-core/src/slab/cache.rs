@@ -93,6 +93,9 @@ pub struct Slab {
     pub list: SlabList,
     prev: u32,
     next: u32,
+    /// `SlabRegistry::pages_allocated` just after this slab's pages were
+    /// taken (0 for a warm slab): which slabs a call made (`discard_new_empty`).
+    pub born: u64,
 }
 
 /// Per-CPU slab state (`struct kmem_cache_cpu`).
@@ -662,7 +665,7 @@ impl KmemCache {
         } else {
             m.vmstat.nr_slab_unreclaimable_b.fetch_add(bytes, Relaxed);
         }
-        m.slab.pages_allocated.fetch_add(1 << order, Relaxed);
+        let born = m.slab.pages_allocated.fetch_add(1 << order, Relaxed) + (1 << order);
         let mut n = self.node.lock();
         let frozen = matches!(list, SlabList::Cpu(_));
         let slab = Slab {
@@ -674,6 +677,7 @@ impl KmemCache {
             list: SlabList::None,
             prev: NIL,
             next: NIL,
+            born,
         };
         let id = Self::new_slab_id(&mut n, slab);
         Self::slab_mut(&mut n, id).list = list;
@@ -730,7 +734,7 @@ impl KmemCache {
             m.vmstat.nr_slab_unreclaimable_b.fetch_add(bytes, Relaxed);
         }
         let mut n = self.node.lock();
-        let slab = Slab { pfn, order, objects, inuse, freelist, list: SlabList::None, prev: NIL, next: NIL };
+        let slab = Slab { pfn, order, objects, inuse, freelist, list: SlabList::None, prev: NIL, next: NIL, born: 0 };
         let id = Self::new_slab_id(&mut n, slab);
         n.nr_slabs += 1;
         n.total_objects += objects as u64;
@@ -1156,6 +1160,47 @@ impl KmemCache {
         for ids in promote.iter().rev() {
             for &id in ids.iter().rev() {
                 Self::add_partial(&mut n, id, false);
+            }
+        }
+        pages
+    }
+
+    /// Give back the empty slabs made after `since` (a `pages_allocated`
+    /// reading): what a refused call grew the cache by. This CPU's slab and
+    /// partial slabs among them are flushed first; other CPUs' are left
+    /// alone. The kernel keeps such slabs; kmm gives them back so that a
+    /// call that fails leaves the accounting as it was. Returns the pages.
+    pub(crate) fn discard_new_empty(&self, m: &Machine, cpu: u32, since: u64) -> u64 {
+        let _d = m.trace.defer();
+        let is_new = |n: &Node, id: u32| n.slabs.get(id as usize).and_then(|s| s.as_ref()).is_some_and(|s| s.born > since);
+        let mut pages = 0;
+        {
+            let mut c = self.cpu_lock(cpu);
+            let mut stats = c.stats;
+            let (cur_new, parts) = {
+                let n = self.node.lock();
+                let cur_new = c.slab != NIL && is_new(&n, c.slab);
+                let parts: Vec<u32> = c.partial.iter().copied().filter(|&id| is_new(&n, id)).collect();
+                (cur_new, parts)
+            };
+            if cur_new {
+                let (id, fl) = (c.slab, std::mem::take(&mut c.freelist));
+                c.slab = NIL;
+                c.slab_pfn = u64::MAX;
+                pages += self.deactivate_slab(m, id, fl, &mut stats);
+            }
+            if !parts.is_empty() {
+                c.partial.retain(|id| !parts.contains(id));
+                pages += self.put_partials(m, parts, &mut stats);
+            }
+            c.stats = stats;
+        }
+        let mut n = self.node.lock();
+        for id in Self::partial_ids(&n) {
+            let s = n.slabs[id as usize].as_ref().expect("partial slab");
+            if s.born > since && s.inuse == 0 {
+                Self::remove_partial(&mut n, id);
+                pages += self.discard_slab(m, &mut n, id);
             }
         }
         pages

@@ -6,7 +6,9 @@
 //! `slab_unmergeable`, `kmem_cache_destroy`, `kmem_cache_shrink`,
 //! `create_boot_cache`), `mm/slub.c` (`kmem_cache_alloc`, `kmem_cache_free`,
 //! `cache_from_obj`, `kmem_cache_alloc_bulk`, `kmem_cache_free_bulk`,
-//! `__kmem_cache_shutdown`, `slab_post_alloc_hook`), `mm/slab.h`.
+//! `__kmem_cache_shutdown`, `slab_pre_alloc_hook` (failslab:
+//! `fault_inject.rs`), `slab_post_alloc_hook` and `slab_free_hook`
+//! (zeroing, init_on_alloc/init_on_free: `mem_init.rs`)), `mm/slab.h`.
 //!
 //! Modules: `geometry` (layout and order), `cache` (one cache's slabs and
 //! per-CPU state).
@@ -280,9 +282,7 @@ impl Machine {
     fn slab_post_alloc(&self, c: &KmemCache, obj: u64, gfp: Gfp) -> u64 {
         let phys = obj - self.cfg.arch.page_offset();
         self.shadow.alloc(phys);
-        if gfp & gfp::__GFP_ZERO != 0 {
-            let _ = self.phys.zero(phys, c.object_size() as u64);
-        }
+        self.slab_init_on_alloc(c, phys, gfp);
         obj
     }
 
@@ -305,6 +305,7 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
+        self.should_failslab(c, gfp)?;
         let cpu = cpu.unwrap_or_else(|| self.run_cpu());
         let obj = c.alloc_raw(self, gfp, cpu)?;
         Ok(self.slab_post_alloc(c, obj, gfp))
@@ -361,6 +362,7 @@ impl Machine {
     /// it goes to the quarantine instead (`kasan_slab_free`).
     pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32, call_site: &CallSite) {
         self.shadow.free(va - self.cfg.arch.page_offset());
+        self.slab_init_on_free(c, va - self.cfg.arch.page_offset());
         if self.kasan_slab_free(c, o, va, Some(call_site)) {
             return;
         }
@@ -418,24 +420,47 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
+        // More objects than all of RAM holds can never be had: fail before
+        // taking any (and before sizing a host buffer for them).
+        let slots = self.totalram_pages().saturating_mul(self.page_size) / c.geo.size.max(1) as u64;
+        if n as u64 > slots {
+            return Err(KmmError::OutOfMemory {
+                order: c.geo.order,
+                gfp,
+                message: format!(
+                    "SLUB: Unable to allocate memory on node -1, gfp={gfp:#x}({})\n  cache: {}: kmem_cache_alloc_bulk \
+                     of {n} objects of {} bytes, more than all of RAM ({} pages) holds",
+                    gfp::format_pgg(gfp),
+                    c.name,
+                    c.geo.size,
+                    self.totalram_pages()
+                ),
+            });
+        }
+        if n > 0 {
+            self.should_failslab(c, gfp)?;
+        }
         let start = out.len();
+        if out.try_reserve(n).is_err() {
+            return Err(KmmError::Host(format!(
+                "kmem_cache_alloc_bulk: the host cannot allocate an array of {n} object addresses"
+            )));
+        }
         let cpu = self.run_cpu();
-        out.reserve(n);
+        let since = self.slab.pages_allocated.load(Relaxed);
         if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out) {
             // All or nothing: what was taken goes back.
             let got: Vec<(u64, cache::ObjRef)> =
                 out[start..].iter().filter_map(|&o| c.locate(self, o).ok().map(|r| (o, r))).collect();
             c.free_bulk_raw(self, &got, cpu);
             out.truncate(start);
+            c.discard_new_empty(self, cpu, since);
             return Err(e);
         }
         let po = self.cfg.arch.page_offset();
-        let zero = gfp & gfp::__GFP_ZERO != 0;
         for &o in &out[start..] {
             self.shadow.alloc(o - po);
-            if zero {
-                let _ = self.phys.zero(o - po, c.object_size() as u64);
-            }
+            self.slab_init_on_alloc(c, o - po, gfp);
         }
         self.kasan_slab_alloc_bulk(c, &out[start..], gfp);
         Ok(())
@@ -474,6 +499,11 @@ impl Machine {
                 self.shadow.revive(o - po);
             }
             return Err(e);
+        }
+        if self.slab_want_init_on_free(c) {
+            for (o, _) in &refs {
+                self.slab_init_on_free(c, o - po);
+            }
         }
         // KASAN quarantines what it poisons (slab_free_freelist_hook).
         let refs = self.kasan_slab_free_bulk(c, refs);
@@ -514,9 +544,12 @@ impl Machine {
             c.aliases.lock().pop();
             return Ok(());
         }
-        // kasan_cache_shutdown: quarantined objects go back first.
+        // kasan_cache_shutdown: quarantined objects go back first (they
+        // were freed already: flushing them changes nothing a caller sees).
         self.kasan_quarantine_remove_cache(c);
-        c.shrink(self);
+        // Live objects refuse the destroy before anything else moves (the
+        // kernel shrinks first, then complains; a refused call here
+        // changes nothing).
         let inuse = c.objects_in_use(self);
         if inuse > 0 {
             return Err(KmmError::Busy(format!(
@@ -524,6 +557,7 @@ impl Machine {
                 c.name, "kmm"
             )));
         }
+        c.shrink(self);
         // Any slabs left are empty ones kept for min_partial: free them all.
         {
             let n = c.node.lock();
@@ -533,6 +567,22 @@ impl Machine {
         c.dead.store(true, Relaxed);
         list.retain(|&id| id != c.id);
         Ok(())
+    }
+
+    /// Run `f`; if it fails, give back the empty slabs it made (in every
+    /// cache), so that a refused call changes no accounting: a failed
+    /// vmalloc or bulk allocation leaves no slab pages behind. Returns
+    /// what `f` returned.
+    pub fn refused_changes_nothing<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let since = self.slab.pages_allocated.load(Relaxed);
+        let r = f();
+        if r.is_err() && self.slab.pages_allocated.load(Relaxed) != since {
+            let cpu = self.this_cpu();
+            for c in self.slab.caches() {
+                c.discard_new_empty(self, cpu, since);
+            }
+        }
+        r
     }
 
     /// Invariants of every cache.

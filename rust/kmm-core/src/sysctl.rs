@@ -1,0 +1,190 @@
+//! Run-time tunables: the `vm.*` sysctls kmm models, one table
+//! (`SYSCTLS`) with their ranges, read and written by name; a write
+//! recomputes what the kernel's handler recomputes.
+//!
+//! # Kernel
+//! `mm/page_alloc.c`: `min_free_kbytes_sysctl_handler`,
+//! `watermark_scale_factor_sysctl_handler` (both `setup_per_zone_wmarks`,
+//! which ends with `zone_pcp_update` for every zone),
+//! `percpu_pagelist_high_fraction_sysctl_handler` (0 or at least
+//! `MIN_PERCPU_PAGELIST_HIGH_FRACTION`; `zone_set_pageset_high_and_batch`),
+//! `lowmem_reserve_ratio_sysctl_handler` (values below 1 become 0;
+//! `setup_per_zone_lowmem_reserve`), `watermark_boost_factor` (read by
+//! `boost_watermark`; no handler), and the `vm_page_alloc_table` entries'
+//! `extra1`/`extra2` ranges.
+//!
+//! # Invariants
+//! - sysctl-1: zones' watermarks, protection and pageset sizes are those the
+//!   handlers compute from the current values (unless a recorded machine's
+//!   tuning set them at boot and nothing was written since).
+//!
+//! Lock order: `lowmem_reserve_ratio` is a leaf lock; a write takes each
+//! CPU's pcp lock alone while it resizes the pagesets.
+#![forbid(unsafe_code)]
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use parking_lot::Mutex;
+
+use crate::error::{KmmError, Result};
+use crate::Machine;
+
+/// `MIN_PERCPU_PAGELIST_HIGH_FRACTION`.
+pub const MIN_PERCPU_PAGELIST_HIGH_FRACTION: u64 = 8;
+
+/// (name, default, valid values, meaning): every sysctl kmm models.
+pub const SYSCTLS: &[(&str, &str, &str, &str)] = &[
+    ("vm.min_free_kbytes", "auto", "0 .. 2147483647", "the reserve the min watermarks are cut from (kB)"),
+    ("vm.watermark_scale_factor", "10", "1 .. 3000", "low/high watermark gap in 1/10000 of the zone"),
+    ("vm.watermark_boost_factor", "15000", "0 .. 2147483647", "watermark boost after a fragmenting fallback, in 1/10000 of high"),
+    ("vm.percpu_pagelist_high_fraction", "0", "0, or 8 .. 2147483647", "pcp high = managed / fraction, auto-tuning off (0: from the low watermark)"),
+    ("vm.lowmem_reserve_ratio", "256 256 32 0 0", "one value per zone, 0 .. 2147483647", "protection of lower zones from higher-zone allocations"),
+];
+
+/// The values a machine runs with.
+pub struct Sysctls {
+    pub watermark_scale_factor: AtomicU64,
+    pub watermark_boost_factor: AtomicU64,
+    pub percpu_pagelist_high_fraction: AtomicU64,
+    pub lowmem_reserve_ratio: Mutex<Vec<u64>>,
+}
+
+const INT_MAX: u64 = i32::MAX as u64;
+
+fn einval(name: &str, value: &str, valid: &str) -> KmmError {
+    KmmError::InvalidArgument(format!("sysctl {name}: invalid value {value:?} (valid: {valid}): Invalid argument"))
+}
+
+fn parse_int(name: &str, v: &str, lo: u64, hi: u64, valid: &str) -> Result<u64> {
+    let t = v.trim();
+    match t.parse::<u64>() {
+        Ok(n) if (lo..=hi).contains(&n) => Ok(n),
+        _ => Err(einval(name, v, valid)),
+    }
+}
+
+impl Machine {
+    /// Read a sysctl as `/proc/sys` prints it.
+    pub fn sysctl_get(&self, name: &str) -> Result<String> {
+        let s = &self.sysctls;
+        Ok(match name {
+            "vm.min_free_kbytes" => self.min_free_kbytes.load(Relaxed).to_string(),
+            "vm.watermark_scale_factor" => s.watermark_scale_factor.load(Relaxed).to_string(),
+            "vm.watermark_boost_factor" => s.watermark_boost_factor.load(Relaxed).to_string(),
+            "vm.percpu_pagelist_high_fraction" => s.percpu_pagelist_high_fraction.load(Relaxed).to_string(),
+            "vm.lowmem_reserve_ratio" => {
+                s.lowmem_reserve_ratio.lock().iter().map(|v| v.to_string()).collect::<Vec<_>>().join("\t")
+            }
+            _ => return Err(unknown(name)),
+        })
+    }
+
+    /// Write a sysctl (the text one would write to `/proc/sys/...`); an
+    /// invalid value is refused with nothing changed, as the kernel's
+    /// handler refuses it (EINVAL).
+    pub fn sysctl_set(&self, name: &str, value: &str) -> Result<()> {
+        let row = SYSCTLS.iter().find(|r| r.0 == name).ok_or_else(|| unknown(name))?;
+        let valid = row.2;
+        let s = &self.sysctls;
+        match name {
+            "vm.min_free_kbytes" => {
+                let v = parse_int(name, value, 0, INT_MAX, valid)?;
+                // A reserve the zones cannot hold would leave no memory.
+                let total_kb = self.totalram_pages().saturating_mul(self.page_size / 1024);
+                if v >= total_kb {
+                    return Err(KmmError::InvalidArgument(format!(
+                        "sysctl {name}: {v} kB is all of this machine's {total_kb} kB: nothing would be left to allocate"
+                    )));
+                }
+                self.min_free_kbytes.store(v, Relaxed);
+                self.setup_per_zone_wmarks();
+            }
+            "vm.watermark_scale_factor" => {
+                let v = parse_int(name, value, 1, 3000, valid)?;
+                s.watermark_scale_factor.store(v, Relaxed);
+                self.setup_per_zone_wmarks();
+            }
+            "vm.watermark_boost_factor" => {
+                let v = parse_int(name, value, 0, INT_MAX, valid)?;
+                s.watermark_boost_factor.store(v, Relaxed);
+            }
+            "vm.percpu_pagelist_high_fraction" => {
+                let v = parse_int(name, value, 0, INT_MAX, valid)?;
+                if v != 0 && v < MIN_PERCPU_PAGELIST_HIGH_FRACTION {
+                    return Err(einval(name, value, valid));
+                }
+                s.percpu_pagelist_high_fraction.store(v, Relaxed);
+                for z in self.zones.iter().filter(|z| z.is_populated()) {
+                    self.zone_set_pageset_high_and_batch(z);
+                }
+            }
+            "vm.lowmem_reserve_ratio" => {
+                let words: Vec<&str> = value.split_whitespace().collect();
+                if words.is_empty() || words.len() > self.zones.len() {
+                    return Err(einval(name, value, valid));
+                }
+                let mut r = s.lowmem_reserve_ratio.lock().clone();
+                for (i, w) in words.iter().enumerate() {
+                    // "if (sysctl_lowmem_reserve_ratio[i] < 1) ... = 0": negative
+                    // values parse as ints and become 0.
+                    let n: i64 = w.parse().map_err(|_| einval(name, value, valid))?;
+                    if n > INT_MAX as i64 {
+                        return Err(einval(name, value, valid));
+                    }
+                    r[i] = n.max(0) as u64;
+                }
+                *s.lowmem_reserve_ratio.lock() = r;
+                self.setup_per_zone_lowmem_reserve();
+            }
+            _ => return Err(unknown(name)),
+        }
+        Ok(())
+    }
+}
+
+/// Check a value's syntax and range before any machine exists (what
+/// depends on the machine, e.g. a min_free_kbytes above its memory, is
+/// checked when it is written).
+pub fn check_value(name: &str, value: &str) -> Result<()> {
+    let row = SYSCTLS.iter().find(|r| r.0 == name).ok_or_else(|| unknown(name))?;
+    let valid = row.2;
+    match name {
+        "vm.watermark_scale_factor" => parse_int(name, value, 1, 3000, valid).map(drop),
+        "vm.percpu_pagelist_high_fraction" => {
+            let v = parse_int(name, value, 0, INT_MAX, valid)?;
+            if v != 0 && v < MIN_PERCPU_PAGELIST_HIGH_FRACTION {
+                return Err(einval(name, value, valid));
+            }
+            Ok(())
+        }
+        "vm.lowmem_reserve_ratio" => {
+            let words: Vec<&str> = value.split_whitespace().collect();
+            if words.is_empty() || words.iter().any(|w| w.parse::<i64>().map_or(true, |n| n > INT_MAX as i64)) {
+                return Err(einval(name, value, valid));
+            }
+            Ok(())
+        }
+        _ => parse_int(name, value, 0, INT_MAX, valid).map(drop),
+    }
+}
+
+fn unknown(name: &str) -> KmmError {
+    let known: Vec<&str> = SYSCTLS.iter().map(|r| r.0).collect();
+    KmmError::InvalidArgument(format!("unknown sysctl {name:?} (kmm knows: {})", known.join(", ")))
+}
+
+impl Sysctls {
+    /// The boot values of a configuration.
+    pub fn new(cfg: &crate::machine::MachineConfig, zone_kinds: &[crate::arch::ZoneKind]) -> Sysctls {
+        let ratio = match &cfg.lowmem_reserve_ratio {
+            Some(r) => (0..zone_kinds.len()).map(|i| r.get(i).copied().unwrap_or(0)).collect(),
+            None => zone_kinds.iter().map(|&k| crate::zone::default_lowmem_reserve_ratio(k)).collect(),
+        };
+        Sysctls {
+            watermark_scale_factor: AtomicU64::new(cfg.watermark_scale_factor),
+            watermark_boost_factor: AtomicU64::new(crate::page_alloc::WATERMARK_BOOST_FACTOR),
+            percpu_pagelist_high_fraction: AtomicU64::new(0),
+            lowmem_reserve_ratio: Mutex::new(ratio),
+        }
+    }
+}
