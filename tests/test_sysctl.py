@@ -173,3 +173,102 @@ def test_cli_bad_settings_exit_2_before_anything_runs(capsys, setting, what):
     assert e.value.code == 2
     out, err = capsys.readouterr()
     assert out == "" and what in err and err.count("\n") == 1
+
+
+# ---- slab.<cache>.min_partial and slab.<cache>.cpu_partial ------------------------------
+# mm/slub.c: min_partial_store (kstrtoul, any value), cpu_partial_store
+# (kstrtouint; EINVAL for a non-zero count on a cache without cpu partial
+# lists; slub_set_cpu_partial: cpu_partial_slabs = DIV_ROUND_UP(objects * 2,
+# oo_objects); flush_all).
+
+
+def empty_after_churn(c, slabs):
+    objs = [c.alloc() for _ in range(slabs * c.objs_per_slab)]
+    for o in objs:
+        c.free(o)
+    return c.slabs()
+
+
+def test_min_partial_is_how_many_empty_slabs_the_node_keeps():
+    m = kmm.Machine(slab_nomerge=True, cpus=1)
+    c = m.kmem_cache_create("t_mp", 1024)
+    # set_min_partial(s, ilog2(s->size) / 2), clamped to [5, 10].
+    assert m.sysctl("slab.t_mp.min_partial") == str(max(5, min(10, ((1024).bit_length() - 1) // 2)))
+    m.sysctl("slab.t_mp.min_partial", 0)
+    assert c.min_partial == 0 and m.sysfs_slab("t_mp")["min_partial"] == 0
+    s = empty_after_churn(c, 20)
+    # No empty slab is kept on the node list; what stays is the CPU slab and
+    # the CPU partial list.
+    assert s["node_partial"] == 0
+    m.sysctl("slab.t_mp.min_partial", 12)  # above the kernel's clamp: allowed
+    assert c.min_partial == 12
+    s = empty_after_churn(c, 20)
+    assert s["node_partial"] == 12
+    m.check()
+
+
+def test_cpu_partial_sets_the_cpu_partial_slabs_and_flushes():
+    m = kmm.Machine(slab_nomerge=True, cpus=1)
+    c = m.kmem_cache_create("t_cp", 1024)
+    assert c.cpu_partial == 24  # set_cpu_partial: s->size >= 1024 -> 24
+    per_slab = c.objs_per_slab
+    objs = [c.alloc() for _ in range(8 * per_slab)]
+    c.free(objs[0])  # the first full slab gains a free object: CPU partial
+    assert c.slabs()["cpu_partial"] == 1
+    m.sysctl("slab.t_cp.cpu_partial", 5 * per_slab // 2)  # 2.5 slabs of objects
+    # flush_all: the CPU slab and the CPU partial list went to the node.
+    assert c.slabs()["cpu_partial"] == 0 and c.slabs()["cpu"] == 0
+    assert m.sysctl("slab.t_cp.cpu_partial") == str(5 * per_slab // 2)
+    cap = -(-(5 * per_slab // 2) * 2 // per_slab)  # DIV_ROUND_UP(objects * 2, oo_objects) = 5
+    # One free in each of `cap` full slabs fills the CPU partial list; the
+    # next one drains it first (put_cpu_partial with drain=1).
+    full = [objs[i * per_slab + 1] for i in range(1, cap + 2)]
+    for o in full[:cap]:
+        c.free(o)
+    assert c.slabs()["cpu_partial"] == cap
+    c.free(full[cap])
+    assert c.slabs()["cpu_partial"] == 1
+    m.check()
+
+
+def test_cpu_partial_zero_and_debug_caches():
+    m = kmm.Machine(slab_nomerge=True, cpus=1, cmdline="slub_debug=F,t_dbg")
+    d = m.kmem_cache_create("t_dbg", 256)
+    assert d.cpu_partial == 0
+    with pytest.raises(ValueError, match="Invalid argument"):
+        m.sysctl("slab.t_dbg.cpu_partial", 10)
+    assert d.cpu_partial == 0
+    m.sysctl("slab.t_dbg.cpu_partial", 0)  # 0 is always accepted
+    c = m.kmem_cache_create("t_zero", 1024)
+    m.sysctl("slab.t_zero.cpu_partial", 0)
+    objs = [c.alloc() for _ in range(6 * c.objs_per_slab)]
+    for i in range(5):
+        c.free(objs[i * c.objs_per_slab])
+        # cpu_partial_slabs 0: each put drains the list first, so it holds one.
+        assert c.slabs()["cpu_partial"] == 1
+    m.check()
+
+
+@pytest.mark.parametrize("name,value,what", [
+    ("slab.kmalloc-64.min_partial", "-1", "invalid value"),
+    ("slab.kmalloc-64.min_partial", "0x10", "invalid value"),
+    ("slab.kmalloc-64.cpu_partial", str(2**32), "invalid value"),
+    ("slab.no_such_cache.min_partial", "3", "No such file or directory"),
+    ("slab.kmalloc-64.order", "3", "unknown sysctl"),
+])
+def test_slab_tunables_refused_change_nothing(m, name, value, what):
+    before = (m.sysctl("slab.kmalloc-64.min_partial"), m.sysctl("slab.kmalloc-64.cpu_partial"))
+    with pytest.raises(ValueError, match=what):
+        m.sysctl(name, value)
+    assert (m.sysctl("slab.kmalloc-64.min_partial"), m.sysctl("slab.kmalloc-64.cpu_partial")) == before
+
+
+def test_slab_tunables_at_boot_wait_for_their_cache():
+    m = kmm.Machine(slab_nomerge=True, sysctl={"slab.kmalloc-128.min_partial": 9, "slab.t_late.cpu_partial": 7})
+    assert m.sysctl("slab.kmalloc-128.min_partial") == "9"
+    c = m.kmem_cache_create("t_late", 512)
+    assert c.cpu_partial == 7
+    assert kmm.settings.split("slab.t_late.min_partial=3 slub_min_order=1") == (
+        "slub_min_order=1", {"slab.t_late.min_partial": "3"})
+    with pytest.raises(ValueError, match="unknown sysctl"):
+        kmm.settings.split("slab.t_late.order=3")

@@ -27,6 +27,13 @@ def names() -> dict[str, str]:
     return out
 
 
+def _slab_tunable(name: str) -> bool:
+    """``slab.<cache>.min_partial`` or ``slab.<cache>.cpu_partial`` (the
+    cache itself is looked up when the machine runs)."""
+    cache, _, attr = name.removeprefix("slab.").rpartition(".")
+    return name.startswith("slab.") and bool(cache) and attr in ("min_partial", "cpu_partial")
+
+
 def split(text: str) -> tuple[str, dict[str, str]]:
     """Split settings into (kernel command line, {sysctl: value}).
 
@@ -46,7 +53,7 @@ def split(text: str) -> tuple[str, dict[str, str]]:
         if "." in name:
             if not eq:
                 raise ValueError(f"setting {item!r}: a sysctl needs a value (NAME=VALUE)")
-            if name not in known:
+            if name not in known and not _slab_tunable(name):
                 valid = ", ".join(f"{n} ({v})" for n, _d, v, _h in SYSCTLS)
                 raise ValueError(f"unknown sysctl {name!r}; kmm knows: {valid}")
             if name in sysctl:

@@ -87,7 +87,7 @@ sync::const_thread_local! {
 sync::thread_local! {
     /// The CPUs this thread holds claimed through preempt_count: given back
     /// when the thread exits (`ExitClaims::drop`).
-    static EXIT: RefCell<ExitClaims> = RefCell::new(ExitClaims(Vec::new()));
+    static EXIT: RefCell<ExitClaims> = const { RefCell::new(ExitClaims(Vec::new())) };
 }
 
 /// (the machine's CPUs, cpu, this thread's token) for each CPU held.

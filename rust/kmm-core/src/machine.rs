@@ -419,10 +419,13 @@ impl Machine {
         m.setup_watermarks(m.cfg.min_free_kbytes);
         m.apply_tuning();
         for (name, value) in m.cfg.sysctl.clone() {
-            m.sysctl_set(&name, &value)?;
+            if crate::sysctl::slab_name(&name).is_none() {
+                m.sysctl_set(&name, &value)?;
+            }
         }
         let k = m.create_kmalloc_caches()?;
         let _ = m.kmalloc_caches.set(k);
+        m.apply_boot_slab_sysctls()?;
         // vmalloc_init: the vmap_area cache (no pages until first use).
         m.vmap_area_cache()?;
         // failslab= and fail_page_alloc= (setup_fault_attr), armed once
@@ -472,7 +475,7 @@ impl Machine {
             }
             top = top.min(s);
         }
-        if top >= 1 + n {
+        if top > n {
             return Ok(Some((top - n) * ps));
         }
         invalid(format!(

@@ -793,13 +793,13 @@ impl PyKmemCache {
     }
     /// Empty slabs kept on the node partial list (min_partial).
     #[getter]
-    fn min_partial(&self) -> u32 {
-        self.c.geo.min_partial
+    fn min_partial(&self) -> u64 {
+        self.c.min_partial()
     }
     /// Free objects kept on per-CPU partial slabs at most (cpu_partial).
     #[getter]
     fn cpu_partial(&self) -> u32 {
-        self.c.geo.cpu_partial
+        self.c.cpu_partial().0
     }
     /// The free pointer's offset inside the slot.
     #[getter]

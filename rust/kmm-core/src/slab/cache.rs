@@ -190,6 +190,12 @@ pub struct KmemCache {
     pub aliases: Mutex<Vec<String>>,
     /// `s->object_size` as raised by merges (`__kmem_cache_alias`).
     object_size: AtomicU32,
+    /// `s->min_partial`, `s->cpu_partial` and `s->cpu_partial_slabs` as
+    /// /sys/kernel/slab/<cache>/{min_partial,cpu_partial} may rewrite them
+    /// (`geo` keeps what kmem_cache_open computed).
+    min_partial: AtomicU64,
+    cpu_partial: AtomicU32,
+    cpu_partial_slabs: AtomicU32,
 }
 
 /// Result of classifying an address for a free.
@@ -238,6 +244,9 @@ impl KmemCache {
             dead: AtomicBool::new(false),
             aliases: Mutex::new(Vec::new()),
             object_size: AtomicU32::new(geo.object_size),
+            min_partial: AtomicU64::new(geo.min_partial as u64),
+            cpu_partial: AtomicU32::new(geo.cpu_partial),
+            cpu_partial_slabs: AtomicU32::new(geo.cpu_partial_slabs),
         }
     }
 
@@ -258,9 +267,47 @@ impl KmemCache {
         self.flags & SLAB_DEBUG_FLAGS != 0
     }
 
+    /// `kmem_cache_has_cpu_partial` (CONFIG_SLUB_CPU_PARTIAL=y): every
+    /// cache but a debug one, whatever its cpu_partial.
     #[inline]
     fn has_cpu_partial(&self) -> bool {
-        !self.is_debug() && self.geo.cpu_partial > 0
+        !self.is_debug()
+    }
+
+    /// `s->min_partial`: empty slabs a node keeps on its partial list.
+    #[inline]
+    pub fn min_partial(&self) -> u64 {
+        self.min_partial.load(Relaxed)
+    }
+
+    /// `s->cpu_partial` (objects) and `s->cpu_partial_slabs`.
+    #[inline]
+    pub fn cpu_partial(&self) -> (u32, u32) {
+        (self.cpu_partial.load(Relaxed), self.cpu_partial_slabs.load(Relaxed))
+    }
+
+    /// `min_partial_store`: any unsigned long, no clamp (mm/slub.c).
+    pub fn set_min_partial(&self, min: u64) {
+        self.min_partial.store(min, Relaxed);
+    }
+
+    /// `cpu_partial_store`: EINVAL for a non-zero count on a cache without
+    /// cpu partial lists; else `slub_set_cpu_partial` (cpu_partial_slabs =
+    /// DIV_ROUND_UP(objects * 2, oo_objects)) and `flush_all`.
+    pub fn set_cpu_partial(&self, m: &Machine, objects: u32) -> Result<()> {
+        if objects != 0 && !self.has_cpu_partial() {
+            return Err(KmmError::InvalidArgument(format!(
+                "/sys/kernel/slab/{}/cpu_partial: {objects}: Invalid argument (a debug cache has no cpu partial lists)",
+                self.name
+            )));
+        }
+        let per_slab = self.geo.objects.max(1);
+        self.cpu_partial.store(objects, Relaxed);
+        self.cpu_partial_slabs.store(((objects as u64 * 2).div_ceil(per_slab as u64)) as u32, Relaxed);
+        for cpu in 0..self.cpus.len() as u32 {
+            self.flush_cpu(m, cpu);
+        }
+        Ok(())
     }
 
     /// Lock this CPU's slab state, counting contention.
@@ -558,8 +605,10 @@ impl KmemCache {
                 let first = n.partial_head;
                 Self::remove_partial(&mut n, first);
                 let mut moved = 0;
-                let cap = self.geo.cpu_partial_slabs;
-                if self.has_cpu_partial() && cap > 0 {
+                // get_partial_node: stop once more than half of
+                // cpu_partial_slabs moved (with 0, after one).
+                let cap = self.cpu_partial().1;
+                if self.has_cpu_partial() {
                     while n.partial_head != NIL {
                         let id = n.partial_head;
                         Self::remove_partial(&mut n, id);
@@ -806,7 +855,7 @@ impl KmemCache {
         s.inuse -= freed;
         s.list = SlabList::None;
         let (inuse, has_free) = (s.inuse, s.freelist != 0);
-        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+        if inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
             stats.deactivate_empty += 1;
             stats.free_slab += 1;
             return self.discard_slab(m, &mut n, id);
@@ -826,7 +875,7 @@ impl KmemCache {
         for id in ids {
             let s = Self::slab_mut(&mut n, id);
             s.list = SlabList::None;
-            if s.inuse == 0 && n.nr_partial >= self.geo.min_partial {
+            if s.inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
                 pages += self.discard_slab(m, &mut n, id);
                 stats.free_slab += 1;
             } else {
@@ -902,7 +951,7 @@ impl KmemCache {
         if prior != 0 && !on_node_partial {
             return; // on some CPU's partial list: nothing to move
         }
-        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+        if inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
             if prior != 0 {
                 Self::remove_partial(&mut n, id);
             }
@@ -979,7 +1028,7 @@ impl KmemCache {
     /// `put_cpu_partial(s, slab, drain=1)`: push on this CPU's partial list,
     /// first draining it to the node when it already holds cpu_partial_slabs.
     fn put_cpu_partial(&self, m: &Machine, c: &mut CpuSlab, id: u32) {
-        if c.partial.len() as u32 >= self.geo.cpu_partial_slabs {
+        if c.partial.len() as u32 >= self.cpu_partial().1 {
             let old = std::mem::take(&mut c.partial);
             c.stats.cpu_partial_drain += 1;
             let mut stats = c.stats;
@@ -1033,7 +1082,7 @@ impl KmemCache {
         s.freelist = obj;
         s.inuse -= 1;
         let (inuse, list) = (s.inuse, s.list);
-        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+        if inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
             if list == SlabList::NodePartial {
                 Self::remove_partial(&mut n, o.slab_id);
             }

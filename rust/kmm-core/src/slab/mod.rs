@@ -70,6 +70,9 @@ pub struct SlabRegistry {
     /// gave back when it discarded them (warm slabs not counted).
     pub pages_allocated: std::sync::atomic::AtomicU64,
     pub pages_freed: std::sync::atomic::AtomicU64,
+    /// Boot-time `slab.<cache>.*` sysctls whose cache does not exist yet
+    /// (sysctl.rs): (cache name, attribute, value), written at its creation.
+    pub pending_tunables: Mutex<Vec<(String, crate::sysctl::SlabAttr, u64)>>,
 
 }
 
@@ -97,6 +100,7 @@ impl SlabRegistry {
             nomerge,
             pages_allocated: Default::default(),
             pages_freed: Default::default(),
+            pending_tunables: Mutex::new(Vec::new()),
         }
     }
 
@@ -242,6 +246,8 @@ impl Machine {
             c.refcount.fetch_add(1, Relaxed);
             c.merge_size(size);
             c.aliases.lock().push(name.to_string());
+            drop(list);
+            self.apply_pending_slab_sysctls(name, &c)?;
             return Ok(Created { cache: c, merged: true });
         }
         let t = &self.slab.tunables;
@@ -274,6 +280,7 @@ impl Machine {
         let _ = self.slab.caches[id as usize].set(cache.clone());
         list.insert(0, id);
         drop(list);
+        self.apply_pending_slab_sysctls(name, &cache)?;
         Ok(Created { cache, merged: false })
     }
 
