@@ -355,7 +355,15 @@ impl PyBlock {
             let (a, b) = (i.start as usize, (i.start + i.slicelength as isize) as usize);
             return Ok((a, b.max(a), true));
         }
-        let mut i: isize = idx.extract()?;
+        // An int too large for isize is out of range too (bytearray's
+        // IndexError), not a bare OverflowError.
+        let mut i: isize = match idx.extract() {
+            Ok(i) => i,
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(idx.py()) => {
+                return Err(PyIndexError::new_err("Block index out of range"))
+            }
+            Err(e) => return Err(e),
+        };
         if i < 0 {
             i += self.len as isize;
         }
@@ -419,7 +427,14 @@ impl PyBlock {
             }
             self.m.write(VirtAddr(self.addr + a as u64), &data).map_err(to_py_err)
         } else {
-            let v: u8 = value.extract()?;
+            // As bytearray: a byte value outside 0..=255 is a ValueError that says so.
+            let v: u8 = match value.extract::<i64>() {
+                Ok(v) => u8::try_from(v).map_err(|_| PyValueError::new_err(format!("byte must be in range(0, 256), not {v}")))?,
+                Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(value.py()) => {
+                    return Err(PyValueError::new_err("byte must be in range(0, 256)"))
+                }
+                Err(e) => return Err(e),
+            };
             self.m.write(VirtAddr(self.addr + a as u64), &[v]).map_err(to_py_err)
         }
     }
