@@ -787,3 +787,34 @@ def test_block_item_values_and_huge_indexes_give_python_errors(small):
             b[i] = 1
     assert b[0] == 9
     assert b[-1] == b[7]
+
+
+def test_destroying_a_merged_cache_through_each_handle():
+    """kmem_cache_create of a mergeable cache returns the existing cache
+    (__kmem_cache_alias: refcount + 1); each kmem_cache_destroy drops one
+    reference, and the cache goes with the last. A handle destroyed twice is
+    a use after free, refused without touching the cache it was merged into."""
+    m = kmm.Machine()
+    a = m.kmem_cache_create("t_orig", 100)
+    b = m.kmem_cache_create("t_alias", 100)
+    assert b.alias == "t_alias" and b.name == a.name
+    assert m.sysfs_slab(a.name)["aliases"] == 1
+    b.destroy()
+    assert b.destroyed and not a.destroyed
+    assert m.sysfs_slab(a.name)["aliases"] == 0
+    for call in (b.destroy, b.alloc):
+        with pytest.raises(kmm.UseAfterFreeError, match="t_alias was destroyed"):
+            call()
+    assert not a.destroyed
+    a.free(a.alloc())
+    # The other order: the original's name goes first, the alias keeps the cache.
+    c = m.kmem_cache_create("t_orig2", 300)
+    d = m.kmem_cache_create("t_alias2", 300)
+    c.destroy()
+    assert c.destroyed and not d.destroyed
+    d.free(d.alloc())
+    d.destroy()
+    assert d.destroyed
+    a.destroy()
+    assert a.destroyed
+    m.check()
