@@ -16,6 +16,7 @@
 //!   allocations (an export over pages the allocator frees itself, slab or
 //!   vmalloc pages, is refused), pinned while exported (kmap_local) or
 //!   mapped (vmap), so `free_pages` refuses them.
+//!
 //! Every Block knows its machine; a Block passed to another machine's
 //! method is refused.
 
