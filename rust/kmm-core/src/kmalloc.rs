@@ -159,7 +159,7 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         let c = self.kmalloc_slab(size, gfp);
-        let r = self.kmem_cache_alloc_inner(c, gfp, None);
+        let r = self.slab_alloc(c, gfp, None, size as u32, call_site);
         if self.trace.on(EventId::Kmalloc) {
             self.trace.emit(
                 self.this_cpu(),
@@ -199,6 +199,9 @@ impl Machine {
                 let va = self.page_address(pfn).expect("kmalloc pages are lowmem").0;
                 self.shadow.alloc(va - self.cfg.arch.page_offset());
                 self.vmstat.nr_slab_unreclaimable_b.fetch_add((self.page_size << order) as i64, Relaxed);
+                if self.kmemleak.enabled {
+                    self.kmemleak_alloc(va, size, 1);
+                }
                 va
             })
         };
@@ -264,7 +267,7 @@ impl Machine {
                 let o = c.locate_at(self, *head, va)?;
                 let o = self.check_slab_free_at(c, o, va)?;
                 self.trace_kfree(va, call_site);
-                self.slab_free_checked(c, &o, va, self.run_cpu());
+                self.slab_free_checked(c, &o, va, self.run_cpu(), call_site);
                 return Ok(());
             }
             KObj::Large(pfn, order) => {
@@ -281,6 +284,9 @@ impl Machine {
                     )));
                 }
                 self.trace_kfree(va, call_site);
+                if self.kmemleak.enabled {
+                    self.kmemleak_free(va);
+                }
                 self.shadow.free(phys);
                 self.vmstat.nr_slab_unreclaimable_b.fetch_sub((self.page_size << order) as i64, Relaxed);
                 return self.free_pages(*pfn, *order);
@@ -345,17 +351,36 @@ impl Machine {
             KObj::Zero => 0,
             _ => self.ksize(va)?,
         };
+        // A kmalloc cache with slub_debug's U keeps the request (orig_size).
+        let orig = match self.kobj(va)? {
+            KObj::Slab(c, _) if c.debug_orig_size() => c.get_orig_size(self, va) as u64,
+            _ => 0,
+        };
         if ks >= new_size && va > ZERO_SIZE_PTR {
-            // "Zero out spare memory": with no orig_size stored (no
-            // SLAB_STORE_USER), the kernel zeroes [new_size, ks).
+            // "Zero out spare memory" (__do_krealloc): from the old request
+            // when growing within the object, else [new_size, ks).
             if gfp & gfp::__GFP_ZERO != 0 {
-                self.phys.zero(va - self.cfg.arch.page_offset() + new_size, ks - new_size)?;
+                let p = va - self.cfg.arch.page_offset();
+                if orig != 0 && orig < new_size {
+                    self.phys.zero(p + orig, new_size - orig)?;
+                } else {
+                    self.phys.zero(p + new_size, ks - new_size)?;
+                }
+            }
+            // "Setup kmalloc redzone when needed".
+            if let KObj::Slab(c, _) = self.kobj(va)? {
+                if c.debug_orig_size() {
+                    c.set_orig_size(self, va, new_size as u32);
+                    if c.flags & SLAB_RED_ZONE != 0 && new_size < ks {
+                        self.phys.fill(va - self.cfg.arch.page_offset() + new_size, ks - new_size, crate::slab::cache::SLUB_RED_ACTIVE)?;
+                    }
+                }
             }
             return Ok(VirtAddr(va));
         }
         let new = self.kmalloc(new_size, gfp, call_site)?;
         if va > ZERO_SIZE_PTR {
-            let copy = ks.min(new_size) as usize;
+            let copy = if orig != 0 { orig } else { ks }.min(new_size) as usize;
             let data = self.read(VirtAddr(va), copy)?;
             self.write(new, &data)?;
             if let Err(e) = self.kfree(va, call_site) {

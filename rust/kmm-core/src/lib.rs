@@ -34,6 +34,9 @@
 //!   trace::shape  <- machine, slab, warm, bundle          (a machine shaped and warmed for a trace)
 //!   warm         <- machine, buddy, pcp, slab            (warm start: a recorded state)
 //!   trace::replay <- machine, slab, kmalloc, percpu, page_alloc, warm (drives the machine's public API)
+//!   printk, stackdepot <- machine, trace          (kernel log and taint; stacks and current)
+//!   slab::cache::debug <- slab, printk, stackdepot     (slub_debug)
+//!   kmemleak     <- machine, slab, percpu, vm, printk, stackdepot (leak scans)
 //! ```
 //! ## How to read it
 //! Start with `machine.rs` (boot and address conversions), then
@@ -52,13 +55,16 @@ pub mod cpu;
 pub mod error;
 pub mod gfp;
 pub mod kmalloc;
+pub mod kmemleak;
 pub mod machine;
 pub mod page;
 pub mod page_alloc;
 pub mod pcp;
 pub mod percpu;
 pub mod physmem;
+pub mod printk;
 pub mod slab;
+pub mod stackdepot;
 pub mod sync;
 pub mod proc;
 pub mod shadow;

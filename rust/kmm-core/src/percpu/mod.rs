@@ -337,6 +337,16 @@ impl Machine {
             .ok_or_else(|| KmmError::InvalidArgument(format!("no per-CPU variable named '{name}'")))
     }
 
+    /// Every CPU unit of every chunk as (physical address, bytes): the
+    /// per-CPU areas kmemleak scans.
+    pub(crate) fn pcpu_unit_ranges(&self) -> Vec<(u64, u64)> {
+        let st = self.percpu.state.lock();
+        st.chunks
+            .iter()
+            .flat_map(|c| c.units.iter().map(|&(pfn, order)| (pfn.0 << self.page_shift, self.page_size << order)))
+            .collect()
+    }
+
     /// `pcpu_nr_pages()`: populated pages times units (meminfo's Percpu).
     pub fn pcpu_nr_pages(&self) -> u64 {
         self.percpu.state.lock().populated_pages * self.cfg.cpus as u64

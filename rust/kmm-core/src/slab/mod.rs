@@ -9,7 +9,10 @@
 //! `__kmem_cache_shutdown`, `slab_post_alloc_hook`), `mm/slab.h`.
 //!
 //! Modules: `geometry` (layout and order), `cache` (one cache's slabs and
-//! per-CPU state).
+//! per-CPU state), `cache::debug` (slub_debug: checks, repairs, reports,
+//! user tracking, validate). The kmemleak hooks (`kmemleak_alloc`,
+//! `kmemleak_free`) sit where `slab_post_alloc_hook` and `slab_free_hook`
+//! call them.
 //!
 //! # Invariants
 //! - slab-1: `slab_caches` lists each live root cache once, newest first.
@@ -30,6 +33,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
+pub use cache::debug::{Caller, DebugCtx, Track, TRACK_ALLOC, TRACK_FREE};
 pub use cache::{Ctor, KmemCache};
 use geometry::*;
 
@@ -274,13 +278,19 @@ impl Machine {
         Ok(Created { cache, merged: false })
     }
 
-    /// Post-allocation hooks (`slab_post_alloc_hook`): shadow, zeroing.
+    /// Post-allocation hooks (`slab_post_alloc_hook`): shadow, zeroing,
+    /// kmemleak. A kmalloc cache with red zones and user tracking zeroes
+    /// only the request (the rest is its kmalloc red zone).
     #[inline]
-    fn slab_post_alloc(&self, c: &KmemCache, obj: u64, gfp: Gfp) -> u64 {
+    fn slab_post_alloc(&self, c: &KmemCache, obj: u64, gfp: Gfp, orig_size: u32) -> u64 {
         let phys = obj - self.cfg.arch.page_offset();
         self.shadow.alloc(phys);
         if gfp & gfp::__GFP_ZERO != 0 {
-            let _ = self.phys.zero(phys, c.object_size() as u64);
+            let zero_size = if c.debug_orig_size() && c.flags & SLAB_RED_ZONE != 0 { orig_size } else { c.object_size() };
+            let _ = self.phys.zero(phys, zero_size as u64);
+        }
+        if self.kmemleak.enabled && c.flags & SLAB_NOLEAKTRACE == 0 {
+            self.kmemleak_alloc(obj, c.object_size() as u64, 1);
         }
         obj
     }
@@ -297,21 +307,36 @@ impl Machine {
         }
     }
 
-    /// `kmem_cache_alloc` without the tracepoint.
+    /// `kmem_cache_alloc` without the tracepoint (and no request size).
+    #[allow(dead_code)]
     pub(crate) fn kmem_cache_alloc_inner(&self, c: &KmemCache, gfp: Gfp, cpu: Option<u32>) -> Result<u64> {
+        self.slab_alloc(c, gfp, cpu, c.object_size(), python_call_site())
+    }
+
+    /// `slab_alloc_node` for a request of `orig_size` bytes (kmalloc's
+    /// size, else the object size) from `call_site`.
+    pub(crate) fn slab_alloc(&self, c: &KmemCache, gfp: Gfp, cpu: Option<u32>, orig_size: u32, call_site: &CallSite) -> Result<u64> {
         if c.dead.load(Relaxed) {
             return Err(KmmError::UseAfterFree(format!("kmem_cache_alloc: cache {} was destroyed", c.name)));
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
-        let cpu = cpu.unwrap_or_else(|| self.run_cpu());
-        let obj = c.alloc_raw(self, gfp, cpu)?;
-        Ok(self.slab_post_alloc(c, obj, gfp))
+        let obj = if c.is_debug() {
+            // The caller (it may call into Python) before any slab lock.
+            let ctx = DebugCtx { orig_size, caller: self.slab_caller(c, call_site) };
+            let _ = cpu.unwrap_or_else(|| self.run_cpu());
+            let _d = self.trace.defer();
+            c.alloc_debug(self, gfp, &ctx)?
+        } else {
+            let cpu = cpu.unwrap_or_else(|| self.run_cpu());
+            c.alloc_raw(self, gfp, cpu)?
+        };
+        Ok(self.slab_post_alloc(c, obj, gfp, orig_size))
     }
 
     /// `kmem_cache_alloc(s, gfp)`.
     pub fn kmem_cache_alloc(&self, c: &KmemCache, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
-        let obj = self.kmem_cache_alloc_inner(c, gfp, None);
+        let obj = self.slab_alloc(c, gfp, None, c.object_size(), call_site);
         if self.trace.on(EventId::KmemCacheAlloc) {
             self.trace.emit(
                 self.this_cpu(),
@@ -337,6 +362,7 @@ impl Machine {
         let phys = va - self.cfg.arch.page_offset();
         let sh = self.shadow.get(phys);
         if sh & crate::shadow::LIVE == 0 {
+            c.report_double_free(self, &o, va);
             return Err(KmmError::DoubleFree(format!(
                 "BUG {} (Not tainted): Object already free: double free or corruption of {va:#x}",
                 c.name
@@ -347,14 +373,24 @@ impl Machine {
                 "cannot free {va:#x}: a buffer export (memoryview) of it is alive"
             )));
         }
-        c.check_object(self, va, true)?;
+        c.free_debug_check(self, &o, va)?;
         Ok(o)
     }
 
-    /// Free an object already checked with `check_slab_free`.
-    pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32) {
+    /// Free an object already checked with `check_slab_free` (`slab_free`
+    /// with `slab_free_hook`'s kmemleak_free).
+    pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32, call_site: &CallSite) {
+        if self.kmemleak.enabled {
+            self.kmemleak_free(va);
+        }
         self.shadow.free(va - self.cfg.arch.page_offset());
-        c.free_raw(self, o, va, cpu);
+        if c.is_debug() {
+            let caller = self.slab_caller(c, call_site);
+            let _d = self.trace.defer();
+            c.free_to_partial_list(self, o, va, caller.as_ref());
+        } else {
+            c.free_raw(self, o, va, cpu);
+        }
     }
 
     /// The cache a slab object belongs to (`virt_to_cache`), if it is one.
@@ -395,7 +431,7 @@ impl Machine {
                 Payload::KmemCacheFree { call_site: call_site.clone(), ptr: va.0, name: c.name.clone().into() },
             );
         }
-        self.slab_free_checked(c, &o, va.0, self.run_cpu());
+        self.slab_free_checked(c, &o, va.0, self.run_cpu(), call_site);
         Ok(())
     }
 
@@ -408,22 +444,27 @@ impl Machine {
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
         let start = out.len();
+        let ctx = DebugCtx { orig_size: c.object_size(), caller: self.slab_caller(c, python_call_site()) };
         let cpu = self.run_cpu();
         out.reserve(n);
-        if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out) {
+        if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out, &ctx) {
             // All or nothing: what was taken goes back.
             let got: Vec<(u64, cache::ObjRef)> =
                 out[start..].iter().filter_map(|&o| c.locate(self, o).ok().map(|r| (o, r))).collect();
-            c.free_bulk_raw(self, &got, cpu);
+            c.free_bulk_raw(self, &got, cpu, None);
             out.truncate(start);
             return Err(e);
         }
         let po = self.cfg.arch.page_offset();
         let zero = gfp & gfp::__GFP_ZERO != 0;
+        let leak = self.kmemleak.enabled && c.flags & SLAB_NOLEAKTRACE == 0;
         for &o in &out[start..] {
             self.shadow.alloc(o - po);
             if zero {
                 let _ = self.phys.zero(o - po, c.object_size() as u64);
+            }
+            if leak {
+                self.kmemleak_alloc(o, c.object_size() as u64, 1);
             }
         }
         Ok(())
@@ -463,7 +504,13 @@ impl Machine {
             }
             return Err(e);
         }
-        c.free_bulk_raw(self, &refs, self.run_cpu());
+        if self.kmemleak.enabled {
+            for (o, _) in &refs {
+                self.kmemleak_free(*o);
+            }
+        }
+        let caller = self.slab_caller(c, python_call_site());
+        c.free_bulk_raw(self, &refs, self.run_cpu(), caller.as_ref());
         Ok(())
     }
 
@@ -526,6 +573,13 @@ impl Machine {
         }
         errs
     }
+}
+
+/// The call site of a request that came without one (the binding's
+/// placeholder for "the Python caller"; the stack says who).
+pub(crate) fn python_call_site() -> &'static CallSite {
+    static CS: OnceLock<CallSite> = OnceLock::new();
+    CS.get_or_init(|| Arc::from("python"))
 }
 
 fn log_once_unexpected_gfp(gfp: Gfp, fixed: Gfp) {
