@@ -105,6 +105,19 @@ impl PyKmemCache {
 
 #[pymethods]
 impl PyMachine {
+    /// Errors slub_debug has reported since boot (checks at alloc and free,
+    /// validate, kmem_cache_destroy's leftovers), counted as
+    /// lib/slub_kunit.c counts `slab_errors`: one per detection, one per FIX.
+    #[getter]
+    fn slab_errors(&self) -> u64 {
+        self.m.slab.errors.load(std::sync::atomic::Ordering::Relaxed)
+    }
+    /// `print_tainted()`: "Not tainted", or the taint letters (B after a
+    /// slab corruption report, W after a WARN).
+    #[getter]
+    fn tainted(&self) -> String {
+        self.m.printk.tainted()
+    }
     /// The kernel log (`dmesg`): slub_debug's reports and repairs, kmemleak's
     /// summaries. `clear=True` empties it after reading (`dmesg -c`).
     #[pyo3(signature = (clear=false))]

@@ -130,8 +130,10 @@ impl<'m> Report<'m> {
         self.m.printk.add_taint(TAINT_WARN);
     }
 
-    /// Into the kernel log; returns the text (for an error message).
+    /// Into the kernel log (and the errors into `m.slab.errors`); returns
+    /// the text (for an error message).
     pub fn flush(self) -> String {
+        self.m.slab.errors.fetch_add(self.errors as u64, Relaxed);
         let text = self.lines.join("\n");
         if !self.lines.is_empty() {
             self.m.printk(self.lines);
@@ -904,6 +906,42 @@ impl KmemCache {
         rep.flush();
     }
 
+    /// `list_slab_objects` for every node partial slab with objects left
+    /// (`free_partial` in `__kmem_cache_shutdown`): one error for the slab
+    /// and one per object, into the log.
+    pub(crate) fn list_slab_objects(&self, m: &Machine) {
+        let mut rep = Report::new(m);
+        {
+            let n = self.node.lock();
+            for id in Self::partial_ids(&n) {
+                let Some(s) = n.slabs[id as usize].as_ref() else { continue };
+                if s.inuse == 0 {
+                    continue;
+                }
+                let snap = s.clone();
+                let msg = format!("Objects remaining in {} on __kmem_cache_shutdown()", self.name);
+                self.slab_err(m, &mut rep, &snap, &msg);
+                let free = self.free_set(m, &snap);
+                let (addr, base) = (Self::slab_addr(m, snap.pfn), self.slab_base(m, snap.pfn));
+                for i in 0..snap.objects {
+                    let obj = base + i as u64 * self.geo.size as u64;
+                    if free.contains(&obj) {
+                        continue;
+                    }
+                    rep.errors += 1;
+                    rep.pr_err(format!("Object 0x{} @offset={}", p(m, obj), obj - addr));
+                    if self.flags & SLAB_STORE_USER != 0 {
+                        let now = m.jiffies64();
+                        self.print_track(m, &mut rep, "Allocated", &self.read_track(m, obj, TRACK_ALLOC), now);
+                        self.print_track(m, &mut rep, "Freed", &self.read_track(m, obj, TRACK_FREE), now);
+                    }
+                }
+                self.print_slab_info(m, &mut rep, &snap);
+            }
+        }
+        rep.flush();
+    }
+
     // ---- validate and the traces views --------------------------------------------------------------
 
     /// `validate_slab`.
@@ -1039,7 +1077,7 @@ impl KmemCache {
             }
         }
         let mut v: Vec<((u64, u32, u32), Loc)> = locs.into_iter().collect();
-        v.sort_by(|a, b| b.1.count.cmp(&a.1.count));
+        v.sort_by_key(|x| std::cmp::Reverse(x.1.count));
         let mut out = String::new();
         for ((addr, handle, waste), l) in &v {
             out.push_str(&format!("{:7} ", l.count));

@@ -72,7 +72,9 @@ pub struct SlabRegistry {
     /// gave back when it discarded them (warm slabs not counted).
     pub pages_allocated: std::sync::atomic::AtomicU64,
     pub pages_freed: std::sync::atomic::AtomicU64,
-
+    /// Errors slub_debug's checks reported, counted as lib/slub_kunit.c's
+    /// `slab_errors` counts them (`slab_add_kunit_errors`).
+    pub errors: std::sync::atomic::AtomicU64,
 }
 
 /// The arguments of `kmem_cache_create`.
@@ -99,6 +101,7 @@ impl SlabRegistry {
             nomerge,
             pages_allocated: Default::default(),
             pages_freed: Default::default(),
+            errors: Default::default(),
         }
     }
 
@@ -549,10 +552,14 @@ impl Machine {
         c.shrink(self);
         let inuse = c.objects_in_use(self);
         if inuse > 0 {
-            return Err(KmmError::Busy(format!(
+            // free_partial -> list_slab_objects: the report (into the log).
+            c.list_slab_objects(self);
+            let msg = format!(
                 "kmem_cache_destroy {}: Slab cache still has objects when called from {} ({inuse} objects remaining on __kmem_cache_shutdown())",
                 c.name, "kmm"
-            )));
+            );
+            self.printk([msg.clone()]);
+            return Err(KmmError::Busy(msg));
         }
         // Any slabs left are empty ones kept for min_partial: free them all.
         {
