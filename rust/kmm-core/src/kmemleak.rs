@@ -17,7 +17,8 @@
 //!
 //! Roots, kmm's stand-ins for the kernel's data sections, per-CPU areas and
 //! task stacks: the values Python still holds (live Blocks, ints and 8-byte
-//! integer arrays, collected by the binding), every per-CPU chunk unit, the
+//! integer arrays, collected by the binding), every live per-CPU allocation
+//! in every CPU's unit, the
 //! pages of every vmalloc area (vmapped kernel stacks among them), and the
 //! vmalloc layer's own objects (vm_struct, vmap_area, page arrays: the kernel
 //! reaches them from its vmap_area tree).
@@ -249,10 +250,10 @@ impl Machine {
         self.kmemleak.state.lock().objects.remove(&ptr);
     }
 
-    /// Every per-CPU unit and vmalloc page, as (physical address, bytes),
+    /// Every live per-CPU allocation and vmalloc page, as (physical address, bytes),
     /// and the vmalloc layer's own objects: the scan's memory roots.
     fn kmemleak_root_areas(&self) -> (Vec<(u64, u64)>, Vec<u64>) {
-        let mut areas = self.pcpu_unit_ranges();
+        let mut areas = self.pcpu_alloc_ranges();
         for a in self.vm_areas() {
             for pfn in &a.pages {
                 areas.push((pfn.0 << self.page_shift, self.page_size));

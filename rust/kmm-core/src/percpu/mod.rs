@@ -337,14 +337,22 @@ impl Machine {
             .ok_or_else(|| KmmError::InvalidArgument(format!("no per-CPU variable named '{name}'")))
     }
 
-    /// Every CPU unit of every chunk as (physical address, bytes): the
-    /// per-CPU areas kmemleak scans.
-    pub(crate) fn pcpu_unit_ranges(&self) -> Vec<(u64, u64)> {
+    /// Every live allocation in every CPU's unit as (physical address,
+    /// bytes): the per-CPU memory kmemleak scans (mm/kmemleak.c: dynamic
+    /// per-CPU objects are `kmemleak_alloc_percpu`'d with min_count 0, so
+    /// scanned while allocated; freed space is not scanned).
+    pub(crate) fn pcpu_alloc_ranges(&self) -> Vec<(u64, u64)> {
         let st = self.percpu.state.lock();
-        st.chunks
-            .iter()
-            .flat_map(|c| c.units.iter().map(|&(pfn, order)| (pfn.0 << self.page_shift, self.page_size << order)))
-            .collect()
+        let mut out = Vec::new();
+        for a in st.allocs.values() {
+            let Some(c) = st.chunks.get(a.chunk) else { continue };
+            for &(pfn, order) in &c.units {
+                if a.off.saturating_add(a.size) <= self.page_size << order {
+                    out.push(((pfn.0 << self.page_shift) + a.off, a.size));
+                }
+            }
+        }
+        out
     }
 
     /// `pcpu_nr_pages()`: populated pages times units (meminfo's Percpu).
