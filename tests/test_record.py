@@ -257,10 +257,15 @@ def test_not_linux_proc(fake, capsys, monkeypatch):
 
 
 def test_bad_durations(fake, capsys):
-    rc, err = run(["-o", str(fake["tmp"] / "b"), "--duration", "0"], capsys)
-    assert rc == 1 and err == "kmm: error: --duration must be positive, not 0.0\n"
-    rc, err = run(["-o", str(fake["tmp"] / "b"), "--interval", "-1"], capsys)
-    assert rc == 1 and err == "kmm: error: --interval must be positive, not -1.0\n"
+    # Usage errors: one line from the argument parser, exit 2, nothing recorded.
+    for opt, val in (("--duration", "0"), ("--interval", "-1"), ("--duration", "nan")):
+        with pytest.raises(SystemExit) as e:
+            run(["-o", str(fake["tmp"] / "b"), opt, val], capsys)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err == (f"kmm record: error: argument {opt}: must be a positive number of seconds, "
+                       f"not {val!r} (see kmm record --help)\n")
+        assert not (fake["tmp"] / "b").exists()
 
 
 def test_perf_error_picks_perf_reason():

@@ -746,6 +746,10 @@ def test_dynamics_of_a_hand_written_trace():
         EXTFRAG_OWNER: 2,
         EXTFRAG + " alloc_migratetype=0 fallback_migratetype=1": 2,
         EXTFRAG + " alloc_migratetype=2 fallback_migratetype=1": 1,
+        # fragmenting is fallback_order < pageblock_order (mm/page_alloc.c,
+        # trace_mm_page_alloc_extfrag): only the order-3 fallback, whatever
+        # the printed fragmenting= says.
+        EXTFRAG + " fragmenting=1": 1,
         SLAB_IN: 1,  # the order-0 block at 0x2500
         SLAB_OUT: 0,
         ALLOCS: 5,  # the failed one not counted

@@ -15,6 +15,7 @@ Module-level functions (``kmm.alloc_pages`` ...) act on :func:`default_machine`.
 from __future__ import annotations
 
 import threading as _threading
+from typing import TYPE_CHECKING, Any, Callable, Final
 
 from kmm import errors, gfp, snapshots
 from kmm.snapshots import Snapshot, Statistic, StatisticDiff
@@ -34,7 +35,9 @@ from kmm._kmm import (
     TRACEPOINTS,
     TUNABLES,
     BOOT_PARAMS,
+    SYSCTLS,
     Event,
+    FaultAttr,
     Machine,
     Page,
     Proc,
@@ -45,6 +48,7 @@ from kmm._kmm import (
     Zone,
     parse_size,
 )
+from kmm.errors import *  # noqa: F401,F403  (re-exports errors.__all__ for type checkers)
 from kmm.errors import (
     BadGfpError,
     DoubleFreeError,
@@ -60,8 +64,46 @@ from kmm.errors import (
 from kmm.gfp import *  # noqa: F401,F403  (GFP_KERNEL, __GFP_ZERO, ...)
 from kmm import trace  # noqa: E402  (the trace-file module; m.trace is a machine's tracepoints)
 
-#: SLAB_* cache flags with the kernel's values (include/linux/slab.h, 6.18).
-globals().update(dict(SLAB_FLAGS))
+# ---- SLAB_* cache flags (include/linux/slab.h, 6.18 ``enum _slab_flag_bits`` on
+# x86_64 with SLUB_DEBUG, MEMCG and FAILSLAB; KASAN and KFENCE off). Declared
+# for type checkers and IDEs; ``SLAB_FLAGS`` is the core's table (a test keeps
+# the two equal).
+#: DEBUG: perform (expensive) consistency checks (slub_debug F).
+SLAB_CONSISTENCY_CHECKS: Final[int] = 0x1
+#: DEBUG: red zones around each object (slub_debug Z).
+SLAB_RED_ZONE: Final[int] = 0x2
+#: DEBUG: poison free objects (slub_debug P).
+SLAB_POISON: Final[int] = 0x4
+#: A kmalloc cache.
+SLAB_KMALLOC: Final[int] = 0x8
+#: Align objects on cache lines.
+SLAB_HWCACHE_ALIGN: Final[int] = 0x10
+#: Slab pages from ZONE_DMA.
+SLAB_CACHE_DMA: Final[int] = 0x20
+#: Slab pages from ZONE_DMA32.
+SLAB_CACHE_DMA32: Final[int] = 0x40
+#: DEBUG: store the last owner (slub_debug U).
+SLAB_STORE_USER: Final[int] = 0x80
+#: Panic if kmem_cache_create() fails.
+SLAB_PANIC: Final[int] = 0x100
+#: Defer freeing slabs to RCU (objects may be reused, never returned, within a grace period).
+SLAB_TYPESAFE_BY_RCU: Final[int] = 0x200
+#: DEBUG: trace allocations and frees (slub_debug T).
+SLAB_TRACE: Final[int] = 0x400
+#: Avoid kmemleak tracing.
+SLAB_NOLEAKTRACE: Final[int] = 0x1000
+#: Never merge this cache with another.
+SLAB_NO_MERGE: Final[int] = 0x2000
+#: Fault injection: failslab's cache-filter fails only caches with this flag (slub_debug A).
+SLAB_FAILSLAB: Final[int] = 0x4000
+#: Account to the memory cgroup (the kmalloc-cg-* caches).
+SLAB_ACCOUNT: Final[int] = 0x8000
+#: Ignore user-specified debugging flags (slub_debug=) for this cache.
+SLAB_NO_USER_FLAGS: Final[int] = 0x10000
+#: Objects are reclaimable (counted as SReclaimable).
+SLAB_RECLAIM_ACCOUNT: Final[int] = 0x20000
+#: Slab pages without object extensions.
+SLAB_NO_OBJ_EXT: Final[int] = 0x100000
 
 __version__ = "0.1.0"
 
@@ -188,10 +230,10 @@ _FORWARDED = (
 )
 
 
-def _forward(name: str):
+def _forward(name: str) -> Callable[..., Any]:
     method = getattr(Machine, name)
 
-    def f(*args, **kwargs):
+    def f(*args: Any, **kwargs: Any) -> Any:
         return getattr(default_machine(), name)(*args, **kwargs)
 
     f.__name__ = f.__qualname__ = name
@@ -199,9 +241,107 @@ def _forward(name: str):
     return f
 
 
-for _name in _FORWARDED:
-    globals()[_name] = _forward(_name)
-del _name
+if TYPE_CHECKING:
+    # What type checkers and IDEs see: each function has the signature of the
+    # Machine method it forwards to (a test keeps this list and _FORWARDED equal).
+    _dm: Machine
+    alloc_pages = _dm.alloc_pages
+    alloc_page = _dm.alloc_page
+    __get_free_pages = _dm.__get_free_pages
+    get_free_pages = _dm.get_free_pages
+    __get_free_page = _dm.__get_free_page
+    get_free_page = _dm.get_free_page
+    get_zeroed_page = _dm.get_zeroed_page
+    __free_pages = _dm.__free_pages
+    free_pages = _dm.free_pages
+    free_page = _dm.free_page
+    __free_page = _dm.__free_page
+    page_address = _dm.page_address
+    virt_to_page = _dm.virt_to_page
+    virt_to_phys = _dm.virt_to_phys
+    phys_to_virt = _dm.phys_to_virt
+    pfn_to_page = _dm.pfn_to_page
+    page_to_pfn = _dm.page_to_pfn
+    read = _dm.read
+    write = _dm.write
+    gfp_zone = _dm.gfp_zone
+    zonelist = _dm.zonelist
+    nr_free_pages = _dm.nr_free_pages
+    totalram_pages = _dm.totalram_pages
+    kmalloc = _dm.kmalloc
+    kzalloc = _dm.kzalloc
+    kcalloc = _dm.kcalloc
+    kmalloc_array = _dm.kmalloc_array
+    krealloc = _dm.krealloc
+    kfree = _dm.kfree
+    ksize = _dm.ksize
+    kmalloc_size_roundup = _dm.kmalloc_size_roundup
+    kmem_cache_create = _dm.kmem_cache_create
+    kmem_cache_alloc = _dm.kmem_cache_alloc
+    kmem_cache_free = _dm.kmem_cache_free
+    kmem_cache_alloc_bulk = _dm.kmem_cache_alloc_bulk
+    kmem_cache_free_bulk = _dm.kmem_cache_free_bulk
+    kmem_cache_shrink = _dm.kmem_cache_shrink
+    kmem_cache_destroy = _dm.kmem_cache_destroy
+    kmem_cache = _dm.kmem_cache
+    sysfs_slab = _dm.sysfs_slab
+    block = _dm.block
+    on_cpu = _dm.on_cpu
+    smp_processor_id = _dm.smp_processor_id
+    get_cpu = _dm.get_cpu
+    put_cpu = _dm.put_cpu
+    preempt_disable = _dm.preempt_disable
+    preempt_enable = _dm.preempt_enable
+    preempt_disabled = _dm.preempt_disabled
+    atomic = _dm.atomic
+    irq = _dm.irq
+    in_atomic = _dm.in_atomic
+    in_interrupt = _dm.in_interrupt
+    irqs_disabled = _dm.irqs_disabled
+    preempt_count = _dm.preempt_count
+    drain_all_pages = _dm.drain_all_pages
+    drain_local_pages = _dm.drain_local_pages
+    nr_pcp_pages = _dm.nr_pcp_pages
+    alloc_percpu = _dm.alloc_percpu
+    free_percpu = _dm.free_percpu
+    per_cpu_ptr = _dm.per_cpu_ptr
+    this_cpu_ptr = _dm.this_cpu_ptr
+    define_per_cpu = _dm.define_per_cpu
+    per_cpu = _dm.per_cpu
+    get_cpu_var = _dm.get_cpu_var
+    translate = _dm.translate
+    access = _dm.access
+    tlb_stats = _dm.tlb_stats
+    flush_tlb_all = _dm.flush_tlb_all
+    flush_tlb_kernel_range = _dm.flush_tlb_kernel_range
+    vmalloc = _dm.vmalloc
+    vzalloc = _dm.vzalloc
+    vfree = _dm.vfree
+    vmap = _dm.vmap
+    vunmap = _dm.vunmap
+    kvmalloc = _dm.kvmalloc
+    kvzalloc = _dm.kvzalloc
+    kvfree = _dm.kvfree
+    vmalloc_to_page = _dm.vmalloc_to_page
+    vmalloc_to_pfn = _dm.vmalloc_to_pfn
+    is_vmalloc_addr = _dm.is_vmalloc_addr
+    vmalloc_nr_pages = _dm.vmalloc_nr_pages
+    vm_unmap_aliases = _dm.vm_unmap_aliases
+    kmap = _dm.kmap
+    kunmap = _dm.kunmap
+    kmap_atomic = _dm.kmap_atomic
+    kunmap_atomic = _dm.kunmap_atomic
+    kmap_local_page = _dm.kmap_local_page
+    kunmap_local = _dm.kunmap_local
+    kmap_flush_unused = _dm.kmap_flush_unused
+    alloc_thread_stack = _dm.alloc_thread_stack
+    free_thread_stack = _dm.free_thread_stack
+    irq_stack = _dm.irq_stack
+    snapshot = _dm.snapshot
+else:
+    for _name in _FORWARDED:
+        globals()[_name] = _forward(_name)
+    del _name
 
 __all__ = [
     "Machine",
@@ -210,6 +350,7 @@ __all__ = [
     "Page",
     "Zone",
     "Event",
+    "FaultAttr",
     "Proc",
     "Trace",
     "TraceHandle",
@@ -231,6 +372,7 @@ __all__ = [
     "TRACEPOINTS",
     "TUNABLES",
     "BOOT_PARAMS",
+    "SYSCTLS",
     "ERROR_CODES",
     "ZERO_SIZE_PTR",
     "KMALLOC_MAX_CACHE_SIZE",

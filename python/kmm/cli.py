@@ -15,12 +15,68 @@ import os
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import kmm
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line on stderr (exit 2):
+    ``kmm proc: error: argument --cpus: must be an integer >= 1, not '-1'``."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _int(lo: int | None = None, hi: int | None = None):
+    """An argparse type: an integer in [lo, hi]."""
+    bounds = " and ".join(b for b in (lo is not None and f">= {lo}", hi is not None and f"<= {hi}") if b)
+
+    def conv(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            v = None
+        if v is None or (lo is not None and v < lo) or (hi is not None and v > hi):
+            raise argparse.ArgumentTypeError(f"must be an integer{' ' + bounds if bounds else ''}, not {text!r}")
+        return v
+
+    conv.__name__ = "integer"
+    return conv
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = float("nan")
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds, not {text!r}")
+    return v
+
+
+def _size(text: str) -> str:
+    """An argparse type: a size such as 512M or 64G (checked, kept as text)."""
+    try:
+        if kmm.parse_size(text) <= 0:
+            raise ValueError("zero")
+    except (ValueError, OverflowError):
+        raise argparse.ArgumentTypeError(f"must be a size such as 4096, 512M or 64G, not {text!r}") from None
+    return text
+
+
+def _cmdline(text: str) -> str:
+    """An argparse type: boot parameters, checked by booting the smallest machine with them."""
+    if text.strip():
+        try:
+            kmm.Machine(memory="4M", cpus=1, cmdline=text)
+        except (ValueError, OverflowError, kmm.KmmError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return text
 
 
 def default_trace() -> tuple[Path, str]:
@@ -33,24 +89,38 @@ def default_trace() -> tuple[Path, str]:
 def _machine_args(p: argparse.ArgumentParser, memory: str | None = "1G", cpus: int | None = 2) -> None:
     p.add_argument("--arch", default="x86_64", choices=["x86_64", "i386", "i386-pae"], help="architecture (default x86_64)")
     if memory is None:
-        p.add_argument("--memory", default=None,
+        p.add_argument("--memory", default=None, type=_size,
                        help="RAM size, e.g. 512M, 64G (default: the recording's zones, or up to the highest pfn the trace names)")
     else:
-        p.add_argument("--memory", default=memory, help=f"RAM size, e.g. 512M, 64G (default {memory})")
+        p.add_argument("--memory", default=memory, type=_size, help=f"RAM size, e.g. 512M, 64G (default {memory})")
     if cpus is None:
-        p.add_argument("--cpus", type=int, default=None, help="simulated CPUs (default: as recorded, or as many as the trace ran on)")
+        p.add_argument("--cpus", type=_int(1, 1024), default=None,
+                       help="simulated CPUs (default: as recorded, or as many as the trace ran on)")
     else:
-        p.add_argument("--cpus", type=int, default=cpus, help=f"simulated CPUs (default {cpus})")
-    p.add_argument("--page-size", type=int, default=4096, help="bytes per page (default 4096)")
-    p.add_argument("--min-free-kbytes", type=int, default=None, help="vm.min_free_kbytes (default: the kernel's formula)")
-    p.add_argument("--cmdline", default="", metavar="PARAMS",
+        p.add_argument("--cpus", type=_int(1, 1024), default=cpus, help=f"simulated CPUs (default {cpus})")
+    p.add_argument("--page-size", type=int, default=4096, choices=[4096, 8192, 16384, 65536], metavar="BYTES",
+                   help="bytes per page: 4096, 8192, 16384 or 65536 (default 4096)")
+    p.add_argument("--min-free-kbytes", type=_int(0), default=None, help="vm.min_free_kbytes (default: the kernel's formula)")
+    p.add_argument("--cmdline", default="", metavar="PARAMS", type=_cmdline,
                    help="boot parameters in the kernel's syntax, e.g. \"slub_debug=FZ,kmalloc-64 slub_min_order=1\" "
                    "(kmm --help lists them)")
+    p.add_argument("--set", dest="settings", default="", metavar="\"NAME=VALUE ...\"",
+                   help="settings: a NAME with a dot is a sysctl (vm.watermark_scale_factor=200), one without a "
+                   "boot parameter (slub_min_order=1); kmm --help lists both")
+
+
+def _settings(a: argparse.Namespace) -> tuple[str, dict[str, str]]:
+    """--cmdline and --set, as (command line, sysctls)."""
+    from kmm import settings
+
+    boot, sysctl = settings.split(a.settings)
+    return " ".join(x for x in (a.cmdline, boot) if x), sysctl
 
 
 def _make_machine(a: argparse.Namespace) -> kmm.Machine:
+    cmdline, sysctl = _settings(a)
     return kmm.Machine(arch=a.arch, memory=a.memory, cpus=a.cpus, page_size=a.page_size, min_free_kbytes=a.min_free_kbytes,
-                       cmdline=a.cmdline)
+                       cmdline=cmdline, sysctl=sysctl)
 
 
 def _section(title: str) -> None:
@@ -361,12 +431,16 @@ def replay(a: argparse.Namespace) -> int:
     t = _load(a, path)
     if _no_events(path, t):
         return EXIT_ERROR
+    cmdline, sysctl = _settings(a)
     overrides = {k: v for k, v in (("arch", a.arch), ("memory", a.memory), ("cpus", a.cpus), ("page_size", a.page_size),
-                                   ("min_free_kbytes", a.min_free_kbytes), ("cmdline", a.cmdline or None)) if v is not None}
+                                   ("min_free_kbytes", a.min_free_kbytes), ("cmdline", cmdline or None),
+                                   ("sysctl", sysctl or None)) if v is not None}
     if overrides.get("arch") == "x86_64":
         del overrides["arch"]
     if overrides.get("page_size") == 4096:
         del overrides["page_size"]
+    if a.compare:
+        return _compare(a, t, path, overrides)
     if isinstance(t, kmm.trace.Recording):
         m = t.machine(warm=not a.cold, **overrides)
         for w in (*t.warnings, *t.machine_info.get("warnings", ())):
@@ -383,6 +457,24 @@ def replay(a: argparse.Namespace) -> int:
 
         plot.replay_plot(r, a.plot, title=f"kmm replay of {Path(path).name} on {m!r}", owners=m.page_owners(),
                          pageblock_order=m.pageblock_order)
+        print(f"\nplot written to {a.plot}")
+    return EXIT_OK
+
+
+def _compare(a: argparse.Namespace, t: Any, path: str | Path, overrides: dict[str, Any]) -> int:
+    """kmm replay --compare A B: both replays, side by side."""
+    from kmm import compare
+
+    name = Path(path).name
+    sa, sb = a.compare
+    print(f"Replaying {name} twice: A {sa or '(default)'!r}, B {sb or '(default)'!r}\n", flush=True)
+    c = compare.compare(t, sa, sb, name=name, warm=not a.cold, time=a.time, sample_every=a.sample_every, **overrides)
+    for w in getattr(t, "warnings", ()):
+        print(f"kmm: warning: {w}", file=sys.stderr)
+    print(f"Machine A: {c.a.machine}\nMachine B: {c.b.machine}\n")
+    sys.stdout.write(c.format())
+    if a.plot:
+        compare.plot(c, a.plot, title=f"kmm replay --compare of {name}")
         print(f"\nplot written to {a.plot}")
     return EXIT_OK
 
@@ -409,6 +501,7 @@ def _fill(text: str, width: int = 78) -> str:
 def build_parser() -> argparse.ArgumentParser:
     tunables = "\n".join(f"  {n:24s} {d:16s} {h}" for n, d, h in kmm.TUNABLES)
     boot = "\n".join(f"  {n:24s} {d or '-':16s} {h}" for n, d, _f, h in kmm.BOOT_PARAMS)
+    sysctls = "\n".join(f"  {n:34s} {v:22s} {h}" for n, _d, v, h in kmm.SYSCTLS)
     path, what = default_trace()
     plain = _fill(
         f"Plain `kmm` (no COMMAND) is `kmm replay`: it replays {what} ({path.name}), on a simulated machine "
@@ -417,12 +510,13 @@ def build_parser() -> argparse.ArgumentParser:
         "time), memory in use and fragmentation. "
         "`kmm demo` is a guided tour instead; `kmm COMMAND --help` describes each command."
     )
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="kmm",
         description=f"kmm: a fast, faithful model of the Linux kernel's memory manager.\n\n{plain}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=f"Machine tunables (kmm.Machine keyword arguments):\n{tunables}\n\n"
-        f"Boot parameters (kmm.Machine(cmdline=...), --cmdline):\n{boot}\n\n"
+        f"Boot parameters (kmm.Machine(cmdline=...), --cmdline, --set NAME=VALUE):\n{boot}\n\n"
+        f"Sysctls (kmm.Machine(sysctl={{...}}), m.sysctl(name, value), --set NAME=VALUE):\n{sysctls}\n\n"
         "Exit codes: 0 success, 1 an error (a malformed trace line, a missing file, a model or\n"
         "invariant error), 2 bad usage.",
     )
@@ -453,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("-s", "--sort", metavar="KEYS",
                     help="sort keys, comma-separated: slab: ptr, callsite, bytes, hit, pingpong, frag "
                     "(default frag,hit,bytes); page: page, callsite, bytes, hit, order, migtype, gfp (default bytes,hit)")
-    st.add_argument("-l", "--line", dest="lines", type=int, default=None, metavar="N", help="show N lines per table")
+    st.add_argument("-l", "--line", dest="lines", type=_int(0), default=None, metavar="N", help="show N lines per table")
     _trace_args(st)
     st.set_defaults(func=stat, parser=st)
     rp = sub.add_parser(
@@ -477,10 +571,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="start from a freshly booted machine instead of the bundle's recorded start state")
     rp.add_argument("--time", action=argparse.BooleanOptionalAction, default=True,
                     help="run the kernel's timer work (vmstat_update's decay of pcp->high) on the trace's clock (default on)")
-    rp.add_argument("--sample-every", type=int, default=1000, metavar="N", help="events between fragmentation samples (default 1000)")
+    rp.add_argument("--sample-every", type=_int(0), default=1000, metavar="N",
+                    help="events between fragmentation samples; 0: none (default 1000)")
     rp.add_argument("--plot", metavar="OUT.png", help="draw free pages per order over time and the physical memory map by owner (needs matplotlib: the 'plot' extra)")
     rp.add_argument("--slabinfo", action="store_true", help="print /proc/slabinfo at the end too")
     rp.add_argument("--free-at-end", action="store_true", help="free everything the replay allocated at the end")
+    rp.add_argument("--compare", nargs=2, metavar=("SETTINGS_A", "SETTINGS_B"),
+                    help="replay twice, under settings A and under settings B (each \"NAME=VALUE ...\" as --set; \"\" "
+                    "is the default machine; --set and --cmdline apply to both), and print the two side by side in "
+                    "mmtests' compare style: memory, slab space and loss per cache, THP-sized allocation success, "
+                    "fallbacks, mixed pageblocks, fragmentation, pcp refills, drains and high, zone-lock acquisitions")
     _trace_args(rp)
     rp.set_defaults(func=replay)
     rc = sub.add_parser(
@@ -495,9 +595,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rc.add_argument("-o", "--output", metavar="DIR",
                     help="the bundle directory, new or empty (default: kmm-recording-DATE-TIME)")
-    rc.add_argument("--duration", type=float, default=10.0, metavar="S",
+    rc.add_argument("--duration", type=_positive_float, default=10.0, metavar="S",
                     help="seconds to record when no COMMAND is given (default 10)")
-    rc.add_argument("--interval", type=float, default=0.1, metavar="S", help="seconds between samples (default 0.1)")
+    rc.add_argument("--interval", type=_positive_float, default=0.1, metavar="S",
+                    help="seconds between samples (default 0.1)")
     rc.add_argument("command", nargs="*", metavar="-- COMMAND", help="the workload to run under perf (default: sleep DURATION)")
     rc.set_defaults(func=record)
     return p
@@ -512,14 +613,38 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(a, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    if hasattr(a, "settings"):
+        # Settings are checked before anything runs: a bad one is bad usage.
+        from kmm import settings as _s
+
+        try:
+            cmdline, sysctl = _settings(a)
+            kmm._kmm.check_settings(cmdline, sysctl)
+            for extra in getattr(a, "compare", None) or ():
+                boot, more = _s.split(extra)
+                kmm._kmm.check_settings(" ".join(x for x in (cmdline, boot) if x), {**sysctl, **more})
+        except ValueError as e:
+            parser.exit(EXIT_USAGE, f"kmm: error: {e}\n")
     try:
         return a.func(a)
     except BrokenPipeError:  # `kmm | head`: the reader left; not an error (before OSError, its base)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+    except KeyboardInterrupt:
+        print("kmm: interrupted", file=sys.stderr)
+        return 130
     except OSError as e:
-        print(f"kmm: error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"kmm: error: {where}{e.strerror or e}", file=sys.stderr)
         return EXIT_ERROR
-    except (ValueError, kmm.KmmError) as e:
-        print(f"kmm: error: {e}", file=sys.stderr)
+    except (ValueError, OverflowError, TypeError, MemoryError, kmm.KmmError) as e:
+        print(f"kmm: error: {_one_line(e)}", file=sys.stderr)
         return EXIT_ERROR
+    except Exception as e:  # never a traceback from the command line
+        print(f"kmm: internal error: {type(e).__name__}: {_one_line(e)} (please report it)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _one_line(e: BaseException) -> str:
+    """An exception's message on one line (kernel reports span several)."""
+    return " / ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__

@@ -313,6 +313,7 @@ class SlabSummary:
 
     @property
     def net_allocated(self) -> int:
+        """Bytes allocated and not freed within the trace."""
         return self.total_allocated - self.total_freed
 
     @property
@@ -341,6 +342,7 @@ class PageSummary:
 
     @property
     def nr_alloc_only(self) -> int:
+        """Page allocations the trace does not free."""
         return self.nr_page_allocs - self.nr_alloc_freed
 
 
@@ -544,6 +546,11 @@ class ReplayReport:
     #: Where perf lost events: (cpu, start ns, end ns), each the CPU's longest
     #: silence before its PERF_RECORD_LOST.
     lost_stretches: list[tuple[int, int, int]] = field(default_factory=list)
+    #: Page allocations per order the trace used: (order, kernel succeeded,
+    #: kernel failed, kmm succeeded, kmm failed), mm_page_alloc on each side.
+    page_alloc_orders: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+    #: zone->lock acquisitions during the replay, all zones.
+    zone_lock_acquisitions: int = 0
 
     def __getitem__(self, key: str) -> Any:
         """``report["dynamics"]``, ``report["end_state"]``, ``report["trajectory"]``, ...:

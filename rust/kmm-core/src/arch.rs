@@ -128,8 +128,12 @@ impl Arch {
     /// Largest physical memory the architecture addresses.
     pub fn max_phys(self) -> u64 {
         match self {
-            // Model limit: u32 page-frame numbers at 4 KiB pages (the kernel's is 64 TiB).
-            Arch::X86_64 => 16 << 40,
+            // Model limit (the kernel's is 64 TiB): page-frame numbers are
+            // u32 with u32::MAX the list terminator (`page::NIL`), so 4 KiB
+            // pages could reach 16 TiB - 4 KiB; kmm stops at 2^31 frames,
+            // whose mem_map (16 bytes a frame: 32 GiB) the host must be
+            // able to allocate (Machine::new says so when it cannot).
+            Arch::X86_64 => 8 << 40,
             Arch::I386 => 4 << 30,
             Arch::I386Pae => 64 << 30,
         }

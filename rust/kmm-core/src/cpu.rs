@@ -43,7 +43,16 @@
 //! A thread that finds another's token spins, then yields, until it reads
 //! 0: to claim the CPU (`enter`, `preempt_add`) or to run on it unclaimed
 //! (`wait_runnable`); the last two wait inside the wait hook, where the
-//! binding releases the GIL.
+//! binding releases the GIL and, every few milliseconds, looks for a
+//! Ctrl-C: an interrupted `try_preempt_add` fails (nothing claimed), an
+//! interrupted `wait_runnable` runs the call on the CPU anyway (the window
+//! of the SIMPLIFICATION above) and the KeyboardInterrupt follows it.
+//!
+//! A thread that ends with preemption disabled or in interrupt context
+//! (a Python thread that returned inside `get_cpu()`) gives its CPU back
+//! when it exits, as `do_exit` (kernel/exit.c) resets `preempt_count` with
+//! the note "exited with preempt_count N": otherwise the CPU would stay
+//! claimed for ever and every later call on it would wait.
 //! The word and the thread-locals come through `crate::sync`, so
 //! `tests/loom.rs` model-checks this code itself.
 //!
@@ -53,6 +62,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering::*};
+use std::sync::{Arc, Weak};
 
 use crate::sync;
 
@@ -73,6 +83,49 @@ sync::const_thread_local! {
     static LAST: Cell<(u64, u32)> = Cell::new((0, 0));
     /// Per machine: this thread's `preempt_count` and irq-disable depth.
     static CTX: RefCell<Vec<(u64, Ctx)>> = RefCell::new(Vec::new());
+}
+sync::thread_local! {
+    /// The CPUs this thread holds claimed through preempt_count: given back
+    /// when the thread exits (`ExitClaims::drop`).
+    static EXIT: RefCell<ExitClaims> = const { RefCell::new(ExitClaims(Vec::new())) };
+}
+
+/// (the machine's CPUs, cpu, this thread's token) for each CPU held.
+struct ExitClaims(Vec<(Weak<[CpuSlot]>, u32, u64)>);
+
+impl Drop for ExitClaims {
+    /// `do_exit`: "note: %s[%d] exited with preempt_count %d", then
+    /// `preempt_count_set(PREEMPT_ENABLED)` (kernel/exit.c).
+    fn drop(&mut self) {
+        for (slots, cpu, tok) in self.0.drain(..) {
+            let Some(slots) = slots.upgrade() else { continue };
+            let s = &slots[cpu as usize];
+            let pc = s.preempt_count.load(Relaxed);
+            {
+                use std::io::Write as _;
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "note: kmm thread [{}] exited with preempt_count {pc:#x} on cpu {cpu}",
+                    std::process::id()
+                );
+            }
+            s.preempt_count.store(0, Relaxed);
+            let _ = s.owner.compare_exchange(tok, 0, Release, Relaxed);
+        }
+    }
+}
+
+/// Remember (or forget) that this thread holds `cpu` of `slots`.
+fn note_claim(slots: &Arc<[CpuSlot]>, cpu: u32, tok: u64, held: bool) {
+    let _ = EXIT.try_with(|e| {
+        let mut e = e.borrow_mut();
+        let same = |x: &(Weak<[CpuSlot]>, u32, u64)| x.1 == cpu && std::ptr::eq(x.0.as_ptr() as *const CpuSlot, slots.as_ptr());
+        if held {
+            e.0.push((Arc::downgrade(slots), cpu, tok));
+        } else if let Some(i) = e.0.iter().rposition(same) {
+            e.0.swap_remove(i);
+        }
+    });
 }
 
 /// `preempt_count` layout (include/linux/preempt.h).
@@ -96,25 +149,55 @@ pub struct Ctx {
     pub claimed: Option<u32>,
 }
 
-type WaitHook = fn(&mut (dyn FnMut() + Send));
+/// How to wait: the hook calls `poll` (which waits a little and says
+/// whether the wait is over) until it returns true, and returns true; or
+/// returns false to give up (an interrupt).
+pub type WaitHook = fn(&mut (dyn FnMut() -> bool + Send)) -> bool;
 static WAIT_HOOK: std::sync::OnceLock<WaitHook> = std::sync::OnceLock::new();
 
-/// Install how to wait for a busy CPU (the Python binding releases the GIL
-/// while it waits, so the thread holding the CPU can run).
+/// Install how to wait for a busy CPU or a wait queue (the Python binding
+/// releases the GIL while it waits, so the thread holding the CPU can run,
+/// and gives up on Ctrl-C).
 pub fn set_wait_hook(h: WaitHook) {
     let _ = WAIT_HOOK.set(h);
 }
 
-/// Block the calling thread in `f` (a sleep on a wait queue), through the
-/// installed hook (which releases the GIL).
-pub fn wait_blocking(f: &mut (dyn FnMut() + Send)) {
-    wait_with_hook(f)
+/// The message of a wait given up on an interrupt (`is_interrupted`).
+const INTERRUPTED: &str = "interrupted while waiting";
+
+/// The error of a wait the hook gave up (Ctrl-C).
+pub fn interrupted(what: &str) -> crate::KmmError {
+    crate::KmmError::Host(format!("{INTERRUPTED} {what}"))
 }
 
-fn wait_with_hook(f: &mut (dyn FnMut() + Send)) {
+/// Is `e` an interrupted wait (the binding raises KeyboardInterrupt)?
+pub fn is_interrupted(e: &crate::KmmError) -> bool {
+    matches!(e, crate::KmmError::Host(m) if m.starts_with(INTERRUPTED))
+}
+
+/// Wait until `done()` through the installed hook: `done` is polled, and
+/// may itself block briefly (a timed wait on a wait queue). False if the
+/// hook gave up (an interrupt).
+pub fn wait_until(done: &mut (dyn FnMut() -> bool + Send)) -> bool {
+    let mut poll = || {
+        for spins in 0..256u32 {
+            if done() {
+                return true;
+            }
+            if spins < 64 {
+                sync::spin_loop();
+            } else {
+                sync::yield_now();
+            }
+        }
+        false
+    };
     match WAIT_HOOK.get() {
-        Some(h) => h(f),
-        None => f(),
+        Some(h) => h(&mut poll),
+        None => {
+            while !poll() {}
+            true
+        }
     }
 }
 
@@ -157,7 +240,8 @@ pub struct CpuSlot {
 /// The CPUs of one machine.
 pub struct Cpus {
     machine: u64,
-    slots: Box<[CpuSlot]>,
+    /// Shared with the exit hooks of the threads holding a CPU.
+    slots: Arc<[CpuSlot]>,
     next_home: AtomicU32,
 }
 
@@ -361,27 +445,41 @@ impl Cpus {
         }
         s.contended.fetch_add(1, Relaxed);
         let tok = token();
-        let mut f = || {
-            spin_until(|| {
-                let o = s.owner.load(Acquire);
-                o == 0 || o == tok
-            })
-        };
-        wait_with_hook(&mut f);
+        // Interrupted: run anyway (see the module header).
+        let _ = wait_until(&mut || {
+            let o = s.owner.load(Acquire);
+            o == 0 || o == tok
+        });
     }
 
     /// Add to `preempt_count` (preempt_disable, irq_enter...): the first
     /// step up claims this thread's CPU until the count is back to 0.
+    /// Waits for the CPU however long it takes (see `try_preempt_add`).
     pub fn preempt_add(&self, val: u32, irq_off: bool) -> u32 {
+        loop {
+            if let Ok(cpu) = self.try_preempt_add(val, irq_off) {
+                return cpu;
+            }
+        }
+    }
+
+    /// `preempt_add`, failing (with nothing changed) when the wait for a
+    /// CPU another thread holds is interrupted.
+    pub fn try_preempt_add(&self, val: u32, irq_off: bool) -> crate::Result<u32> {
         let mut ctx = self.ctx();
         if ctx.preempt_count == 0 && ctx.claimed.is_none() {
             let cpu = self.this_cpu();
             let tok = token();
             let s = &self.slots[cpu as usize];
             if s.owner.load(Relaxed) != tok && !self.try_claim(cpu, tok) {
-                let mut f = || spin_until(|| s.owner.compare_exchange(0, tok, Acquire, Relaxed).is_ok());
-                wait_with_hook(&mut f);
+                let claimed = wait_until(&mut || s.owner.compare_exchange(0, tok, Acquire, Relaxed).is_ok());
+                if !claimed {
+                    return Err(interrupted(&format!(
+                        "for cpu {cpu}, which another thread holds with preemption disabled"
+                    )));
+                }
             }
+            note_claim(&self.slots, cpu, tok, true);
             ctx.claimed = Some(cpu);
         }
         ctx.preempt_count += val;
@@ -392,7 +490,7 @@ impl Cpus {
             self.slots[cpu as usize].preempt_count.store(ctx.preempt_count, Relaxed);
         }
         self.set_ctx(ctx);
-        ctx.claimed.expect("claimed above")
+        Ok(ctx.claimed.expect("claimed above"))
     }
 
     /// Subtract from `preempt_count`; releasing the CPU at 0. Err if the
@@ -413,6 +511,7 @@ impl Cpus {
             self.slots[cpu as usize].preempt_count.store(ctx.preempt_count, Relaxed);
             if ctx.preempt_count == 0 && ctx.irq_disabled == 0 {
                 ctx.claimed = None;
+                note_claim(&self.slots, cpu, token(), false);
                 self.slots[cpu as usize].owner.store(0, Release);
             }
         }

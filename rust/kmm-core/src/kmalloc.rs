@@ -343,6 +343,10 @@ impl Machine {
     /// `krealloc(p, new_size, gfp)`: in place when `ksize` allows, else
     /// allocate, copy and free. `p` may be NULL/ZERO_SIZE_PTR; size 0 frees.
     pub fn krealloc(&self, va: u64, new_size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
+        self.refused_changes_nothing(|| self.krealloc_(va, new_size, gfp, call_site))
+    }
+
+    fn krealloc_(&self, va: u64, new_size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
         if new_size == 0 {
             self.kfree(va, call_site)?;
             return Ok(VirtAddr(ZERO_SIZE_PTR));
@@ -357,9 +361,10 @@ impl Machine {
             _ => 0,
         };
         if ks >= new_size && va > ZERO_SIZE_PTR {
-            // "Zero out spare memory" (__do_krealloc): from the old request
-            // when growing within the object, else [new_size, ks).
-            if gfp & gfp::__GFP_ZERO != 0 {
+            // "Zero out spare memory" (__do_krealloc; want_init_on_alloc:
+            // __GFP_ZERO or init_on_alloc): from the old request when
+            // growing within the object, else [new_size, ks).
+            if self.want_init_on_alloc(gfp) {
                 let p = va - self.cfg.arch.page_offset();
                 if orig != 0 && orig < new_size {
                     self.phys.zero(p + orig, new_size - orig)?;

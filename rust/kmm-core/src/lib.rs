@@ -19,6 +19,9 @@
 //! ```text
 //!   error, arch, gfp, page, physmem      (no dependencies inside the crate)
 //!   cmdline      <- slab::geometry                       (boot parameters)
+//!   mem_init     <- machine, slab                        (init_on_alloc, init_on_free)
+//!   fault_inject <- cmdline, gfp                         (failslab, fail_page_alloc; its
+//!                   hooks run in page_alloc's and slab's request paths)
 //!   trace        <- gfp
 //!   buddy        <- page, arch
 //!   zone         <- buddy, arch
@@ -26,6 +29,8 @@
 //!   clock        (simulated time; its work lives in page_alloc)
 //!   page_alloc   <- machine, buddy, gfp, trace, clock   (the page-allocator API, timer work)
 //!   proc         <- machine, page_alloc                  (/proc renderers)
+//!   sysctl       <- machine, zone                        (vm.* sysctls and their handlers)
+//!   pins         <- machine, shadow, page                (exports and mappings that keep memory from being freed)
 //!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
 //!                   vmalloc, kmap, stacks; Machine::read/write go through it)
 //!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
@@ -53,18 +58,22 @@ pub mod clock;
 pub mod cmdline;
 pub mod cpu;
 pub mod error;
+pub mod fault_inject;
 pub mod gfp;
 pub mod kmalloc;
 pub mod kmemleak;
 pub mod machine;
+pub mod mem_init;
 pub mod page;
 pub mod page_alloc;
 pub mod pcp;
 pub mod percpu;
 pub mod physmem;
+pub mod pins;
 pub mod printk;
 pub mod slab;
 pub mod stackdepot;
+pub mod sysctl;
 pub mod sync;
 pub mod proc;
 pub mod shadow;

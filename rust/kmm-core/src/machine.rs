@@ -118,6 +118,8 @@ pub struct MachineConfig {
     pub tuning: Option<Vec<Option<ZoneTuning>>>,
     /// The kernel command line the machine boots with (`cmdline.rs`).
     pub cmdline: crate::cmdline::BootParams,
+    /// Sysctls written once booted, in order (`sysctl.rs`: name, value).
+    pub sysctl: Vec<(String, String)>,
 }
 
 impl Default for MachineConfig {
@@ -137,6 +139,7 @@ impl Default for MachineConfig {
             layout: None,
             tuning: None,
             cmdline: crate::cmdline::BootParams::default(),
+            sysctl: Vec::new(),
         }
     }
 }
@@ -200,6 +203,8 @@ pub struct Machine {
     pub cpus: Cpus,
     /// Per-object state beside memory (live/pinned/generation).
     pub shadow: Shadow,
+    /// Buffer exports and mappings that keep memory from being freed (`pins.rs`).
+    pub pins: crate::pins::Pins,
     /// Every kmem_cache.
     pub slab: SlabRegistry,
     /// The kmalloc caches (set at boot).
@@ -220,6 +225,10 @@ pub struct Machine {
     pub warm: parking_lot::Mutex<Option<std::sync::Arc<crate::warm::WarmSeeds>>>,
     /// How a machine built for a trace was sized and started (`trace::shape`).
     pub shape_notes: parking_lot::Mutex<Vec<String>>,
+    /// The `vm.*` sysctls' current values (`sysctl.rs`).
+    pub sysctls: crate::sysctl::Sysctls,
+    /// failslab and fail_page_alloc (`fault_inject.rs`).
+    pub faults: crate::fault_inject::FaultInject,
 }
 
 impl Machine {
@@ -265,9 +274,13 @@ impl Machine {
         let nr_pages = cfg.memory / ps;
         let pageblock_order = cfg.arch.pageblock_order(page_shift);
         let max_low_pfn = (cfg.arch.direct_map_span().min(cfg.memory)) / ps;
+        let mut spans = spans;
+        let arena_in_ram = Self::place_boot_tables(&cfg, &mut spans, page_shift, max_low_pfn)?;
+        // The metadata first: a machine too big for the host fails here,
+        // before its memory is mapped.
+        let mem_map = MemMap::try_new(nr_pages)?;
         let phys = PhysMem::new(cfg.memory, max_low_pfn * ps)?;
-        let vm = crate::vm::Vm::new(&cfg, page_shift, max_low_pfn, &phys)?;
-        let mem_map = MemMap::new(nr_pages);
+        let vm = crate::vm::Vm::new(&cfg, page_shift, max_low_pfn, &phys, arena_in_ram)?;
         mem_map.get(0).set(PG_RESERVED, 0);
         mem_map.get(0).set_refcount(1);
 
@@ -306,7 +319,7 @@ impl Machine {
                     present,
                     managed,
                     online: online[idx],
-                    area: parking_lot::Mutex::new(area),
+                    area: crate::zone::ZoneLock::new(area),
                     pageblocks,
                     // Boot pagesets (high 0, batch 1) until setup_watermarks sizes them.
                     pcp: (0..cfg.cpus)
@@ -348,6 +361,7 @@ impl Machine {
             vmstat: VmStat::default(),
             cpus: Cpus::new(cfg.cpus),
             shadow: Shadow::new(cfg.memory),
+            pins: crate::pins::Pins::default(),
             slab: Machine::new_slab_registry(&cfg),
             kmalloc_caches: OnceLock::new(),
             percpu: crate::percpu::Percpu::default(),
@@ -358,6 +372,8 @@ impl Machine {
             kmemleak: crate::kmemleak::Kmemleak::new(cfg.cmdline.kmemleak),
             warm: parking_lot::Mutex::new(None),
             shape_notes: parking_lot::Mutex::new(Vec::new()),
+            sysctls: crate::sysctl::Sysctls::new(&cfg, &spans.iter().map(|s| s.0).collect::<Vec<_>>()),
+            faults: crate::fault_inject::FaultInject::new(cfg.seed),
             cfg,
         };
 
@@ -382,6 +398,12 @@ impl Machine {
             m.mem_map.get(pfn).set(PG_RESERVED, 0);
             m.mem_map.get(pfn).set_refcount(1);
         }
+        // Boot page tables in reserved RAM (i386 with 4 GiB) are table pages.
+        if let Some((s, e)) = m.vm.pt.arena_in_ram() {
+            for pfn in s / ps..e / ps {
+                m.mem_map.get(pfn).set_flag(crate::page::PG_TABLE);
+            }
+        }
         // memblock_free_all: free each zone's managed pages in maximal
         // aligned chunks, to the tail.
         for (z, &(_, _, _, _, ms, managed)) in m.zones.iter().zip(&spans) {
@@ -400,11 +422,72 @@ impl Machine {
         }
         m.setup_watermarks(m.cfg.min_free_kbytes);
         m.apply_tuning();
+        for (name, value) in m.cfg.sysctl.clone() {
+            if crate::sysctl::slab_name(&name).is_none() {
+                m.sysctl_set(&name, &value)?;
+            }
+        }
         let k = m.create_kmalloc_caches()?;
         let _ = m.kmalloc_caches.set(k);
+        m.apply_boot_slab_sysctls()?;
         // vmalloc_init: the vmap_area cache (no pages until first use).
         m.vmap_area_cache()?;
+        // failslab= and fail_page_alloc= (setup_fault_attr), armed once
+        // booted: boot's own allocations never fail.
+        if let Some(p) = &m.cfg.cmdline.failslab {
+            m.faults.failslab.setup(p);
+        }
+        if let Some(p) = &m.cfg.cmdline.fail_page_alloc {
+            m.faults.fail_page_alloc.setup(p);
+        }
         Ok(m)
+    }
+
+    /// Where the boot page tables go when they cannot sit above RAM (see
+    /// `vm/pgtable.rs`): i386's 4-byte entries address 4 GiB, so a machine
+    /// whose RAM reaches that far keeps them in lowmem pages reserved at
+    /// boot, as memblock does (`memblock_alloc` top-down below
+    /// `max_low_pfn`). Default layouts give up the top of the last lowmem
+    /// zone's managed run; recorded ones use their highest run of reserved
+    /// lowmem frames. Returns the arena's physical address, if in RAM.
+    #[allow(clippy::type_complexity)]
+    fn place_boot_tables(
+        cfg: &MachineConfig,
+        spans: &mut [(ZoneKind, u64, u64, u64, u64, u64)],
+        page_shift: u32,
+        max_low_pfn: u64,
+    ) -> Result<Option<u64>> {
+        let ps = 1u64 << page_shift;
+        let n = crate::vm::Vm::arena_tables(cfg, page_shift, max_low_pfn) as u64;
+        let (_, entry_bytes) = crate::vm::pgtable::PageTables::geometry(cfg.arch);
+        if entry_bytes != 4 || cfg.memory.saturating_add(n * ps) <= 1u64 << 32 {
+            return Ok(None);
+        }
+        if cfg.layout.is_none() {
+            // Trim the managed run that ends at max_low_pfn.
+            if let Some(z) = spans.iter_mut().find(|z| z.4 + z.5 == max_low_pfn && z.5 > n) {
+                z.5 -= n;
+            }
+        }
+        // The highest run of n frames in [1, max_low_pfn) outside every managed run.
+        let mut runs: Vec<(u64, u64)> = spans.iter().filter(|z| z.5 > 0).map(|z| (z.4, z.4 + z.5)).collect();
+        runs.sort_unstable();
+        let mut top = max_low_pfn;
+        for &(s, e) in runs.iter().rev() {
+            if e <= top && top - e >= n {
+                return Ok(Some((top - n) * ps));
+            }
+            top = top.min(s);
+        }
+        if top > n {
+            return Ok(Some((top - n) * ps));
+        }
+        invalid(format!(
+            "{} with {} bytes of RAM: no {n} reserved lowmem frames for the boot page tables \
+             (i386 page-table entries hold 32-bit addresses, so they cannot sit above RAM)",
+            cfg.arch.name(),
+            cfg.memory
+        ))
     }
 
     /// Zone spans at the arch's boundaries for `cfg.memory` bytes: contiguous,
@@ -621,8 +704,19 @@ impl Machine {
             }
         };
         self.min_free_kbytes.store(mfk, Relaxed);
-        let pages_min = mfk / page_kb;
-        let wsf = self.cfg.watermark_scale_factor;
+        self.setup_per_zone_wmarks();
+        self.setup_per_zone_lowmem_reserve();
+    }
+
+    /// `setup_per_zone_wmarks`: every zone's watermarks from
+    /// `vm.min_free_kbytes` and `vm.watermark_scale_factor`, then its
+    /// pageset sizes (`zone_pcp_update`), as the kernel does after any
+    /// change of them.
+    pub fn setup_per_zone_wmarks(&self) {
+        let page_kb = self.page_size / 1024;
+        let lowmem = self.lowmem_managed();
+        let pages_min = self.min_free_kbytes.load(Relaxed) / page_kb;
+        let wsf = self.sysctls.watermark_scale_factor.load(Relaxed);
         for z in &self.zones {
             let hm = matches!(z.kind, ZoneKind::HighMem | ZoneKind::Movable);
             let w = if z.kind == ZoneKind::Device {
@@ -634,28 +728,45 @@ impl Machine {
             z.watermark[1].store(w.low, Relaxed);
             z.watermark[2].store(w.high, Relaxed);
             z.watermark[3].store(w.promo, Relaxed);
-            let batch = zone::zone_batchsize(z.managed, self.page_size).max(1);
-            let cpus = self.cfg.cpus as u64;
-            let (high_min, high_max) = if z.managed == 0 {
-                (0, 0)
-            } else {
-                (zone::zone_highsize(w.low, z.managed, batch, cpus, 0), zone::zone_highsize(w.low, z.managed, batch, cpus, 8))
-            };
-            z.pcp_batch.store(batch, Relaxed);
-            z.pcp_high_min.store(high_min, Relaxed);
-            z.pcp_high_max.store(high_max, Relaxed);
-            // zone_set_pageset_high_and_batch: every CPU's pageset.
-            for slot in z.pcp.iter() {
-                let mut p = slot.lists.lock();
-                p.batch = batch;
-                p.high_min = high_min;
-                p.high_max = high_max;
-            }
+            self.zone_set_pageset_high_and_batch(z);
         }
-        let ratio: Vec<u64> = match &self.cfg.lowmem_reserve_ratio {
-            Some(r) => (0..self.zones.len()).map(|i| r.get(i).copied().unwrap_or(0)).collect(),
-            None => self.zones.iter().map(|z| zone::default_lowmem_reserve_ratio(z.kind)).collect(),
+    }
+
+    /// `zone_set_pageset_high_and_batch`: batch from the zone's size; high
+    /// from its low watermark, auto-tuned between high_min and high_max
+    /// (managed / 8) -- or, with `vm.percpu_pagelist_high_fraction`, fixed
+    /// at managed / fraction (auto-tuning off).
+    pub fn zone_set_pageset_high_and_batch(&self, z: &crate::zone::Zone) {
+        let batch = zone::zone_batchsize(z.managed, self.page_size).max(1);
+        let cpus = self.cfg.cpus as u64;
+        let low = z.watermark[crate::zone::WMARK_LOW].load(Relaxed);
+        let fraction = self.sysctls.percpu_pagelist_high_fraction.load(Relaxed);
+        let (high_min, high_max) = if z.managed == 0 {
+            (0, 0)
+        } else if fraction != 0 {
+            let h = zone::zone_highsize(low, z.managed, batch, cpus, fraction);
+            (h, h)
+        } else {
+            (
+                zone::zone_highsize(low, z.managed, batch, cpus, 0),
+                zone::zone_highsize(low, z.managed, batch, cpus, crate::sysctl::MIN_PERCPU_PAGELIST_HIGH_FRACTION),
+            )
         };
+        z.pcp_batch.store(batch, Relaxed);
+        z.pcp_high_min.store(high_min, Relaxed);
+        z.pcp_high_max.store(high_max, Relaxed);
+        // __zone_set_pageset_high_and_batch: every CPU's pageset.
+        for slot in z.pcp.iter() {
+            let mut p = slot.lists.lock();
+            p.batch = batch;
+            p.high_min = high_min;
+            p.high_max = high_max;
+        }
+    }
+
+    /// `setup_per_zone_lowmem_reserve` from `vm.lowmem_reserve_ratio`.
+    pub fn setup_per_zone_lowmem_reserve(&self) {
+        let ratio: Vec<u64> = self.sysctls.lowmem_reserve_ratio.lock().clone();
         let managed: Vec<u64> = self.zones.iter().map(|z| z.managed).collect();
         let res = zone::lowmem_reserve(&managed, &ratio);
         for (i, z) in self.zones.iter().enumerate() {
@@ -750,7 +861,7 @@ impl Machine {
                 errs.push(format!("machine-1: zone {} starts at {:#x}, expected {prev_end:#x}", z.kind.name(), z.start_pfn));
             }
             prev_end = z.end_pfn();
-            let a = z.area.lock();
+            let a = z.area.lock_uncounted();
             for e in a.check(&self.mem_map) {
                 errs.push(format!("{}: {e}", z.kind.name()));
             }
@@ -790,6 +901,8 @@ impl Machine {
         errs.extend(self.check_vm());
         errs.extend(self.printk.check());
         errs.extend(self.check_kmemleak());
+        errs.extend(self.faults.check());
+        errs.extend(self.check_pins());
         errs
     }
 }

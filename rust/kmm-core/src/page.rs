@@ -8,7 +8,8 @@
 //!
 //! # Layout (one `PageMeta`)
 //! ```text
-//!   flags    u32   bits 0..15 PG_* flags and page types, bits 16..19 order
+//!   flags    u32   bits 0..15 PG_* flags and page types, bits 16..19 order,
+//!                  bits 20..22 the allocation's migratetype + 1 (page_owner's)
 //!   refcount i32   _refcount: > 0 for the head of an allocated block
 //!   next     u32   free-list / slab-list link (a pfn, NIL = u32::MAX)
 //!   prev     u32   free-list / slab-list link
@@ -66,6 +67,11 @@ pub const PG_WARM: u32 = 1 << 9;
 
 const ORDER_SHIFT: u32 = 16;
 const ORDER_MASK: u32 = 0xf << ORDER_SHIFT;
+/// Bits 20..22 of an allocated head: its allocation's migratetype + 1
+/// (`gfp_migratetype(page_owner->gfp_mask)`, what page_owner keeps per
+/// allocation), 0 when unknown. Cleared by `set` (every free, every prep).
+const OWNER_SHIFT: u32 = 20;
+const OWNER_MASK: u32 = 0x7 << OWNER_SHIFT;
 
 /// The flag names, in the order `%pGp`-style dumps list them.
 pub const FLAG_NAMES: &[(u32, &str)] = &[
@@ -96,7 +102,7 @@ const _: () = assert!(std::mem::size_of::<PageMeta>() == 16);
 impl PageMeta {
     #[inline]
     pub fn flags(&self) -> u32 {
-        self.flags.load(Relaxed) & !ORDER_MASK
+        self.flags.load(Relaxed) & !(ORDER_MASK | OWNER_MASK)
     }
     #[inline]
     pub fn raw(&self) -> u32 {
@@ -110,11 +116,26 @@ impl PageMeta {
     pub fn order(&self) -> u32 {
         (self.flags.load(Relaxed) & ORDER_MASK) >> ORDER_SHIFT
     }
-    /// Set flags and order at once (replaces both).
+    /// Set flags and order at once (replaces both, forgets the owner's migratetype).
     #[inline]
     pub fn set(&self, flags: u32, order: u32) {
-        debug_assert!(flags & ORDER_MASK == 0 && order <= 15);
+        debug_assert!(flags & (ORDER_MASK | OWNER_MASK) == 0 && order <= 15);
         self.flags.store(flags | (order << ORDER_SHIFT), Relaxed);
+    }
+    /// Record the migratetype an allocated head was asked for (page_owner's
+    /// `gfp_mask`, `__set_page_owner`).
+    #[inline]
+    pub fn set_owner_mt(&self, mt: u8) {
+        debug_assert!(mt < 7);
+        self.flags.fetch_or(((mt as u32 + 1) << OWNER_SHIFT) & OWNER_MASK, Relaxed);
+    }
+    /// The migratetype this allocated head was asked for, if known.
+    #[inline]
+    pub fn owner_mt(&self) -> Option<u8> {
+        match (self.flags.load(Relaxed) & OWNER_MASK) >> OWNER_SHIFT {
+            0 => None,
+            v => Some(v as u8 - 1),
+        }
     }
     #[inline]
     pub fn set_flag(&self, f: u32) {
@@ -180,6 +201,22 @@ impl MemMap {
     /// untouched entries cost no host memory.
     pub fn new(nr: u64) -> MemMap {
         MemMap { pages: bytemuck::allocation::zeroed_slice_box(nr as usize) }
+    }
+
+    /// `new`, or an error when the host cannot allocate the array (a
+    /// machine of many TiB: 16 bytes a frame).
+    pub fn try_new(nr: u64) -> crate::Result<MemMap> {
+        let bytes = nr.saturating_mul(std::mem::size_of::<PageMeta>() as u64);
+        let fail = || {
+            crate::KmmError::Host(format!(
+                "cannot allocate the mem_map of {nr} page frames ({} MiB of struct page metadata): \
+                 the host refused the memory (use a smaller machine)",
+                bytes >> 20
+            ))
+        };
+        let n = usize::try_from(nr).map_err(|_| fail())?;
+        let pages = bytemuck::allocation::try_zeroed_slice_box(n).map_err(|_| fail())?;
+        Ok(MemMap { pages })
     }
     #[inline]
     pub fn len(&self) -> u64 {

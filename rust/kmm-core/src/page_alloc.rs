@@ -8,8 +8,9 @@
 //! `__alloc_pages_slowpath`, `rmqueue`, `rmqueue_buddy`,
 //! `reserve_highatomic_pageblock`, `boost_watermark`, `warn_alloc`,
 //! `__free_pages`, `free_pages_prepare`, `__free_pages_ok`, `free_one_page`;
-//! `mm/page_alloc.c` `prep_new_page` / `post_alloc_hook` (zeroing),
-//! `prep_compound_page`.
+//! `mm/page_alloc.c` `prep_new_page` / `post_alloc_hook` (zeroing, with
+//! init_on_alloc/init_on_free: `mem_init.rs`), `prep_compound_page`;
+//! `should_fail_alloc_page` in `prepare_alloc_pages` (`fault_inject.rs`).
 //!
 //! SIMPLIFICATION: there is nothing to reclaim (no page cache, no swap), so
 //! the slow path has no direct reclaim, compaction or OOM killer: after the
@@ -110,6 +111,7 @@ impl Machine {
         if order > MAX_PAGE_ORDER {
             return Err(self.alloc_failure(gfp, order, "order > MAX_PAGE_ORDER"));
         }
+        self.should_fail_alloc_page(gfp, order)?;
         Ok(AllocContext { highest_zoneidx, migratetype: gfp::migratetype(gfp) })
     }
 
@@ -506,7 +508,8 @@ impl Machine {
         if pb * 4 > z.managed {
             return false;
         }
-        let max_boost = z.watermark[2].load(Relaxed) * WATERMARK_BOOST_FACTOR / 10000;
+        let factor = self.sysctls.watermark_boost_factor.load(Relaxed);
+        let max_boost = z.watermark[2].load(Relaxed).saturating_mul(factor) / 10000;
         if max_boost == 0 {
             return false;
         }
@@ -564,8 +567,9 @@ impl Machine {
             flags |= PG_LRU;
         }
         head.set(flags, order);
+        head.set_owner_mt(gfp::migratetype(gfp));
         head.set_refcount(1);
-        if gfp & gfp::__GFP_ZERO != 0 {
+        if self.page_init_on_alloc(gfp) {
             let pa = self.pfn_to_phys(pfn).0;
             if let Err(e) = self.phys.zero(pa, self.page_size << order) {
                 // Undo: give the block back, so a failure changes nothing.
@@ -618,6 +622,20 @@ impl Machine {
                 pfn.0
             )));
         }
+        if p.has(crate::page::PG_TABLE) {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: freeing a page-table page with free_pages \
+                 (the page tables still link it)",
+                pfn.0
+            )));
+        }
+        if self.shadow.is_live(self.pfn_to_phys(pfn).0) {
+            return Err(KmmError::InvalidFree(format!(
+                "BUG: Bad page state in process kmm  pfn:{:05x}: freeing a large kmalloc with free_pages \
+                 (kfree frees it)",
+                pfn.0
+            )));
+        }
         if p.refcount() <= 0 {
             // Inside a free block, or a tail of an allocated block?
             let z = self.pfn_zone(pfn).expect("valid pfn has a zone");
@@ -640,6 +658,8 @@ impl Machine {
                 p.order()
             )));
         }
+        // A buffer export or a vmap over it (pins.rs).
+        self.check_unpinned(pfn.0, 1 << order)?;
         Ok(p.order())
     }
 
@@ -683,6 +703,7 @@ impl Machine {
     /// `free_pages_prepare` + `__free_frozen_pages`: clear page state, then
     /// the per-CPU lists for pcp-sized orders, or the buddy allocator.
     fn free_block(&self, pfn: Pfn, order: u32) {
+        self.page_init_on_free(pfn, order);
         let head = self.mem_map.get(pfn.0);
         if head.has(PG_HEAD) {
             for t in 1..(1u64 << order) {
@@ -1043,7 +1064,12 @@ impl Machine {
     pub(crate) fn make_slab_pages(&self, pfn: Pfn, order: u32, cache_id: u32) {
         let head = self.mem_map.get(pfn.0);
         let flags = head.flags() & PG_HEAD;
+        // page_owner's record survives the page becoming a slab.
+        let owner = head.owner_mt();
         head.set(flags | PG_SLAB, order);
+        if let Some(mt) = owner {
+            head.set_owner_mt(mt);
+        }
         head.set_refcount(cache_id as i32);
     }
 

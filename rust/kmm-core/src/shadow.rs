@@ -50,7 +50,8 @@ impl Shadow {
     /// Read a cell without creating its chunk.
     #[inline]
     pub fn get(&self, phys: u64) -> u16 {
-        match self.chunks[(phys >> CHUNK_SHIFT) as usize].get() {
+        // An address beyond RAM (a caller's bad guess) has no object.
+        match self.chunks.get((phys >> CHUNK_SHIFT) as usize).and_then(|c| c.get()) {
             Some(c) => c[((phys >> GRANULE_SHIFT) as usize) & (CELLS_PER_CHUNK - 1)].load(Relaxed),
             None => 0,
         }

@@ -106,9 +106,10 @@ fn per_call_claim_excludes_and_hands_over() {
 /// Waits that went through the wait hook (the binding's GIL release).
 static HOOKED_WAITS: StdCount = StdCount::new(0);
 
-fn counting_hook(wait: &mut (dyn FnMut() + Send)) {
+fn counting_hook(poll: &mut (dyn FnMut() -> bool + Send)) -> bool {
     HOOKED_WAITS.fetch_add(1, Relaxed);
-    wait();
+    while !poll() {}
+    true
 }
 
 /// A thread with preemption disabled keeps its CPU: a second thread's

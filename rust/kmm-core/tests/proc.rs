@@ -850,3 +850,54 @@ fn sysfs_slab_flags_aliases_and_ctor() {
     assert_eq!(sysfs(&m, "kmm_test_debug", "cpu_partial"), "0");
     assert_eq!(sysfs(&m, "kmm_test_rcu", "cpu_partial"), "120");
 }
+
+// ---- mixed pageblocks (mm/page_owner.c pagetypeinfo_showmixedcount_print) ----
+
+/// Mixed pageblocks against a count made from the test's own record of what
+/// it allocated: a pageblock is mixed when a live allocation of another
+/// migratetype than the block's sits in it, counted under the block's type.
+#[test]
+fn mixed_blocks_count_blocks_holding_another_migratetype() {
+    let m = Machine::new(MachineConfig { memory: 64 << 20, cpus: 1, ..MachineConfig::default() }).unwrap();
+    m.cpus.bind(0).unwrap();
+    let boot: Vec<[u64; MIGRATE_TYPES]> = m.zones.iter().map(|z| m.mixed_blocks(z)).collect();
+    assert!(boot.iter().all(|c| c.iter().all(|&n| n == 0)), "a fresh machine has no mixed blocks: {boot:?}");
+    let kinds = [(GFP_KERNEL, 0u8), (GFP_HIGHUSER_MOVABLE & !__GFP_HIGHMEM, 1), (GFP_KERNEL | __GFP_RECLAIMABLE, 2)];
+    // A deterministic mix (xorshift), then frees of every other block, so
+    // the migratetypes interleave and fallbacks steal from each other.
+    let mut x = 0x2545F4914F6CDD1Du64;
+    let mut live: Vec<(u64, u32, u8)> = Vec::new();
+    for _ in 0..6000 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let (gfp, mt) = kinds[(x % 3) as usize];
+        let order = ((x >> 8) % 4) as u32;
+        match m.alloc_pages(gfp, order) {
+            Ok(p) => live.push((p.0, order, mt)),
+            Err(_) => break,
+        }
+    }
+    let mut kept = Vec::new();
+    for (i, &(pfn, order, mt)) in live.iter().enumerate() {
+        if i % 2 == 0 {
+            m.free_pages(kmm_core::page::Pfn(pfn), order).unwrap();
+        } else {
+            kept.push((pfn, order, mt));
+        }
+    }
+    let nr = 1u64 << m.pageblock_order;
+    let mut expect = vec![[0u64; MIGRATE_TYPES]; m.zones.len()];
+    let mut seen = std::collections::HashSet::new();
+    for &(pfn, _, mt) in &kept {
+        let (zi, z) = m.zones.iter().enumerate().find(|(_, z)| z.spans(pfn)).unwrap();
+        let block_mt = z.pageblocks.get(pfn);
+        if mt != block_mt && seen.insert(pfn / nr) {
+            expect[zi][block_mt as usize] += 1;
+        }
+    }
+    let got: Vec<[u64; MIGRATE_TYPES]> = m.zones.iter().map(|z| m.mixed_blocks(z)).collect();
+    assert_eq!(got, expect);
+    assert!(expect.iter().flatten().sum::<u64>() > 0, "the mix should leave some block mixed");
+    m.cpus.unbind().unwrap();
+}

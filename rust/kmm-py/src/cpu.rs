@@ -9,9 +9,45 @@ use pyo3::prelude::*;
 
 use crate::to_py_err;
 
-/// Release the GIL while waiting for a CPU another thread holds.
-pub(crate) fn wait_hook(f: &mut (dyn FnMut() + Send)) {
-    Python::attach(|py| py.detach(f));
+/// Wait for a CPU another thread holds (or a pkmap slot) with the GIL
+/// released; every 20 ms, with the GIL taken again, look for a Ctrl-C and
+/// give up if one came (the SIGINT is re-armed, so KeyboardInterrupt is
+/// raised as soon as the call returns to Python, or at once by the
+/// caller that gives up: see `errors::to_py_err`).
+pub(crate) fn wait_hook(poll: &mut (dyn FnMut() -> bool + Send)) -> bool {
+    use std::time::{Duration, Instant};
+    Python::attach(|py| {
+        let mut waited = Duration::ZERO;
+        loop {
+            let done = py.detach(|| {
+                let t0 = Instant::now();
+                loop {
+                    if poll() {
+                        return true;
+                    }
+                    let t = t0.elapsed();
+                    if t >= Duration::from_millis(20) {
+                        return false;
+                    }
+                    // A long wait: stop burning a host CPU.
+                    if waited + t > Duration::from_millis(2) {
+                        std::thread::sleep(Duration::from_micros(200));
+                    }
+                }
+            });
+            if done {
+                return true;
+            }
+            waited += Duration::from_millis(20);
+            // SAFETY: plain C-API calls with the GIL held (attached); they
+            // read and set the interpreter's signal flags only.
+            if unsafe { pyo3::ffi::PyOS_InterruptOccurred() } != 0 {
+                // SAFETY: as above; re-arms the SIGINT just consumed.
+                unsafe { pyo3::ffi::PyErr_SetInterrupt() };
+                return false;
+            }
+        }
+    })
 }
 
 /// `with m.on_cpu(k):` binds the calling thread to CPU k for the block.
@@ -61,11 +97,12 @@ impl PyContext {
 #[pymethods]
 impl PyContext {
     /// Enter: returns the CPU the section runs on.
-    fn __enter__(&self) -> u32 {
+    fn __enter__(&self) -> PyResult<u32> {
         match self.kind {
-            CtxKind::Preempt => self.m.cpus.preempt_add(PREEMPT_OFFSET, false),
-            CtxKind::Irq => self.m.cpus.preempt_add(HARDIRQ_OFFSET, true),
+            CtxKind::Preempt => self.m.cpus.try_preempt_add(PREEMPT_OFFSET, false),
+            CtxKind::Irq => self.m.cpus.try_preempt_add(HARDIRQ_OFFSET, true),
         }
+        .map_err(to_py_err)
     }
     fn __exit__(&self, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> PyResult<bool> {
         let r = match self.kind {
@@ -93,7 +130,7 @@ impl PyCpuVar {
 #[pymethods]
 impl PyCpuVar {
     fn __enter__(&self) -> PyResult<crate::slab::PyBlock> {
-        let cpu = self.m.cpus.preempt_add(PREEMPT_OFFSET, false);
+        let cpu = self.m.cpus.try_preempt_add(PREEMPT_OFFSET, false).map_err(to_py_err)?;
         match crate::slab::PyBlock::for_percpu(&self.m, self.ptr, cpu) {
             Ok(b) => Ok(b),
             Err(e) => {

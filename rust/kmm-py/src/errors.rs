@@ -18,7 +18,14 @@ mod base {
 }
 
 /// Map a core error to its Python exception (the class picked by the error's code).
+/// A wait given up on Ctrl-C raises the KeyboardInterrupt (the wait hook
+/// re-armed the SIGINT; running the handler now takes it).
 pub(crate) fn to_py_err(e: KmmError) -> PyErr {
+    if kmm_core::cpu::is_interrupted(&e) {
+        if let Err(k) = Python::attach(|py| py.check_signals()) {
+            return k;
+        }
+    }
     let msg = e.message().to_string();
     match e {
         KmmError::OutOfMemory { .. } => OutOfMemoryError::new_err(msg),

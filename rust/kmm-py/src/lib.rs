@@ -7,10 +7,12 @@
 
 use pyo3::prelude::*;
 
+mod args;
 mod bundle;
 mod cpu;
 mod debugging;
 mod errors;
+mod fault;
 mod machine;
 mod objects;
 mod recorded;
@@ -45,8 +47,10 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bundle::PyBundle>()?;
     m.add_function(wrap_pyfunction!(bundle::parse_proc, m)?)?;
     m.add_function(wrap_pyfunction!(recorded::recorded_machine, m)?)?;
+    m.add_function(wrap_pyfunction!(machine::check_settings, m)?)?;
     m.add_class::<machine::PyProc>()?;
     m.add_class::<machine::PyTrace>()?;
+    m.add_class::<fault::PyFaultAttr>()?;
     m.add_class::<vm::PyThreadStack>()?;
     m.add_function(wrap_pyfunction!(gfp_format, m)?)?;
     m.add_function(wrap_pyfunction!(gfp_parse, m)?)?;
@@ -63,6 +67,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let tunables: Vec<(&str, &str, &str)> = kmm_core::MachineConfig::TUNABLES.to_vec();
     m.add("TUNABLES", tunables)?;
     m.add("BOOT_PARAMS", kmm_core::cmdline::BOOT_PARAMS.to_vec())?;
+    m.add("SYSCTLS", kmm_core::sysctl::SYSCTLS.to_vec())?;
     m.add("ERROR_CODES", kmm_core::KmmError::ALL_CODES.to_vec())?;
     let slab_flags: Vec<(&str, u32)> = kmm_core::slab::geometry::SLAB_FLAG_NAMES.to_vec();
     m.add("SLAB_FLAGS", slab_flags)?;

@@ -102,41 +102,61 @@ impl PyPage {
 /// A snapshot of one zone, with the kernel's field names.
 #[pyclass(frozen, name = "Zone", module = "kmm._kmm")]
 pub struct PyZone {
+    /// The zone's name as /proc shows it ("DMA", "DMA32", "Normal", "HighMem", ...).
     #[pyo3(get)]
     pub name: &'static str,
+    /// The zone's index in the node (`zone_idx`).
     #[pyo3(get)]
     pub index: usize,
+    /// First page frame of the zone's span.
     #[pyo3(get)]
     pub start_pfn: u64,
+    /// Pages the zone spans, holes included (`spanned_pages`).
     #[pyo3(get)]
     pub spanned: u64,
+    /// Pages of RAM in the span (`present_pages`).
     #[pyo3(get)]
     pub present: u64,
+    /// Pages the buddy allocator manages (`managed_pages`).
     #[pyo3(get)]
     pub managed: u64,
+    /// Free pages in the buddy lists (NR_FREE_PAGES; per-CPU lists not counted).
     #[pyo3(get)]
     pub free_pages: u64,
+    /// The min watermark, in pages (`WMARK_MIN`).
     #[pyo3(get)]
     pub min: u64,
+    /// The low watermark, in pages: kswapd is woken below it (`WMARK_LOW`).
     #[pyo3(get)]
     pub low: u64,
+    /// The high watermark, in pages: kswapd sleeps above it (`WMARK_HIGH`).
     #[pyo3(get)]
     pub high: u64,
+    /// The promo watermark, in pages (`WMARK_PROMO`).
     #[pyo3(get)]
     pub promo: u64,
+    /// Watermark boost after fragmenting fallbacks (`watermark_boost`).
     #[pyo3(get)]
     pub boost: u64,
+    /// `lowmem_reserve[]`: pages kept back from requests that could use a higher zone, per zone index.
     #[pyo3(get)]
     pub lowmem_reserve: Vec<u64>,
     /// Free blocks per order (all migratetypes): /proc/buddyinfo's row.
     #[pyo3(get)]
     pub nr_free: Vec<u64>,
+    /// Pages in MIGRATE_HIGHATOMIC pageblocks (`nr_reserved_highatomic`).
     #[pyo3(get)]
     pub nr_reserved_highatomic: u64,
+    /// Pages allocated from the zone (/proc/vmstat's pgalloc_<zone>).
     #[pyo3(get)]
     pub pgalloc: u64,
+    /// Pages freed to the zone (its share of /proc/vmstat's pgfree).
     #[pyo3(get)]
     pub pgfree: u64,
+    /// Times `zone->lock` was taken since boot by the allocator (refills,
+    /// drains, buddy allocations and frees; kmm's own snapshots not counted).
+    #[pyo3(get)]
+    pub lock_acquisitions: u64,
     nr_free_mt: Vec<Vec<u64>>,
     pageblocks: Vec<u64>,
 }
@@ -144,8 +164,9 @@ pub struct PyZone {
 impl PyZone {
     pub(crate) fn snapshot(m: &Machine, i: usize) -> PyZone {
         let z = &m.zones[i];
-        let a = z.area.lock();
+        let a = z.area.lock_uncounted();
         PyZone {
+            lock_acquisitions: z.area.acquisitions(),
             name: z.kind.name(),
             index: i,
             start_pfn: z.start_pfn,

@@ -63,7 +63,7 @@ pub(crate) fn warm_report<'py>(py: Python<'py>, r: &WarmReport) -> PyResult<Boun
 #[pyfunction]
 #[pyo3(signature = (trace, bundle=None, warm=true, arch="x86_64", memory=None, cpus=None, page_size=4096,
                     min_free_kbytes=None, watermark_scale_factor=10, lowmem_reserve_ratio=None,
-                    transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None, cmdline=""))]
+                    transparent_hugepage=true, seed=0, slab_nomerge=false, tlb=None, cmdline="", sysctl=None))]
 #[allow(clippy::too_many_arguments)]
 pub fn recorded_machine<'py>(
     py: Python<'py>,
@@ -82,6 +82,7 @@ pub fn recorded_machine<'py>(
     slab_nomerge: bool,
     tlb: Option<std::collections::HashMap<String, (u32, u32)>>,
     cmdline: &str,
+    sysctl: Option<Bound<'py, PyDict>>,
 ) -> PyResult<(PyMachine, Bound<'py, PyDict>)> {
     let memory_given = memory.is_some();
     let mut cfg = machine_config(
@@ -98,6 +99,7 @@ pub fn recorded_machine<'py>(
         tlb,
     )?;
     cfg.cmdline = kmm_core::cmdline::BootParams::parse(cmdline).map_err(to_py_err)?;
+    cfg.sysctl = crate::machine::sysctl_items(sysctl)?;
     let log = trace.log.clone();
     let b = bundle.map(|b| b.bundle.clone());
     let po = ReplayOptions::default().page_offset;

@@ -4,19 +4,27 @@
 //! with a host pointer into the machine's memory. It is sound because:
 //! - the pointer comes from `PhysMem::direct_ptr` for exactly the object's
 //!   bytes, and the mapping lives as long as the `Arc<Machine>` the Block holds;
-//! - while an export is alive the object is pinned in the shadow, and every
-//!   free path refuses a pinned object (BufferError), so the bytes cannot be
-//!   handed to anyone else under the memoryview;
+//! - while an export is alive the object is pinned (`pins.rs`: counted per
+//!   object, whichever Block exported it), and every free path refuses a
+//!   pinned object (BufferError), so the bytes cannot be handed to anyone
+//!   else under the memoryview;
 //! - a vmalloc Block's pointer is the area's `HostMap` (owned by the area,
 //!   which the Block holds by `Arc`), and vfree refuses a pinned area; a
 //!   highmem kmap_local Block's is its own one-page `HostMap`, and
-//!   kunmap_local through the Block is refused while it is exported.
+//!   kunmap_local through the Block is refused while it is exported;
+//! - the pages under a kmap_local or vmap Block are the caller's plain
+//!   allocations (an export over pages the allocator frees itself, slab or
+//!   vmalloc pages, is refused), pinned while exported (kmap_local) or
+//!   mapped (vmap), so `free_pages` refuses them.
+//! Every Block knows its machine; a Block passed to another machine's
+//! method is refused.
 
 use std::ffi::{c_int, c_void};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 
 use kmm_core::kmalloc::ZERO_SIZE_PTR;
+use kmm_core::pins::PinKind;
 use kmm_core::physmem::HostMap;
 use kmm_core::slab::KmemCache;
 use kmm_core::vm::vmalloc::VmArea;
@@ -213,6 +221,7 @@ impl PyBlock {
 
     /// kunmap_local through this Block (refused while exported).
     pub(crate) fn kunmap(&self) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         if self.kind != Kind::Kmap {
             return Err(PyTypeError::new_err("only a kmap_local_page Block is unmapped with kunmap_local"));
         }
@@ -231,6 +240,22 @@ impl PyBlock {
         self.m.kunmap_local(VirtAddr(self.addr)).map_err(to_py_err)?;
         self.freed.store(true, Relaxed);
         Ok(())
+    }
+
+    /// This Block, if it belongs to `m` (a Block of another machine names
+    /// memory of that machine: freeing it here would free whatever lies
+    /// at the same address in this one).
+    pub(crate) fn owned_by(&self, m: &Arc<Machine>) -> PyResult<&Self> {
+        if Arc::ptr_eq(&self.m, m) {
+            Ok(self)
+        } else {
+            Err(PyValueError::new_err(format!("Block {:#x} belongs to another Machine", self.addr)))
+        }
+    }
+
+    /// Is this a Block over a slab object or large kmalloc (or kmalloc(0))?
+    pub(crate) fn is_kmalloc(&self) -> bool {
+        matches!(self.kind, Kind::Object | Kind::Zero)
     }
 
     /// End of the ctor call: the Block stops being usable.
@@ -365,18 +390,16 @@ impl PyBlock {
     }
     fn __bytes__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
         self.check_alive()?;
-        let v = self.m.read(VirtAddr(self.addr), self.len).map_err(to_py_err)?;
-        Ok(PyBytes::new(py, &v))
+        crate::machine::read_bytes(py, &self.m, self.addr, self.len)
     }
     fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
         self.check_alive()?;
         let (a, b, slice) = self.range(idx)?;
-        let v = self.m.read(VirtAddr(self.addr + a as u64), b - a).map_err(to_py_err)?;
         if slice {
-            Ok(PyBytes::new(py, &v).into_any())
-        } else {
-            v[0].into_bound_py_any(py)
+            return Ok(crate::machine::read_bytes(py, &self.m, self.addr + a as u64, b - a)?.into_any());
         }
+        let v = self.m.read(VirtAddr(self.addr + a as u64), 1).map_err(to_py_err)?;
+        v[0].into_bound_py_any(py)
     }
     fn __setitem__(&self, idx: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
         self.check_alive()?;
@@ -402,18 +425,20 @@ impl PyBlock {
     }
     /// Read `n` bytes at `offset` (bounds-checked).
     #[pyo3(signature = (offset=0, n=None))]
-    fn read<'py>(&self, py: Python<'py>, offset: usize, n: Option<usize>) -> PyResult<Bound<'py, PyBytes>> {
+    fn read<'py>(&self, py: Python<'py>, offset: i128, n: Option<i128>) -> PyResult<Bound<'py, PyBytes>> {
+        let offset = crate::args::usize_arg(offset, "Block.read", "offset")?;
+        let n = n.map(|n| crate::args::usize_arg(n, "Block.read", "n")).transpose()?;
         self.check_alive()?;
         let n = n.unwrap_or(self.len.saturating_sub(offset));
         if offset.checked_add(n).is_none_or(|e| e > self.len) {
             return Err(PyIndexError::new_err("read beyond the Block"));
         }
-        let v = self.m.read(VirtAddr(self.addr + offset as u64), n).map_err(to_py_err)?;
-        Ok(PyBytes::new(py, &v))
+        crate::machine::read_bytes(py, &self.m, self.addr + offset as u64, n)
     }
     /// Write bytes at `offset` (bounds-checked).
     #[pyo3(signature = (data, offset=0))]
-    fn write(&self, data: &[u8], offset: usize) -> PyResult<()> {
+    fn write(&self, data: &[u8], offset: i128) -> PyResult<()> {
+        let offset = crate::args::usize_arg(offset, "Block.write", "offset")?;
         self.check_alive()?;
         if offset.checked_add(data.len()).is_none_or(|e| e > self.len) {
             return Err(PyIndexError::new_err("write beyond the Block"));
@@ -448,6 +473,28 @@ impl PyBlock {
         }
         let b = slf.get();
         b.check_alive()?;
+        if b.kind == Kind::Ctor {
+            return Err(PyBufferError::new_err("a ctor's Block cannot be exported (it is valid only during the ctor call)"));
+        }
+        // Pages the allocator frees by itself (slab, vmalloc, page-table
+        // pages) cannot be exported through a mapping of them.
+        let not_plain = |pfn: u64| {
+            PyBufferError::new_err(format!(
+                "cannot export {:#x}: pfn {pfn:#x} under it is not a plain page allocation (a slab, vmalloc, \
+                 page-table or free page may be freed under the buffer); read and write through the Block",
+                b.addr
+            ))
+        };
+        if b.kind == Kind::Kmap && b.m.plain_alloc_head(b.pcpu.0).is_none() {
+            return Err(not_plain(b.pcpu.0));
+        }
+        if let (Kind::Vmalloc, Some(a)) = (b.kind, b.area.as_ref()) {
+            if a.flags & kmm_core::vm::vmalloc::VM_MAP != 0 {
+                if let Some(p) = a.pages.iter().find(|p| b.m.plain_alloc_head(p.0).is_none()) {
+                    return Err(not_plain(p.0));
+                }
+            }
+        }
         // A vmalloc area is pinned per export, checked under the area lock
         // (a concurrent vfree either sees the pin or wins and this fails).
         if let (Kind::Vmalloc, Some(a)) = (b.kind, b.area.as_ref()) {
@@ -456,8 +503,11 @@ impl PyBlock {
                 b.addr
             )))?;
         }
-        if b.kind == Kind::Kmap && !b.m.kmap_local_pin(b.addr, b.pcpu.1, 1) {
-            return Err(UseAfterFreeError::new_err(format!("the kmap_local mapping at {:#x} was undone", b.addr)));
+        if b.kind == Kind::Kmap {
+            if !b.m.kmap_local_pin(b.addr, b.pcpu.1, 1) {
+                return Err(UseAfterFreeError::new_err(format!("the kmap_local mapping at {:#x} was undone", b.addr)));
+            }
+            b.m.pin_pages([b.pcpu.0], PinKind::Export);
         }
         let unpin = || {
             if let (Kind::Vmalloc, Some(a)) = (b.kind, b.area.as_ref()) {
@@ -465,6 +515,7 @@ impl PyBlock {
             }
             if b.kind == Kind::Kmap {
                 b.m.kmap_local_pin(b.addr, b.pcpu.1, -1);
+                b.m.unpin_pages([b.pcpu.0], PinKind::Export);
             }
         };
         static EMPTY: [u8; 1] = [0];
@@ -498,29 +549,33 @@ impl PyBlock {
                     b.host.get().expect("set above").ptr().as_ptr()
                 }
                 _ => {
-                    let phys = b.m.virt_to_phys(VirtAddr(b.addr)).map_err(to_py_err)?.0;
-                    b.m.phys
-                        .direct_ptr(phys, b.len)
-                        .ok_or_else(|| PyBufferError::new_err("the Block has no host mapping"))?
-                        .as_ptr()
+                    let host = b
+                        .m
+                        .virt_to_phys(VirtAddr(b.addr))
+                        .ok()
+                        .and_then(|p| b.m.phys.direct_ptr(p.0, b.len));
+                    match host {
+                        Some(h) => h.as_ptr(),
+                        None => {
+                            unpin();
+                            return Err(PyBufferError::new_err("the Block has no host mapping"));
+                        }
+                    }
                 }
             }
         };
-        if b.kind == Kind::Ctor {
-            return Err(PyBufferError::new_err("a ctor's Block cannot be exported (it is valid only during the ctor call)"));
-        }
-        if b.exports.fetch_add(1, Relaxed) == 0 {
-            match b.kind {
-                Kind::Object => b.m.shadow.set_pinned(b.phys(), true),
-                Kind::Percpu => b.m.percpu_pin(b.pcpu.0, true),
-                _ => {}
-            }
-        }
         let len = b.len as isize;
         let readonly = if b.len == 0 { 1 } else { 0 };
         if readonly == 1 && flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE {
-            b.exports.fetch_sub(1, Relaxed);
+            unpin();
             return Err(PyBufferError::new_err("an empty Block is not writable"));
+        }
+        if b.exports.fetch_add(1, Relaxed) == 0 {
+            match b.kind {
+                Kind::Object => b.m.pin_object(b.phys()),
+                Kind::Percpu => b.m.percpu_pin(b.pcpu.0, true),
+                _ => {}
+            }
         }
         static FORMAT: &[u8; 2] = b"B\0";
         // SAFETY: `view` is non-null (checked) and points to a Py_buffer the
@@ -555,10 +610,11 @@ impl PyBlock {
         }
         if self.kind == Kind::Kmap {
             self.m.kmap_local_pin(self.addr, self.pcpu.1, -1);
+            self.m.unpin_pages([self.pcpu.0], PinKind::Export);
         }
-        if self.exports.fetch_sub(1, Relaxed) == 1 && self.alive() {
+        if self.exports.fetch_sub(1, Relaxed) == 1 {
             match self.kind {
-                Kind::Object => self.m.shadow.set_pinned(self.phys(), false),
+                Kind::Object => self.m.unpin_object(self.phys()),
                 Kind::Percpu => self.m.percpu_pin(self.pcpu.0, false),
                 _ => {}
             }
@@ -582,6 +638,7 @@ impl PyKmemCache {
     }
 
     pub(crate) fn alloc_block(&self, py: Python<'_>, gfp: u32) -> PyResult<PyBlock> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let cs = call_site(py, &self.m);
         match self.m.kmem_cache_alloc(&self.c, gfp, &cs) {
             Ok(a) => Ok(PyBlock::new(&self.m, a.0, self.object_size() as usize)),
@@ -593,9 +650,10 @@ impl PyKmemCache {
     }
 
     pub(crate) fn free_obj(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let cs = call_site(py, &self.m);
         if let Ok(b) = obj.cast::<PyBlock>() {
-            let b = b.get();
+            let b = b.get().owned_by(&self.m)?;
             return b.free_with(|a| self.m.kmem_cache_free(&self.c, VirtAddr(a), &cs));
         }
         let a: u64 = obj.extract().map_err(|_| PyTypeError::new_err("expected a Block or an address"))?;
@@ -603,8 +661,9 @@ impl PyKmemCache {
     }
 }
 
-/// Addresses from a Python sequence, array('Q'), numpy array or list of Blocks.
-pub(crate) fn addresses(objs: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
+/// Addresses from a Python sequence, array('Q'), numpy array or list of
+/// Blocks (of machine `m`).
+pub(crate) fn addresses(m: &Arc<Machine>, objs: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
     if let Ok(buf) = pyo3::buffer::PyBuffer::<u64>::get(objs) {
         return buf.to_vec(objs.py());
     }
@@ -612,9 +671,9 @@ pub(crate) fn addresses(objs: &Bound<'_, PyAny>) -> PyResult<Vec<u64>> {
     for o in objs.try_iter()? {
         let o = o?;
         if let Ok(b) = o.cast::<PyBlock>() {
-            v.push(b.get().addr);
+            v.push(b.get().owned_by(m)?.addr);
         } else {
-            v.push(o.extract::<u64>()?);
+            v.push(crate::args::nat(&o, "kmem_cache_free_bulk", "address")?);
         }
     }
     Ok(v)
@@ -649,29 +708,35 @@ impl PyKmemCache {
     fn size(&self) -> u32 {
         self.c.geo.size
     }
+    /// The object alignment (/sys/kernel/slab/<cache>/align).
     #[getter]
     fn align(&self) -> u32 {
         self.c.geo.align
     }
+    /// Objects in one slab (objs_per_slab).
     #[getter]
     fn objs_per_slab(&self) -> u32 {
         self.c.geo.objects
     }
+    /// The page order of a slab (/sys/kernel/slab/<cache>/order).
     #[getter]
     fn order(&self) -> u32 {
         self.c.geo.order
     }
+    /// The cache's SLAB_* flags, slub_debug= ones included.
     #[getter]
     fn flags(&self) -> u32 {
         self.c.flags
     }
+    /// Empty slabs kept on the node partial list (min_partial).
     #[getter]
-    fn min_partial(&self) -> u32 {
-        self.c.geo.min_partial
+    fn min_partial(&self) -> u64 {
+        self.c.min_partial()
     }
+    /// Free objects kept on per-CPU partial slabs at most (cpu_partial).
     #[getter]
     fn cpu_partial(&self) -> u32 {
-        self.c.geo.cpu_partial
+        self.c.cpu_partial().0
     }
     /// The free pointer's offset inside the slot.
     #[getter]
@@ -683,6 +748,7 @@ impl PyKmemCache {
     fn ksize(&self) -> u32 {
         self.c.ksize()
     }
+    /// The constructor the cache was created with, or None.
     #[getter]
     fn ctor(&self, py: Python<'_>) -> Option<Py<PyAny>> {
         self.ctor.as_ref().map(|c| c.clone_ref(py))
@@ -693,8 +759,9 @@ impl PyKmemCache {
         self.c.dead.load(Relaxed)
     }
     /// `kmem_cache_alloc(cache, gfp)`: one object as a Block.
-    #[pyo3(signature = (gfp=kmm_core::gfp::GFP_KERNEL))]
-    fn alloc(&self, py: Python<'_>, gfp: u32) -> PyResult<PyBlock> {
+    #[pyo3(signature = (gfp=kmm_core::gfp::GFP_KERNEL as i128))]
+    fn alloc(&self, py: Python<'_>, gfp: i128) -> PyResult<PyBlock> {
+        let gfp = crate::args::u32_arg(gfp, "KmemCache.alloc", "gfp")?;
         self.alloc_block(py, gfp)
     }
     /// `kmem_cache_free(cache, obj)`: a Block or an address.
@@ -703,10 +770,13 @@ impl PyKmemCache {
     }
     /// `kmem_cache_alloc_bulk`: `n` objects (all or none) as an array('Q') of
     /// addresses. Releases the GIL.
-    fn alloc_bulk<'py>(&self, py: Python<'py>, gfp: u32, n: usize) -> PyResult<Bound<'py, PyAny>> {
+    fn alloc_bulk<'py>(&self, py: Python<'py>, gfp: i128, n: i128) -> PyResult<Bound<'py, PyAny>> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
+        let gfp = crate::args::u32_arg(gfp, "KmemCache.alloc_bulk", "gfp")?;
+        let n = crate::args::usize_arg(n, "KmemCache.alloc_bulk", "n")?;
         let (m, c) = (self.m.clone(), self.c.clone());
         let r = py.detach(move || {
-            let mut v = Vec::with_capacity(n);
+            let mut v = Vec::new(); // sized by the core, which refuses absurd counts
             m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
         });
         match r {
@@ -721,18 +791,21 @@ impl PyKmemCache {
     /// sequence of ints/Blocks). All are checked first; on error none is freed.
     /// Releases the GIL.
     fn free_bulk(&self, py: Python<'_>, objs: &Bound<'_, PyAny>) -> PyResult<()> {
-        let v = addresses(objs)?;
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
+        let v = addresses(&self.m, objs)?;
         let (m, c) = (self.m.clone(), self.c.clone());
         py.detach(move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
     }
     /// `kmem_cache_shrink`: give empty slabs back; returns pages freed.
     fn shrink(&self, py: Python<'_>) -> PyResult<u64> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let (m, c) = (self.m.clone(), self.c.clone());
         py.detach(move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
     }
     /// `kmem_cache_destroy`. Refused (KmmError) while objects are allocated;
     /// the cache then stays usable.
     fn destroy(&self) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         self.m.kmem_cache_destroy(&self.c).map_err(to_py_err)
     }
     /// Slabs by state, in the seed book's words: full, partial, empty

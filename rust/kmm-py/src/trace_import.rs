@@ -234,6 +234,8 @@ impl PyTraceLog {
             r.dynamics.iter().map(|x| (x.what.clone(), x.tracepoint.clone(), x.kernel, x.kmm, x.kmm_in_lost)).collect();
         d.set_item("dynamics", dynamics)?;
         d.set_item("lost_stretches", r.lost_stretches.clone())?;
+        d.set_item("page_alloc_orders", r.page_alloc_orders.clone())?;
+        d.set_item("zone_lock_acquisitions", r.zone_lock_acquisitions)?;
         let ends = pyo3::types::PyList::empty(py);
         for z in &r.end_state {
             let zd = PyDict::new(py);
@@ -324,6 +326,7 @@ impl PyTraceEvent {
     fn name(&self) -> &str {
         self.log.name(self.i)
     }
+    /// The CPU the event was recorded on.
     #[getter]
     fn cpu(&self) -> u32 {
         self.log.events[self.i].cpu
@@ -333,10 +336,12 @@ impl PyTraceEvent {
     fn timestamp(&self) -> u64 {
         self.log.events[self.i].ts_ns
     }
+    /// The task's command name, as perf script prints it.
     #[getter]
     fn comm(&self) -> &str {
         self.log.comm(self.i)
     }
+    /// The task's pid (tid), as perf script prints it.
     #[getter]
     fn pid(&self) -> u32 {
         self.log.events[self.i].pid

@@ -32,6 +32,7 @@ impl PyEvent {
     fn name(&self) -> &'static str {
         self.ev.name()
     }
+    /// The CPU the event happened on.
     #[getter]
     fn cpu(&self) -> u32 {
         self.ev.cpu

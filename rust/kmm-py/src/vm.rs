@@ -39,15 +39,16 @@ impl PyMachine {
             return Ok((b.get().addr, Some(b.clone().unbind())));
         }
         if obj.is_instance_of::<PyInt>() {
-            return Ok((obj.extract()?, None));
+            return Ok((crate::args::nat(obj, "vfree", "addr")?, None));
         }
         Err(PyTypeError::new_err(format!("expected a Block, an address or None, not {}", obj.get_type().name()?)))
     }
 
     fn vfree_with(&self, obj: Option<&Bound<'_, PyAny>>, f: impl Fn(&Machine, u64) -> kmm_core::Result<()>) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let (addr, blk) = Self::addr_arg(obj)?;
         match blk {
-            Some(b) => b.get().free_with(|a| f(&self.m, a)),
+            Some(b) => b.get().owned_by(&self.m)?.free_with(|a| f(&self.m, a)),
             None => f(&self.m, addr).map_err(to_py_err),
         }
     }
@@ -59,14 +60,17 @@ impl PyMachine {
 
     /// Walk the kernel page tables: (physical address, page size) of `addr`.
     /// PageFaultError when nothing maps it.
-    fn translate(&self, addr: u64) -> PyResult<(u64, u64)> {
+    fn translate(&self, addr: i128) -> PyResult<(u64, u64)> {
+        let addr = crate::args::u64_arg(addr, "translate", "addr")?;
         let t = self.m.translate(VirtAddr(addr)).map_err(to_py_err)?;
         Ok((t.phys, t.page_size))
     }
     /// Touch `[addr, addr+n)` through this CPU's TLB and the page tables, as
     /// loads (or stores) would, without moving data.
     #[pyo3(signature = (addr, n=1, write=false))]
-    fn access(&self, addr: u64, n: usize, write: bool) -> PyResult<()> {
+    fn access(&self, addr: i128, n: i128, write: bool) -> PyResult<()> {
+        let addr = crate::args::u64_arg(addr, "access", "addr")?;
+        let n = crate::args::usize_arg(n, "access", "n")?;
         self.m.access(VirtAddr(addr), n, write).map_err(to_py_err)
     }
     /// Per-CPU TLB counters: hits (first level), l2_hits (STLB), misses,
@@ -103,28 +107,38 @@ impl PyMachine {
     }
     /// `flush_tlb_all()`: a full flush on every CPU (IPIs counted).
     fn flush_tlb_all(&self) {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         self.m.flush_tlb_all()
     }
     /// `flush_tlb_kernel_range(start, end)`.
-    fn flush_tlb_kernel_range(&self, start: u64, end: u64) {
-        self.m.flush_tlb_kernel_range(start, end)
+    fn flush_tlb_kernel_range(&self, start: i128, end: i128) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
+        let f = "flush_tlb_kernel_range";
+        let (start, end) = (crate::args::u64_arg(start, f, "start")?, crate::args::u64_arg(end, f, "end")?);
+        self.m.flush_tlb_kernel_range(start, end);
+        Ok(())
     }
 
     // ---- vmalloc ------------------------------------------------------------------
 
     /// `vmalloc(size, gfp)`: virtually contiguous memory from order-0 pages
     /// (highmem allowed), with a guard page after it. May sleep.
-    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL))]
-    fn vmalloc(&self, py: Python<'_>, size: u64, gfp: u32) -> PyResult<PyBlock> {
+    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL as i128))]
+    fn vmalloc(&self, py: Python<'_>, size: i128, gfp: i128) -> PyResult<PyBlock> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
+        let size = crate::args::u64_arg(size, "vmalloc", "size")?;
+        let gfp = crate::args::u32_arg(gfp, "vmalloc", "gfp")?;
         let cs = caller(py);
         let m = self.m.clone();
         let a = py.detach(|| m.vmalloc(size, gfp, &cs)).map_err(|e| oom(py, e))?;
         Ok(PyBlock::for_area(&self.m, a, size as usize))
     }
     /// `vzalloc(size)`: zeroed vmalloc.
-    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL))]
-    fn vzalloc(&self, py: Python<'_>, size: u64, gfp: u32) -> PyResult<PyBlock> {
-        self.vmalloc(py, size, gfp | kmm_core::gfp::__GFP_ZERO)
+    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL as i128))]
+    fn vzalloc(&self, py: Python<'_>, size: i128, gfp: i128) -> PyResult<PyBlock> {
+        let size = crate::args::u64_arg(size, "vzalloc", "size")?;
+        let gfp = crate::args::u32_arg(gfp, "vzalloc", "gfp")?;
+        self.vmalloc(py, size as i128, (gfp | kmm_core::gfp::__GFP_ZERO) as i128)
     }
     /// `vfree(obj)`: a vmalloc Block, its address, or None (a no-op).
     #[pyo3(signature = (obj))]
@@ -133,6 +147,7 @@ impl PyMachine {
     }
     /// `vmap(pages)`: map existing pages contiguously (they stay yours).
     fn vmap(&self, py: Python<'_>, pages: Vec<Bound<'_, PyAny>>) -> PyResult<PyBlock> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let pfns: Vec<Pfn> = pages.iter().map(|p| self.page_arg(p)).collect::<PyResult<_>>()?;
         let cs = caller(py);
         let a = self.m.vmap(&pfns, &cs).map_err(to_py_err)?;
@@ -144,8 +159,11 @@ impl PyMachine {
         self.vfree_with(obj, |m, a| m.vunmap(a))
     }
     /// `kvmalloc(size, gfp)`: kmalloc, falling back to vmalloc.
-    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL))]
-    fn kvmalloc(&self, py: Python<'_>, size: u64, gfp: u32) -> PyResult<PyBlock> {
+    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL as i128))]
+    fn kvmalloc(&self, py: Python<'_>, size: i128, gfp: i128) -> PyResult<PyBlock> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
+        let size = crate::args::u64_arg(size, "kvmalloc", "size")?;
+        let gfp = crate::args::u32_arg(gfp, "kvmalloc", "gfp")?;
         let cs = caller(py);
         match self.m.kvmalloc(size, gfp, &cs) {
             Ok((_, Some(a))) => Ok(PyBlock::for_area(&self.m, a, size as usize)),
@@ -154,9 +172,11 @@ impl PyMachine {
         }
     }
     /// `kvzalloc(size, gfp)`.
-    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL))]
-    fn kvzalloc(&self, py: Python<'_>, size: u64, gfp: u32) -> PyResult<PyBlock> {
-        self.kvmalloc(py, size, gfp | kmm_core::gfp::__GFP_ZERO)
+    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL as i128))]
+    fn kvzalloc(&self, py: Python<'_>, size: i128, gfp: i128) -> PyResult<PyBlock> {
+        let size = crate::args::u64_arg(size, "kvzalloc", "size")?;
+        let gfp = crate::args::u32_arg(gfp, "kvzalloc", "gfp")?;
+        self.kvmalloc(py, size as i128, (gfp | kmm_core::gfp::__GFP_ZERO) as i128)
     }
     /// `kvfree(obj)`: vfree or kfree, by address.
     fn kvfree(&self, py: Python<'_>, obj: Option<&Bound<'_, PyAny>>) -> PyResult<()> {
@@ -164,16 +184,18 @@ impl PyMachine {
         self.vfree_with(obj, |m, a| m.kvfree(a, &cs))
     }
     /// `vmalloc_to_page(addr)`: the page mapped there, None if none.
-    fn vmalloc_to_page(&self, addr: u64) -> PyResult<Option<PyPage>> {
+    fn vmalloc_to_page(&self, addr: i128) -> PyResult<Option<PyPage>> {
+        let addr = crate::args::u64_arg(addr, "vmalloc_to_page", "addr")?;
         Ok(self.m.vmalloc_to_page(addr).map_err(to_py_err)?.map(|p| PyPage::new(&self.m, p)))
     }
     /// `vmalloc_to_pfn(addr)`.
-    fn vmalloc_to_pfn(&self, addr: u64) -> PyResult<Option<u64>> {
+    fn vmalloc_to_pfn(&self, addr: i128) -> PyResult<Option<u64>> {
+        let addr = crate::args::u64_arg(addr, "vmalloc_to_pfn", "addr")?;
         Ok(self.m.vmalloc_to_page(addr).map_err(to_py_err)?.map(|p| p.0))
     }
     /// `is_vmalloc_addr(addr)`.
-    fn is_vmalloc_addr(&self, addr: u64) -> bool {
-        self.m.is_vmalloc_addr(addr)
+    fn is_vmalloc_addr(&self, addr: i128) -> PyResult<bool> {
+        Ok(self.m.is_vmalloc_addr(crate::args::u64_arg(addr, "is_vmalloc_addr", "addr")?))
     }
     /// `vmalloc_nr_pages()`: pages held by vmalloc areas (meminfo VmallocUsed).
     fn vmalloc_nr_pages(&self) -> u64 {
@@ -182,6 +204,7 @@ impl PyMachine {
     /// `vm_unmap_aliases()`: purge the lazily freed areas now (one TLB
     /// flush for all). Returns the number of areas purged.
     fn vm_unmap_aliases(&self) -> u32 {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         self.m.purge_vmap_area_lazy()
     }
     /// `vmap_lazy_nr`: pages of freed areas waiting for the lazy purge.
@@ -210,30 +233,36 @@ impl PyMachine {
     /// `kmap(page)`: an address for the page; highmem pages take a pkmap
     /// slot, waiting (GIL released) when all are in use. May sleep.
     fn kmap(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let pfn = self.page_arg(page)?;
         let m = self.m.clone();
         py.detach(|| m.kmap(pfn)).map(|v| v.0).map_err(to_py_err)
     }
     /// `kunmap(page)`.
     fn kunmap(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let pfn = self.page_arg(page)?;
         let m = self.m.clone();
         py.detach(|| m.kunmap(pfn)).map_err(to_py_err)
     }
     /// `kmap_atomic(page)`: disables preemption until kunmap_atomic.
     fn kmap_atomic(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<u64> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let pfn = self.page_arg(page)?;
         let m = self.m.clone();
         py.detach(|| m.kmap_atomic(pfn)).map(|v| v.0).map_err(to_py_err)
     }
     /// `kunmap_atomic(addr)`.
-    fn kunmap_atomic(&self, addr: u64) -> PyResult<()> {
+    fn kunmap_atomic(&self, addr: i128) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
+        let addr = crate::args::u64_arg(addr, "kunmap_atomic", "addr")?;
         self.m.kunmap_atomic(VirtAddr(addr)).map_err(to_py_err)
     }
     /// `kmap_local_page(page)`: a Block over the mapping, usable as a
     /// context manager that unmaps it on exit. Preemption is disabled while
     /// it is held; mappings nest and must be undone in reverse order.
     fn kmap_local_page(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<PyBlock> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let pfn = self.page_arg(page)?;
         let m = self.m.clone();
         // Released: claiming the CPU may wait for a thread that needs the GIL.
@@ -242,14 +271,19 @@ impl PyMachine {
     }
     /// `kunmap_local(block_or_addr)`.
     fn kunmap_local(&self, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         if let Ok(b) = obj.cast::<PyBlock>() {
-            return b.get().kunmap();
+            return b.get().owned_by(&self.m)?.kunmap();
         }
-        let a: u64 = obj.extract().map_err(|_| PyTypeError::new_err("expected a kmap_local Block or an address"))?;
+        if !obj.is_instance_of::<PyInt>() {
+            return Err(PyTypeError::new_err("kunmap_local: expected a kmap_local Block or an address"));
+        }
+        let a = crate::args::nat(obj, "kunmap_local", "addr")?;
         self.m.kunmap_local(VirtAddr(a)).map_err(to_py_err)
     }
     /// `kmap_flush_unused()`: clear stale pkmap slots (one TLB flush).
     fn kmap_flush_unused(&self) {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         self.m.kmap_flush_unused()
     }
     /// pkmap occupancy: in_use, stale, flushes, waits.
@@ -279,7 +313,8 @@ impl PyMachine {
         l.highmem.then_some(l.pkmap_base)
     }
     /// kmap_local mappings held on `cpu`.
-    fn kmap_local_depth(&self, cpu: u32) -> PyResult<usize> {
+    fn kmap_local_depth(&self, cpu: i128) -> PyResult<usize> {
+        let cpu = crate::args::u32_arg(cpu, "kmap_local_depth", "cpu")?;
         if cpu >= self.m.cfg.cpus {
             return Err(PyValueError::new_err(format!("cpu {cpu} does not exist")));
         }
@@ -298,12 +333,14 @@ impl PyMachine {
     /// CONFIG_VMAP_STACK) puts it in vmalloc space with a guard page.
     #[pyo3(signature = (vmap=None))]
     fn alloc_thread_stack(&self, py: Python<'_>, vmap: Option<bool>) -> PyResult<PyThreadStack> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let vmap = vmap.unwrap_or(self.m.cfg.arch == kmm_core::Arch::X86_64);
         let st = self.m.alloc_thread_stack(vmap, &Arc::from("kernel_clone+0x94/0x3e0")).map_err(|e| oom(py, e))?;
         Ok(PyThreadStack { m: self.m.clone(), st })
     }
     /// `free_thread_stack`.
     fn free_thread_stack(&self, stack: &Bound<'_, PyThreadStack>) -> PyResult<()> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let s = stack.get();
         if !Arc::ptr_eq(&s.m, &self.m) {
             return Err(PyValueError::new_err("that stack belongs to another Machine"));
@@ -311,7 +348,9 @@ impl PyMachine {
         self.m.free_thread_stack(&s.st).map_err(to_py_err)
     }
     /// CPU `cpu`'s IRQ stack (made on first use).
-    fn irq_stack(&self, cpu: u32) -> PyResult<PyThreadStack> {
+    fn irq_stack(&self, cpu: i128) -> PyResult<PyThreadStack> {
+        let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
+        let cpu = crate::args::u32_arg(cpu, "irq_stack", "cpu")?;
         let st = self.m.irq_stack(cpu).map_err(to_py_err)?;
         Ok(PyThreadStack { m: self.m.clone(), st })
     }
@@ -345,6 +384,7 @@ impl PyThreadStack {
     fn top(&self) -> u64 {
         self.st.top()
     }
+    /// THREAD_SIZE: bytes of the stack.
     #[getter]
     fn size(&self) -> u64 {
         self.st.size
@@ -380,7 +420,8 @@ impl PyThreadStack {
     /// (PageFaultError, nothing written); another overwrites the end magic
     /// and the memory below, silently.
     #[pyo3(name = "use")]
-    fn use_(&self, depth: u64) -> PyResult<()> {
+    fn use_(&self, depth: i128) -> PyResult<()> {
+        let depth = crate::args::u64_arg(depth, "ThreadStack.use", "depth")?;
         self.m.stack_use(&self.st, depth).map_err(to_py_err)
     }
     fn __repr__(&self) -> String {

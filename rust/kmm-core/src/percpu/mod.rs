@@ -159,9 +159,13 @@ impl Machine {
     /// `__alloc_percpu_gfp(size, align, gfp)`: zeroed memory in every CPU's
     /// unit. Returns the `__percpu` pointer.
     pub fn alloc_percpu(&self, size: u64, align: u64, gfp: Gfp, call_site: &CallSite) -> Result<u64> {
+        self.refused_changes_nothing(|| self.alloc_percpu_(size, align, gfp, call_site))
+    }
+
+    fn alloc_percpu_(&self, size: u64, align: u64, gfp: Gfp, call_site: &CallSite) -> Result<u64> {
         let _d = self.trace.defer(); // page events under pcpu state lock
         let align = align.max(PCPU_MIN_ALLOC_SIZE);
-        let size = size.next_multiple_of(PCPU_MIN_ALLOC_SIZE);
+        let size = size.checked_next_multiple_of(PCPU_MIN_ALLOC_SIZE).unwrap_or(0);
         if size == 0 || size > PCPU_MIN_UNIT_SIZE || align > self.page_size || !align.is_power_of_two() {
             return Err(KmmError::InvalidArgument(format!(
                 "illegal size ({size}) or align ({align}) for percpu allocation"

@@ -105,6 +105,9 @@ pub struct Slab {
     pub frozen: bool,
     prev: u32,
     next: u32,
+    /// `SlabRegistry::pages_allocated` just after this slab's pages were
+    /// taken (0 for a warm slab): which slabs a call made (`discard_new_empty`).
+    pub born: u64,
 }
 
 /// Per-CPU slab state (`struct kmem_cache_cpu`).
@@ -199,6 +202,12 @@ pub struct KmemCache {
     pub aliases: Mutex<Vec<String>>,
     /// `s->object_size` as raised by merges (`__kmem_cache_alias`).
     object_size: AtomicU32,
+    /// `s->min_partial`, `s->cpu_partial` and `s->cpu_partial_slabs` as
+    /// /sys/kernel/slab/<cache>/{min_partial,cpu_partial} may rewrite them
+    /// (`geo` keeps what kmem_cache_open computed).
+    min_partial: AtomicU64,
+    cpu_partial: AtomicU32,
+    cpu_partial_slabs: AtomicU32,
 }
 
 /// Result of classifying an address for a free.
@@ -247,6 +256,9 @@ impl KmemCache {
             dead: AtomicBool::new(false),
             aliases: Mutex::new(Vec::new()),
             object_size: AtomicU32::new(geo.object_size),
+            min_partial: AtomicU64::new(geo.min_partial as u64),
+            cpu_partial: AtomicU32::new(geo.cpu_partial),
+            cpu_partial_slabs: AtomicU32::new(geo.cpu_partial_slabs),
         }
     }
 
@@ -267,9 +279,47 @@ impl KmemCache {
         self.flags & SLAB_DEBUG_FLAGS != 0
     }
 
+    /// `kmem_cache_has_cpu_partial` (CONFIG_SLUB_CPU_PARTIAL=y): every
+    /// cache but a debug one, whatever its cpu_partial.
     #[inline]
     fn has_cpu_partial(&self) -> bool {
-        !self.is_debug() && self.geo.cpu_partial > 0
+        !self.is_debug()
+    }
+
+    /// `s->min_partial`: empty slabs a node keeps on its partial list.
+    #[inline]
+    pub fn min_partial(&self) -> u64 {
+        self.min_partial.load(Relaxed)
+    }
+
+    /// `s->cpu_partial` (objects) and `s->cpu_partial_slabs`.
+    #[inline]
+    pub fn cpu_partial(&self) -> (u32, u32) {
+        (self.cpu_partial.load(Relaxed), self.cpu_partial_slabs.load(Relaxed))
+    }
+
+    /// `min_partial_store`: any unsigned long, no clamp (mm/slub.c).
+    pub fn set_min_partial(&self, min: u64) {
+        self.min_partial.store(min, Relaxed);
+    }
+
+    /// `cpu_partial_store`: EINVAL for a non-zero count on a cache without
+    /// cpu partial lists; else `slub_set_cpu_partial` (cpu_partial_slabs =
+    /// DIV_ROUND_UP(objects * 2, oo_objects)) and `flush_all`.
+    pub fn set_cpu_partial(&self, m: &Machine, objects: u32) -> Result<()> {
+        if objects != 0 && !self.has_cpu_partial() {
+            return Err(KmmError::InvalidArgument(format!(
+                "/sys/kernel/slab/{}/cpu_partial: {objects}: Invalid argument (a debug cache has no cpu partial lists)",
+                self.name
+            )));
+        }
+        let per_slab = self.geo.objects.max(1);
+        self.cpu_partial.store(objects, Relaxed);
+        self.cpu_partial_slabs.store(((objects as u64 * 2).div_ceil(per_slab as u64)) as u32, Relaxed);
+        for cpu in 0..self.cpus.len() as u32 {
+            self.flush_cpu(m, cpu);
+        }
+        Ok(())
     }
 
     /// Lock this CPU's slab state, counting contention.
@@ -581,8 +631,10 @@ impl KmemCache {
                 let first = n.partial_head;
                 Self::remove_partial(&mut n, first);
                 let mut moved = 0;
-                let cap = self.geo.cpu_partial_slabs;
-                if self.has_cpu_partial() && cap > 0 {
+                // get_partial_node: stop once more than half of
+                // cpu_partial_slabs moved (with 0, after one).
+                let cap = self.cpu_partial().1;
+                if self.has_cpu_partial() {
                     while n.partial_head != NIL {
                         let id = n.partial_head;
                         Self::remove_partial(&mut n, id);
@@ -683,7 +735,7 @@ impl KmemCache {
         } else {
             m.vmstat.nr_slab_unreclaimable_b.fetch_add(bytes, Relaxed);
         }
-        m.slab.pages_allocated.fetch_add(1 << order, Relaxed);
+        let born = m.slab.pages_allocated.fetch_add(1 << order, Relaxed) + (1 << order);
         let mut n = self.node.lock();
         let frozen = matches!(list, SlabList::Cpu(_));
         let slab = Slab {
@@ -696,6 +748,7 @@ impl KmemCache {
             frozen: false,
             prev: NIL,
             next: NIL,
+            born,
         };
         let id = Self::new_slab_id(&mut n, slab);
         Self::slab_mut(&mut n, id).list = list;
@@ -752,7 +805,7 @@ impl KmemCache {
             m.vmstat.nr_slab_unreclaimable_b.fetch_add(bytes, Relaxed);
         }
         let mut n = self.node.lock();
-        let slab = Slab { pfn, order, objects, inuse, freelist, list: SlabList::None, frozen: false, prev: NIL, next: NIL };
+        let slab = Slab { pfn, order, objects, inuse, freelist, list: SlabList::None, frozen: false, prev: NIL, next: NIL, born: 0 };
         let id = Self::new_slab_id(&mut n, slab);
         n.nr_slabs += 1;
         n.total_objects += objects as u64;
@@ -824,7 +877,7 @@ impl KmemCache {
         s.inuse -= freed;
         s.list = SlabList::None;
         let (inuse, has_free) = (s.inuse, s.freelist != 0);
-        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+        if inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
             stats.deactivate_empty += 1;
             stats.free_slab += 1;
             return self.discard_slab(m, &mut n, id);
@@ -844,7 +897,7 @@ impl KmemCache {
         for id in ids {
             let s = Self::slab_mut(&mut n, id);
             s.list = SlabList::None;
-            if s.inuse == 0 && n.nr_partial >= self.geo.min_partial {
+            if s.inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
                 pages += self.discard_slab(m, &mut n, id);
                 stats.free_slab += 1;
             } else {
@@ -920,7 +973,7 @@ impl KmemCache {
         if prior != 0 && !on_node_partial {
             return; // on some CPU's partial list: nothing to move
         }
-        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+        if inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
             if prior != 0 {
                 Self::remove_partial(&mut n, id);
             }
@@ -996,7 +1049,7 @@ impl KmemCache {
     /// `put_cpu_partial(s, slab, drain=1)`: push on this CPU's partial list,
     /// first draining it to the node when it already holds cpu_partial_slabs.
     fn put_cpu_partial(&self, m: &Machine, c: &mut CpuSlab, id: u32) {
-        if c.partial.len() as u32 >= self.geo.cpu_partial_slabs {
+        if c.partial.len() as u32 >= self.cpu_partial().1 {
             let old = std::mem::take(&mut c.partial);
             c.stats.cpu_partial_drain += 1;
             let mut stats = c.stats;
@@ -1056,6 +1109,47 @@ impl KmemCache {
         for ids in promote.iter().rev() {
             for &id in ids.iter().rev() {
                 Self::add_partial(&mut n, id, false);
+            }
+        }
+        pages
+    }
+
+    /// Give back the empty slabs made after `since` (a `pages_allocated`
+    /// reading): what a refused call grew the cache by. This CPU's slab and
+    /// partial slabs among them are flushed first; other CPUs' are left
+    /// alone. The kernel keeps such slabs; kmm gives them back so that a
+    /// call that fails leaves the accounting as it was. Returns the pages.
+    pub(crate) fn discard_new_empty(&self, m: &Machine, cpu: u32, since: u64) -> u64 {
+        let _d = m.trace.defer();
+        let is_new = |n: &Node, id: u32| n.slabs.get(id as usize).and_then(|s| s.as_ref()).is_some_and(|s| s.born > since);
+        let mut pages = 0;
+        {
+            let mut c = self.cpu_lock(cpu);
+            let mut stats = c.stats;
+            let (cur_new, parts) = {
+                let n = self.node.lock();
+                let cur_new = c.slab != NIL && is_new(&n, c.slab);
+                let parts: Vec<u32> = c.partial.iter().copied().filter(|&id| is_new(&n, id)).collect();
+                (cur_new, parts)
+            };
+            if cur_new {
+                let (id, fl) = (c.slab, std::mem::take(&mut c.freelist));
+                c.slab = NIL;
+                c.slab_pfn = u64::MAX;
+                pages += self.deactivate_slab(m, id, fl, &mut stats);
+            }
+            if !parts.is_empty() {
+                c.partial.retain(|id| !parts.contains(id));
+                pages += self.put_partials(m, parts, &mut stats);
+            }
+            c.stats = stats;
+        }
+        let mut n = self.node.lock();
+        for id in Self::partial_ids(&n) {
+            let s = n.slabs[id as usize].as_ref().expect("partial slab");
+            if s.born > since && s.inuse == 0 {
+                Self::remove_partial(&mut n, id);
+                pages += self.discard_slab(m, &mut n, id);
             }
         }
         pages

@@ -894,7 +894,7 @@ impl KmemCache {
         s.freelist = obj;
         s.inuse -= 1;
         let (inuse, list) = (s.inuse, s.list);
-        if inuse == 0 && n.nr_partial >= self.geo.min_partial {
+        if inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
             if list == SlabList::NodePartial {
                 Self::remove_partial(&mut n, o.slab_id);
             }
@@ -906,23 +906,52 @@ impl KmemCache {
         rep.flush();
     }
 
-    /// `list_slab_objects` for every node partial slab with objects left
-    /// (`free_partial` in `__kmem_cache_shutdown`): one error for the slab
-    /// and one per object, into the log.
+    /// `list_slab_objects` for every slab that `__kmem_cache_shutdown`'s
+    /// `free_partial` would find on the node's partial list after
+    /// `flush_all_cpus_locked`: the node partial slabs and the CPU (and CPU
+    /// partial) slabs that are neither empty nor full, their CPU freelists
+    /// counted as free. Nothing moves (kmm refuses the destroy and changes
+    /// nothing). One error for the slab and one per object, into the log.
     pub(crate) fn list_slab_objects(&self, m: &Machine) {
+        let mut cpu_free = std::collections::HashSet::new();
+        let mut cpu_held = Vec::new();
+        for p in self.cpus.iter() {
+            let c = p.lock.lock();
+            let mut fp = c.freelist;
+            while fp != 0 && cpu_free.len() <= 1 << 20 && cpu_free.insert(fp) {
+                fp = self.get_fp(m, fp);
+            }
+            if c.slab != NIL {
+                cpu_held.push(c.slab);
+            }
+            cpu_held.extend(c.partial.iter().copied());
+        }
         let mut rep = Report::new(m);
         {
             let n = self.node.lock();
-            for id in Self::partial_ids(&n) {
-                let Some(s) = n.slabs[id as usize].as_ref() else { continue };
-                if s.inuse == 0 {
+            let mut ids = Self::partial_ids(&n);
+            for id in cpu_held {
+                if !ids.contains(&id) {
+                    ids.push(id);
+                }
+            }
+            for id in ids {
+                let Some(s) = n.slabs.get(id as usize).and_then(|s| s.as_ref()) else { continue };
+                let snap = s.clone();
+                let (addr, base) = (Self::slab_addr(m, snap.pfn), self.slab_base(m, snap.pfn));
+                let mut free = self.free_set(m, &snap);
+                for i in 0..snap.objects {
+                    let obj = base + i as u64 * self.geo.size as u64;
+                    if cpu_free.contains(&obj) {
+                        free.insert(obj);
+                    }
+                }
+                let inuse = snap.objects as usize - free.len().min(snap.objects as usize);
+                if inuse == 0 || (inuse == snap.objects as usize && snap.list != SlabList::NodePartial) {
                     continue;
                 }
-                let snap = s.clone();
                 let msg = format!("Objects remaining in {} on __kmem_cache_shutdown()", self.name);
                 self.slab_err(m, &mut rep, &snap, &msg);
-                let free = self.free_set(m, &snap);
-                let (addr, base) = (Self::slab_addr(m, snap.pfn), self.slab_base(m, snap.pfn));
                 for i in 0..snap.objects {
                     let obj = base + i as u64 * self.geo.size as u64;
                     if free.contains(&obj) {

@@ -6,7 +6,9 @@
 //! `slab_unmergeable`, `kmem_cache_destroy`, `kmem_cache_shrink`,
 //! `create_boot_cache`), `mm/slub.c` (`kmem_cache_alloc`, `kmem_cache_free`,
 //! `cache_from_obj`, `kmem_cache_alloc_bulk`, `kmem_cache_free_bulk`,
-//! `__kmem_cache_shutdown`, `slab_post_alloc_hook`), `mm/slab.h`.
+//! `__kmem_cache_shutdown`, `slab_pre_alloc_hook` (failslab:
+//! `fault_inject.rs`), `slab_post_alloc_hook` and `slab_free_hook`
+//! (zeroing, init_on_alloc/init_on_free: `mem_init.rs`)), `mm/slab.h`.
 //!
 //! Modules: `geometry` (layout and order), `cache` (one cache's slabs and
 //! per-CPU state), `cache::debug` (slub_debug: checks, repairs, reports,
@@ -75,6 +77,9 @@ pub struct SlabRegistry {
     /// Errors slub_debug's checks reported, counted as lib/slub_kunit.c's
     /// `slab_errors` counts them (`slab_add_kunit_errors`).
     pub errors: std::sync::atomic::AtomicU64,
+    /// Boot-time `slab.<cache>.*` sysctls whose cache does not exist yet
+    /// (sysctl.rs): (cache name, attribute, value), written at its creation.
+    pub pending_tunables: Mutex<Vec<(String, crate::sysctl::SlabAttr, u64)>>,
 }
 
 /// The arguments of `kmem_cache_create`.
@@ -102,6 +107,7 @@ impl SlabRegistry {
             pages_allocated: Default::default(),
             pages_freed: Default::default(),
             errors: Default::default(),
+            pending_tunables: Mutex::new(Vec::new()),
         }
     }
 
@@ -246,6 +252,8 @@ impl Machine {
             c.refcount.fetch_add(1, Relaxed);
             c.merge_size(size);
             c.aliases.lock().push(name.to_string());
+            drop(list);
+            self.apply_pending_slab_sysctls(name, &c)?;
             return Ok(Created { cache: c, merged: true });
         }
         let t = &self.slab.tunables;
@@ -278,6 +286,7 @@ impl Machine {
         let _ = self.slab.caches[id as usize].set(cache.clone());
         list.insert(0, id);
         drop(list);
+        self.apply_pending_slab_sysctls(name, &cache)?;
         Ok(Created { cache, merged: false })
     }
 
@@ -288,10 +297,10 @@ impl Machine {
     fn slab_post_alloc(&self, c: &KmemCache, obj: u64, gfp: Gfp, orig_size: u32) -> u64 {
         let phys = obj - self.cfg.arch.page_offset();
         self.shadow.alloc(phys);
-        if gfp & gfp::__GFP_ZERO != 0 {
-            let zero_size = if c.debug_orig_size() && c.flags & SLAB_RED_ZONE != 0 { orig_size } else { c.object_size() };
-            let _ = self.phys.zero(phys, zero_size as u64);
-        }
+        // "If redzone check is enabled for the extra space, don't zero it".
+        let zero_size =
+            if c.flags & SLAB_KMALLOC != 0 && c.flags & (SLAB_STORE_USER | SLAB_RED_ZONE) != 0 { orig_size } else { c.object_size() };
+        self.slab_init_on_alloc(c, phys, gfp, zero_size);
         if self.kmemleak.enabled && c.flags & SLAB_NOLEAKTRACE == 0 {
             self.kmemleak_alloc(obj, c.object_size() as u64, 1);
         }
@@ -324,6 +333,7 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
+        self.should_failslab(c, gfp)?;
         let obj = if c.is_debug() {
             // The caller (it may call into Python) before any slab lock.
             let ctx = DebugCtx { orig_size, caller: self.slab_caller(c, call_site) };
@@ -387,6 +397,7 @@ impl Machine {
             self.kmemleak_free(va);
         }
         self.shadow.free(va - self.cfg.arch.page_offset());
+        self.slab_init_on_free(c, va - self.cfg.arch.page_offset());
         if c.is_debug() {
             let caller = self.slab_caller(c, call_site);
             let _d = self.trace.defer();
@@ -446,26 +457,49 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
+        // More objects than all of RAM holds can never be had: fail before
+        // taking any (and before sizing a host buffer for them).
+        let slots = self.totalram_pages().saturating_mul(self.page_size) / c.geo.size.max(1) as u64;
+        if n as u64 > slots {
+            return Err(KmmError::OutOfMemory {
+                order: c.geo.order,
+                gfp,
+                message: format!(
+                    "SLUB: Unable to allocate memory on node -1, gfp={gfp:#x}({})\n  cache: {}: kmem_cache_alloc_bulk \
+                     of {n} objects of {} bytes, more than all of RAM ({} pages) holds",
+                    gfp::format_pgg(gfp),
+                    c.name,
+                    c.geo.size,
+                    self.totalram_pages()
+                ),
+            });
+        }
+        if n > 0 {
+            self.should_failslab(c, gfp)?;
+        }
         let start = out.len();
+        if out.try_reserve(n).is_err() {
+            return Err(KmmError::Host(format!(
+                "kmem_cache_alloc_bulk: the host cannot allocate an array of {n} object addresses"
+            )));
+        }
         let ctx = DebugCtx { orig_size: c.object_size(), caller: self.slab_caller(c, python_call_site()) };
         let cpu = self.run_cpu();
-        out.reserve(n);
+        let since = self.slab.pages_allocated.load(Relaxed);
         if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out, &ctx) {
             // All or nothing: what was taken goes back.
             let got: Vec<(u64, cache::ObjRef)> =
                 out[start..].iter().filter_map(|&o| c.locate(self, o).ok().map(|r| (o, r))).collect();
             c.free_bulk_raw(self, &got, cpu, None);
             out.truncate(start);
+            c.discard_new_empty(self, cpu, since);
             return Err(e);
         }
         let po = self.cfg.arch.page_offset();
-        let zero = gfp & gfp::__GFP_ZERO != 0;
         let leak = self.kmemleak.enabled && c.flags & SLAB_NOLEAKTRACE == 0;
         for &o in &out[start..] {
             self.shadow.alloc(o - po);
-            if zero {
-                let _ = self.phys.zero(o - po, c.object_size() as u64);
-            }
+            self.slab_init_on_alloc(c, o - po, gfp, c.object_size());
             if leak {
                 self.kmemleak_alloc(o, c.object_size() as u64, 1);
             }
@@ -512,6 +546,11 @@ impl Machine {
                 self.kmemleak_free(*o);
             }
         }
+        if self.slab_want_init_on_free(c) {
+            for (o, _) in &refs {
+                self.slab_init_on_free(c, o - po);
+            }
+        }
         let caller = self.slab_caller(c, python_call_site());
         c.free_bulk_raw(self, &refs, self.run_cpu(), caller.as_ref());
         Ok(())
@@ -549,7 +588,8 @@ impl Machine {
             c.aliases.lock().pop();
             return Ok(());
         }
-        c.shrink(self);
+        // Refused before anything moves (the kernel flushes and shrinks
+        // first, then complains; a refused call here changes nothing).
         let inuse = c.objects_in_use(self);
         if inuse > 0 {
             // free_partial -> list_slab_objects: the report (into the log).
@@ -561,6 +601,7 @@ impl Machine {
             self.printk([msg.clone()]);
             return Err(KmmError::Busy(msg));
         }
+        c.shrink(self);
         // Any slabs left are empty ones kept for min_partial: free them all.
         {
             let n = c.node.lock();
@@ -570,6 +611,22 @@ impl Machine {
         c.dead.store(true, Relaxed);
         list.retain(|&id| id != c.id);
         Ok(())
+    }
+
+    /// Run `f`; if it fails, give back the empty slabs it made (in every
+    /// cache), so that a refused call changes no accounting: a failed
+    /// vmalloc or bulk allocation leaves no slab pages behind. Returns
+    /// what `f` returned.
+    pub fn refused_changes_nothing<T>(&self, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let since = self.slab.pages_allocated.load(Relaxed);
+        let r = f();
+        if r.is_err() && self.slab.pages_allocated.load(Relaxed) != since {
+            let cpu = self.this_cpu();
+            for c in self.slab.caches() {
+                c.discard_new_empty(self, cpu, since);
+            }
+        }
+        r
     }
 
     /// Invariants of every cache.

@@ -276,6 +276,13 @@ pub struct ReplayReport {
     pub warnings: Vec<String>,
     /// Where perf lost events: (cpu, start ns, end ns).
     pub lost_stretches: Vec<(u32, u64, u64)>,
+    /// Page allocations per order, for the orders the trace used:
+    /// (order, kernel succeeded, kernel failed, kmm succeeded, kmm failed).
+    /// The kernel's from mm_page_alloc (pfn=-1 when it failed); kmm's from
+    /// the replayed calls (the trace's failures are not replayed).
+    pub page_alloc_orders: Vec<(u32, u64, u64, u64, u64)>,
+    /// zone->lock acquisitions during the replay (all zones; `ZoneLock`).
+    pub zone_lock_acquisitions: u64,
 }
 
 impl ReplayReport {
@@ -320,6 +327,10 @@ struct KernelCounts {
     free_pages: u64,
     slab_in: u64,
     slab_out: u64,
+    extfrag_fragmenting: u64,
+    /// mm_page_alloc per order: succeeded, failed.
+    order_ok: [u64; NR_PAGE_ORDERS],
+    order_failed: [u64; NR_PAGE_ORDERS],
 }
 
 /// `fill_contig_page_info`'s numbers for one zone and a suitable order.
@@ -426,12 +437,17 @@ struct Counts {
     drain: AtomicU64,
     extfrag: AtomicU64,
     extfrag_owner: AtomicU64,
+    /// Fallbacks that split a block below pageblock order (`fragmenting=1`).
+    extfrag_fragmenting: AtomicU64,
     /// (alloc_mt, fallback_mt) -> count, both < MIGRATE_TYPES.
     extfrag_by: [[AtomicU64; MIGRATE_TYPES]; MIGRATE_TYPES],
     alloc_events: AtomicU64,
     alloc_pages: AtomicU64,
     free_events: AtomicU64,
     free_pages: AtomicU64,
+    /// mm_page_alloc per order: succeeded, failed.
+    order_ok: [AtomicU64; NR_PAGE_ORDERS],
+    order_failed: [AtomicU64; NR_PAGE_ORDERS],
 }
 
 impl Counts {
@@ -447,8 +463,11 @@ impl Counts {
             MmPagePcpuDrain { .. } => {
                 self.drain.fetch_add(1, Relaxed);
             }
-            MmPageAllocExtfrag { alloc_migratetype, fallback_migratetype, change_ownership, .. } => {
+            MmPageAllocExtfrag { alloc_migratetype, fallback_migratetype, change_ownership, fragmenting, .. } => {
                 self.extfrag.fetch_add(1, Relaxed);
+                if *fragmenting {
+                    self.extfrag_fragmenting.fetch_add(1, Relaxed);
+                }
                 if *change_ownership {
                     self.extfrag_owner.fetch_add(1, Relaxed);
                 }
@@ -460,6 +479,10 @@ impl Counts {
             MmPageAlloc { pfn: Some(_), order, .. } => {
                 self.alloc_events.fetch_add(1, Relaxed);
                 self.alloc_pages.fetch_add(1 << (*order).min(MAX_PAGE_ORDER), Relaxed);
+                self.order_ok[(*order).min(MAX_PAGE_ORDER) as usize].fetch_add(1, Relaxed);
+            }
+            MmPageAlloc { pfn: None, order, .. } => {
+                self.order_failed[(*order).min(MAX_PAGE_ORDER) as usize].fetch_add(1, Relaxed);
             }
             MmPageFree { order, .. } => {
                 self.free_events.fetch_add(1, Relaxed);
@@ -696,7 +719,7 @@ impl<'a> Replayer<'a> {
             .zones
             .iter()
             .filter(|z| z.is_populated())
-            .map(|z| ZoneSample { zone: z.kind.name(), nr_free: z.area.lock().nr_free })
+            .map(|z| ZoneSample { zone: z.kind.name(), nr_free: z.area.lock_uncounted().nr_free })
             .collect();
         let used_pages = self.used_pages();
         self.r.samples.push(Sample { event, used_pages, zones });
@@ -821,7 +844,7 @@ impl<'a> Replayer<'a> {
     }
 
     fn kmm_nr_free(&self, zone: &str) -> Option<Vec<u64>> {
-        self.m.zones.iter().find(|z| z.kind.name() == zone && z.is_populated()).map(|z| z.area.lock().nr_free.to_vec())
+        self.m.zones.iter().find(|z| z.kind.name() == zone && z.is_populated()).map(|z| z.area.lock_uncounted().nr_free.to_vec())
     }
 
     fn compare_sample(&mut self, ts: u64, event: u64, bi: &[super::procfs::BuddyZone]) {
@@ -849,7 +872,7 @@ impl<'a> Replayer<'a> {
         for (zone, kernel) in zones {
             let Some(z) = self.m.zones.iter().find(|z| z.kind.name() == zone && z.is_populated()) else { continue };
             let (kmm, kmm_mt) = {
-                let a = z.area.lock();
+                let a = z.area.lock_uncounted();
                 (a.nr_free.to_vec(), a.nr_free_mt)
             };
             let mut by_type = Vec::new();
@@ -891,7 +914,11 @@ impl<'a> Replayer<'a> {
                     }
                 }
                 Kind::MmPagePcpuDrain => k.drain += 1,
-                Kind::MmPageAlloc if e.flags & F_FAILED == 0 => {
+                Kind::MmPageAlloc if e.flags & F_FAILED != 0 => {
+                    k.order_failed[(e.order as u32).min(MAX_PAGE_ORDER) as usize] += 1;
+                }
+                Kind::MmPageAlloc => {
+                    k.order_ok[(e.order as u32).min(MAX_PAGE_ORDER) as usize] += 1;
                     let n = 1u64 << (e.order as u32).min(MAX_PAGE_ORDER);
                     k.alloc_events += 1;
                     k.alloc_pages += n;
@@ -922,6 +949,15 @@ impl<'a> Replayer<'a> {
                     k.extfrag += 1;
                     if self.field(i, "change_ownership").unwrap_or(0) != 0 {
                         k.extfrag_owner += 1;
+                    }
+                    // fragmenting is fallback_order < pageblock_order, computed
+                    // here: the fragmenting= perf prints is libtraceevent's
+                    // misgrouping of that expression (9 or 10, never 0/1;
+                    // tp_format.rs). fallback_order is an int: -1 is not below.
+                    let pb = self.field(i, "pageblock_order").unwrap_or(self.m.pageblock_order as u64);
+                    let fb = self.field_i64(i, "fallback_order");
+                    if fb.is_some_and(|f| f >= 0 && (f as u64) < pb) {
+                        k.extfrag_fragmenting += 1;
                     }
                     if let (Some(a), Some(f)) = (self.field(i, "alloc_migratetype"), self.field(i, "fallback_migratetype")) {
                         if (a as usize) < MIGRATE_TYPES && (f as usize) < MIGRATE_TYPES {
@@ -959,6 +995,13 @@ impl<'a> Replayer<'a> {
                 g(&c.extfrag_owner),
                 g(&l.extfrag_owner),
             ),
+            row(
+                "  below pageblock order (fragmenting)",
+                "kmem:mm_page_alloc_extfrag fragmenting=1",
+                k.extfrag_fragmenting,
+                g(&c.extfrag_fragmenting),
+                g(&l.extfrag_fragmenting),
+            ),
         ];
         for (a, an) in MIGRATETYPE_NAMES.iter().enumerate() {
             for (f, fname) in MIGRATETYPE_NAMES.iter().enumerate() {
@@ -983,6 +1026,10 @@ impl<'a> Replayer<'a> {
             row("pages freed", "kmem:mm_page_free (1 << order)", k.free_pages, g(&c.free_pages), g(&l.free_pages)),
         ]);
         self.r.dynamics = rows;
+        self.r.page_alloc_orders = (0..NR_PAGE_ORDERS)
+            .map(|o| (o as u32, k.order_ok[o], k.order_failed[o], g(&c.order_ok[o]), g(&c.order_failed[o])))
+            .filter(|r| r.1 + r.2 + r.3 + r.4 > 0)
+            .collect();
     }
 
     fn run(&mut self) -> Result<()> {
@@ -1014,6 +1061,7 @@ impl<'a> Replayer<'a> {
             .fold(0, |m, e| m | e.bit());
         let handle = self.m.trace.attach(mask, self.counts.sink());
         let slab_in0 = self.m.slab.pages_allocated.load(Relaxed);
+        let locks0: u64 = self.m.zones.iter().map(|z| z.area.acquisitions()).sum();
         let slab_out0 = self.m.slab.pages_freed.load(Relaxed);
         // The clock starts at the first event (or the first sample, if earlier).
         if self.o.time {
@@ -1046,6 +1094,7 @@ impl<'a> Replayer<'a> {
         let slab_in = self.m.slab.pages_allocated.load(Relaxed) - slab_in0;
         let slab_out = self.m.slab.pages_freed.load(Relaxed) - slab_out0;
         self.dynamics(&owned, slab_in, slab_out);
+        self.r.zone_lock_acquisitions = self.m.zones.iter().map(|z| z.area.acquisitions()).sum::<u64>() - locks0;
         for (&cpu, w) in self.counts.lost.iter() {
             self.r.lost_stretches.extend(w.iter().map(|&(a, b)| (cpu, a, b)));
         }
@@ -1290,6 +1339,13 @@ impl<'a> Replayer<'a> {
             Some(h) => u64::from_str_radix(h, 16).ok(),
             None => v.parse().ok(),
         }
+    }
+
+    /// A signed decimal field of an `Other` event's text.
+    fn field_i64(&self, i: usize, key: &str) -> Option<i64> {
+        let t = self.log.raw_text(i);
+        let at = t.find(&format!(" {key}=")).map(|p| p + key.len() + 2)?;
+        t[at..].split_whitespace().next()?.parse().ok()
     }
 
     /// `vmalloc:alloc_vmap_area`: vmalloc the traced size (minus the guard).

@@ -361,7 +361,20 @@ pub fn create_cache_like(
         freeptr_offset: None,
         order: None,
     };
-    // The recorded order, if SLUB would pick another.
+    // The recorded order, if SLUB would pick another -- unless this
+    // machine's command line changes how SLUB picks orders (a what-if
+    // replay with slub_min_order=, slub_max_order= or slub_min_objects=):
+    // then the recorded order moves as those bound calculate_order
+    // (slub_min_objects: SLUB's own pick under the new value).
+    let p = &m.cfg.cmdline;
+    let order = if p.slub_min_objects.is_some() {
+        None
+    } else {
+        order.map(|o| {
+            let o = p.slub_min_order.map_or(o, |lo| o.max(lo));
+            p.slub_max_order.map_or(o, |hi| o.min(hi.max(p.slub_min_order.unwrap_or(0))))
+        })
+    };
     if let Some(o) = order {
         let a = calculate_alignment(args.flags, align, size, t.word);
         if let Ok(g) = calculate_sizes(size, a, args.flags, has_ctor, None, t) {

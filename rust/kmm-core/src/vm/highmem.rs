@@ -293,13 +293,17 @@ impl Machine {
                         p.waits += 1;
                         let gen = p.wake_gen;
                         drop(p);
-                        let mut wait = || {
+                        // Timed waits, so that a Ctrl-C is seen (cpu.rs).
+                        let woken = crate::cpu::wait_until(&mut || {
                             let mut g = h.pkmap.lock();
-                            while g.wake_gen == gen {
-                                h.pkmap_wait.wait(&mut g);
+                            if g.wake_gen == gen {
+                                h.pkmap_wait.wait_for(&mut g, std::time::Duration::from_millis(2));
                             }
-                        };
-                        crate::cpu::wait_blocking(&mut wait);
+                            g.wake_gen != gen
+                        });
+                        if !woken {
+                            return Err(crate::cpu::interrupted("for a pkmap slot (every LAST_PKMAP slot is kmapped)"));
+                        }
                         p = h.pkmap.lock();
                         continue;
                     }
@@ -370,7 +374,7 @@ impl Machine {
     /// most KM_MAX_IDX - 1 highmem mappings nest.
     pub fn kmap_local_page(&self, pfn: Pfn) -> Result<VirtAddr> {
         let high = self.highmem_page(pfn)?;
-        let cpu = self.cpus.preempt_add(PREEMPT_OFFSET, false);
+        let cpu = self.cpus.try_preempt_add(PREEMPT_OFFSET, false)?;
         let r = (|| {
             let mut st = self.vm.highmem.local[cpu as usize].lock();
             if !high {

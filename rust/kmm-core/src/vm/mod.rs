@@ -67,14 +67,30 @@ pub struct Vm {
 impl Vm {
     /// Boot-time page tables: the direct map, and on highmem machines the
     /// pkmap and fixmap PTE tables.
-    pub fn new(cfg: &MachineConfig, page_shift: u32, max_low_pfn: u64, pm: &crate::physmem::PhysMem) -> Result<Vm> {
+    /// How many boot page tables the arena holds (an upper bound).
+    pub fn arena_tables(cfg: &MachineConfig, page_shift: u32, max_low_pfn: u64) -> usize {
+        let ps = 1u64 << page_shift;
+        let lowmem = max_low_pfn << page_shift;
+        let hm = highmem::Layout::new(cfg.arch, page_shift, cfg.cpus, lowmem);
+        let entries_guess = ps / 8;
+        8 + (lowmem / (entries_guess * entries_guess * ps)) as usize + hm.fixmap_tables() + 2
+    }
+
+    /// `arena_in_ram`: the physical address of reserved RAM pages that hold
+    /// the boot tables, when they cannot sit above RAM (see `pgtable.rs`).
+    pub fn new(
+        cfg: &MachineConfig,
+        page_shift: u32,
+        max_low_pfn: u64,
+        pm: &crate::physmem::PhysMem,
+        arena_in_ram: Option<u64>,
+    ) -> Result<Vm> {
         let ps = 1u64 << page_shift;
         let lowmem = max_low_pfn << page_shift;
         let (levels, _) = PageTables::geometry(cfg.arch);
         let hm = highmem::Layout::new(cfg.arch, page_shift, cfg.cpus, lowmem);
-        let entries_guess = ps / 8;
-        let arena = 8 + (lowmem / (entries_guess * entries_guess * ps)) as usize + hm.fixmap_tables() + 2;
-        let pt = PageTables::new(cfg.arch, page_shift, cfg.memory, arena);
+        let arena = Self::arena_tables(cfg, page_shift, max_low_pfn);
+        let pt = PageTables::new(cfg.arch, page_shift, cfg.memory, arena, arena_in_ram);
         let mut next = 1usize;
         let mut alloc = || -> Result<u64> {
             let t = pt.arena_table(next);
@@ -208,16 +224,34 @@ impl Machine {
         Ok(out)
     }
 
-    /// `memcpy` from kernel virtual memory, through the MMU model.
+    /// `memcpy` from kernel virtual memory, through the MMU model. A
+    /// buffer the host cannot allocate is an error, not an abort.
     pub fn read(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
         let chunks = self.chunks(va.0, n, false)?; // fault before allocating
-        let mut buf = vec![0u8; n];
+        let mut buf = Vec::new();
+        buf.try_reserve_exact(n).map_err(|_| {
+            KmmError::Host(format!("read of {n} bytes at {:#x}: the host cannot allocate a buffer that large", va.0))
+        })?;
+        buf.resize(n, 0);
+        self.copy_chunks(&chunks, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// The physical pieces of `[va, va + n)` through the MMU, as `read`
+    /// walks them (a fault before anything is allocated or copied): for
+    /// callers that bring their own buffer (`copy_chunks`).
+    pub fn translate_range(&self, va: VirtAddr, n: usize) -> Result<Vec<(u64, usize)>> {
+        self.chunks(va.0, n, false)
+    }
+
+    /// Copy the pieces `translate_range` found into `buf` (their total length).
+    pub fn copy_chunks(&self, chunks: &[(u64, usize)], buf: &mut [u8]) -> Result<()> {
         let mut done = 0;
-        for (pa, k) in chunks {
+        for &(pa, k) in chunks {
             self.phys.read(pa, &mut buf[done..done + k])?;
             done += k;
         }
-        Ok(buf)
+        Ok(())
     }
 
     /// `memcpy` into kernel virtual memory, through the MMU model.
@@ -303,8 +337,9 @@ impl Machine {
     /// may wait for a CPU another thread holds, and that thread may be
     /// waiting for the page-table lock), then installed under the lock, as
     /// `__pte_alloc_kernel` does; spares are given back. On error, unmaps
-    /// what it mapped.
-    pub(crate) fn map_pages_at(&self, va: u64, pfns: &[Pfn], gfp: gfp::Gfp) -> Result<()> {
+    /// what it mapped (and installed no table). Returns the tables it
+    /// installed.
+    pub(crate) fn map_pages_at(&self, va: u64, pfns: &[Pfn], gfp: gfp::Gfp) -> Result<Vec<u64>> {
         // A table page's mm_page_alloc event is delivered after the locks
         // drop (a trace sink may call back into vmalloc).
         let _defer = self.trace.defer();
@@ -319,6 +354,7 @@ impl Machine {
                 }
             }
         }
+        let allocated = pool.clone();
         let r = {
             let _g = self.vm.pt.lock.lock();
             let mut r = Ok(());
@@ -336,8 +372,24 @@ impl Machine {
             }
             r
         };
+        let installed: Vec<u64> = allocated.into_iter().filter(|t| !pool.contains(t)).collect();
         self.free_table_pages(pool);
-        r
+        r.map(|()| installed)
+    }
+
+    /// Unlink and free those of `tables` (installed by one mapping of
+    /// `[start, end)`) that map nothing any more: undoing a vmalloc that
+    /// failed after it mapped its page array (a refused call changes
+    /// nothing; the kernel keeps such tables).
+    pub(crate) fn free_new_tables(&self, start: u64, end: u64, tables: &[u64]) {
+        if tables.is_empty() {
+            return;
+        }
+        let freed = {
+            let _g = self.vm.pt.lock.lock();
+            self.vm.pt.unlink_empty(&self.phys, start, end, tables)
+        };
+        self.free_table_pages(freed);
     }
 
     /// Give back table pages that were not installed.

@@ -27,8 +27,14 @@
 //! pkmap/fixmap PTE tables) come from memblock in the kernel; here they live
 //! in an arena outside simulated RAM, at physical addresses just above it,
 //! so that boot leaves the buddy allocator untouched. Nothing else differs:
-//! entries point to them by physical address like any table. Page-table
-//! pages are never freed (nor does the kernel free vmalloc's).
+//! entries point to them by physical address like any table. When the
+//! arena would not be addressable above RAM (i386's 4-byte entries hold
+//! 32-bit addresses: a 4 GiB machine has no room above RAM), it is a run
+//! of reserved lowmem pages instead, below `max_low_pfn` as memblock
+//! places them, read and written through RAM like runtime tables
+//! (`Machine::new` takes them out of the zone's managed pages).
+//! Page-table pages are never freed (nor does the kernel free vmalloc's),
+//! except those a failed vmalloc installed (`free_new_tables`).
 //!
 //! # Invariants
 //! - pgtable-1: every present non-leaf entry points to a table page (arena
@@ -80,9 +86,13 @@ pub struct PageTables {
     page_shift: u32,
     /// Physical address of the top table.
     pub root: u64,
-    /// First physical address of the boot arena (= RAM size).
+    /// First physical address of the arena's own storage (= RAM size;
+    /// u64::MAX when the boot tables live in RAM).
     arena_base: u64,
     arena: Box<[Box<[AtomicU64]>]>,
+    /// Where boot table 0 is, and how many boot tables there may be.
+    arena_start: u64,
+    arena_len: usize,
     /// `init_mm.page_table_lock`.
     pub lock: Mutex<()>,
     /// Table pages taken from the buddy allocator after boot.
@@ -108,21 +118,27 @@ impl PageTables {
     }
 
     /// `arena_tables` boot tables are made empty; `new` links none of them.
-    pub fn new(arch: Arch, page_shift: u32, ram: u64, arena_tables: usize) -> PageTables {
+    /// With `in_ram`, they are the (zeroed, reserved) RAM pages from that
+    /// physical address on.
+    pub fn new(arch: Arch, page_shift: u32, ram: u64, arena_tables: usize, in_ram: Option<u64>) -> PageTables {
         let (levels, entry_bytes) = Self::geometry(arch);
         let bits = page_shift - entry_bytes.trailing_zeros();
         let entries = 1usize << bits;
-        let arena = (0..arena_tables)
+        let stored = if in_ram.is_some() { 0 } else { arena_tables };
+        let arena = (0..stored)
             .map(|_| (0..entries).map(|_| AtomicU64::new(0)).collect::<Box<[AtomicU64]>>())
             .collect::<Box<[_]>>();
+        let start = in_ram.unwrap_or(ram);
         PageTables {
             levels,
             entry_bytes,
             bits,
             page_shift,
-            root: ram, // arena table 0
-            arena_base: ram,
+            root: start, // arena table 0
+            arena_base: if in_ram.is_some() { u64::MAX } else { ram },
             arena,
+            arena_start: start,
+            arena_len: arena_tables,
             lock: Mutex::new(()),
             nr_runtime_tables: AtomicU64::new(0),
         }
@@ -156,8 +172,13 @@ impl PageTables {
 
     /// The physical address of boot-arena table `i`.
     pub fn arena_table(&self, i: usize) -> u64 {
-        assert!(i < self.arena.len(), "boot arena has {} tables", self.arena.len());
-        self.arena_base + ((i as u64) << self.page_shift)
+        assert!(i < self.arena_len, "boot arena has {} tables", self.arena_len);
+        self.arena_start + ((i as u64) << self.page_shift)
+    }
+
+    /// The boot tables' physical range when they live in RAM.
+    pub fn arena_in_ram(&self) -> Option<(u64, u64)> {
+        (self.arena_base == u64::MAX).then(|| (self.arena_start, self.arena_start + ((self.arena_len as u64) << self.page_shift)))
     }
 
     fn addr_mask(&self) -> u64 {
@@ -324,6 +345,38 @@ impl PageTables {
             table = e & self.addr_mask();
         }
         None
+    }
+
+    /// Clear the entries that link those of `candidates` which cover part
+    /// of `[start, end)` and map nothing, lowest level first (so a table
+    /// above one freed may empty too). Returns the tables unlinked. The
+    /// caller holds `lock`.
+    pub fn unlink_empty(&self, pm: &PhysMem, start: u64, end: u64, candidates: &[u64]) -> Vec<u64> {
+        let mut freed = Vec::new();
+        for level in 0..self.levels.saturating_sub(1) {
+            let step = self.level_size(level + 1);
+            let mut va = start & !(step - 1);
+            while va < end {
+                let at = self.table_for(pm, va, level + 1, &mut || Err(KmmError::Bug(String::new())));
+                if let Ok((parent, idx)) = at {
+                    let e = self.read_entry(pm, parent, idx);
+                    let t = e & self.addr_mask();
+                    if e & _PAGE_PRESENT != 0
+                        && e & _PAGE_PSE == 0
+                        && candidates.contains(&t)
+                        && (0..self.entries()).all(|i| self.read_entry(pm, t, i) & _PAGE_PRESENT == 0)
+                        && self.write_entry(pm, parent, idx, 0).is_ok()
+                    {
+                        freed.push(t);
+                    }
+                }
+                match va.checked_add(step) {
+                    Some(v) => va = v,
+                    None => break,
+                }
+            }
+        }
+        freed
     }
 
     /// Check pgtable-1 over the tables reachable from the root (stops at

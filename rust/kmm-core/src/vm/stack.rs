@@ -113,6 +113,10 @@ impl Machine {
     /// `alloc_thread_stack_node` + `set_task_stack_end_magic`. `vmap`:
     /// CONFIG_VMAP_STACK (x86_64 only).
     pub fn alloc_thread_stack(&self, vmap: bool, caller: &CallSite) -> Result<KStack> {
+        self.refused_changes_nothing(|| self.alloc_thread_stack_(vmap, caller))
+    }
+
+    fn alloc_thread_stack_(&self, vmap: bool, caller: &CallSite) -> Result<KStack> {
         let size = self.thread_size();
         let threadinfo_gfp = gfp::GFP_KERNEL_ACCOUNT | gfp::__GFP_ZERO;
         let st = if vmap {
@@ -160,8 +164,20 @@ impl Machine {
         Ok(())
     }
 
+    /// A freed stack's handle reaches memory that is someone else's now.
+    fn stack_live(&self, st: &KStack) -> Result<()> {
+        if st.freed.load(Relaxed) {
+            return Err(KmmError::UseAfterFree(format!(
+                "BUG: KASAN: use-after-free: the kernel stack at {:#x} was freed (free_thread_stack)",
+                st.base
+            )));
+        }
+        Ok(())
+    }
+
     /// `task_stack_end_corrupted`: the end magic was overwritten.
     pub fn stack_end_corrupted(&self, st: &KStack) -> Result<bool> {
+        self.stack_live(st)?;
         let b = self.read(VirtAddr(st.base), 4)?;
         Ok(u32::from_ne_bytes(b.try_into().expect("4 bytes")) != STACK_END_MAGIC)
     }
@@ -187,6 +203,7 @@ impl Machine {
     /// the page allocator silently overwrites its end magic and the memory
     /// below it.
     pub fn stack_use(&self, st: &KStack, depth: u64) -> Result<()> {
+        self.stack_live(st)?;
         if depth == 0 {
             return Ok(());
         }

@@ -96,6 +96,12 @@ pub struct VmArea {
     vm_struct: u64,
     va_obj: u64,
     page_array: PageArray,
+    /// Pages of a vmap that are the caller's plain allocations: pinned
+    /// (`pins.rs`) so that `free_pages` refuses them while mapped.
+    map_pins: Vec<u64>,
+    /// Page tables this area's mapping installed (freed again only when
+    /// a failed vmalloc undoes its page array: `discard_area`).
+    tables: Vec<u64>,
 }
 
 /// What `get_vm_area` reserved for an area, and its page array.
@@ -105,6 +111,7 @@ struct Meta {
     vm_struct: u64,
     va_obj: u64,
     page_array: PageArray,
+    tables: Vec<u64>,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -398,9 +405,7 @@ impl Machine {
             PageArray::Kmalloc(a) => {
                 let _ = m.kfree(a, &cs("__vunmap+0x1c4/0x2b0"));
             }
-            PageArray::Vmalloc(a) => {
-                let _ = m.vfree_now(a);
-            }
+            PageArray::Vmalloc(a) => m.discard_area(a),
             PageArray::None => {}
         };
         // vm_area_alloc_pages: order-0 pages one by one.
@@ -418,7 +423,9 @@ impl Machine {
                 }
             }
         }
-        if let Err(e) = self.map_pages_at(addr, &pages, gfp::GFP_KERNEL) {
+        let tables = match self.map_pages_at(addr, &pages, gfp::GFP_KERNEL) {
+            Ok(t) => t,
+            Err(e) => {
             for p in pages {
                 let _ = self.free_pages(p, 0);
             }
@@ -428,7 +435,8 @@ impl Machine {
                 KmmError::OutOfMemory { .. } => self.vmalloc_error(real, gfp, "failed to map pages"),
                 e => e,
             });
-        }
+            }
+        };
         for p in &pages {
             self.mem_map.get(p.0).set_flag(PG_VMALLOC);
         }
@@ -444,13 +452,26 @@ impl Machine {
             let _ = self.write(VirtAddr(a), &bytes);
         }
         self.vm.vmalloc.nr_vmalloc_pages.fetch_add(nr_pages, Relaxed);
-        let meta = Meta { addr, size: total, vm_struct, va_obj, page_array };
+        let meta = Meta { addr, size: total, vm_struct, va_obj, page_array, tables };
         Ok(self.register_area(meta, VM_ALLOC | flags, pages, caller, real))
     }
 
     /// Make the `VmArea` of a mapped range and enter it among the busy
     /// areas (marking its vmalloc'ed page array as its own).
     fn register_area(&self, m: Meta, flags: u32, pages: Vec<Pfn>, caller: &CallSite, requested: u64) -> Arc<VmArea> {
+        self.register_area_pinned(m, flags, pages, caller, requested, Vec::new())
+    }
+
+    /// `register_area` for a vmap whose plain pages `map_pins` were pinned.
+    fn register_area_pinned(
+        &self,
+        m: Meta,
+        flags: u32,
+        pages: Vec<Pfn>,
+        caller: &CallSite,
+        requested: u64,
+        map_pins: Vec<u64>,
+    ) -> Arc<VmArea> {
         let area = Arc::new(VmArea {
             addr: m.addr,
             size: m.size,
@@ -465,6 +486,8 @@ impl Machine {
             vm_struct: m.vm_struct,
             va_obj: m.va_obj,
             page_array: m.page_array,
+            map_pins,
+            tables: m.tables,
         });
         let mut st = self.vm.vmalloc.state.lock();
         if let PageArray::Vmalloc(p) = m.page_array {
@@ -478,14 +501,14 @@ impl Machine {
 
     /// `vmalloc(size)`.
     pub fn vmalloc(&self, size: u64, gfp: Gfp, caller: &CallSite) -> Result<Arc<VmArea>> {
-        self.vmalloc_node_range(size, 1, gfp, 0, caller)
+        self.refused_changes_nothing(|| self.vmalloc_node_range(size, 1, gfp, 0, caller))
     }
 
     /// `vmap(pages, count, VM_MAP, PAGE_KERNEL)`: map existing pages
     /// contiguously. The pages stay the caller's.
     pub fn vmap(&self, pages: &[Pfn], caller: &CallSite) -> Result<Arc<VmArea>> {
         self.cpus.might_sleep("mm/vmalloc.c (vmap)").map_err(KmmError::SleepInAtomic)?;
-        self.vmap_gfp(pages, caller, gfp::GFP_KERNEL)
+        self.refused_changes_nothing(|| self.vmap_gfp(pages, caller, gfp::GFP_KERNEL))
     }
 
     /// `vmap` with its metadata and page tables allocated with `gfp` (CPU
@@ -504,13 +527,21 @@ impl Machine {
         }
         let size = pages.len() as u64 * self.page_size;
         let (addr, total, vm_struct, va_obj) = self.get_vm_area(size, 1, VM_MAP, gfp)?;
-        if let Err(e) = self.map_pages_at(addr, pages, gfp) {
-            self.release_vmap_range(addr, addr + total);
-            self.put_vm_area_meta(vm_struct, va_obj);
-            return Err(e);
-        }
-        let meta = Meta { addr, size: total, vm_struct, va_obj, page_array: PageArray::None };
-        Ok(self.register_area(meta, VM_MAP, pages.to_vec(), caller, size))
+        let tables = match self.map_pages_at(addr, pages, gfp) {
+            Ok(t) => t,
+            Err(e) => {
+                self.release_vmap_range(addr, addr + total);
+                self.put_vm_area_meta(vm_struct, va_obj);
+                return Err(e);
+            }
+        };
+        // The caller's own pages stay pinned while mapped (`pins.rs`).
+        let mut map_pins: Vec<u64> = pages.iter().map(|p| p.0).filter(|&p| self.plain_alloc_head(p).is_some()).collect();
+        map_pins.sort_unstable();
+        map_pins.dedup();
+        self.pin_pages(map_pins.iter().copied(), crate::pins::PinKind::Map);
+        let meta = Meta { addr, size: total, vm_struct, va_obj, page_array: PageArray::None, tables };
+        Ok(self.register_area_pinned(meta, VM_MAP, pages.to_vec(), caller, size, map_pins))
     }
 
     /// `find_vm_area(addr)`: the live area starting at... or containing `addr`.
@@ -612,9 +643,36 @@ impl Machine {
         self.release_area(a)
     }
 
+    /// Undo an area nobody has been given yet (the page array of a vmalloc
+    /// that failed after mapping it): as vfree, but its range, its
+    /// vmap_area and the page tables it installed go back at once, so
+    /// that the refused call leaves the machine as it was.
+    fn discard_area(&self, va: u64) {
+        let Some(a) = self.vm.vmalloc.state.lock().busy.remove(&va) else { return };
+        a.freed.store(true, Relaxed);
+        self.unmap_pages_at(a.addr, a.pages.len() as u64);
+        self.flush_tlb_kernel_range(a.addr, a.addr + a.size);
+        for p in &a.pages {
+            self.mem_map.get(p.0).clear_flag(PG_VMALLOC);
+            let _ = self.free_pages(*p, 0);
+        }
+        self.vm.vmalloc.nr_vmalloc_pages.fetch_sub(a.pages.len() as u64, Relaxed);
+        match a.page_array {
+            PageArray::Kmalloc(p) => {
+                let _ = self.kfree(p, &cs("__vunmap+0x1c4/0x2b0"));
+            }
+            PageArray::Vmalloc(p) => self.discard_area(p),
+            PageArray::None => {}
+        }
+        self.free_new_tables(a.addr, a.addr + a.size, &a.tables);
+        self.release_vmap_range(a.addr, a.addr + a.size);
+        self.put_vm_area_meta(a.vm_struct, a.va_obj);
+    }
+
     /// Everything vfree does once the area is out of the busy areas.
     fn release_area(&self, a: Arc<VmArea>) -> Result<()> {
         a.freed.store(true, Relaxed);
+        self.unpin_pages(a.map_pins.iter().copied(), crate::pins::PinKind::Map);
         // remove_vm_area -> free_unmap_vmap_area: PTEs cleared, no TLB flush
         // yet, the range onto the purge list; then vfree frees the pages,
         // the page array and the vm_struct, in that order.
@@ -736,7 +794,17 @@ impl Machine {
                 "vmalloc_to_page({va:#x}): VIRTUAL_BUG_ON(!is_vmalloc_or_module_addr(addr))"
             )));
         }
-        Ok(self.vm.pt.walk(&self.phys, va).ok().map(|t| self.phys_to_pfn(crate::PhysAddr(t.phys))))
+        let Ok(t) = self.vm.pt.walk(&self.phys, va) else { return Ok(None) };
+        let pfn = self.phys_to_pfn(crate::PhysAddr(t.phys));
+        if !self.pfn_valid(pfn) {
+            // Simulated memory is writable, page tables included.
+            return Err(KmmError::MemoryCorruption(format!(
+                "vmalloc_to_page({va:#x}): the page table entry maps physical address {:#x}, which is not RAM \
+                 (a corrupted page table)",
+                t.phys
+            )));
+        }
+        Ok(Some(pfn))
     }
 
     fn is_pkmap_addr(&self, va: u64) -> bool {
@@ -747,6 +815,10 @@ impl Machine {
     /// `kvmalloc(size, gfp)`: kmalloc first (NOWARN, and NORETRY above a
     /// page), vmalloc when that fails and the mask may block.
     pub fn kvmalloc(&self, size: u64, gfp: Gfp, caller: &CallSite) -> Result<(VirtAddr, Option<Arc<VmArea>>)> {
+        self.refused_changes_nothing(|| self.kvmalloc_(size, gfp, caller))
+    }
+
+    fn kvmalloc_(&self, size: u64, gfp: Gfp, caller: &CallSite) -> Result<(VirtAddr, Option<Arc<VmArea>>)> {
         if size > i32::MAX as u64 {
             // mm/util.c kvmalloc_node: "Don't even allow crazy sizes".
             return Err(KmmError::OutOfMemory {
