@@ -462,3 +462,41 @@ def test_i386_reports_use_32_bit_pointers():
     assert f"[Right Redzone overwritten] 0x{b.addr + 32:08x}-0x{b.addr + 32:08x}" in str(ei.value)
     m.kfree(b)
     assert_healthy(m)
+
+
+# ---- with init_on_alloc / init_on_free ----------------------------------------------------
+
+
+def test_kzalloc_zeroes_only_the_request_of_a_red_zoned_kmalloc_object():
+    # mm/slub.c slab_post_alloc_hook: a kmalloc cache with SLAB_STORE_USER or
+    # SLAB_RED_ZONE zeroes orig_size bytes; the rest is the kmalloc red zone.
+    m = kmm.Machine(memory="256M", cmdline="slub_debug=FZU,kmalloc-64")
+    b = m.kzalloc(40)
+    assert bytes(b) == bytes(40)
+    assert m.read(b.addr + 40, 24) == b"\xcc" * 24  # SLUB_RED_ACTIVE
+    m.kfree(b)
+    assert m.slab_errors == 0
+    assert_healthy(m)
+
+
+def test_init_on_free_keeps_the_kmalloc_red_zone_and_orig_size():
+    # slab_free_hook with init: memset(x, 0, get_orig_size(s, x)), then the
+    # metadata after get_info_end, then set_orig_size again ("otherwise
+    # kmalloc redzone overwritten would be reported").
+    m = kmm.Machine(memory="256M", cmdline="init_on_free=1 slub_debug=FZU,kmalloc-64")
+    c = m.kmem_cache("kmalloc-64")
+    b = m.kmalloc(40)
+    b[:] = b"\x5a" * 40
+    m.kfree(b)
+    assert m.slab_errors == 0
+    assert "Redzone overwritten" not in m.dmesg()
+    # Red zone and orig_size put the free pointer after the object
+    # (calculate_sizes), so the whole request reads zero.
+    assert c.offset >= 64
+    assert m.read(b.addr, 40) == bytes(40)
+    # init_object(SLUB_RED_INACTIVE) paints [object_size, inuse) only: the
+    # kmalloc red zone inside the object keeps SLUB_RED_ACTIVE.
+    assert m.read(b.addr + 40, 24) == b"\xcc" * 24
+    assert m.read(b.addr + 64, 8) == b"\xbb" * 8
+    assert c.validate() == 0
+    assert_healthy(m)
