@@ -27,19 +27,59 @@ fn kmm_dir(py: Python<'_>) -> &'static str {
     })
 }
 
+/// (code object address, line) -> (the code object, its frame text; None
+/// for kmm's own frames).
+type FrameNames = std::collections::HashMap<(usize, u32), (std::mem::ManuallyDrop<Py<PyAny>>, Option<CallSite>)>;
+
 fn python_stack(py: Python<'_>) -> PyResult<Frames> {
+    // One formatted frame per (code object, line), cached per thread: the
+    // walk then costs three attribute reads per frame and no allocation
+    // but the result. A code object's address could be reused after it is
+    // freed; the cache keeps the code object itself alive to rule that out
+    // (ManuallyDrop: never released from a thread-exit destructor, without
+    // the GIL; released with the GIL held when the cache is emptied).
+    thread_local! {
+        static NAMES: std::cell::RefCell<FrameNames> =
+            std::cell::RefCell::new(std::collections::HashMap::new());
+    }
     let dir = kmm_dir(py);
     let mut v: Vec<CallSite> = Vec::new();
-    let mut f = py.import("sys")?.getattr("_getframe")?.call1((0,))?;
+    let mut f = py.import(pyo3::intern!(py, "sys"))?.getattr(pyo3::intern!(py, "_getframe"))?.call1((0,))?;
     while !f.is_none() && v.len() < MAX_FRAMES {
-        let code = f.getattr("f_code")?;
-        let file: String = code.getattr("co_filename")?.extract()?;
-        if !file.starts_with(dir) {
-            let name: String = code.getattr("co_qualname").or_else(|_| code.getattr("co_name"))?.extract()?;
-            let line: u32 = f.getattr("f_lineno")?.extract().unwrap_or(0);
-            v.push(Arc::from(format!("{name}+{line:#x}").as_str()));
+        let code = f.getattr(pyo3::intern!(py, "f_code"))?;
+        let line: u32 = f.getattr(pyo3::intern!(py, "f_lineno"))?.extract().unwrap_or(0);
+        let key = (code.as_ptr() as usize, line);
+        let hit = NAMES.with(|n| n.borrow().get(&key).map(|(_, s)| s.clone()));
+        let site = match hit {
+            Some(s) => s,
+            None => {
+                let file: String = code.getattr(pyo3::intern!(py, "co_filename"))?.extract()?;
+                let site = if file.starts_with(dir) {
+                    None
+                } else {
+                    let name: String = code
+                        .getattr(pyo3::intern!(py, "co_qualname"))
+                        .or_else(|_| code.getattr(pyo3::intern!(py, "co_name")))?
+                        .extract()?;
+                    Some(CallSite::from(format!("{name}+{line:#x}").as_str()))
+                };
+                NAMES.with(|n| {
+                    let mut n = n.borrow_mut();
+                    if n.len() >= 1 << 16 {
+                        // Bounded: a program with endless code objects.
+                        for (_, (c, _)) in n.drain() {
+                            drop(std::mem::ManuallyDrop::into_inner(c));
+                        }
+                    }
+                    n.insert(key, (std::mem::ManuallyDrop::new(code.clone().unbind()), site.clone()));
+                });
+                site
+            }
+        };
+        if let Some(s) = site {
+            v.push(s);
         }
-        f = f.getattr("f_back")?;
+        f = f.getattr(pyo3::intern!(py, "f_back"))?;
     }
     Ok(v.into())
 }
