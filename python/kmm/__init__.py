@@ -63,6 +63,7 @@ from kmm.errors import (
 )
 from kmm.gfp import *  # noqa: F401,F403  (GFP_KERNEL, __GFP_ZERO, ...)
 from kmm import trace  # noqa: E402  (the trace-file module; m.trace is a machine's tracepoints)
+from kmm import settings, compare, sweep  # noqa: E402  (what-if studies: kmm.compare.compare, kmm.sweep.sweep)
 
 # ---- SLAB_* cache flags (include/linux/slab.h, 6.18 ``enum _slab_flag_bits`` on
 # x86_64 with SLUB_DEBUG, MEMCG and FAILSLAB; KASAN and KFENCE off). Declared

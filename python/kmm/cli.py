@@ -86,7 +86,8 @@ def default_trace() -> tuple[Path, str]:
                               "compressing and compiling files: its perf.data and /proc state)")
 
 
-def _machine_args(p: argparse.ArgumentParser, memory: str | None = "1G", cpus: int | None = 2) -> None:
+def _machine_args(p: argparse.ArgumentParser, memory: str | None = "1G", cpus: int | None = 2,
+                  settings: bool = True) -> None:
     p.add_argument("--arch", default="x86_64", choices=["x86_64", "i386", "i386-pae"], help="architecture (default x86_64)")
     if memory is None:
         p.add_argument("--memory", default=None, type=_size,
@@ -104,6 +105,8 @@ def _machine_args(p: argparse.ArgumentParser, memory: str | None = "1G", cpus: i
     p.add_argument("--cmdline", default="", metavar="PARAMS", type=_cmdline,
                    help="boot parameters in the kernel's syntax, e.g. \"slub_debug=FZ,kmalloc-64 slub_min_order=1\" "
                    "(kmm --help lists them)")
+    if not settings:
+        return
     p.add_argument("--set", dest="settings", default="", metavar="\"NAME=VALUE ...\"",
                    help="settings: a NAME with a dot is a sysctl (vm.watermark_scale_factor=200), one without a "
                    "boot parameter (slub_min_order=1); kmm --help lists both")
@@ -432,13 +435,7 @@ def replay(a: argparse.Namespace) -> int:
     if _no_events(path, t):
         return EXIT_ERROR
     cmdline, sysctl = _settings(a)
-    overrides = {k: v for k, v in (("arch", a.arch), ("memory", a.memory), ("cpus", a.cpus), ("page_size", a.page_size),
-                                   ("min_free_kbytes", a.min_free_kbytes), ("cmdline", cmdline or None),
-                                   ("sysctl", sysctl or None)) if v is not None}
-    if overrides.get("arch") == "x86_64":
-        del overrides["arch"]
-    if overrides.get("page_size") == 4096:
-        del overrides["page_size"]
+    overrides = _overrides(a, cmdline, sysctl)
     if a.compare:
         return _compare(a, t, path, overrides)
     if isinstance(t, kmm.trace.Recording):
@@ -459,6 +456,85 @@ def replay(a: argparse.Namespace) -> int:
                          pageblock_order=m.pageblock_order)
         print(f"\nplot written to {a.plot}")
     return EXIT_OK
+
+
+def _overrides(a: argparse.Namespace, cmdline: str, sysctl: dict[str, str]) -> dict[str, Any]:
+    """The machine arguments a replay's machine gets from the command line
+    (what is not given stays as the recording says)."""
+    overrides = {k: v for k, v in (("arch", a.arch), ("memory", a.memory), ("cpus", a.cpus), ("page_size", a.page_size),
+                                   ("min_free_kbytes", a.min_free_kbytes), ("cmdline", cmdline or None),
+                                   ("sysctl", sysctl or None)) if v is not None}
+    if overrides.get("arch") == "x86_64":
+        del overrides["arch"]
+    if overrides.get("page_size") == 4096:
+        del overrides["page_size"]
+    return overrides
+
+
+def sweep(a: argparse.Namespace) -> int:
+    """kmm sweep: the grid of replays, to worker processes or a cluster."""
+    from kmm import settings as _settings_mod
+    from kmm import sweep as _sweep
+
+    recordings: list[str] = [str(r) for r in a.recordings]
+    settings_list: list[str] = list(a.grid_settings or [])
+    seeds = a.seeds or 1
+    try:
+        if a.grid:
+            g_recs, g_sets, g_seeds = _sweep.load_grid(a.grid)
+            recordings += g_recs
+            settings_list += g_sets
+            seeds = a.seeds or g_seeds
+        if not recordings:
+            recordings = [str(default_trace()[0])]
+        base = a.cmdline
+        jobs = _sweep.grid(recordings, settings_list or [""], seeds)
+        for s in {j.settings for j in jobs}:  # each with the base command line
+            boot, sysctl = _settings_mod.split(s)
+            kmm._kmm.check_settings(" ".join(x for x in (base, boot) if x), sysctl)
+    except (ValueError, TypeError) as e:
+        print(f"kmm sweep: error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as e:
+        print(f"kmm sweep: error: {e.filename or a.grid}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_USAGE
+    if a.cluster is not None and "://" not in a.cluster:
+        print(f"kmm sweep: error: --cluster {a.cluster!r}: expected a scheduler address such as tcp://HOST:PORT",
+              file=sys.stderr)
+        return EXIT_USAGE
+    if a.plot:
+        from kmm import plot
+
+        try:
+            plot.require()
+        except plot.PlotUnavailable as e:
+            print(f"kmm: error: --plot: {e}", file=sys.stderr)
+            return EXIT_ERROR
+    for r in dict.fromkeys(recordings):
+        if not Path(r).exists():
+            print(f"kmm sweep: error: {r}: No such file or directory", file=sys.stderr)
+            return EXIT_ERROR
+    options = dict(_overrides(a, base, {}), warm=not a.cold, time=a.time, sample_every=a.sample_every,
+                   probe=a.probe)
+    out = Path(a.output)
+    where = f"the Dask cluster at {a.cluster}" if a.cluster else f"{a.jobs or os.cpu_count() or 1} worker process(es)"
+    print(f"kmm sweep: {len(jobs)} runs ({len(dict.fromkeys(recordings))} recording(s) x "
+          f"{len({j.settings for j in jobs})} settings x {seeds} seed(s)) on {where}; results in {out}", flush=True)
+    try:
+        res = _sweep.sweep(recordings, settings_list or [""], seeds=seeds, jobs=a.jobs, output=out,
+                           cluster=a.cluster, progress=a.progress, **options)
+    except (RuntimeError, ConnectionError) as e:
+        print(f"kmm sweep: error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    if res.skipped:
+        print(f"kmm sweep: {res.skipped} run(s) already in {out}: skipped")
+    print()
+    sys.stdout.write(res.summary())
+    print(f"\n{len(res.rows)} rows in {out}" + (f" and {res.parquet}" if res.parquet else ""))
+    if a.plot:
+        _sweep.plot(res.rows, a.plot, title=f"kmm sweep: {len(res.rows)} runs")
+        print(f"plot written to {a.plot}")
+    return EXIT_OK if not res.failed else EXIT_ERROR
 
 
 def _compare(a: argparse.Namespace, t: Any, path: str | Path, overrides: dict[str, Any]) -> int:
@@ -583,6 +659,41 @@ def build_parser() -> argparse.ArgumentParser:
                     "fallbacks, mixed pageblocks, fragmentation, pcp refills, drains and high, zone-lock acquisitions")
     _trace_args(rp)
     rp.set_defaults(func=replay)
+    sw = sub.add_parser(
+        "sweep",
+        help="replay recordings under a grid of settings and seeds, in parallel or on a Dask cluster",
+        description="Replay every recording under every --set (one settings string each, in --set's syntax; "
+        "an empty string is the default machine) with seeds 0..K-1: each combination an independent replay "
+        "measured as `kmm replay --compare` measures it. Runs go to -j worker processes, or to a Dask cluster "
+        "with --cluster (the 'cluster' extra). Each finished run is a row of the CSV at once; a rerun with the "
+        "same output skips the runs already done and retries failed ones. A summary table per settings at the "
+        "end. Exit 1 if any run failed.",
+    )
+    sw.add_argument("recordings", metavar="REC", nargs="*",
+                    help=f"recording bundles or traces (default: {path.name}, the recording shipped with kmm)")
+    sw.add_argument("--set", dest="grid_settings", action="append", metavar="\"NAME=VALUE ...\"",
+                    help="one point of the grid (repeat it); default: the default machine only")
+    sw.add_argument("--grid", metavar="GRID.toml",
+                    help="a TOML file with recordings = [...], settings = [...], seeds = K (added to the command line's)")
+    sw.add_argument("--seeds", type=_int(1), default=None, metavar="K",
+                    help="seeds 0..K-1 per combination (default 1, or the grid file's)")
+    sw.add_argument("-j", "--jobs", type=_int(1, 1024), default=None, metavar="N",
+                    help="worker processes (default: the host's CPUs; 1: in this process)")
+    sw.add_argument("-o", "--output", default="kmm-sweep.csv", metavar="OUT.csv",
+                    help="the results, one row per run (default kmm-sweep.csv); also OUT.parquet when pyarrow is installed")
+    sw.add_argument("--cluster", metavar="tcp://HOST:PORT", help="a Dask scheduler to run on (pip install 'linux-kmm[cluster]')")
+    sw.add_argument("--plot", metavar="OUT.png", help="bars per settings for the main figures (needs matplotlib)")
+    sw.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                    help="progress on stderr (default: a bar on a terminal)")
+    _machine_args(sw, memory=None, cpus=None, settings=False)
+    sw.add_argument("--cold", action="store_true", help="start each replay from a freshly booted machine")
+    sw.add_argument("--time", action=argparse.BooleanOptionalAction, default=True,
+                    help="run the kernel's timer work on the trace's clock (default on)")
+    sw.add_argument("--sample-every", type=_int(0), default=1000, metavar="N",
+                    help="events between fragmentation samples; 0: none (default 1000)")
+    sw.add_argument("--probe", action=argparse.BooleanOptionalAction, default=True,
+                    help="the order-9 (THP) probe after each replay (default on)")
+    sw.set_defaults(func=sweep)
     rc = sub.add_parser(
         "record",
         help="record a bundle of this Linux machine: a perf trace with /proc snapshots and samples",

@@ -358,7 +358,9 @@ impl Machine {
         if order == 0 {
             return true;
         }
-        z.area.lock().has_usable_block(order, alloc_flags)
+        // The kernel reads free_area[o] here without zone->lock
+        // (__zone_watermark_ok: free_area_empty, lockless): not counted.
+        z.area.lock_uncounted().has_usable_block(order, alloc_flags)
     }
 
     /// `rmqueue`: the per-CPU lists for pcp-sized orders, else the buddy lists.

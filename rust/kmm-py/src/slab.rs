@@ -355,7 +355,15 @@ impl PyBlock {
             let (a, b) = (i.start as usize, (i.start + i.slicelength as isize) as usize);
             return Ok((a, b.max(a), true));
         }
-        let mut i: isize = idx.extract()?;
+        // An int too large for isize is out of range too (bytearray's
+        // IndexError), not a bare OverflowError.
+        let mut i: isize = match idx.extract() {
+            Ok(i) => i,
+            Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(idx.py()) => {
+                return Err(PyIndexError::new_err("Block index out of range"))
+            }
+            Err(e) => return Err(e),
+        };
         if i < 0 {
             i += self.len as isize;
         }
@@ -419,7 +427,14 @@ impl PyBlock {
             }
             self.m.write(VirtAddr(self.addr + a as u64), &data).map_err(to_py_err)
         } else {
-            let v: u8 = value.extract()?;
+            // As bytearray: a byte value outside 0..=255 is a ValueError that says so.
+            let v: u8 = match value.extract::<i64>() {
+                Ok(v) => u8::try_from(v).map_err(|_| PyValueError::new_err(format!("byte must be in range(0, 256), not {v}")))?,
+                Err(e) if e.is_instance_of::<pyo3::exceptions::PyOverflowError>(value.py()) => {
+                    return Err(PyValueError::new_err("byte must be in range(0, 256)"))
+                }
+                Err(e) => return Err(e),
+            };
             self.m.write(VirtAddr(self.addr + a as u64), &[v]).map_err(to_py_err)
         }
     }
@@ -630,14 +645,26 @@ pub struct PyKmemCache {
     /// The name asked for when this handle came from a merge.
     alias: Option<String>,
     ctor: Option<Py<PyAny>>,
+    /// This handle was destroyed (an alias handle's cache lives on).
+    gone: AtomicBool,
 }
 
 impl PyKmemCache {
     pub(crate) fn new(m: &Arc<Machine>, c: Arc<KmemCache>, alias: Option<String>, ctor: Option<Py<PyAny>>) -> Self {
-        PyKmemCache { m: m.clone(), c, alias, ctor }
+        PyKmemCache { m: m.clone(), c, alias, ctor, gone: AtomicBool::new(false) }
+    }
+
+    /// Refuse a call through a handle already given to kmem_cache_destroy.
+    fn live(&self, what: &str) -> PyResult<()> {
+        if self.gone.load(Relaxed) {
+            let name = self.alias.as_deref().unwrap_or(&self.c.name);
+            return Err(to_py_err(KmmError::UseAfterFree(format!("{what}: cache {name} was destroyed"))));
+        }
+        Ok(())
     }
 
     pub(crate) fn alloc_block(&self, py: Python<'_>, gfp: u32) -> PyResult<PyBlock> {
+        self.live("kmem_cache_alloc")?;
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let cs = call_site(py, &self.m);
         match self.m.kmem_cache_alloc(&self.c, gfp, &cs) {
@@ -650,6 +677,7 @@ impl PyKmemCache {
     }
 
     pub(crate) fn free_obj(&self, py: Python<'_>, obj: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.live("kmem_cache_free")?;
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let cs = call_site(py, &self.m);
         if let Ok(b) = obj.cast::<PyBlock>() {
@@ -756,7 +784,7 @@ impl PyKmemCache {
     /// Destroyed?
     #[getter]
     fn destroyed(&self) -> bool {
-        self.c.dead.load(Relaxed)
+        self.gone.load(Relaxed) || self.c.dead.load(Relaxed)
     }
     /// `kmem_cache_alloc(cache, gfp)`: one object as a Block.
     #[pyo3(signature = (gfp=kmm_core::gfp::GFP_KERNEL as i128))]
@@ -771,6 +799,7 @@ impl PyKmemCache {
     /// `kmem_cache_alloc_bulk`: `n` objects (all or none) as an array('Q') of
     /// addresses. Releases the GIL.
     fn alloc_bulk<'py>(&self, py: Python<'py>, gfp: i128, n: i128) -> PyResult<Bound<'py, PyAny>> {
+        self.live("kmem_cache_alloc_bulk")?;
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let gfp = crate::args::u32_arg(gfp, "KmemCache.alloc_bulk", "gfp")?;
         let n = crate::args::usize_arg(n, "KmemCache.alloc_bulk", "n")?;
@@ -791,6 +820,7 @@ impl PyKmemCache {
     /// sequence of ints/Blocks). All are checked first; on error none is freed.
     /// Releases the GIL.
     fn free_bulk(&self, py: Python<'_>, objs: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.live("kmem_cache_free_bulk")?;
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let v = addresses(&self.m, objs)?;
         let (m, c) = (self.m.clone(), self.c.clone());
@@ -806,7 +836,10 @@ impl PyKmemCache {
     /// the cache then stays usable.
     fn destroy(&self) -> PyResult<()> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
-        self.m.kmem_cache_destroy(&self.c).map_err(to_py_err)
+        self.live("kmem_cache_destroy")?;
+        self.m.kmem_cache_destroy_alias(&self.c, self.alias.as_deref()).map_err(to_py_err)?;
+        self.gone.store(true, Relaxed);
+        Ok(())
     }
     /// Slabs by state, in the seed book's words: full, partial, empty
     /// (plus SLUB's own view: cpu, cpu_partial, node_partial).

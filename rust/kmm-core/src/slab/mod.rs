@@ -574,6 +574,14 @@ impl Machine {
     /// down. A cache with objects still allocated is kept (and usable), with
     /// the kernel's report as the error.
     pub fn kmem_cache_destroy(&self, c: &KmemCache) -> Result<()> {
+        self.kmem_cache_destroy_alias(c, None)
+    }
+
+    /// `kmem_cache_destroy` of the handle `kmem_cache_create(alias, ...)`
+    /// returned when it was merged into `c`: drops that alias (its name
+    /// leaves `c.aliases`); None drops the reference of `c`'s own name.
+    /// The cache goes when the last reference does.
+    pub fn kmem_cache_destroy_alias(&self, c: &KmemCache, alias: Option<&str>) -> Result<()> {
         let _d = self.trace.defer(); // page events under slab_mutex
         self.might_sleep_mutex()?;
         let mut list = self.slab.list.lock();
@@ -584,9 +592,32 @@ impl Machine {
             )));
         }
         if c.refcount.load(Relaxed) > 1 {
+            let mut names = c.aliases.lock();
+            match alias.map(|a| names.iter().rposition(|n| n == a)) {
+                Some(None) => {
+                    return Err(KmmError::UseAfterFree(format!(
+                        "kmem_cache_destroy: {} (merged into {}) was already destroyed",
+                        alias.unwrap_or_default(),
+                        c.name
+                    )))
+                }
+                Some(Some(i)) => {
+                    names.remove(i);
+                }
+                // The original name's reference: the aliases live on.
+                None => {}
+            }
             c.refcount.fetch_sub(1, Relaxed);
-            c.aliases.lock().pop();
             return Ok(());
+        }
+        if let Some(a) = alias {
+            // The last reference through an alias handle whose name is gone.
+            if !c.aliases.lock().iter().any(|n| n == a) {
+                return Err(KmmError::UseAfterFree(format!(
+                    "kmem_cache_destroy: {a} (merged into {}) was already destroyed",
+                    c.name
+                )));
+            }
         }
         // Refused before anything moves (the kernel flushes and shrinks
         // first, then complains; a refused call here changes nothing).

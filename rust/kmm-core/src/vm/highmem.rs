@@ -131,6 +131,9 @@ struct Pkmap {
     waits: u64,
     /// Bumped by every kunmap that frees a slot (the wake-up of pkmap_map_wait).
     wake_gen: u64,
+    /// Slots whose page holds a mapping pin (`pins.rs`) while it has users
+    /// (count >= 2): a plain allocation is not freed under a live kmap.
+    slot_pinned: Vec<bool>,
 }
 
 /// One kmap_local mapping on a CPU's stack.
@@ -143,6 +146,9 @@ struct Local {
     gen: u64,
     /// Buffer exports of this mapping alive (kunmap_local is refused).
     pins: u32,
+    /// The pfn that took a mapping pin (`pins.rs`: a plain allocation
+    /// cannot be freed while this mapping reaches it); kunmap_local drops it.
+    map_pin: Option<u64>,
 }
 
 static NEXT_LOCAL_GEN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -167,6 +173,7 @@ impl Highmem {
             pkmap: Mutex::new(Pkmap {
                 count: vec![0; n],
                 slot_page: vec![None; n],
+                slot_pinned: vec![false; n],
                 last_pkmap_nr: 0,
                 page_address: HashMap::new(),
                 flushes: 0,
@@ -193,6 +200,22 @@ pub struct PkmapStats {
 }
 
 impl Machine {
+    /// Pin `pfn` for a new kmap/kmap_local mapping if it is a plain page
+    /// allocation (`pins.rs`; the kernel does not check, and freeing the
+    /// page under the mapping is a use after free through it).
+    fn pin_mapped(&self, pfn: Pfn) -> Option<u64> {
+        self.plain_alloc_head(pfn.0)?;
+        self.pin_pages([pfn.0], crate::pins::PinKind::Map);
+        Some(pfn.0)
+    }
+
+    /// Undo `pin_mapped`.
+    fn unpin_mapped(&self, pinned: Option<u64>) {
+        if let Some(pfn) = pinned {
+            self.unpin_pages([pfn], crate::pins::PinKind::Map);
+        }
+    }
+
     fn highmem_page(&self, pfn: Pfn) -> Result<bool> {
         if !self.pfn_valid(pfn) {
             return Err(KmmError::InvalidArgument(format!("pfn {:#x} is not RAM", pfn.0)));
@@ -311,6 +334,9 @@ impl Machine {
             };
             let nr = ((va - h.layout.pkmap_base) >> self.page_shift) as usize;
             p.count[nr] += 1;
+            if p.count[nr] == 2 && !p.slot_pinned[nr] {
+                p.slot_pinned[nr] = self.pin_mapped(pfn).is_some();
+            }
             if self.trace.on(EventId::Kmap) {
                 // Under kmap_lock: delivered when the deferral above ends.
                 let count = p.count[nr];
@@ -346,6 +372,9 @@ impl Machine {
         }
         p.count[nr] -= 1;
         if p.count[nr] == 1 {
+            if std::mem::take(&mut p.slot_pinned[nr]) {
+                self.unpin_pages([pfn.0], crate::pins::PinKind::Map);
+            }
             p.wake_gen += 1;
             h.pkmap_wait.notify_all();
         }
@@ -379,7 +408,8 @@ impl Machine {
             let mut st = self.vm.highmem.local[cpu as usize].lock();
             if !high {
                 let va = self.page_address(pfn).expect("lowmem").0;
-                st.push(Local { va, slot: None, gen: next_gen(), pins: 0 });
+                let map_pin = self.pin_mapped(pfn);
+                st.push(Local { va, slot: None, gen: next_gen(), pins: 0, map_pin });
                 return Ok(VirtAddr(va));
             }
             let idx = st.iter().filter(|l| l.slot.is_some()).count() as u32;
@@ -392,7 +422,8 @@ impl Machine {
             }
             let va = self.vm.highmem.layout.slot_addr(cpu, idx);
             self.vm.pt.set_boot_pte(&self.phys, va, Some(self.pfn_to_phys(pfn).0))?;
-            st.push(Local { va, slot: Some(idx), gen: next_gen(), pins: 0 });
+            let map_pin = self.pin_mapped(pfn);
+            st.push(Local { va, slot: Some(idx), gen: next_gen(), pins: 0, map_pin });
             Ok(VirtAddr(va))
         })();
         match &r {
@@ -435,6 +466,7 @@ impl Machine {
                 match top {
                     Some(i) if st[i].va == page => {
                         let e = st.remove(i);
+                        self.unpin_mapped(e.map_pin);
                         let _ = self.vm.pt.set_boot_pte(&self.phys, e.va, None);
                         self.flush_tlb_one_kernel(e.va);
                     }
@@ -465,7 +497,8 @@ impl Machine {
                         )));
                     }
                     Some(i) => {
-                        st.remove(i);
+                        let e = st.remove(i);
+                        self.unpin_mapped(e.map_pin);
                     }
                     None => {
                         return Err(KmmError::Bug(format!(
