@@ -18,6 +18,11 @@ __all__ = [
     "BadGfpError",
     "PageFaultError",
     "MemoryCorruptionError",
+    "KasanError",
+    "KasanUseAfterFreeError",
+    "KasanDoubleFreeError",
+    "KasanInvalidFreeError",
+    "KasanIndexError",
     "TraceFormatError",
 ]
 
@@ -74,6 +79,43 @@ class MemoryCorruptionError(KmmError):
     """Redzone, poison or freelist corruption detected."""
 
     code = "memory_corruption"
+
+
+class KasanError(MemoryCorruptionError):
+    """A KASAN report (``kasan=on``): an access to poisoned memory, refused.
+
+    ``str(e)`` is the kernel's report ("BUG: KASAN: slab-out-of-bounds in
+    CALLER", "Write of size 1 at addr ... by task ...", the object and its
+    cache, where the address lies, the allocation and free stacks, the
+    shadow around it); nothing was read, written or freed.
+    """
+
+    code = "kasan"
+
+    @property
+    def bug_type(self) -> str:
+        """The report's bug type ("slab-out-of-bounds", "slab-use-after-free", ...)."""
+        for line in str(self).splitlines():
+            if line.startswith("BUG: KASAN: "):
+                return line[len("BUG: KASAN: ") :].split(" in ", 1)[0]
+        return ""
+
+
+class KasanUseAfterFreeError(KasanError, UseAfterFreeError):
+    """A KASAN report of an access to freed memory (a freed object or page,
+    or a Block whose memory was freed)."""
+
+
+class KasanDoubleFreeError(KasanError, DoubleFreeError):
+    """KASAN's "double-free" report: the object was already freed."""
+
+
+class KasanInvalidFreeError(KasanError, InvalidFreeError):
+    """KASAN's "invalid-free" report: the pointer is not an object's start."""
+
+
+class KasanIndexError(KasanError, IndexError):
+    """A KASAN report from Block indexing or slicing outside the Block."""
 
 
 class TraceFormatError(KmmError, ValueError):

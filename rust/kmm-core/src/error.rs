@@ -37,6 +37,25 @@ pub enum KmmError {
     Busy(String),
     /// Misuse the kernel answers with a BUG/WARN (e.g. an unbalanced put_cpu).
     Bug(String),
+    /// A KASAN report (`kasan=on`): a bad access, double free or invalid
+    /// free, refused; `message` is the whole report (`kasan.rs`).
+    Kasan { bug: KasanBug, message: String },
+}
+
+/// What a KASAN report is about (picks the Python exception class:
+/// `KasanError` and, for frees and use after free, also the class kmm
+/// raises for them without KASAN).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KasanBug {
+    /// An access to poisoned memory other than a freed object or page
+    /// (out of bounds, redzones, vmalloc guard, null or wild pointers).
+    Access,
+    /// An access to a freed slab object or freed page.
+    UseAfterFree,
+    /// Freeing a slab object that is already free ("double-free").
+    DoubleFree,
+    /// Freeing a pointer that is not an object's start ("invalid-free").
+    InvalidFree,
 }
 
 impl KmmError {
@@ -56,6 +75,7 @@ impl KmmError {
             KmmError::Host(_) => "host",
             KmmError::Busy(_) => "busy",
             KmmError::Bug(_) => "bug",
+            KmmError::Kasan { .. } => "kasan",
         }
     }
 
@@ -74,6 +94,7 @@ impl KmmError {
         "host",
         "busy",
         "bug",
+        "kasan",
     ];
 
     pub fn message(&self) -> &str {
@@ -91,6 +112,7 @@ impl KmmError {
             | KmmError::Host(m)
             | KmmError::Busy(m)
             | KmmError::Bug(m) => m,
+            KmmError::Kasan { message, .. } => message,
         }
     }
 }

@@ -160,6 +160,9 @@ impl Machine {
         let gfp = self.slab_gfp(gfp);
         let c = self.kmalloc_slab(size, gfp);
         let r = self.slab_alloc(c, gfp, None, size as u32, call_site);
+        if let Ok(o) = r {
+            self.kasan_kmalloc(c, o, size, gfp, call_site);
+        }
         if self.trace.on(EventId::Kmalloc) {
             self.trace.emit(
                 self.this_cpu(),
@@ -198,6 +201,7 @@ impl Machine {
             self.alloc_pages(page_gfp, order).map(|pfn| {
                 let va = self.page_address(pfn).expect("kmalloc pages are lowmem").0;
                 self.shadow.alloc(va - self.cfg.arch.page_offset());
+                self.kasan_kmalloc_large(va, size, order);
                 self.vmstat.nr_slab_unreclaimable_b.fetch_add((self.page_size << order) as i64, Relaxed);
                 if self.kmemleak.enabled {
                     self.kmemleak_alloc(va, size, 1);
@@ -264,7 +268,7 @@ impl Machine {
         match &k {
             KObj::Zero => {}
             KObj::Slab(c, head) => {
-                let o = c.locate_at(self, *head, va)?;
+                let o = c.locate_at(self, *head, va).map_err(|e| self.kasan_invalid_free(va, e))?;
                 let o = self.check_slab_free_at(c, o, va)?;
                 self.trace_kfree(va, call_site);
                 self.slab_free_checked(c, &o, va, self.run_cpu(), call_site);
@@ -273,9 +277,11 @@ impl Machine {
             KObj::Large(pfn, order) => {
                 let head_va = self.page_address(*pfn).expect("lowmem").0;
                 if va != head_va {
-                    return Err(KmmError::InvalidFree(format!(
-                        "kfree: {va:#x} is inside a large kmalloc that starts at {head_va:#x}"
-                    )));
+                    // check_page_allocation: KASAN reports it first.
+                    return Err(self.kasan_invalid_free(
+                        va,
+                        KmmError::InvalidFree(format!("kfree: {va:#x} is inside a large kmalloc that starts at {head_va:#x}")),
+                    ));
                 }
                 let phys = head_va - self.cfg.arch.page_offset();
                 if self.shadow.is_pinned(phys) {
@@ -304,6 +310,10 @@ impl Machine {
 
     /// `__ksize`: the usable size of a kmalloc'd object.
     pub fn ksize(&self, va: u64) -> Result<u64> {
+        // ksize: kasan_check_byte first (a freed object is reported).
+        if va > ZERO_SIZE_PTR {
+            self.kasan_check_byte(va)?;
+        }
         match self.kobj(va)? {
             KObj::Zero => Ok(0),
             KObj::Slab(c, head) => {
@@ -351,6 +361,10 @@ impl Machine {
             self.kfree(va, call_site)?;
             return Ok(VirtAddr(ZERO_SIZE_PTR));
         }
+        // __do_krealloc: "Check for double-free" (kasan_check_byte).
+        if va > ZERO_SIZE_PTR {
+            self.kasan_check_byte(va)?;
+        }
         let ks = match self.kobj(va)? {
             KObj::Zero => 0,
             _ => self.ksize(va)?,
@@ -381,13 +395,16 @@ impl Machine {
                     }
                 }
             }
+            self.kasan_krealloc(va, new_size, call_site);
             return Ok(VirtAddr(va));
         }
         let new = self.kmalloc(new_size, gfp, call_site)?;
         if va > ZERO_SIZE_PTR {
+            // The copy runs with KASAN disabled (it reads the old redzone);
+            // with slub_debug's orig_size, only the old request is copied.
             let copy = if orig != 0 { orig } else { ks }.min(new_size) as usize;
-            let data = self.read(VirtAddr(va), copy)?;
-            self.write(new, &data)?;
+            let data = self.read_nocheck(VirtAddr(va), copy)?;
+            self.write_nocheck(new, &data)?;
             if let Err(e) = self.kfree(va, call_site) {
                 // Undo: the old object stays, the new one goes.
                 let _ = self.kfree(new.0, call_site);

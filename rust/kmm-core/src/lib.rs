@@ -33,6 +33,8 @@
 //!   pins         <- machine, shadow, page                (exports and mappings that keep memory from being freed)
 //!   vm           <- machine, page_alloc, slab, kmalloc   (page tables, TLB,
 //!                   vmalloc, kmap, stacks; Machine::read/write go through it)
+//!   kasan        <- machine, slab, vm                    (kasan=on: shadow, checks,
+//!                   reports, quarantine; hooked from page_alloc, slab, kmalloc, vm)
 //!   trace::{perf_script, stat} <- gfp                     (trace import, perf kmem stat)
 //!   trace::{perf_data, tp_format, kallsyms} <- perf_script (perf.data input: formats from the file, call sites)
 //!   trace::{procfs, bundle} <- perf_script                (a recording's /proc files)
@@ -60,6 +62,7 @@ pub mod cpu;
 pub mod error;
 pub mod fault_inject;
 pub mod gfp;
+pub mod kasan;
 pub mod kmalloc;
 pub mod kmemleak;
 pub mod machine;

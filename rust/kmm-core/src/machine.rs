@@ -203,6 +203,8 @@ pub struct Machine {
     pub cpus: Cpus,
     /// Per-object state beside memory (live/pinned/generation).
     pub shadow: Shadow,
+    /// KASAN's shadow, quarantine and tracks (`kasan=on`; empty otherwise).
+    pub kasan: crate::kasan::Kasan,
     /// Buffer exports and mappings that keep memory from being freed (`pins.rs`).
     pub pins: crate::pins::Pins,
     /// Every kmem_cache.
@@ -361,6 +363,7 @@ impl Machine {
             vmstat: VmStat::default(),
             cpus: Cpus::new(cfg.cpus),
             shadow: Shadow::new(cfg.memory),
+            kasan: crate::kasan::Kasan::new(&cfg, max_low_pfn * ps, vm.vmalloc.start, vm.vmalloc.end),
             pins: crate::pins::Pins::default(),
             slab: Machine::new_slab_registry(&cfg),
             kmalloc_caches: OnceLock::new(),
@@ -404,6 +407,8 @@ impl Machine {
                 m.mem_map.get(pfn).set_flag(crate::page::PG_TABLE);
             }
         }
+        // KASAN: reserved memory accessible, the rest KASAN_PAGE_FREE.
+        m.kasan_boot();
         // memblock_free_all: free each zone's managed pages in maximal
         // aligned chunks, to the tail.
         for (z, &(_, _, _, _, ms, managed)) in m.zones.iter().zip(&spans) {
@@ -901,6 +906,7 @@ impl Machine {
         errs.extend(self.check_vm());
         errs.extend(self.printk.check());
         errs.extend(self.check_kmemleak());
+        errs.extend(self.check_kasan());
         errs.extend(self.faults.check());
         errs.extend(self.check_pins());
         errs

@@ -571,6 +571,7 @@ impl Machine {
         head.set(flags, order);
         head.set_owner_mt(gfp::migratetype(gfp));
         head.set_refcount(1);
+        self.kasan_unpoison_pages(pfn, order); // post_alloc_hook
         if self.page_init_on_alloc(gfp) {
             let pa = self.pfn_to_phys(pfn).0;
             if let Err(e) = self.phys.zero(pa, self.page_size << order) {
@@ -705,6 +706,7 @@ impl Machine {
     /// `free_pages_prepare` + `__free_frozen_pages`: clear page state, then
     /// the per-CPU lists for pcp-sized orders, or the buddy allocator.
     fn free_block(&self, pfn: Pfn, order: u32) {
+        self.kasan_poison_pages(pfn, order); // free_pages_prepare
         self.page_init_on_free(pfn, order);
         let head = self.mem_map.get(pfn.0);
         if head.has(PG_HEAD) {
@@ -1073,6 +1075,7 @@ impl Machine {
             head.set_owner_mt(mt);
         }
         head.set_refcount(cache_id as i32);
+        self.kasan_poison_slab(pfn, order); // allocate_slab: kasan_poison_slab
     }
 
     /// Give a discarded slab's pages back (`__free_slab`): the slab page

@@ -368,6 +368,8 @@ impl Machine {
             let high = z.wmark(crate::zone::WMARK_HIGH);
             z.below_high.store(z.free_pages() <= high, Relaxed);
         }
+        // The layout bypassed the allocator's KASAN hooks: rebuild the shadow.
+        self.kasan_rebuild();
         Ok(rep)
     }
 

@@ -18,7 +18,7 @@ fn tsv() -> String {
 }
 
 const T: SlubTunables =
-    SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: 2, page_size: 4096, word: 8 };
+    SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: 2, page_size: 4096, word: 8, kasan: false };
 
 /// Geometry of the cache described by one tsv row, computed by the model.
 fn model(header: &[&str], f: &[&str]) -> Geometry {

@@ -1,5 +1,6 @@
 //! The one place core errors become Python exceptions.
 
+use kmm_core::error::KasanBug;
 use kmm_core::KmmError;
 use pyo3::exceptions::{PyBufferError, PyOSError, PyValueError};
 use pyo3::prelude::*;
@@ -12,6 +13,11 @@ pyo3::import_exception!(kmm.errors, SleepInAtomicError);
 pyo3::import_exception!(kmm.errors, BadGfpError);
 pyo3::import_exception!(kmm.errors, PageFaultError);
 pyo3::import_exception!(kmm.errors, MemoryCorruptionError);
+pyo3::import_exception!(kmm.errors, KasanError);
+pyo3::import_exception!(kmm.errors, KasanUseAfterFreeError);
+pyo3::import_exception!(kmm.errors, KasanDoubleFreeError);
+pyo3::import_exception!(kmm.errors, KasanInvalidFreeError);
+pyo3::import_exception!(kmm.errors, KasanIndexError);
 /// The base class, for errors with no more specific class.
 mod base {
     pyo3::import_exception!(kmm.errors, KmmError);
@@ -40,6 +46,22 @@ pub(crate) fn to_py_err(e: KmmError) -> PyErr {
         KmmError::BufferBusy(_) => PyBufferError::new_err(msg),
         KmmError::Host(_) => PyOSError::new_err(msg),
         KmmError::Busy(_) | KmmError::Bug(_) => base::KmmError::new_err(msg),
+        KmmError::Kasan { bug, .. } => match bug {
+            KasanBug::Access => KasanError::new_err(msg),
+            KasanBug::UseAfterFree => KasanUseAfterFreeError::new_err(msg),
+            KasanBug::DoubleFree => KasanDoubleFreeError::new_err(msg),
+            KasanBug::InvalidFree => KasanInvalidFreeError::new_err(msg),
+        },
+    }
+}
+
+/// A KASAN report from a Block access: a use after free when the Block's
+/// memory was freed, else (for indexing and slicing) also an IndexError.
+pub(crate) fn kasan_block_err(e: KmmError, dead: bool, index: bool) -> PyErr {
+    match e {
+        KmmError::Kasan { message, .. } if dead => KasanUseAfterFreeError::new_err(message),
+        KmmError::Kasan { message, .. } if index => KasanIndexError::new_err(message),
+        e => to_py_err(e),
     }
 }
 

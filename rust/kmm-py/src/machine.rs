@@ -514,6 +514,7 @@ impl PyMachine {
         let addr = match (block, old) {
             (None, _) => 0,
             (Some(_), Some(b)) => {
+                b.kasan_guard(0, 1, false, false)?; // __do_krealloc: kasan_check_byte
                 b.check_alive()?;
                 b.addr
             }
@@ -552,6 +553,7 @@ impl PyMachine {
     fn ksize(&self, obj: &Bound<'_, PyAny>) -> PyResult<u64> {
         let a = if let Ok(b) = obj.cast::<PyBlock>() {
             let b = b.get().owned_by(&self.m)?;
+            b.kasan_guard(0, 1, false, false)?; // ksize: kasan_check_byte
             b.check_alive()?;
             b.addr
         } else {
@@ -680,7 +682,11 @@ impl PyMachine {
                 Some(a) if a.internal.load(std::sync::atomic::Ordering::Relaxed) != 0 => Err(PyValueError::new_err(format!(
                     "{addr:#x} is an area kmm made for itself (a page array or an IRQ stack), not a Block to hand out"
                 ))),
-                Some(a) if a.addr == addr && size as u64 <= a.usable() => Ok(PyBlock::for_area(&self.m, a, size)),
+                Some(a) if a.addr == addr && size as u64 <= a.usable() => {
+                    let b = PyBlock::for_area(&self.m, a, size);
+                    b.kasan_guard(0, size, false, false)?;
+                    Ok(b)
+                }
                 _ => Err(PyValueError::new_err(format!("{addr:#x} is not the start of a live vmalloc area of >= {size} bytes"))),
             };
         }
@@ -690,6 +696,11 @@ impl PyMachine {
         let Ok(phys) = self.m.virt_to_phys(VirtAddr(addr)) else {
             return Err(PyValueError::new_err(format!("{addr:#x} is neither a direct-map nor a vmalloc address")));
         };
+        // kasan=on: the view is checked whole first, so a freed object or
+        // a view past the requested size gets KASAN's report.
+        if self.m.kasan_on() {
+            self.m.kasan_check(addr, size as u64, false).map_err(to_py_err)?;
+        }
         if !self.m.shadow.is_live(phys.0) {
             return Err(crate::errors::UseAfterFreeError::new_err(format!(
                 "BUG: KASAN: use-after-free: {addr:#x} is not a live object (freed, or not the start of a kmalloc \
@@ -706,6 +717,32 @@ impl PyMachine {
         let b = PyBlock::new(&self.m, addr, size);
         b.check_alive()?;
         Ok(b)
+    }
+
+    /// With `kasan=on`: the shadow bytes of the 8-byte granules covering
+    /// `[addr, addr + n)` (0: accessible, 1..7: that many bytes, 0xFF
+    /// freed page, 0xFE large kmalloc redzone, 0xFC slab redzone, 0xFB
+    /// freed object, 0xFA its first granule, 0xF8 vmalloc invalid);
+    /// empty with KASAN off.
+    #[pyo3(signature = (addr, n=1))]
+    fn kasan_shadow<'py>(&self, py: Python<'py>, addr: i128, n: i128) -> PyResult<Bound<'py, PyBytes>> {
+        let addr = crate::args::u64_arg(addr, "kasan_shadow", "addr")?;
+        let n = crate::args::u64_arg(n, "kasan_shadow", "n")?;
+        Ok(PyBytes::new(py, &self.m.kasan_shadow(addr, n)))
+    }
+    /// With `kasan=on`: the quarantine (mm/kasan/quarantine.c) as a dict:
+    /// bytes on the per-CPU lists, bytes in the global batches, objects,
+    /// and the KASAN reports made so far; the shadow's host bytes.
+    fn kasan_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let (percpu, global, objects) = self.m.kasan_quarantine_stats();
+        let d = PyDict::new(py);
+        d.set_item("enabled", self.m.kasan_on())?;
+        d.set_item("quarantine_percpu_bytes", percpu)?;
+        d.set_item("quarantine_bytes", global)?;
+        d.set_item("quarantine_objects", objects)?;
+        d.set_item("reports", self.m.kasan.reports.load(std::sync::atomic::Ordering::Relaxed))?;
+        d.set_item("shadow_bytes", self.m.kasan_shadow_bytes())?;
+        Ok(d)
     }
 
     // ---- the per-CPU allocator -------------------------------------------------

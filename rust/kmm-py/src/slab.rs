@@ -292,6 +292,57 @@ impl PyBlock {
         }
     }
 
+    /// With `kasan=on`: KASAN's check of an access of `n` bytes at offset
+    /// `off` from the Block (which may lie outside it), made before
+    /// anything else; `index`: from indexing or slicing (the report is then
+    /// also an IndexError). On a Block whose memory was freed, the report
+    /// is a use after free.
+    pub(crate) fn kasan_guard(&self, off: i64, n: usize, write: bool, index: bool) -> PyResult<()> {
+        if !self.m.kasan_on() || n == 0 {
+            return Ok(());
+        }
+        let va = self.addr.wrapping_add_signed(off);
+        self.m.kasan_check(va, n as u64, write).map_err(|e| crate::errors::kasan_block_err(e, !self.alive(), index))
+    }
+
+    /// The access indexing or slicing asks for, before Python clamps a
+    /// slice to the Block: (offset, length). None when it is no plain
+    /// access (a step, or bounds beyond 64 bits): `range` decides.
+    fn raw_access(&self, idx: &Bound<'_, PyAny>) -> PyResult<Option<(i64, usize)>> {
+        let len = self.len as i64;
+        if let Ok(s) = idx.cast::<PySlice>() {
+            let step = s.getattr("step")?;
+            if !step.is_none() && step.extract::<i64>().ok() != Some(1) {
+                return Ok(None);
+            }
+            let bound = |v: Bound<'_, PyAny>, dflt: i64| -> Option<i64> {
+                if v.is_none() {
+                    return Some(dflt);
+                }
+                let x: i64 = v.extract().ok()?;
+                Some(if x < 0 { x.saturating_add(len).max(0) } else { x })
+            };
+            let (Some(a), Some(b)) = (bound(s.getattr("start")?, 0), bound(s.getattr("stop")?, len)) else {
+                return Ok(None);
+            };
+            return Ok(Some((a, b.saturating_sub(a).max(0) as usize)));
+        }
+        match idx.extract::<i64>() {
+            Ok(i) => Ok(Some((if i < 0 { i.saturating_add(len) } else { i }, 1))),
+            Err(_) => Ok(None),
+        }
+    }
+
+    /// `kasan_guard` for an index or a slice.
+    fn kasan_guard_index(&self, idx: &Bound<'_, PyAny>, write: bool) -> PyResult<()> {
+        if self.m.kasan_on() {
+            if let Some((off, n)) = self.raw_access(idx)? {
+                self.kasan_guard(off, n, write, true)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Free through this Block (kfree or kmem_cache_free).
     pub(crate) fn free_with(&self, f: impl FnOnce(u64) -> kmm_core::Result<()>) -> PyResult<()> {
         if self.kind == Kind::Ctor {
@@ -324,6 +375,11 @@ impl PyBlock {
             // Free memory: a double free. Reallocated memory: the stale
             // handle is a use after free (the new owner is left alone).
             if !self.m.shadow.is_live(self.phys()) {
+                if self.m.kasan_on() && self.kind == Kind::Object {
+                    // KASAN reports the double free (the free is refused:
+                    // the object is not live, so nothing can be freed).
+                    f(self.addr).map_err(to_py_err)?;
+                }
                 return Err(crate::errors::DoubleFreeError::new_err(format!(
                     "double free or corruption: Block {:#x} was already freed",
                     self.addr
@@ -397,10 +453,12 @@ impl PyBlock {
         self.addr
     }
     fn __bytes__<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyBytes>> {
+        self.kasan_guard(0, self.len, false, false)?;
         self.check_alive()?;
         crate::machine::read_bytes(py, &self.m, self.addr, self.len)
     }
     fn __getitem__<'py>(&self, py: Python<'py>, idx: &Bound<'py, PyAny>) -> PyResult<Bound<'py, PyAny>> {
+        self.kasan_guard_index(idx, false)?;
         self.check_alive()?;
         let (a, b, slice) = self.range(idx)?;
         if slice {
@@ -410,6 +468,7 @@ impl PyBlock {
         v[0].into_bound_py_any(py)
     }
     fn __setitem__(&self, idx: &Bound<'_, PyAny>, value: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.kasan_guard_index(idx, true)?;
         self.check_alive()?;
         let (a, b, slice) = self.range(idx)?;
         if slice {
@@ -443,8 +502,9 @@ impl PyBlock {
     fn read<'py>(&self, py: Python<'py>, offset: i128, n: Option<i128>) -> PyResult<Bound<'py, PyBytes>> {
         let offset = crate::args::usize_arg(offset, "Block.read", "offset")?;
         let n = n.map(|n| crate::args::usize_arg(n, "Block.read", "n")).transpose()?;
-        self.check_alive()?;
         let n = n.unwrap_or(self.len.saturating_sub(offset));
+        self.kasan_guard(offset.min(i64::MAX as usize) as i64, n, false, true)?;
+        self.check_alive()?;
         if offset.checked_add(n).is_none_or(|e| e > self.len) {
             return Err(PyIndexError::new_err("read beyond the Block"));
         }
@@ -454,6 +514,7 @@ impl PyBlock {
     #[pyo3(signature = (data, offset=0))]
     fn write(&self, data: &[u8], offset: i128) -> PyResult<()> {
         let offset = crate::args::usize_arg(offset, "Block.write", "offset")?;
+        self.kasan_guard(offset.min(i64::MAX as usize) as i64, data.len(), true, true)?;
         self.check_alive()?;
         if offset.checked_add(data.len()).is_none_or(|e| e > self.len) {
             return Err(PyIndexError::new_err("write beyond the Block"));
@@ -487,6 +548,8 @@ impl PyBlock {
             return Err(PyBufferError::new_err("View is null"));
         }
         let b = slf.get();
+        // KASAN checks the exported range as one access.
+        b.kasan_guard(0, b.len, flags & ffi::PyBUF_WRITABLE == ffi::PyBUF_WRITABLE, false)?;
         b.check_alive()?;
         if b.kind == Kind::Ctor {
             return Err(PyBufferError::new_err("a ctor's Block cannot be exported (it is valid only during the ctor call)"));

@@ -355,7 +355,7 @@ impl KmemCache {
 
     /// Bytes the user may use in an object (`slab_ksize`).
     pub fn ksize(&self) -> u32 {
-        if self.flags & (SLAB_RED_ZONE | SLAB_POISON) != 0 {
+        if self.flags & (SLAB_RED_ZONE | SLAB_POISON | SLAB_KASAN) != 0 {
             self.object_size()
         } else if self.flags & (SLAB_TYPESAFE_BY_RCU | SLAB_STORE_USER) != 0 {
             self.geo.inuse
@@ -721,7 +721,10 @@ impl KmemCache {
             let obj = base + i as u64 * self.geo.size as u64;
             self.setup_object_debug(m, obj);
             if let Some(ctor) = &self.ctor {
+                // setup_object: the ctor may touch the object (KASAN).
+                m.kasan_unpoison_new_object(self, obj);
                 ctor(VirtAddr(obj));
+                m.kasan_poison_new_object(self, obj);
             }
         }
         for i in 0..objects {

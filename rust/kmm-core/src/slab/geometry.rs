@@ -7,7 +7,8 @@
 //! `mm/slub.c` (`calculate_sizes`, `calculate_order`, `calc_slab_order`,
 //! `oo_make`, `set_min_partial`, `set_cpu_partial`), `include/linux/slab.h`
 //! (SLAB_* flag values, 6.18 enum order on x86_64 with SLUB_DEBUG, KASAN off,
-//! MEMCG on, no KFENCE).
+//! MEMCG on, no KFENCE), `mm/kasan/generic.c` (`kasan_cache_create`,
+//! `optimal_redzone`: the slot layout with `kasan=on`).
 //!
 //! # Invariants
 //! - geom-1: `object_size <= inuse <= size`, `size % align == 0`,
@@ -40,6 +41,18 @@ pub const SLAB_RECLAIM_ACCOUNT: u32 = 1 << 17;
 pub const SLAB_OBJECT_POISON: u32 = 1 << 18;
 pub const SLAB_CMPXCHG_DOUBLE: u32 = 1 << 19;
 pub const SLAB_NO_OBJ_EXT: u32 = 1 << 20;
+/// `SLAB_KASAN`: the cache carries KASAN metadata (set by
+/// `kasan_cache_create` with `kasan=on`; `slab_ksize` is then the object
+/// size). SIMPLIFICATION: a kmm-internal bit; the values above stay those
+/// of a KASAN-off build (a CONFIG_KASAN_GENERIC kernel numbers the flags
+/// from `_SLAB_KASAN` on one higher).
+pub const SLAB_KASAN: u32 = 1 << 21;
+
+/// `sizeof(struct kasan_alloc_meta)` and `sizeof(struct kasan_free_meta)`
+/// (generic mode, 64-bit, no CONFIG_KASAN_EXTRA_INFO): a track (pid +
+/// stack handle) and two aux stack handles; a quarantine link and a track.
+pub const KASAN_ALLOC_META_SIZE: u32 = 16;
+pub const KASAN_FREE_META_SIZE: u32 = 16;
 
 /// Flags a caller may pass to `kmem_cache_create` (SLAB_CORE_FLAGS |
 /// SLAB_DEBUG_FLAGS | SLAB_CACHE_FLAGS as mm/slab.h permits them).
@@ -112,6 +125,9 @@ pub struct SlubTunables {
     pub page_size: u32,
     /// sizeof(void *): 8 on 64-bit, 4 on 32-bit.
     pub word: u32,
+    /// `kasan=on`: every cache gets KASAN metadata and redzones
+    /// (`kasan_cache_create`).
+    pub kasan: bool,
 }
 
 /// What a cache's geometry comes to.
@@ -221,6 +237,55 @@ pub fn calculate_order(size: u32, t: &SlubTunables) -> Option<u32> {
     (order <= crate::arch::MAX_PAGE_ORDER).then_some(order)
 }
 
+/// `optimal_redzone` (mm/kasan/generic.c): the adaptive redzone of
+/// userspace ASan, larger for larger objects.
+pub fn kasan_optimal_redzone(object_size: u32) -> u32 {
+    match object_size {
+        s if s <= 64 - 16 => 16,
+        s if s <= 128 - 32 => 32,
+        s if s <= 512 - 64 => 64,
+        s if s <= 4096 - 128 => 128,
+        s if s <= (1 << 14) - 256 => 256,
+        s if s <= (1 << 15) - 512 => 512,
+        s if s <= (1 << 16) - 1024 => 1024,
+        _ => 2048,
+    }
+}
+
+/// `kasan_cache_create` (mm/kasan/generic.c): the slot grows by the
+/// alloc metadata, by the free metadata where it cannot live inside the
+/// object (ctor, SLAB_TYPESAFE_BY_RCU, or objects under 16 bytes), and to
+/// at least `object_size + optimal_redzone(object_size)`. kmm keeps the
+/// metadata beside memory (`kasan.rs`), but the slot is laid out as the
+/// kernel lays it out. `debug`: `__slub_debug_enabled()`.
+/// SIMPLIFICATION: `__slub_debug_enabled()` is taken as "this cache has
+/// debug flags" (the kernel's static key is on once any cache has them).
+pub fn kasan_cache_create(object_size: u32, size: u32, flags: u32, has_ctor: bool, debug: bool) -> u32 {
+    // KMALLOC_MAX_SIZE (kmalloc.rs; not imported: geometry sits below it).
+    let max: u32 = 4 << 20;
+    let mut size = size;
+    let ok_size = size;
+    size += KASAN_ALLOC_META_SIZE;
+    if size > max {
+        size = ok_size;
+    }
+    let ok_size = size;
+    if flags & SLAB_TYPESAFE_BY_RCU != 0 || has_ctor {
+        size += KASAN_FREE_META_SIZE;
+    } else if KASAN_FREE_META_SIZE <= object_size {
+        // free meta inside the object (offset 0)
+    } else if !debug {
+        size += KASAN_FREE_META_SIZE - object_size;
+    } else {
+        size += KASAN_FREE_META_SIZE;
+    }
+    if size > max {
+        size = ok_size;
+    }
+    let optimal = (object_size + kasan_optimal_redzone(object_size)).min(max);
+    size.max(optimal)
+}
+
 /// `calculate_sizes` + `kmem_cache_open`'s partial sizing. `align` is the
 /// requested alignment (already through `calculate_alignment`).
 pub fn calculate_sizes(
@@ -263,6 +328,11 @@ pub fn calculate_sizes(
         if flags & SLAB_KMALLOC != 0 {
             size += 4;
         }
+    }
+    if t.kasan {
+        // kasan_cache_create: metadata and a redzone, and no merging.
+        size = kasan_cache_create(object_size, size, flags, has_ctor, flags & SLAB_DEBUG_FLAGS != 0);
+        flags |= SLAB_KASAN | SLAB_NO_MERGE;
     }
     let mut red_left_pad = 0;
     if flags & SLAB_RED_ZONE != 0 {
@@ -346,7 +416,7 @@ mod tests {
     use super::*;
 
     fn t(cpus: u32) -> SlubTunables {
-        SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size: 4096, word: 8 }
+        SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size: 4096, word: 8, kasan: false }
     }
 
     #[test]
@@ -401,5 +471,29 @@ mod tests {
         let g = calculate_sizes(32, 32, f, false, None, &t(2)).unwrap();
         assert_eq!((g.size, g.offset, g.red_left_pad, g.inuse), (160, 40, 32, 40));
         assert_eq!(g.cpu_partial, 0);
+    }
+
+    #[test]
+    fn kasan_layout() {
+        // kasan_cache_create by hand: kmalloc-128 (align 128): 128 + 16
+        // alloc meta = 144, free meta inside, optimal 128 + 64 = 192,
+        // aligned to 128 -> 256.
+        let k = SlubTunables { kasan: true, ..t(2) };
+        let g = calculate_sizes(128, 128, SLAB_KMALLOC, false, None, &k).unwrap();
+        assert_eq!(g.size, 256);
+        assert_ne!(g.flags & SLAB_KASAN, 0);
+        assert_ne!(g.flags & SLAB_NO_MERGE, 0);
+        // kmalloc-8: 8 + 16 = 24, free meta does not fit: + (16 - 8) = 32.
+        assert_eq!(calculate_sizes(8, 8, SLAB_KMALLOC, false, None, &k).unwrap().size, 32);
+        // A 200-byte cache: 200 + 16 = 216 < 200 + 64 = 264.
+        assert_eq!(calculate_sizes(200, 8, 0, false, None, &k).unwrap().size, 264);
+        // With a ctor the free meta goes after the alloc meta: 200+16+16 = 232 < 264.
+        assert_eq!(calculate_sizes(200, 8, 0, true, None, &k).unwrap().size, 264);
+        // 3968 bytes: optimal redzone 128 -> 4096; 4000: 256 -> 4256.
+        assert_eq!(calculate_sizes(3968, 8, 0, false, None, &k).unwrap().size, 4096);
+        assert_eq!(calculate_sizes(4000, 8, 0, false, None, &k).unwrap().size, 4256);
+        assert_eq!(kasan_optimal_redzone(48), 16);
+        assert_eq!(kasan_optimal_redzone(49), 32);
+        assert_eq!(kasan_optimal_redzone(65536), 2048);
     }
 }

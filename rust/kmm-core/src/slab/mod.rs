@@ -137,7 +137,7 @@ pub struct Created {
 
 impl Machine {
     fn slub_tunables(cpus: u32, page_size: u32) -> SlubTunables {
-        SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size, word: 8 }
+        SlubTunables { min_order: 0, max_order: 3, min_objects: 0, nr_cpus: cpus, page_size, word: 8, kasan: false }
     }
 
     /// A fresh registry for a machine: `slub_min_order=`, `slub_max_order=`,
@@ -149,6 +149,7 @@ impl Machine {
         let mut t = Self::slub_tunables(cfg.cpus, cfg.page_size);
         t.word = cfg.arch.pointer_bytes();
         let b = &cfg.cmdline;
+        t.kasan = b.kasan;
         if let Some(o) = b.slub_max_order {
             t.max_order = o.min(crate::arch::MAX_PAGE_ORDER);
             t.min_order = t.min_order.min(t.max_order);
@@ -350,6 +351,9 @@ impl Machine {
     /// `kmem_cache_alloc(s, gfp)`.
     pub fn kmem_cache_alloc(&self, c: &KmemCache, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
         let obj = self.slab_alloc(c, gfp, None, c.object_size(), call_site);
+        if let Ok(o) = obj {
+            self.kasan_slab_alloc(c, o, gfp, Some(call_site));
+        }
         if self.trace.on(EventId::KmemCacheAlloc) {
             self.trace.emit(
                 self.this_cpu(),
@@ -372,6 +376,8 @@ impl Machine {
     /// `check_slab_free` once the object is located.
     #[inline]
     pub(crate) fn check_slab_free_at(&self, c: &KmemCache, o: cache::ObjRef, va: u64) -> Result<cache::ObjRef> {
+        // slab_free_hook -> kasan_slab_pre_free: KASAN sees a double free first.
+        self.kasan_slab_pre_free(c, va)?;
         let phys = va - self.cfg.arch.page_offset();
         let sh = self.shadow.get(phys);
         if sh & crate::shadow::LIVE == 0 {
@@ -390,14 +396,18 @@ impl Machine {
         Ok(o)
     }
 
-    /// Free an object already checked with `check_slab_free` (`slab_free`
-    /// with `slab_free_hook`'s kmemleak_free).
+    /// Free an object already checked with `check_slab_free` (`slab_free`:
+    /// `slab_free_hook`'s kmemleak_free and init_on_free memset; with KASAN
+    /// the object goes to the quarantine instead, `kasan_slab_free`).
     pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32, call_site: &CallSite) {
         if self.kmemleak.enabled {
             self.kmemleak_free(va);
         }
         self.shadow.free(va - self.cfg.arch.page_offset());
         self.slab_init_on_free(c, va - self.cfg.arch.page_offset());
+        if self.kasan_slab_free(c, o, va, Some(call_site)) {
+            return;
+        }
         if c.is_debug() {
             let caller = self.slab_caller(c, call_site);
             let _d = self.trace.defer();
@@ -434,7 +444,8 @@ impl Machine {
                         c.name, owner.name
                     )));
                 }
-                c.locate_at(self, head, va.0)?
+                // check_slab_allocation: not an object's start.
+                c.locate_at(self, head, va.0).map_err(|e| self.kasan_invalid_free(va.0, e))?
             }
             None => c.locate(self, va.0)?,
         };
@@ -504,6 +515,7 @@ impl Machine {
                 self.kmemleak_alloc(o, c.object_size() as u64, 1);
             }
         }
+        self.kasan_slab_alloc_bulk(c, &out[start..], gfp);
         Ok(())
     }
 
@@ -519,7 +531,7 @@ impl Machine {
                     "kmem_cache_free_bulk: Wrong slab cache. {} but object {o:#x} is from {}",
                     c.name, owner.name
                 ))),
-                Some((head, _)) => c.locate_at(self, head, o),
+                Some((head, _)) => c.locate_at(self, head, o).map_err(|e| self.kasan_invalid_free(o, e)),
                 None => c.locate(self, o),
             }
             .and_then(|r| self.check_slab_free_at(c, r, o));
@@ -551,6 +563,8 @@ impl Machine {
                 self.slab_init_on_free(c, o - po);
             }
         }
+        // KASAN quarantines what it poisons (slab_free_freelist_hook).
+        let refs = self.kasan_slab_free_bulk(c, refs);
         let caller = self.slab_caller(c, python_call_site());
         c.free_bulk_raw(self, &refs, self.run_cpu(), caller.as_ref());
         Ok(())
@@ -561,6 +575,7 @@ impl Machine {
     pub fn kmem_cache_shrink(&self, c: &KmemCache) -> Result<u64> {
         let _d = self.trace.defer(); // page events under slab_mutex
         self.might_sleep_mutex()?;
+        self.kasan_quarantine_remove_cache(c); // kasan_cache_shrink
         let _l = self.slab.list.lock();
         Ok(c.shrink(self))
     }
@@ -619,8 +634,12 @@ impl Machine {
                 )));
             }
         }
-        // Refused before anything moves (the kernel flushes and shrinks
-        // first, then complains; a refused call here changes nothing).
+        // kasan_cache_shutdown: quarantined objects go back first (they
+        // were freed already: flushing them changes nothing a caller sees).
+        self.kasan_quarantine_remove_cache(c);
+        // Live objects refuse the destroy before anything else moves (the
+        // kernel shrinks first, then complains; a refused call here
+        // changes nothing).
         let inuse = c.objects_in_use(self);
         if inuse > 0 {
             // free_partial -> list_slab_objects: the report (into the log).

@@ -1455,6 +1455,8 @@ pub fn replay_bundle(log: &TraceLog, m: &Machine, o: &ReplayOptions, bundle: Opt
         )));
     }
     let total_pages = m.totalram_pages();
+    // KASAN tracks record each event's traced call site, not the Python stack.
+    let _stacks = crate::kasan::TracedStacks::enter();
     let mut r = Replayer {
         m,
         log,

@@ -3,6 +3,7 @@
 //!
 //! ```text
 //!   Machine::read/write/access(va)
+//!      -> the KASAN check (kasan=on, kasan.rs)
 //!      -> this CPU's TLB (tlb.rs) --miss--> page walk (pgtable.rs) -> fill
 //!      -> physical bytes (physmem.rs)
 //!   vmalloc.rs: vmap areas over [VMALLOC_START, VMALLOC_END), pages mapped
@@ -194,7 +195,17 @@ impl Machine {
 
     /// Touch `[va, va+n)` through the MMU (each page once), as a load or a
     /// store would, without moving data. Faults change nothing but the TLB.
+    /// With `kasan=on` the access is checked against the shadow first
+    /// (`kasan.rs`): a bad one is reported and touches nothing.
     pub fn access(&self, va: VirtAddr, n: usize, write: bool) -> Result<()> {
+        if self.kasan_on() {
+            self.kasan_check(va.0, n as u64, write)?;
+        }
+        self.access_nocheck(va, n, write)
+    }
+
+    /// `access` without the KASAN check (uninstrumented code: stack pushes).
+    pub(crate) fn access_nocheck(&self, va: VirtAddr, n: usize, write: bool) -> Result<()> {
         let mut at = va.0;
         let mut left = n as u64;
         while left > 0 {
@@ -224,9 +235,19 @@ impl Machine {
         Ok(out)
     }
 
-    /// `memcpy` from kernel virtual memory, through the MMU model. A
-    /// buffer the host cannot allocate is an error, not an abort.
+    /// `memcpy` from kernel virtual memory, through the MMU model (and,
+    /// with `kasan=on`, the KASAN check). A buffer the host cannot
+    /// allocate is an error, not an abort.
     pub fn read(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
+        if self.kasan_on() {
+            self.kasan_check(va.0, n as u64, false)?;
+        }
+        self.read_nocheck(va, n)
+    }
+
+    /// `read` without the KASAN check (`kasan_disable_current()`
+    /// sections: krealloc's copy of the old object).
+    pub(crate) fn read_nocheck(&self, va: VirtAddr, n: usize) -> Result<Vec<u8>> {
         let chunks = self.chunks(va.0, n, false)?; // fault before allocating
         let mut buf = Vec::new();
         buf.try_reserve_exact(n).map_err(|_| {
@@ -239,8 +260,12 @@ impl Machine {
 
     /// The physical pieces of `[va, va + n)` through the MMU, as `read`
     /// walks them (a fault before anything is allocated or copied): for
-    /// callers that bring their own buffer (`copy_chunks`).
+    /// callers that bring their own buffer (`copy_chunks`). With
+    /// `kasan=on` this is a read and KASAN checks it first.
     pub fn translate_range(&self, va: VirtAddr, n: usize) -> Result<Vec<(u64, usize)>> {
+        if self.kasan_on() {
+            self.kasan_check(va.0, n as u64, false)?;
+        }
         self.chunks(va.0, n, false)
     }
 
@@ -254,8 +279,18 @@ impl Machine {
         Ok(())
     }
 
-    /// `memcpy` into kernel virtual memory, through the MMU model.
+    /// `memcpy` into kernel virtual memory, through the MMU model (and,
+    /// with `kasan=on`, the KASAN check: a bad write changes nothing).
     pub fn write(&self, va: VirtAddr, data: &[u8]) -> Result<()> {
+        if self.kasan_on() {
+            self.kasan_check(va.0, data.len() as u64, true)?;
+        }
+        self.write_nocheck(va, data)
+    }
+
+    /// `write` without the KASAN check (uninstrumented code: stack pushes,
+    /// kmm's own bookkeeping writes).
+    pub(crate) fn write_nocheck(&self, va: VirtAddr, data: &[u8]) -> Result<()> {
         let mut done = 0;
         for (pa, k) in self.chunks(va.0, data.len(), true)? {
             self.phys.write(pa, &data[done..done + k])?;

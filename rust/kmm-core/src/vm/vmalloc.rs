@@ -449,7 +449,7 @@ impl Machine {
             } else {
                 pages.iter().flat_map(|p| ((0xc100_0000u64 + p.0 * 32) as u32).to_ne_bytes()).collect()
             };
-            let _ = self.write(VirtAddr(a), &bytes);
+            let _ = self.write_nocheck(VirtAddr(a), &bytes);
         }
         self.vm.vmalloc.nr_vmalloc_pages.fetch_add(nr_pages, Relaxed);
         let meta = Meta { addr, size: total, vm_struct, va_obj, page_array, tables };
@@ -472,6 +472,9 @@ impl Machine {
         requested: u64,
         map_pins: Vec<u64>,
     ) -> Arc<VmArea> {
+        // kasan_unpoison_vmalloc: the requested bytes (VM_ALLOC in
+        // __vmalloc_node_range, others in __get_vm_area_node).
+        self.kasan_unpoison_vmalloc(m.addr, requested);
         let area = Arc::new(VmArea {
             addr: m.addr,
             size: m.size,
@@ -672,6 +675,9 @@ impl Machine {
     /// Everything vfree does once the area is out of the busy areas.
     fn release_area(&self, a: Arc<VmArea>) -> Result<()> {
         a.freed.store(true, Relaxed);
+        // remove_vm_area: kasan_poison_vmalloc(addr, get_vm_area_size(vm)).
+        let guard = if a.flags & VM_NO_GUARD != 0 { 0 } else { self.page_size };
+        self.kasan_poison_vmalloc(a.addr, a.size - guard);
         self.unpin_pages(a.map_pins.iter().copied(), crate::pins::PinKind::Map);
         // remove_vm_area -> free_unmap_vmap_area: PTEs cleared, no TLB flush
         // yet, the range onto the purge list; then vfree frees the pages,
