@@ -159,7 +159,7 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         let c = self.kmalloc_slab(size, gfp);
-        let r = self.kmem_cache_alloc_inner(c, gfp, None);
+        let r = self.slab_alloc(c, gfp, None, size as u32, call_site);
         if let Ok(o) = r {
             self.kasan_kmalloc(c, o, size, gfp, call_site);
         }
@@ -203,6 +203,9 @@ impl Machine {
                 self.shadow.alloc(va - self.cfg.arch.page_offset());
                 self.kasan_kmalloc_large(va, size, order);
                 self.vmstat.nr_slab_unreclaimable_b.fetch_add((self.page_size << order) as i64, Relaxed);
+                if self.kmemleak.enabled {
+                    self.kmemleak_alloc(va, size, 1);
+                }
                 va
             })
         };
@@ -287,6 +290,9 @@ impl Machine {
                     )));
                 }
                 self.trace_kfree(va, call_site);
+                if self.kmemleak.enabled {
+                    self.kmemleak_free(va);
+                }
                 self.shadow.free(phys);
                 self.vmstat.nr_slab_unreclaimable_b.fetch_sub((self.page_size << order) as i64, Relaxed);
                 return self.free_pages(*pfn, *order);
@@ -363,20 +369,40 @@ impl Machine {
             KObj::Zero => 0,
             _ => self.ksize(va)?,
         };
+        // A kmalloc cache with slub_debug's U keeps the request (orig_size).
+        let orig = match self.kobj(va)? {
+            KObj::Slab(c, _) if c.debug_orig_size() => c.get_orig_size(self, va) as u64,
+            _ => 0,
+        };
         if ks >= new_size && va > ZERO_SIZE_PTR {
-            // "Zero out spare memory" (want_init_on_alloc: __GFP_ZERO or
-            // init_on_alloc): with no orig_size stored (no
-            // SLAB_STORE_USER), the kernel zeroes [new_size, ks).
+            // "Zero out spare memory" (__do_krealloc; want_init_on_alloc:
+            // __GFP_ZERO or init_on_alloc): from the old request when
+            // growing within the object, else [new_size, ks).
             if self.want_init_on_alloc(gfp) {
-                self.phys.zero(va - self.cfg.arch.page_offset() + new_size, ks - new_size)?;
+                let p = va - self.cfg.arch.page_offset();
+                if orig != 0 && orig < new_size {
+                    self.phys.zero(p + orig, new_size - orig)?;
+                } else {
+                    self.phys.zero(p + new_size, ks - new_size)?;
+                }
+            }
+            // "Setup kmalloc redzone when needed".
+            if let KObj::Slab(c, _) = self.kobj(va)? {
+                if c.debug_orig_size() {
+                    c.set_orig_size(self, va, new_size as u32);
+                    if c.flags & SLAB_RED_ZONE != 0 && new_size < ks {
+                        self.phys.fill(va - self.cfg.arch.page_offset() + new_size, ks - new_size, crate::slab::cache::SLUB_RED_ACTIVE)?;
+                    }
+                }
             }
             self.kasan_krealloc(va, new_size, call_site);
             return Ok(VirtAddr(va));
         }
         let new = self.kmalloc(new_size, gfp, call_site)?;
         if va > ZERO_SIZE_PTR {
-            // The copy runs with KASAN disabled (it reads the old redzone).
-            let copy = ks.min(new_size) as usize;
+            // The copy runs with KASAN disabled (it reads the old redzone);
+            // with slub_debug's orig_size, only the old request is copied.
+            let copy = if orig != 0 { orig } else { ks }.min(new_size) as usize;
             let data = self.read_nocheck(VirtAddr(va), copy)?;
             self.write_nocheck(new, &data)?;
             if let Err(e) = self.kfree(va, call_site) {

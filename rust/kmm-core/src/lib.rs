@@ -41,6 +41,9 @@
 //!   trace::shape  <- machine, slab, warm, bundle          (a machine shaped and warmed for a trace)
 //!   warm         <- machine, buddy, pcp, slab            (warm start: a recorded state)
 //!   trace::replay <- machine, slab, kmalloc, percpu, page_alloc, warm (drives the machine's public API)
+//!   printk, stackdepot <- machine, trace          (kernel log and taint; stacks and current)
+//!   slab::cache::debug <- slab, printk, stackdepot     (slub_debug)
+//!   kmemleak     <- machine, slab, percpu, vm, printk, stackdepot (leak scans)
 //! ```
 //! ## How to read it
 //! Start with `machine.rs` (boot and address conversions), then
@@ -61,6 +64,7 @@ pub mod fault_inject;
 pub mod gfp;
 pub mod kasan;
 pub mod kmalloc;
+pub mod kmemleak;
 pub mod machine;
 pub mod mem_init;
 pub mod page;
@@ -69,7 +73,9 @@ pub mod pcp;
 pub mod percpu;
 pub mod physmem;
 pub mod pins;
+pub mod printk;
 pub mod slab;
+pub mod stackdepot;
 pub mod sysctl;
 pub mod sync;
 pub mod proc;

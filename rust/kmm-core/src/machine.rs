@@ -217,6 +217,12 @@ pub struct Machine {
     pub vm: crate::vm::Vm,
     /// Simulated time and the kernel's timer work (`clock.rs`).
     pub clock: crate::clock::Clock,
+    /// The kernel log and taint mask (`printk.rs`).
+    pub printk: crate::printk::Printk,
+    /// Allocation and free stacks, and call-site symbols (`stackdepot.rs`).
+    pub depot: crate::stackdepot::StackDepot,
+    /// kmemleak's object tracking (`kmemleak.rs`), on with `kmemleak=on`.
+    pub kmemleak: crate::kmemleak::Kmemleak,
     /// Set by a warm start for a trace (`trace::shape`): what its replay maps.
     pub warm: parking_lot::Mutex<Option<std::sync::Arc<crate::warm::WarmSeeds>>>,
     /// How a machine built for a trace was sized and started (`trace::shape`).
@@ -364,6 +370,9 @@ impl Machine {
             percpu: crate::percpu::Percpu::default(),
             vm,
             clock: crate::clock::Clock::new(cfg.cpus),
+            printk: crate::printk::Printk::default(),
+            depot: crate::stackdepot::StackDepot::new(cfg.arch.is_64bit()),
+            kmemleak: crate::kmemleak::Kmemleak::new(cfg.cmdline.kmemleak),
             warm: parking_lot::Mutex::new(None),
             shape_notes: parking_lot::Mutex::new(Vec::new()),
             sysctls: crate::sysctl::Sysctls::new(&cfg, &spans.iter().map(|s| s.0).collect::<Vec<_>>()),
@@ -895,6 +904,8 @@ impl Machine {
         errs.extend(self.check_percpu());
         errs.extend(self.check_slab());
         errs.extend(self.check_vm());
+        errs.extend(self.printk.check());
+        errs.extend(self.check_kmemleak());
         errs.extend(self.check_kasan());
         errs.extend(self.faults.check());
         errs.extend(self.check_pins());

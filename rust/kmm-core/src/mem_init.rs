@@ -17,9 +17,12 @@
 //! `maybe_wipe_obj_freeptr`), `mm/slab_common.c` (`__do_krealloc`).
 //!
 //! SIMPLIFICATION: no page poisoning (`page_poison=`), which in the kernel
-//! turns both off; the object part zeroed at free is `object_size` bytes
-//! (the kernel's `get_orig_size`, which is smaller only for kmalloc caches
-//! that store the requested size for slub_debug's kmalloc red zone).
+//! turns both off.
+//!
+//! With slub_debug, a kmalloc cache with red zones or user tracking zeroes
+//! only the request at allocation (`slab_post_alloc_hook`'s `zero_size =
+//! orig_size`: the rest is its kmalloc red zone), and at free only
+//! `get_orig_size` bytes, restoring the stored request afterwards.
 //!
 //! Why `__GFP_ZERO` may skip its zeroing under init_on_free: every page
 //! reaches the free lists through `free_block` (which zeroes it) or was
@@ -85,13 +88,13 @@ impl Machine {
     }
 
     /// The post-allocation zeroing of one object at physical `phys`:
-    /// `slab_post_alloc_hook`'s memset when `slab_want_init_on_alloc`, else
-    /// `maybe_wipe_obj_freeptr` (init_on_free left the object zero but for
-    /// the free pointer stored inside it).
+    /// `slab_post_alloc_hook`'s memset of `zero_size` bytes when
+    /// `slab_want_init_on_alloc`, else `maybe_wipe_obj_freeptr` (init_on_free
+    /// left the object zero but for the free pointer stored inside it).
     #[inline]
-    pub(crate) fn slab_init_on_alloc(&self, c: &KmemCache, phys: u64, gfp: Gfp) {
+    pub(crate) fn slab_init_on_alloc(&self, c: &KmemCache, phys: u64, gfp: Gfp, zero_size: u32) {
         if self.slab_want_init_on_alloc(gfp, c) {
-            let _ = self.phys.zero(phys, c.object_size() as u64);
+            let _ = self.phys.zero(phys, zero_size as u64);
         } else if self.slab_want_init_on_free(c) && c.geo.offset < c.geo.inuse {
             let _ = self.phys.zero(phys + c.geo.offset as u64, self.slab.tunables.word as u64);
         }
@@ -106,13 +109,16 @@ impl Machine {
             return;
         }
         let g = &c.geo;
-        // get_orig_size: object_size here (see SIMPLIFICATION).
-        let _ = self.phys.zero(phys, c.object_size() as u64);
+        let va = phys + self.cfg.arch.page_offset();
+        let orig_size = c.get_orig_size(self, va);
+        let _ = self.phys.zero(phys, orig_size as u64);
         let info_end = if g.offset >= g.inuse { g.inuse + self.slab.tunables.word } else { g.inuse };
         let rsize = if c.flags & SLAB_RED_ZONE != 0 { g.red_left_pad } else { 0 };
         let end = g.size.saturating_sub(rsize);
         if end > info_end {
             let _ = self.phys.zero(phys + info_end as u64, (end - info_end) as u64);
         }
+        // "Restore orig_size, otherwize kmalloc redzone overwritten would be reported".
+        c.set_orig_size(self, va, orig_size);
     }
 }

@@ -189,15 +189,19 @@ fn ctor_runs_once_per_object_when_the_slab_is_set_up() {
 fn debug_cache_catches_redzone_and_poison_damage() {
     let m = machine();
     let cs = unknown_call_site();
+    // mm/slub.c checks objects at alloc and free only with SLAB_CONSISTENCY_CHECKS (F).
     let c = m
-        .kmem_cache_create("dbg", 40, CacheArgs { flags: SLAB_RED_ZONE | SLAB_POISON, ..Default::default() })
+        .kmem_cache_create("dbg", 40, CacheArgs { flags: SLAB_CONSISTENCY_CHECKS | SLAB_RED_ZONE | SLAB_POISON, ..Default::default() })
         .unwrap()
         .cache;
     let x = m.kmem_cache_alloc(&c, GFP_KERNEL, &cs).unwrap();
     // Write one byte past the object: the right red zone.
     m.write(VirtAddr(x.0 + 40), &[0]).unwrap();
     match m.kmem_cache_free(&c, x, &cs) {
-        Err(KmmError::MemoryCorruption(e)) => assert!(e.contains("Right Redzone overwritten"), "{e}"),
+        Err(KmmError::MemoryCorruption(e)) => {
+            assert!(e.contains("[Right Redzone overwritten]"), "{e}");
+            assert!(e.contains(&format!("Object at {:#018x} not freed", x.0)), "{e}");
+        }
         other => panic!("{other:?}"),
     }
     // The report restored the red zone, so the free now works.
@@ -205,21 +209,36 @@ fn debug_cache_catches_redzone_and_poison_damage() {
     // A freed object is poisoned: 0x6b... ending in 0xa5.
     let p = m.read(x, 40).unwrap();
     assert!(p[..39].iter().all(|&b| b == 0x6b) && p[39] == 0xa5);
-    // Use after free (a write into the freed object) is caught at the next allocation.
+    // Use after free (a write into the freed object) is caught at the next
+    // allocation, which takes that object: its slab is isolated and the
+    // allocation is served from a new slab.
     m.write(VirtAddr(x.0 + 3), &[1]).unwrap();
-    let mut got = None;
-    for _ in 0..c.geo.objects * 2 {
-        match m.kmem_cache_alloc(&c, GFP_KERNEL, &cs) {
-            Err(KmmError::MemoryCorruption(e)) => {
-                assert!(e.contains("Poison overwritten"), "{e}");
-                got = Some(e);
-                break;
-            }
-            Ok(_) => {}
-            Err(e) => panic!("{e}"),
-        }
-    }
-    assert!(got.is_some());
+    let y = m.kmem_cache_alloc(&c, GFP_KERNEL, &cs).unwrap();
+    assert_ne!(y, x);
+    let log = m.dmesg();
+    assert!(log.contains("[Poison overwritten]") && log.contains("FIX dbg: Marking all objects used"), "{log}");
+    assert!(m.check().is_empty(), "{:?}", m.check());
+}
+
+#[test]
+fn without_consistency_checks_validate_finds_what_free_does_not() {
+    let m = machine();
+    let cs = unknown_call_site();
+    let c = m
+        .kmem_cache_create("dbg_nof", 40, CacheArgs { flags: SLAB_RED_ZONE | SLAB_POISON, ..Default::default() })
+        .unwrap()
+        .cache;
+    let x = m.kmem_cache_alloc(&c, GFP_KERNEL, &cs).unwrap();
+    let keep = m.kmem_cache_alloc(&c, GFP_KERNEL, &cs).unwrap();
+    m.write(VirtAddr(keep.0 + 40), &[7]).unwrap();
+    m.kmem_cache_free(&c, x, &cs).unwrap();
+    let (errors, report) = c.validate(&m);
+    // check_bytes_and_report (1) + restore_bytes' FIX (1).
+    assert_eq!(errors, 2, "{report}");
+    assert!(report.contains("[Right Redzone overwritten]") && report.contains("First byte 0x7 instead of 0xcc"), "{report}");
+    assert_eq!(c.validate(&m).0, 0);
+    m.kmem_cache_free(&c, keep, &cs).unwrap();
+    assert!(m.check().is_empty(), "{:?}", m.check());
 }
 
 #[test]

@@ -10,6 +10,7 @@ use pyo3::prelude::*;
 mod args;
 mod bundle;
 mod cpu;
+mod debugging;
 mod errors;
 mod kasan;
 mod fault;
@@ -28,6 +29,7 @@ pub(crate) use errors::to_py_err;
 #[pymodule(gil_used = false)]
 fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kmm_core::cpu::set_wait_hook(cpu::wait_hook);
+    kmm_core::stackdepot::set_stack_hook(debugging::stack_hook);
     kmm_core::kasan::set_stack_hook(kasan::stack_hook);
     m.add_class::<cpu::PyOnCpu>()?;
     m.add_class::<cpu::PyContext>()?;

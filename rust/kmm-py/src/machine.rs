@@ -582,8 +582,11 @@ impl PyMachine {
         let freeptr_offset = freeptr_offset.map(|o| u32_arg(o, f, "freeptr_offset")).transpose()?;
         let core_ctor: Option<kmm_core::slab::Ctor> = ctor.as_ref().map(|c| {
             let c = Python::attach(|py| c.clone_ref(py));
-            let m = self.m.clone();
+            // Weak: the cache (inside the machine) keeps this closure, which
+            // must not keep the machine (an Arc cycle: never freed).
+            let m = Arc::downgrade(&self.m);
             let f: kmm_core::slab::Ctor = Arc::new(move |va: VirtAddr| {
+                let Some(m) = m.upgrade() else { return };
                 Python::attach(|py| {
                     let blk = match Py::new(py, PyBlock::for_ctor(&m, va.0, size as usize)) {
                         Ok(b) => b,

@@ -341,6 +341,24 @@ impl Machine {
             .ok_or_else(|| KmmError::InvalidArgument(format!("no per-CPU variable named '{name}'")))
     }
 
+    /// Every live allocation in every CPU's unit as (physical address,
+    /// bytes): the per-CPU memory kmemleak scans (mm/kmemleak.c: dynamic
+    /// per-CPU objects are `kmemleak_alloc_percpu`'d with min_count 0, so
+    /// scanned while allocated; freed space is not scanned).
+    pub(crate) fn pcpu_alloc_ranges(&self) -> Vec<(u64, u64)> {
+        let st = self.percpu.state.lock();
+        let mut out = Vec::new();
+        for a in st.allocs.values() {
+            let Some(c) = st.chunks.get(a.chunk) else { continue };
+            for &(pfn, order) in &c.units {
+                if a.off.saturating_add(a.size) <= self.page_size << order {
+                    out.push(((pfn.0 << self.page_shift) + a.off, a.size));
+                }
+            }
+        }
+        out
+    }
+
     /// `pcpu_nr_pages()`: populated pages times units (meminfo's Percpu).
     pub fn pcpu_nr_pages(&self) -> u64 {
         self.percpu.state.lock().populated_pages * self.cfg.cpus as u64

@@ -26,9 +26,11 @@
 //! `local_lock`/preempt-disable), uncontended unless two threads share a CPU
 //! or a flush reaches over from another CPU. No freelist randomisation or
 //! pointer hardening: objects are handed out in address order, free pointers
-//! are stored plain. Red zones and poison are checked at alloc and free of
-//! debug caches; user tracking (SLAB_STORE_USER) reserves its space but
-//! records nothing.
+//! are stored plain. Debug caches (slub_debug, SLAB_* debug flags) are
+//! `debug.rs`. A corrupt free pointer met on the per-CPU fast path (where a
+//! kernel without slub_debug would follow it and oops) refuses the
+//! allocation with the kernel's "Freepointer corrupt" report and cuts the
+//! chain there, as `check_object` repairs it: the objects behind are lost.
 //!
 //! # Invariants (checked by `KmemCache::check`)
 //! - slub-1: every slab's `inuse` equals its objects minus its free objects
@@ -36,6 +38,7 @@
 //! - slub-2: a slab is on at most one list and `nr_partial` counts the node list.
 //! - slub-3: free pointers stay inside their slab, on object boundaries.
 //! - slub-4: a live object is marked live in the shadow; a free one is not.
+//! - slub-5: an isolated (frozen) debug slab is full and on no list.
 //!
 //! Lock order: per-CPU lock -> node `list_lock` -> zone lock (through the
 //! page allocator). `ctor` callbacks run with no lock held. The per-CPU
@@ -45,6 +48,12 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
+
+// slub_debug lives beside the cache it checks (it reaches the slab table
+// and the free-pointer helpers).
+#[path = "debug.rs"]
+pub mod debug;
+use debug::{Caller, DebugCtx, Report};
 
 use parking_lot::Mutex;
 
@@ -91,6 +100,9 @@ pub struct Slab {
     /// First free object (virtual address), 0 = none.
     pub freelist: u64,
     pub list: SlabList,
+    /// A debug cache's slab isolated after a failed consistency check
+    /// (`slab->frozen` reused as the kernel does): full, on no list, for good.
+    pub frozen: bool,
     prev: u32,
     next: u32,
     /// `SlabRegistry::pages_allocated` just after this slab's pages were
@@ -501,10 +513,25 @@ impl KmemCache {
         c.slab_end = c.slab_base + self.objects_in(m, order) as u64 * self.geo.size as u64;
     }
 
-    fn freepointer_corrupt(&self, obj: u64, next: u64) -> KmmError {
+    /// A corrupt free pointer met on the per-CPU fast path: the kernel's
+    /// report (`object_err(.., "Freepointer corrupt")`, into the log too),
+    /// and `check_object`'s repair: the pointer is zapped, so `obj` stays the
+    /// last free object of the CPU freelist and the objects behind it are
+    /// lost (counted in use). Called with the CPU lock held (node lock next).
+    fn freepointer_corrupt(&self, m: &Machine, slab_id: u32, obj: u64, next: u64) -> KmmError {
+        let mut rep = Report::new(m);
+        {
+            let n = self.node.lock();
+            if let Some(s) = n.slabs.get(slab_id as usize).and_then(|s| s.as_ref()) {
+                let snap = s.clone();
+                self.report_freepointer(m, &mut rep, &snap, obj);
+            }
+        }
+        self.set_fp(m, obj, 0);
+        let text = rep.flush();
         KmmError::MemoryCorruption(format!(
-            "BUG {} (Not tainted): Freepointer corrupt: object {obj:#x} points to {next:#x}, outside its slab (a write to freed memory?)",
-            self.name
+            "{text}\n(object {obj:#x} pointed to {next:#x}, outside its slab: a write to freed memory? \
+             The free objects behind it are lost; the allocation was refused.)"
         ))
     }
 
@@ -541,15 +568,14 @@ impl KmemCache {
         // Page events emitted under the cpu/node locks reach sinks after they drop.
         let _d = m.trace.defer();
         if self.is_debug() {
-            return self.alloc_single(m, gfp);
+            return self.alloc_debug(m, gfp, &DebugCtx { orig_size: self.geo.object_size, caller: None });
         }
         let mut c = self.cpu_lock(cpu);
         let obj = c.freelist;
         if obj != 0 {
             let next = self.get_fp(m, obj);
             if !self.fp_in(c.slab_base, c.slab_end, next) {
-                c.freelist = 0;
-                return Err(self.freepointer_corrupt(obj, next));
+                return Err(self.freepointer_corrupt(m, c.slab, obj, next));
             }
             c.freelist = next;
             c.tid += 1;
@@ -652,8 +678,9 @@ impl KmemCache {
     fn load_freelist(&self, m: &Machine, c: &mut CpuSlab, fl: u64) -> Result<u64> {
         let next = self.get_fp(m, fl);
         if !self.fp_in(c.slab_base, c.slab_end, next) {
-            c.freelist = 0;
-            return Err(self.freepointer_corrupt(fl, next));
+            // `fl` stays free, alone on the CPU freelist.
+            c.freelist = fl;
+            return Err(self.freepointer_corrupt(m, c.slab, fl, next));
         }
         c.freelist = next;
         c.tid += 1;
@@ -688,14 +715,11 @@ impl KmemCache {
         // pointing at the head.
         m.make_slab_pages(pfn, order, self.id);
         let base = self.slab_base(m, pfn.0);
-        // setup_object (+ debug init_object), then the freelist.
-        if self.is_debug() {
-            let slab_phys = pfn.0 << m.page_shift;
-            m.phys.fill(slab_phys, m.page_size << order, POISON_INUSE).ok();
-        }
+        // setup_slab_debug, setup_object (+ setup_object_debug), then the freelist.
+        self.setup_slab_debug(m, pfn.0, order);
         for i in 0..objects {
             let obj = base + i as u64 * self.geo.size as u64;
-            self.init_object(m, obj, false);
+            self.setup_object_debug(m, obj);
             if let Some(ctor) = &self.ctor {
                 // setup_object: the ctor may touch the object (KASAN).
                 m.kasan_unpoison_new_object(self, obj);
@@ -724,6 +748,7 @@ impl KmemCache {
             inuse: if frozen { objects } else { 0 },
             freelist: if frozen { 0 } else { base },
             list: SlabList::None,
+            frozen: false,
             prev: NIL,
             next: NIL,
             born,
@@ -768,10 +793,10 @@ impl KmemCache {
             let obj = base + i as u64 * self.geo.size as u64;
             if is_live(i) {
                 inuse += 1;
-                self.init_object(m, obj, true);
+                self.init_object(m, obj, SLUB_RED_ACTIVE);
                 m.shadow.alloc(obj - m.cfg.arch.page_offset());
             } else {
-                self.init_object(m, obj, false);
+                self.init_object(m, obj, SLUB_RED_INACTIVE);
                 self.set_fp(m, obj, freelist);
                 freelist = obj;
             }
@@ -783,7 +808,7 @@ impl KmemCache {
             m.vmstat.nr_slab_unreclaimable_b.fetch_add(bytes, Relaxed);
         }
         let mut n = self.node.lock();
-        let slab = Slab { pfn, order, objects, inuse, freelist, list: SlabList::None, prev: NIL, next: NIL, born: 0 };
+        let slab = Slab { pfn, order, objects, inuse, freelist, list: SlabList::None, frozen: false, prev: NIL, next: NIL, born: 0 };
         let id = Self::new_slab_id(&mut n, slab);
         n.nr_slabs += 1;
         n.total_objects += objects as u64;
@@ -892,7 +917,7 @@ impl KmemCache {
     pub(crate) fn free_raw(&self, m: &Machine, o: &ObjRef, obj: u64, cpu: u32) {
         let _d = m.trace.defer();
         if self.is_debug() {
-            return self.free_to_partial_list(m, o, obj);
+            return self.free_to_partial_list(m, o, obj, None);
         }
         let mut c = self.cpu_lock(cpu);
         self.free_chain(m, &mut c, o, &[obj], cpu);
@@ -967,11 +992,11 @@ impl KmemCache {
 
     /// `kmem_cache_free_bulk` after the checks: runs of objects of one slab
     /// are freed together (`build_detached_freelist`), under one CPU lock.
-    pub(crate) fn free_bulk_raw(&self, m: &Machine, objs: &[(u64, ObjRef)], cpu: u32) {
+    pub(crate) fn free_bulk_raw(&self, m: &Machine, objs: &[(u64, ObjRef)], cpu: u32, caller: Option<&Caller>) {
         let _d = m.trace.defer();
         if self.is_debug() {
             for (obj, o) in objs {
-                self.free_to_partial_list(m, o, *obj);
+                self.free_to_partial_list(m, o, *obj, caller);
             }
             return;
         }
@@ -991,11 +1016,11 @@ impl KmemCache {
 
     /// `__kmem_cache_alloc_bulk`: `n` objects under one CPU lock, taking the
     /// slow path whenever the CPU freelist runs dry.
-    pub(crate) fn alloc_bulk_raw(&self, m: &Machine, gfp: Gfp, cpu: u32, n: usize, out: &mut Vec<u64>) -> Result<()> {
+    pub(crate) fn alloc_bulk_raw(&self, m: &Machine, gfp: Gfp, cpu: u32, n: usize, out: &mut Vec<u64>, ctx: &DebugCtx) -> Result<()> {
         let _d = m.trace.defer();
         if self.is_debug() {
             for _ in 0..n {
-                out.push(self.alloc_single(m, gfp)?);
+                out.push(self.alloc_debug(m, gfp, ctx)?);
             }
             return Ok(());
         }
@@ -1006,8 +1031,7 @@ impl KmemCache {
                 let obj = c.freelist;
                 let next = self.get_fp(m, obj);
                 if !self.fp_in(c.slab_base, c.slab_end, next) {
-                    c.freelist = 0;
-                    return Err(self.freepointer_corrupt(obj, next));
+                    return Err(self.freepointer_corrupt(m, c.slab, obj, next));
                 }
                 c.freelist = next;
                 c.stats.alloc_fastpath += 1;
@@ -1036,127 +1060,6 @@ impl KmemCache {
             c.stats = stats;
         }
         c.partial.push(id);
-    }
-
-    // ---- debug caches: one object at a time under list_lock -----------------------------------
-
-    /// `alloc_single_from_partial` / `alloc_single_from_new_slab`.
-    fn alloc_single(&self, m: &Machine, gfp: Gfp) -> Result<u64> {
-        loop {
-            {
-                let mut n = self.node.lock();
-                if n.partial_head != NIL {
-                    let id = n.partial_head;
-                    let s = Self::slab_mut(&mut n, id);
-                    let obj = s.freelist;
-                    let next = self.get_fp(m, obj);
-                    if !self.fp_ok(m, s.pfn, s.order, next) {
-                        s.freelist = 0;
-                        return Err(self.freepointer_corrupt(obj, next));
-                    }
-                    s.freelist = next;
-                    s.inuse += 1;
-                    let full = s.freelist == 0;
-                    if full {
-                        Self::remove_partial(&mut n, id);
-                    }
-                    drop(n);
-                    self.check_object(m, obj, false)?;
-                    self.init_object(m, obj, true);
-                    return Ok(obj);
-                }
-            }
-            let (id, _pfn, _fl) = self.new_slab(m, gfp, SlabList::None)?;
-            let mut n = self.node.lock();
-            Self::add_partial(&mut n, id, false);
-        }
-    }
-
-    /// `free_to_partial_list` (with `free_consistency_checks`).
-    fn free_to_partial_list(&self, m: &Machine, o: &ObjRef, obj: u64) {
-        self.init_object(m, obj, false);
-        let mut n = self.node.lock();
-        let s = Self::slab_mut(&mut n, o.slab_id);
-        let prior = s.freelist;
-        self.set_fp(m, obj, prior);
-        s.freelist = obj;
-        s.inuse -= 1;
-        let (inuse, list) = (s.inuse, s.list);
-        if inuse == 0 && n.nr_partial as u64 >= self.min_partial() {
-            if list == SlabList::NodePartial {
-                Self::remove_partial(&mut n, o.slab_id);
-            }
-            self.discard_slab(m, &mut n, o.slab_id);
-            return;
-        }
-        if prior == 0 && list == SlabList::None {
-            Self::add_partial(&mut n, o.slab_id, true);
-        }
-    }
-
-    /// `init_object`: poison and red zones of a debug cache's slot.
-    fn init_object(&self, m: &Machine, obj: u64, active: bool) {
-        if !self.is_debug() {
-            return;
-        }
-        let p = Self::phys_of(m, obj);
-        let red = if active { SLUB_RED_ACTIVE } else { SLUB_RED_INACTIVE };
-        let os = self.geo.object_size as u64;
-        if self.flags & SLAB_RED_ZONE != 0 {
-            let pad = self.geo.red_left_pad as u64;
-            m.phys.fill(p - pad, pad, red).ok();
-        }
-        if self.flags & SLAB_OBJECT_POISON != 0 && !active {
-            m.phys.fill(p, os - 1, POISON_FREE).ok();
-            m.phys.fill(p + os - 1, 1, POISON_END).ok();
-        }
-        if self.flags & SLAB_RED_ZONE != 0 {
-            m.phys.fill(p + os, self.geo.inuse as u64 - os, red).ok();
-        }
-    }
-
-    /// `check_object`: red zones intact, poison intact on a free object.
-    pub(crate) fn check_object(&self, m: &Machine, obj: u64, active: bool) -> Result<()> {
-        if !self.is_debug() {
-            return Ok(());
-        }
-        let p = Self::phys_of(m, obj);
-        let red = if active { SLUB_RED_ACTIVE } else { SLUB_RED_INACTIVE };
-        let os = self.geo.object_size as u64;
-        let check = |area: &str, start: u64, len: u64, want: u8| -> Result<()> {
-            if len == 0 {
-                return Ok(());
-            }
-            let mut buf = vec![0u8; len as usize];
-            m.phys.read(start, &mut buf)?;
-            if let Some(i) = buf.iter().position(|&b| b != want) {
-                let po = m.cfg.arch.page_offset();
-                let msg = format!(
-                    "BUG {} (Not tainted): {area} overwritten\n0x{:x}-0x{:x} @offset={}. First byte 0x{:x} instead of 0x{:x}",
-                    self.name,
-                    po + start + i as u64,
-                    po + start + len - 1,
-                    (start + i as u64) & ((m.page_size << self.geo.order) - 1),
-                    buf[i],
-                    want
-                );
-                // FIX: restore the area, as the kernel's slab_fix does.
-                m.phys.fill(start, len, want).ok();
-                return Err(KmmError::MemoryCorruption(msg));
-            }
-            Ok(())
-        };
-        if self.flags & SLAB_RED_ZONE != 0 {
-            let pad = self.geo.red_left_pad as u64;
-            check("Left Redzone", p - pad, pad, red)?;
-            check("Right Redzone", p + os, self.geo.inuse as u64 - os, red)?;
-        }
-        if !active && self.flags & SLAB_OBJECT_POISON != 0 {
-            // The free pointer lives outside the object for poisoned caches.
-            check("Poison", p, os - 1, POISON_FREE)?;
-            check("Poison", p + os - 1, 1, POISON_END)?;
-        }
-        Ok(())
     }
 
     // ---- flushing and shrinking ------------------------------------------------------------------
@@ -1403,6 +1306,9 @@ impl KmemCache {
             }
             if s.list == SlabList::NodePartial {
                 nr_partial += 1;
+            }
+            if s.frozen && (s.list != SlabList::None || s.freelist != 0 || s.inuse != s.objects) {
+                errs.push(format!("slub-5: {name}: isolated slab {id} is not full and off the lists"));
             }
             if let SlabList::CpuPartial(cpu) = s.list {
                 if !cpus[cpu as usize].partial.contains(&(id as u32)) {

@@ -11,7 +11,10 @@
 //! (zeroing, init_on_alloc/init_on_free: `mem_init.rs`)), `mm/slab.h`.
 //!
 //! Modules: `geometry` (layout and order), `cache` (one cache's slabs and
-//! per-CPU state).
+//! per-CPU state), `cache::debug` (slub_debug: checks, repairs, reports,
+//! user tracking, validate). The kmemleak hooks (`kmemleak_alloc`,
+//! `kmemleak_free`) sit where `slab_post_alloc_hook` and `slab_free_hook`
+//! call them.
 //!
 //! # Invariants
 //! - slab-1: `slab_caches` lists each live root cache once, newest first.
@@ -32,6 +35,7 @@ use std::sync::{Arc, OnceLock};
 
 use parking_lot::Mutex;
 
+pub use cache::debug::{Caller, DebugCtx, Track, TRACK_ALLOC, TRACK_FREE};
 pub use cache::{Ctor, KmemCache};
 use geometry::*;
 
@@ -70,10 +74,12 @@ pub struct SlabRegistry {
     /// gave back when it discarded them (warm slabs not counted).
     pub pages_allocated: std::sync::atomic::AtomicU64,
     pub pages_freed: std::sync::atomic::AtomicU64,
+    /// Errors slub_debug's checks reported, counted as lib/slub_kunit.c's
+    /// `slab_errors` counts them (`slab_add_kunit_errors`).
+    pub errors: std::sync::atomic::AtomicU64,
     /// Boot-time `slab.<cache>.*` sysctls whose cache does not exist yet
     /// (sysctl.rs): (cache name, attribute, value), written at its creation.
     pub pending_tunables: Mutex<Vec<(String, crate::sysctl::SlabAttr, u64)>>,
-
 }
 
 /// The arguments of `kmem_cache_create`.
@@ -100,6 +106,7 @@ impl SlabRegistry {
             nomerge,
             pages_allocated: Default::default(),
             pages_freed: Default::default(),
+            errors: Default::default(),
             pending_tunables: Mutex::new(Vec::new()),
         }
     }
@@ -284,12 +291,20 @@ impl Machine {
         Ok(Created { cache, merged: false })
     }
 
-    /// Post-allocation hooks (`slab_post_alloc_hook`): shadow, zeroing.
+    /// Post-allocation hooks (`slab_post_alloc_hook`): shadow, zeroing,
+    /// kmemleak. A kmalloc cache with red zones and user tracking zeroes
+    /// only the request (the rest is its kmalloc red zone).
     #[inline]
-    fn slab_post_alloc(&self, c: &KmemCache, obj: u64, gfp: Gfp) -> u64 {
+    fn slab_post_alloc(&self, c: &KmemCache, obj: u64, gfp: Gfp, orig_size: u32) -> u64 {
         let phys = obj - self.cfg.arch.page_offset();
         self.shadow.alloc(phys);
-        self.slab_init_on_alloc(c, phys, gfp);
+        // "If redzone check is enabled for the extra space, don't zero it".
+        let zero_size =
+            if c.flags & SLAB_KMALLOC != 0 && c.flags & (SLAB_STORE_USER | SLAB_RED_ZONE) != 0 { orig_size } else { c.object_size() };
+        self.slab_init_on_alloc(c, phys, gfp, zero_size);
+        if self.kmemleak.enabled && c.flags & SLAB_NOLEAKTRACE == 0 {
+            self.kmemleak_alloc(obj, c.object_size() as u64, 1);
+        }
         obj
     }
 
@@ -305,22 +320,37 @@ impl Machine {
         }
     }
 
-    /// `kmem_cache_alloc` without the tracepoint.
+    /// `kmem_cache_alloc` without the tracepoint (and no request size).
+    #[allow(dead_code)]
     pub(crate) fn kmem_cache_alloc_inner(&self, c: &KmemCache, gfp: Gfp, cpu: Option<u32>) -> Result<u64> {
+        self.slab_alloc(c, gfp, cpu, c.object_size(), python_call_site())
+    }
+
+    /// `slab_alloc_node` for a request of `orig_size` bytes (kmalloc's
+    /// size, else the object size) from `call_site`.
+    pub(crate) fn slab_alloc(&self, c: &KmemCache, gfp: Gfp, cpu: Option<u32>, orig_size: u32, call_site: &CallSite) -> Result<u64> {
         if c.dead.load(Relaxed) {
             return Err(KmmError::UseAfterFree(format!("kmem_cache_alloc: cache {} was destroyed", c.name)));
         }
         let gfp = self.slab_gfp(gfp);
         self.might_alloc(gfp, "mm/slub.c (slab_pre_alloc_hook -> might_alloc)")?;
         self.should_failslab(c, gfp)?;
-        let cpu = cpu.unwrap_or_else(|| self.run_cpu());
-        let obj = c.alloc_raw(self, gfp, cpu)?;
-        Ok(self.slab_post_alloc(c, obj, gfp))
+        let obj = if c.is_debug() {
+            // The caller (it may call into Python) before any slab lock.
+            let ctx = DebugCtx { orig_size, caller: self.slab_caller(c, call_site) };
+            let _ = cpu.unwrap_or_else(|| self.run_cpu());
+            let _d = self.trace.defer();
+            c.alloc_debug(self, gfp, &ctx)?
+        } else {
+            let cpu = cpu.unwrap_or_else(|| self.run_cpu());
+            c.alloc_raw(self, gfp, cpu)?
+        };
+        Ok(self.slab_post_alloc(c, obj, gfp, orig_size))
     }
 
     /// `kmem_cache_alloc(s, gfp)`.
     pub fn kmem_cache_alloc(&self, c: &KmemCache, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
-        let obj = self.kmem_cache_alloc_inner(c, gfp, None);
+        let obj = self.slab_alloc(c, gfp, None, c.object_size(), call_site);
         if let Ok(o) = obj {
             self.kasan_slab_alloc(c, o, gfp, Some(call_site));
         }
@@ -351,6 +381,7 @@ impl Machine {
         let phys = va - self.cfg.arch.page_offset();
         let sh = self.shadow.get(phys);
         if sh & crate::shadow::LIVE == 0 {
+            c.report_double_free(self, &o, va);
             return Err(KmmError::DoubleFree(format!(
                 "BUG {} (Not tainted): Object already free: double free or corruption of {va:#x}",
                 c.name
@@ -361,19 +392,29 @@ impl Machine {
                 "cannot free {va:#x}: a buffer export (memoryview) of it is alive"
             )));
         }
-        c.check_object(self, va, true)?;
+        c.free_debug_check(self, &o, va)?;
         Ok(o)
     }
 
-    /// Free an object already checked with `check_slab_free`. With KASAN
-    /// it goes to the quarantine instead (`kasan_slab_free`).
+    /// Free an object already checked with `check_slab_free` (`slab_free`:
+    /// `slab_free_hook`'s kmemleak_free and init_on_free memset; with KASAN
+    /// the object goes to the quarantine instead, `kasan_slab_free`).
     pub(crate) fn slab_free_checked(&self, c: &KmemCache, o: &cache::ObjRef, va: u64, cpu: u32, call_site: &CallSite) {
+        if self.kmemleak.enabled {
+            self.kmemleak_free(va);
+        }
         self.shadow.free(va - self.cfg.arch.page_offset());
         self.slab_init_on_free(c, va - self.cfg.arch.page_offset());
         if self.kasan_slab_free(c, o, va, Some(call_site)) {
             return;
         }
-        c.free_raw(self, o, va, cpu);
+        if c.is_debug() {
+            let caller = self.slab_caller(c, call_site);
+            let _d = self.trace.defer();
+            c.free_to_partial_list(self, o, va, caller.as_ref());
+        } else {
+            c.free_raw(self, o, va, cpu);
+        }
     }
 
     /// The cache a slab object belongs to (`virt_to_cache`), if it is one.
@@ -453,21 +494,26 @@ impl Machine {
                 "kmem_cache_alloc_bulk: the host cannot allocate an array of {n} object addresses"
             )));
         }
+        let ctx = DebugCtx { orig_size: c.object_size(), caller: self.slab_caller(c, python_call_site()) };
         let cpu = self.run_cpu();
         let since = self.slab.pages_allocated.load(Relaxed);
-        if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out) {
+        if let Err(e) = c.alloc_bulk_raw(self, gfp, cpu, n, out, &ctx) {
             // All or nothing: what was taken goes back.
             let got: Vec<(u64, cache::ObjRef)> =
                 out[start..].iter().filter_map(|&o| c.locate(self, o).ok().map(|r| (o, r))).collect();
-            c.free_bulk_raw(self, &got, cpu);
+            c.free_bulk_raw(self, &got, cpu, None);
             out.truncate(start);
             c.discard_new_empty(self, cpu, since);
             return Err(e);
         }
         let po = self.cfg.arch.page_offset();
+        let leak = self.kmemleak.enabled && c.flags & SLAB_NOLEAKTRACE == 0;
         for &o in &out[start..] {
             self.shadow.alloc(o - po);
-            self.slab_init_on_alloc(c, o - po, gfp);
+            self.slab_init_on_alloc(c, o - po, gfp, c.object_size());
+            if leak {
+                self.kmemleak_alloc(o, c.object_size() as u64, 1);
+            }
         }
         self.kasan_slab_alloc_bulk(c, &out[start..], gfp);
         Ok(())
@@ -507,6 +553,11 @@ impl Machine {
             }
             return Err(e);
         }
+        if self.kmemleak.enabled {
+            for (o, _) in &refs {
+                self.kmemleak_free(*o);
+            }
+        }
         if self.slab_want_init_on_free(c) {
             for (o, _) in &refs {
                 self.slab_init_on_free(c, o - po);
@@ -514,7 +565,8 @@ impl Machine {
         }
         // KASAN quarantines what it poisons (slab_free_freelist_hook).
         let refs = self.kasan_slab_free_bulk(c, refs);
-        c.free_bulk_raw(self, &refs, self.run_cpu());
+        let caller = self.slab_caller(c, python_call_site());
+        c.free_bulk_raw(self, &refs, self.run_cpu(), caller.as_ref());
         Ok(())
     }
 
@@ -590,10 +642,14 @@ impl Machine {
         // changes nothing).
         let inuse = c.objects_in_use(self);
         if inuse > 0 {
-            return Err(KmmError::Busy(format!(
+            // free_partial -> list_slab_objects: the report (into the log).
+            c.list_slab_objects(self);
+            let msg = format!(
                 "kmem_cache_destroy {}: Slab cache still has objects when called from {} ({inuse} objects remaining on __kmem_cache_shutdown())",
                 c.name, "kmm"
-            )));
+            );
+            self.printk([msg.clone()]);
+            return Err(KmmError::Busy(msg));
         }
         c.shrink(self);
         // Any slabs left are empty ones kept for min_partial: free them all.
@@ -631,6 +687,13 @@ impl Machine {
         }
         errs
     }
+}
+
+/// The call site of a request that came without one (the binding's
+/// placeholder for "the Python caller"; the stack says who).
+pub(crate) fn python_call_site() -> &'static CallSite {
+    static CS: OnceLock<CallSite> = OnceLock::new();
+    CS.get_or_init(|| Arc::from("python"))
 }
 
 fn log_once_unexpected_gfp(gfp: Gfp, fixed: Gfp) {

@@ -907,6 +907,24 @@ impl Machine {
         s
     }
 
+    /// The vmalloc layer's own slab objects (each live area's vm_struct,
+    /// vmap_area and kmalloc'd page array; the vmap_areas waiting for a
+    /// purge): what the kernel reaches from its vmap_area tree, and
+    /// kmemleak scans as referenced.
+    pub(crate) fn vmalloc_internal_objects(&self) -> Vec<u64> {
+        let st = self.vm.vmalloc.state.lock();
+        let mut v = Vec::new();
+        for a in st.busy.values() {
+            v.push(a.vm_struct);
+            v.push(a.va_obj);
+            if let PageArray::Kmalloc(p) = a.page_array {
+                v.push(p);
+            }
+        }
+        v.extend(st.purge.values().map(|&(_, obj)| obj));
+        v
+    }
+
     /// Live areas, by address.
     pub fn vm_areas(&self) -> Vec<Arc<VmArea>> {
         self.vm.vmalloc.state.lock().busy.values().cloned().collect()
