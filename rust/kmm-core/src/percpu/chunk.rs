@@ -53,9 +53,9 @@
 //!   touching the block's ends. (Not always equal: a refresh that promotes
 //!   a scan hint lying at the block's end does not rescan it, and
 //!   `pcpu_block_refresh_hint` zeroes `right_free` first.)
-//! - percpu-hint-3: `first_free` is at most the first free bit (a block made
-//!   full in the middle of a cross-block allocation keeps its old value, as in
-//!   the kernel), and exact when it points into the block and the bit is free.
+//! - percpu-hint-3: `first_free` is at most the first free bit (so a search
+//!   from it misses nothing; a block made full in the middle of a
+//!   cross-block allocation keeps its old value, as in the kernel).
 //! - percpu-hint-4: a nonzero `scan_hint` names a free area no larger than
 //!   `contig_hint`; `scan_hint_start` > `contig_hint_start` only when
 //!   `scan_hint == contig_hint` (mm/percpu-internal.h).
@@ -803,25 +803,18 @@ impl PcpuChunk {
                     b.left_free, b.right_free
                 ));
             }
-            if b.first_free > first
-                || (b.first_free < self.block_bits
-                    && b.first_free >= 0
-                    && !test_bit(map, lo + b.first_free)
-                    && b.first_free != first)
-                || b.first_free < 0
-            {
+            if b.first_free > first || b.first_free < 0 {
                 errs.push(format!("percpu-hint-3: {tag}: first_free {} but the first free bit is {first}", b.first_free));
             }
-            if b.scan_hint != 0 {
-                if b.scan_hint > b.contig_hint
+            if b.scan_hint != 0
+                && (b.scan_hint > b.contig_hint
                     || !free_in(lo + b.scan_hint_start, lo + b.scan_hint_start + b.scan_hint)
-                    || (b.scan_hint_start > b.contig_hint_start && b.scan_hint != b.contig_hint)
-                {
-                    errs.push(format!(
-                        "percpu-hint-4: {tag}: scan hint [{}, +{}) (contig hint [{}, +{})) is not a free area within the rules",
-                        b.scan_hint_start, b.scan_hint, b.contig_hint_start, b.contig_hint
-                    ));
-                }
+                    || (b.scan_hint_start > b.contig_hint_start && b.scan_hint != b.contig_hint))
+            {
+                errs.push(format!(
+                    "percpu-hint-4: {tag}: scan hint [{}, +{}) (contig hint [{}, +{})) is not a free area within the rules",
+                    b.scan_hint_start, b.scan_hint, b.contig_hint_start, b.contig_hint
+                ));
             }
         }
         let r = runs(0, self.map_bits);
