@@ -4,8 +4,10 @@
 //! # Kernel
 //! `mm/percpu.c` (`pcpu_alloc_noprof`, `free_percpu`, `pcpu_find_block_fit`,
 //! `pcpu_alloc_area`, `pcpu_free_area`, `pcpu_create_chunk`,
-//! `pcpu_obj_full_size`, `pcpu_nr_pages`), `include/linux/percpu.h`
-//! (PCPU_MIN_UNIT_SIZE, PCPU_MIN_ALLOC_SIZE, PERCPU_DYNAMIC_RESERVE),
+//! `pcpu_chunk_relocate`, `pcpu_size_to_slot`, `pcpu_obj_full_size`,
+//! `pcpu_nr_pages`), `mm/percpu-internal.h` (`struct pcpu_block_md`),
+//! `include/linux/percpu.h` (PCPU_MIN_UNIT_SIZE, PCPU_MIN_ALLOC_SIZE,
+//! PERCPU_DYNAMIC_RESERVE, PCPU_BITMAP_BLOCK_SIZE),
 //! `include/linux/percpu-defs.h` (`per_cpu_ptr`, `this_cpu_ptr`,
 //! `get_cpu_var`), `include/trace/events/percpu.h`.
 //!
@@ -13,24 +15,56 @@
 //!   chunk: | unit 0 (CPU 0) | unit 1 (CPU 1) | ... |   unit_size bytes each
 //!   an allocation is one offset `off` valid in every unit:
 //!   per_cpu_ptr(p, cpu) = chunk base + cpu * unit_size + off
+//!
+//!   chunk slots (pcpu_chunk_lists), by the size of a chunk's contig hint:
+//!   slot 0: full or failed   1: < 16 B   2: < 32 B   ...   k: < 2^(k+3) B
+//!   ...   free slot: entirely free chunks
+//!   pcpu_alloc walks the slots from pcpu_size_to_slot(size) up, each list
+//!   in order; a chunk's hints (chunk.rs) say in O(1) whether it can fit and
+//!   where in its map the bitmap scan starts.
 //! ```
+//!
+//! The search is the kernel's: chunk slots by free size, then
+//! `pcpu_find_block_fit` over the per-block hints (`pcpu_block_md`, one per
+//! PCPU_BITMAP_BLOCK_SIZE = PAGE_SIZE of a unit) and `pcpu_alloc_area`'s
+//! bounded bitmap scan (see `chunk.rs`). An allocation's cost does not grow
+//! with the number of live allocations. The offsets chosen are the kernel's:
+//! first fit within a chunk as far as the hints allow (a request that fits
+//! no block's or chunk's aligned contig hint skips it, and the scan hint
+//! lets a search start past a known-too-small area), chunks tried from the
+//! fullest slot that can hold the request rather than in creation order.
 //!
 //! SIMPLIFICATION: each unit of a chunk is its own block of pages from the
 //! buddy allocator, populated when the chunk is created and reached through
 //! the direct map (the kernel places units `unit_size` apart in the vmalloc
-//! area and populates them lazily); the allocation map is a first-fit bitmap of 4-byte units
-//! (the kernel adds per-block hints to skip full blocks). There is no
-//! reserved chunk for modules. `__percpu` pointers are offsets from the first
-//! chunk's base, as on x86_64 SMP where `__per_cpu_start` is 0.
+//! area and populates them lazily; so there is no populated bitmap, no
+//! `nr_empty_pop_pages`, no balance work and no chunk is ever destroyed or
+//! sidelined). There is no reserved chunk for modules: the first chunk's
+//! first PERCPU_MODULE_RESERVE bytes are hidden as the kernel hides a first
+//! chunk's static area (`pcpu_alloc_first_chunk`). One chunk type (no memcg
+//! chunk lists, as in Linux 5.14+). No `bound_map`: an allocation's size is
+//! kept in the allocation table. `__percpu` pointers are offsets from the
+//! first chunk's base, as on x86_64 SMP where `__per_cpu_start` is 0.
 //!
 //! # Invariants
 //! - percpu-1: a chunk's bitmap marks exactly the 4-byte units of its live
-//!   allocations; allocations do not overlap.
+//!   allocations (and the first chunk's hidden start); allocations do not
+//!   overlap; `free_bytes` counts the rest.
 //! - percpu-2: every live allocation is zero-initialised at allocation time
 //!   in every unit.
+//! - percpu-3: every chunk is on one slot list: the slot `pcpu_chunk_slot`
+//!   gives, or slot 0 if that slot is below PCPU_SLOT_FAIL_THRESHOLD (a
+//!   chunk that failed a search there is moved to slot 0 until a free or an
+//!   alloc changes its slot, as in the kernel). With percpu-slot-1 (slots.rs).
+//! - percpu-hint-1..6: every block and chunk hint agrees with a
+//!   recomputation from the bitmap (chunk.rs lists them).
 //!
-//! Lock order: `pcpu_alloc_mutex` (the chunk list) -> zone lock.
+//! Lock order: `pcpu_alloc_mutex` (the chunk list; kmm's one state lock
+//! also stands for `pcpu_lock`) -> zone lock.
 #![forbid(unsafe_code)]
+
+pub mod chunk;
+mod slots;
 
 use std::collections::HashMap;
 
@@ -42,10 +76,13 @@ use crate::machine::{Machine, VirtAddr};
 use crate::page::Pfn;
 use crate::trace::{CallSite, EventId, Payload};
 
+use chunk::{PcpuChunk, PCPU_SLOT_FAIL_THRESHOLD};
+use slots::ChunkLists;
+
 /// `PCPU_MIN_UNIT_SIZE`: 32 KiB, the largest allocation.
 pub const PCPU_MIN_UNIT_SIZE: u64 = 32 << 10;
 /// `PCPU_MIN_ALLOC_SIZE`: the allocation map's granularity.
-pub const PCPU_MIN_ALLOC_SIZE: u64 = 4;
+pub use chunk::PCPU_MIN_ALLOC_SIZE;
 /// `PERCPU_DYNAMIC_RESERVE` on 64-bit: dynamic space in the first chunk.
 pub const PERCPU_DYNAMIC_RESERVE: u64 = 28 << 10;
 /// `PERCPU_MODULE_RESERVE`: the first chunk's reserved area (for modules'
@@ -57,10 +94,9 @@ struct Chunk {
     base: u64,
     /// Head pfn and order of each unit's pages.
     units: Vec<(Pfn, u32)>,
-    /// One bit per 4-byte unit of a unit's space.
-    map: Vec<u64>,
-    free_bytes: u64,
-    /// Bytes at the start reserved for other uses (the first chunk's module area).
+    /// The allocation map and its hints.
+    map: PcpuChunk,
+    /// Bytes at the start hidden for other uses (the first chunk's module area).
     reserved: u64,
 }
 
@@ -81,6 +117,8 @@ pub struct PercpuAlloc {
 #[derive(Default)]
 pub struct PercpuState {
     chunks: Vec<Chunk>,
+    /// `pcpu_chunk_lists`: the chunk slots (made with the first chunk).
+    lists: ChunkLists,
     allocs: HashMap<u64, PercpuAlloc>,
     /// Named per-CPU variables (`DEFINE_PER_CPU`).
     pub vars: HashMap<String, u64>,
@@ -104,7 +142,8 @@ impl Machine {
         st.chunks[chunk].base - st.chunks[0].base + off
     }
 
-    /// `pcpu_create_chunk`: one contiguous block of pages per CPU.
+    /// `pcpu_create_chunk`: one contiguous block of pages per CPU, on the
+    /// free slot's list (`pcpu_chunk_relocate(chunk, -1)`: at its head).
     fn pcpu_create_chunk(&self, st: &mut PercpuState, gfp: Gfp) -> Result<usize> {
         let unit = self.unit_size();
         let order = crate::slab::geometry::get_order(unit, self.page_size as u32);
@@ -124,36 +163,63 @@ impl Machine {
         // own block and keep the addresses per unit.
         let base = self.page_address(units[0].0).expect("lowmem").0;
         st.populated_pages += 1 << order;
-        let words = (unit / PCPU_MIN_ALLOC_SIZE).div_ceil(64) as usize;
-        let reserved = if st.chunks.is_empty() { PERCPU_MODULE_RESERVE } else { 0 };
-        let mut map = vec![0; words];
-        Self::set_bits(&mut map, 0, reserved / PCPU_MIN_ALLOC_SIZE, true);
-        st.chunks.push(Chunk { base, units, map, free_bytes: unit - reserved, reserved });
-        Ok(st.chunks.len() - 1)
+        // PCPU_BITMAP_BLOCK_SIZE is PAGE_SIZE.
+        let mut map = PcpuChunk::new(unit, self.page_size);
+        let reserved = if st.chunks.is_empty() {
+            st.lists = ChunkLists::new(chunk::free_slot(map.map_bits * PCPU_MIN_ALLOC_SIZE as i32) + 1);
+            PERCPU_MODULE_RESERVE
+        } else {
+            0
+        };
+        map.hide_start((reserved / PCPU_MIN_ALLOC_SIZE) as i32);
+        st.chunks.push(Chunk { base, units, map, reserved });
+        let ci = st.lists.add_chunk();
+        debug_assert_eq!(ci, st.chunks.len() - 1);
+        Self::pcpu_chunk_relocate(st, ci, -1);
+        Ok(ci)
     }
 
-    /// First fit in a chunk's bitmap for `bits` units aligned to `align_bits`.
-    fn pcpu_find_fit(map: &[u64], total_bits: u64, bits: u64, align_bits: u64) -> Option<u64> {
-        let test = |i: u64| map[(i / 64) as usize] & (1 << (i % 64)) != 0;
-        let mut start = 0;
-        while start + bits <= total_bits {
-            match (start..start + bits).find(|&i| test(i)) {
-                None => return Some(start),
-                Some(busy) => start = (busy + 1).next_multiple_of(align_bits),
+    /// `pcpu_chunk_relocate`: after an alloc or free changed the chunk, move
+    /// it to the list of its new slot if that differs from `oslot` (the slot
+    /// it had before; a chunk moved to slot 0 after a failed search stays
+    /// there when its slot did not change): to the head when it went up, to
+    /// the tail when it went down (`__pcpu_chunk_move`).
+    fn pcpu_chunk_relocate(st: &mut PercpuState, ci: usize, oslot: isize) {
+        let nslot = st.chunks[ci].map.slot();
+        if oslot != nslot as isize {
+            st.lists.move_to(ci, nslot, oslot < nslot as isize);
+        }
+    }
+
+    /// `pcpu_alloc`'s search: the slots from `pcpu_size_to_slot(size)` up to
+    /// the free slot, each list in order (`list_for_each_entry_safe`);
+    /// `pcpu_find_block_fit` then `pcpu_alloc_area`. A chunk whose hints say
+    /// no in a slot below PCPU_SLOT_FAIL_THRESHOLD moves to slot 0
+    /// (`pcpu_chunk_move(chunk, 0)`). Returns (chunk, bit offset).
+    fn pcpu_search(st: &mut PercpuState, size: u64, bits: i32, align_bits: i32) -> Option<(usize, i32)> {
+        if st.chunks.is_empty() {
+            return None;
+        }
+        let unit_bytes = st.chunks[0].map.map_bits * PCPU_MIN_ALLOC_SIZE as i32;
+        let free_slot = chunk::free_slot(unit_bytes);
+        for slot in chunk::size_to_slot(size as i32, unit_bytes)..=free_slot {
+            let mut cur = st.lists.first(slot);
+            while let Some(ci) = cur {
+                cur = st.lists.next(ci);
+                let Some(start) = st.chunks[ci].map.find_block_fit(bits, align_bits) else {
+                    if slot < PCPU_SLOT_FAIL_THRESHOLD {
+                        st.lists.move_to(ci, 0, true);
+                    }
+                    continue;
+                };
+                let oslot = st.chunks[ci].map.slot() as isize;
+                if let Some(b) = st.chunks[ci].map.alloc_area(bits, align_bits, start) {
+                    Self::pcpu_chunk_relocate(st, ci, oslot);
+                    return Some((ci, b));
+                }
             }
         }
         None
-    }
-
-    fn set_bits(map: &mut [u64], start: u64, bits: u64, on: bool) {
-        for i in start..start + bits {
-            let (w, b) = ((i / 64) as usize, i % 64);
-            if on {
-                map[w] |= 1 << b;
-            } else {
-                map[w] &= !(1 << b);
-            }
-        }
     }
 
     /// `__alloc_percpu_gfp(size, align, gfp)`: zeroed memory in every CPU's
@@ -175,49 +241,47 @@ impl Machine {
         if !is_atomic {
             self.might_alloc(gfp, "mm/percpu.c (pcpu_alloc_noprof -> mutex_lock)")?;
         }
-        let unit = self.unit_size();
-        let total_bits = unit / PCPU_MIN_ALLOC_SIZE;
-        let (bits, align_bits) = (size / PCPU_MIN_ALLOC_SIZE, align / PCPU_MIN_ALLOC_SIZE);
+        let (bits, align_bits) = ((size / PCPU_MIN_ALLOC_SIZE) as i32, (align / PCPU_MIN_ALLOC_SIZE) as i32);
         let mut st = self.percpu.state.lock();
-        let mut found = None;
-        for (ci, c) in st.chunks.iter().enumerate() {
-            if c.free_bytes < size {
-                continue;
+        // restart: search; no fit -> a new chunk (never for atomic requests
+        // once the first chunk exists), search again. A second new chunk at
+        // most: the first chunk's hidden start may leave too little room.
+        let mut created = 0;
+        let (ci, b) = loop {
+            if let Some(f) = Self::pcpu_search(&mut st, size, bits, align_bits) {
+                break f;
             }
-            if let Some(b) = Self::pcpu_find_fit(&c.map, total_bits, bits, align_bits) {
-                found = Some((ci, b));
-                break;
-            }
-        }
-        let (ci, b) = match found {
-            Some(f) => f,
-            None if is_atomic && !st.chunks.is_empty() => {
+            if is_atomic && !st.chunks.is_empty() {
                 return Err(KmmError::OutOfMemory {
                     order: 0,
                     gfp,
                     message: format!(
                         "percpu: allocation failed, size={size} align={align} atomic=1, atomic alloc failed, no space left"
                     ),
-                })
+                });
             }
-            None => {
-                let ci = self.pcpu_create_chunk(&mut st, gfp).map_err(|e| KmmError::OutOfMemory {
+            if created == 2 {
+                // A free chunk fits every legal request (size <=
+                // PCPU_MIN_UNIT_SIZE <= unit_size, align <= PAGE_SIZE).
+                return Err(KmmError::OutOfMemory {
                     order: 0,
                     gfp,
-                    message: format!(
-                        "percpu: allocation failed, size={size} align={align} atomic={}, failed to allocate new chunk ({})",
-                        u8::from(is_atomic),
-                        e.message()
-                    ),
-                })?;
-                let b = Self::pcpu_find_fit(&st.chunks[ci].map, total_bits, bits, align_bits).expect("fresh chunk fits");
-                (ci, b)
+                    message: format!("percpu: allocation failed, size={size} align={align}, no fit in a new chunk"),
+                });
             }
+            self.pcpu_create_chunk(&mut st, gfp).map_err(|e| KmmError::OutOfMemory {
+                order: 0,
+                gfp,
+                message: format!(
+                    "percpu: allocation failed, size={size} align={align} atomic={}, failed to allocate new chunk ({})",
+                    u8::from(is_atomic),
+                    e.message()
+                ),
+            })?;
+            created += 1;
         };
-        let c = &mut st.chunks[ci];
-        Self::set_bits(&mut c.map, b, bits, true);
-        c.free_bytes -= size;
-        let off = b * PCPU_MIN_ALLOC_SIZE;
+        let c = &st.chunks[ci];
+        let off = b as u64 * PCPU_MIN_ALLOC_SIZE;
         // Zero every unit's copy (memset in pcpu_alloc).
         for &(pfn, _) in &c.units {
             let pa = self.pfn_to_phys(pfn).0 + off;
@@ -274,10 +338,11 @@ impl Machine {
             )));
         }
         st.allocs.remove(&ptr);
-        let c = &mut st.chunks[a.chunk];
-        Self::set_bits(&mut c.map, a.off / PCPU_MIN_ALLOC_SIZE, a.size / PCPU_MIN_ALLOC_SIZE, false);
-        c.free_bytes += a.size;
-        let base = c.base;
+        // pcpu_free_area + pcpu_chunk_relocate
+        let oslot = st.chunks[a.chunk].map.slot() as isize;
+        st.chunks[a.chunk].map.free_area((a.off / PCPU_MIN_ALLOC_SIZE) as i32, (a.size / PCPU_MIN_ALLOC_SIZE) as i32);
+        Self::pcpu_chunk_relocate(&mut st, a.chunk, oslot);
+        let base = st.chunks[a.chunk].base;
         drop(st);
         if self.trace.on(EventId::PercpuFreePercpu) {
             self.trace
@@ -364,30 +429,56 @@ impl Machine {
         self.percpu.state.lock().populated_pages * self.cfg.cpus as u64
     }
 
-    /// Check percpu-1.
+    /// Check percpu-1, percpu-3, percpu-slot-1 and percpu-hint-1..6 (every
+    /// hint against a recomputation from the bitmaps).
     pub fn check_percpu(&self) -> Vec<String> {
         let st = self.percpu.state.lock();
         let mut errs = Vec::new();
         let unit = self.unit_size();
+        let mut by_chunk: Vec<Vec<&PercpuAlloc>> = vec![Vec::new(); st.chunks.len()];
+        for a in st.allocs.values() {
+            match by_chunk.get_mut(a.chunk) {
+                Some(v) => v.push(a),
+                None => errs.push(format!("percpu-1: an allocation names chunk {} of {}", a.chunk, st.chunks.len())),
+            }
+        }
         for (ci, c) in st.chunks.iter().enumerate() {
-            let mut want = vec![0u64; c.map.len()];
-            Self::set_bits(&mut want, 0, c.reserved / PCPU_MIN_ALLOC_SIZE, true);
-            for a in st.allocs.values().filter(|a| a.chunk == ci) {
+            let mut want = vec![0u64; c.map.alloc_map.len()];
+            let mark = |want: &mut Vec<u64>, i: u64| {
+                let (w, b) = ((i / 64) as usize, i % 64);
+                let was = want[w] & (1 << b) != 0;
+                want[w] |= 1 << b;
+                was
+            };
+            for i in 0..c.reserved / PCPU_MIN_ALLOC_SIZE {
+                mark(&mut want, i);
+            }
+            for a in &by_chunk[ci] {
                 for i in a.off / PCPU_MIN_ALLOC_SIZE..(a.off + a.size) / PCPU_MIN_ALLOC_SIZE {
-                    let (w, b) = ((i / 64) as usize, i % 64);
-                    if want[w] & (1 << b) != 0 {
+                    if mark(&mut want, i) {
                         errs.push(format!("percpu-1: chunk {ci}: allocations overlap at offset {}", i * 4));
                     }
-                    want[w] |= 1 << b;
                 }
             }
-            if want != c.map {
+            if want != c.map.alloc_map {
                 errs.push(format!("percpu-1: chunk {ci}: bitmap differs from the live allocations"));
             }
-            let used: u64 = st.allocs.values().filter(|a| a.chunk == ci).map(|a| a.size).sum();
-            if c.free_bytes + used + c.reserved != unit {
-                errs.push(format!("percpu-1: chunk {ci}: free_bytes {} + used {used} != unit size {unit}", c.free_bytes));
+            let used: u64 = by_chunk[ci].iter().map(|a| a.size).sum();
+            if c.map.free_bytes as u64 + used + c.reserved != unit {
+                errs.push(format!(
+                    "percpu-1: chunk {ci}: free_bytes {} + used {used} + hidden {} != unit size {unit}",
+                    c.map.free_bytes, c.reserved
+                ));
             }
+            errs.extend(c.map.check(&format!("chunk {ci}")));
+            let want_slot = c.map.slot();
+            match st.lists.slot_of(ci) {
+                Some(s) if s == want_slot || (s == 0 && want_slot < PCPU_SLOT_FAIL_THRESHOLD) => {}
+                s => errs.push(format!("percpu-3: chunk {ci} is on slot {s:?}'s list, its slot is {want_slot}")),
+            }
+        }
+        if !st.chunks.is_empty() {
+            errs.extend(st.lists.check());
         }
         errs
     }
