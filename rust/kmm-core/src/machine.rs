@@ -657,6 +657,29 @@ impl Machine {
         }
     }
 
+    /// A page's flags and order as the kernel's `struct page` shows them:
+    /// the head of a lazily-initialised free max-order block (`buddy.rs`,
+    /// whose metadata is not written until carved) reads as PG_buddy of
+    /// MAX_PAGE_ORDER. For views; the allocator reads `mem_map` directly.
+    pub fn page_flags_order(&self, pfn: Pfn) -> (u32, u32) {
+        let p = self.mem_map.get(pfn.0);
+        if p.raw() == 0 && pfn.0 & ((1 << crate::arch::MAX_PAGE_ORDER) - 1) == 0 {
+            if let Some(z) = self.pfn_zone(pfn) {
+                let (lo, hi) = z.area.lock_uncounted().lazy_range();
+                if pfn.0 >= lo && pfn.0 < hi {
+                    return (crate::page::PG_BUDDY, crate::arch::MAX_PAGE_ORDER);
+                }
+            }
+        }
+        (p.flags(), p.order())
+    }
+
+    /// The lazily-initialised free ranges of every zone (`buddy.rs`), for
+    /// scans that would otherwise read their all-zero metadata.
+    pub fn lazy_ranges(&self) -> Vec<(u64, u64)> {
+        self.zones.iter().map(|z| z.area.lock_uncounted().lazy_range()).filter(|r| r.0 < r.1).collect()
+    }
+
     /// Boot with defaults except the given arch and memory (a convenience).
     pub fn boot(arch: Arch, memory: &str) -> Result<Machine> {
         Machine::new(MachineConfig { arch, ..MachineConfig::default() }.with_memory(memory)?)
