@@ -129,11 +129,11 @@ impl Arch {
     pub fn max_phys(self) -> u64 {
         match self {
             // Model limit (the kernel's is 64 TiB): page-frame numbers are
-            // u32 with u32::MAX the list terminator (`page::NIL`), so 4 KiB
-            // pages could reach 16 TiB - 4 KiB; kmm stops at 2^31 frames,
-            // whose mem_map (16 bytes a frame: 32 GiB) the host must be
-            // able to allocate (Machine::new says so when it cannot).
-            Arch::X86_64 => 8 << 40,
+            // u32 with u32::MAX the list terminator (`page::NIL`), so with
+            // 4 KiB pages the last frame of a 16 TiB machine is reserved
+            // (machine.rs `default_spans`). The mem_map is a sparse host
+            // mapping (64 GiB reserved, backed only where touched).
+            Arch::X86_64 => 16 << 40,
             Arch::I386 => 4 << 30,
             Arch::I386Pae => 64 << 30,
         }

@@ -20,7 +20,9 @@
 //!   and offline pages. `MachineConfig::tuning` then sets the watermarks,
 //!   `lowmem_reserve` and pageset sizes the recorded kernel computed.
 //!
-//! SIMPLIFICATION: one node. With a recorded layout, a zone's unmanaged pages
+//! SIMPLIFICATION: one node. The last frame of a 2^32-frame machine (16
+//! TiB of 4 KiB pages) is reserved: its pfn is the u32 list terminator.
+//! With a recorded layout, a zone's unmanaged pages
 //! are placed around one managed run (the recording says how many there are,
 //! not where); the caller picks the run's start (the replay places it so
 //! that every traced pfn is managed).
@@ -35,7 +37,7 @@
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 use std::sync::OnceLock;
 
-use crate::arch::{parse_size, Arch, ZoneKind, MAX_PAGE_ORDER};
+use crate::arch::{parse_size, Arch, ZoneKind};
 use crate::buddy::{FreeArea, MIGRATE_TYPES};
 use crate::cpu::Cpus;
 use crate::kmalloc::KmallocCaches;
@@ -414,15 +416,9 @@ impl Machine {
         for (z, &(_, _, _, _, ms, managed)) in m.zones.iter().zip(&spans) {
             let mut a = z.area.lock();
             a.mobility_disabled = mobility_disabled;
-            let (mut pfn, end) = (ms, ms + managed);
-            while pfn < end {
-                let mut order = (pfn.trailing_zeros()).min(MAX_PAGE_ORDER);
-                while pfn + (1u64 << order) > end {
-                    order -= 1;
-                }
-                a.free_boot_block(&m.mem_map, pfn, order);
-                pfn += 1u64 << order;
-            }
+            // The max-order blocks stay lazily initialised (buddy.rs): boot
+            // touches no struct page of them.
+            a.free_boot_range(&m.mem_map, ms, ms + managed);
             z.sync_counters(&a);
         }
         m.setup_watermarks(m.cfg.min_free_kbytes);
@@ -529,6 +525,14 @@ impl Machine {
                 }
             };
             spans.push((k, start, end, end - start, start, end - start));
+        }
+        // SIMPLIFICATION: pfns are u32 with u32::MAX the list terminator
+        // (`page::NIL`): on a machine of 2^32 frames (16 TiB of 4 KiB pages)
+        // that last frame is reserved, like pfn 0 (present, not managed).
+        if nr_pages > crate::page::NIL as u64 {
+            if let Some(z) = spans.iter_mut().rev().find(|z| z.2 == nr_pages && z.5 > 0) {
+                z.5 -= nr_pages - crate::page::NIL as u64;
+            }
         }
         Ok(spans)
     }
@@ -665,6 +669,29 @@ impl Machine {
         } else {
             pfn
         }
+    }
+
+    /// A page's flags and order as the kernel's `struct page` shows them:
+    /// the head of a lazily-initialised free max-order block (`buddy.rs`,
+    /// whose metadata is not written until carved) reads as PG_buddy of
+    /// MAX_PAGE_ORDER. For views; the allocator reads `mem_map` directly.
+    pub fn page_flags_order(&self, pfn: Pfn) -> (u32, u32) {
+        let p = self.mem_map.get(pfn.0);
+        if p.raw() == 0 && pfn.0 & ((1 << crate::arch::MAX_PAGE_ORDER) - 1) == 0 {
+            if let Some(z) = self.pfn_zone(pfn) {
+                let (lo, hi) = z.area.lock_uncounted().lazy_range();
+                if pfn.0 >= lo && pfn.0 < hi {
+                    return (crate::page::PG_BUDDY, crate::arch::MAX_PAGE_ORDER);
+                }
+            }
+        }
+        (p.flags(), p.order())
+    }
+
+    /// The lazily-initialised free ranges of every zone (`buddy.rs`), for
+    /// scans that would otherwise read their all-zero metadata.
+    pub fn lazy_ranges(&self) -> Vec<(u64, u64)> {
+        self.zones.iter().map(|z| z.area.lock_uncounted().lazy_range()).filter(|r| r.0 < r.1).collect()
     }
 
     /// Boot with defaults except the given arch and memory (a convenience).
@@ -878,8 +905,15 @@ impl Machine {
                     a.free_pages
                 ));
             }
-            // machine-3: the zone's pages that are not reserved are its managed ones.
-            let unreserved = (z.start_pfn..z.end_pfn()).filter(|&p| !self.mem_map.get(p).has(PG_RESERVED)).count() as u64;
+            // machine-3: the zone's pages that are not reserved are its managed
+            // ones (metadata the host never backed is all-zero: not reserved).
+            let reserved: u64 = self
+                .mem_map
+                .touched(z.start_pfn, z.end_pfn())
+                .into_iter()
+                .map(|(a, b)| (a..b).filter(|&p| self.mem_map.get(p).has(PG_RESERVED)).count() as u64)
+                .sum();
+            let unreserved = z.spanned - reserved;
             if unreserved != z.managed {
                 errs.push(format!(
                     "machine-3: {} has {unreserved} pages not PG_reserved but manages {}",

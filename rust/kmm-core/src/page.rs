@@ -18,7 +18,9 @@
 //! follows from the pfn (zones are contiguous ranges) and the migratetype
 //! lives in the zone's pageblock array (like `pageblock_flags`).
 //! All-zero metadata is the state of a page inside a free block (not a head),
-//! so booting touches only the head page of each free block.
+//! so booting touches only the head page of each free block -- and none of
+//! the zone's lazily-initialised max-order blocks (`buddy.rs`, buddy-7),
+//! whose pages stay all-zero until an allocation carves them.
 //!
 //! Fields are relaxed atomics: each is written only under the lock that owns
 //! the page (zone lock while free, the owner while allocated); atomics make the
@@ -191,43 +193,62 @@ pub fn flag_names(flags: u32) -> Vec<&'static str> {
     FLAG_NAMES.iter().filter(|(b, _)| flags & b != 0).map(|&(_, n)| n).collect()
 }
 
-/// The `mem_map` array, indexed by pfn.
+/// The `mem_map` array, indexed by pfn: a host mapping that costs nothing
+/// until touched (the kernel's sparse vmemmap idea: the array is reserved,
+/// the host backs it on demand), see `physmem::Zeroed`.
 pub struct MemMap {
-    pages: Box<[PageMeta]>,
+    pages: crate::physmem::Zeroed<PageMeta>,
 }
 
 impl MemMap {
-    /// A zeroed array for `nr` frames. The allocation is `calloc`-backed, so
-    /// untouched entries cost no host memory.
+    /// A zeroed array for `nr` frames (panics if the host refuses: tests).
     pub fn new(nr: u64) -> MemMap {
-        MemMap { pages: bytemuck::allocation::zeroed_slice_box(nr as usize) }
+        MemMap::try_new(nr).expect("mem_map")
     }
 
-    /// `new`, or an error when the host cannot allocate the array (a
-    /// machine of many TiB: 16 bytes a frame).
+    /// `new`, or an error when the host cannot map the array.
     pub fn try_new(nr: u64) -> crate::Result<MemMap> {
         let bytes = nr.saturating_mul(std::mem::size_of::<PageMeta>() as u64);
-        let fail = || {
+        let fail = |why: String| {
             crate::KmmError::Host(format!(
                 "cannot allocate the mem_map of {nr} page frames ({} MiB of struct page metadata): \
-                 the host refused the memory (use a smaller machine)",
+                 the host refused the memory (use a smaller machine): {why}",
                 bytes >> 20
             ))
         };
-        let n = usize::try_from(nr).map_err(|_| fail())?;
-        let pages = bytemuck::allocation::try_zeroed_slice_box(n).map_err(|_| fail())?;
+        let n = usize::try_from(nr).map_err(|_| fail("too many frames for this host".into()))?;
+        let pages = crate::physmem::Zeroed::new(n).map_err(|e| fail(e.to_string()))?;
         Ok(MemMap { pages })
     }
     #[inline]
     pub fn len(&self) -> u64 {
-        self.pages.len() as u64
+        self.pages.as_slice().len() as u64
     }
     #[inline]
     pub fn is_empty(&self) -> bool {
-        self.pages.is_empty()
+        self.len() == 0
     }
     #[inline]
     pub fn get(&self, pfn: u64) -> &PageMeta {
-        &self.pages[pfn as usize]
+        &self.pages.as_slice()[pfn as usize]
+    }
+
+    /// Runs of pfns in `[lo, hi)` whose metadata may be non-zero (their
+    /// host pages were written at some time); every other pfn of the range
+    /// has all-zero metadata. Sorted, disjoint. Scans that look for pages
+    /// with flags (checks, page owners) walk only these.
+    pub fn touched(&self, lo: u64, hi: u64) -> Vec<(u64, u64)> {
+        let hi = hi.min(self.len());
+        if lo >= hi {
+            return Vec::new();
+        }
+        self.pages.touched(lo as usize, hi as usize).into_iter().map(|(a, b)| (a as u64, b as u64)).collect()
+    }
+
+    /// Is every field of this page zero (never written, or written back to zero)?
+    #[inline]
+    pub fn is_zero(&self, pfn: u64) -> bool {
+        let p = self.get(pfn);
+        p.raw() == 0 && p.refcount() == 0 && p.next() == 0 && p.prev() == 0
     }
 }

@@ -13,6 +13,13 @@
 //!   the kernel). Bytes outside it are reached with `pread`/`pwrite`.
 //! - Zeroing large ranges punches holes (`FALLOC_FL_PUNCH_HOLE`), which also
 //!   gives the memory back to the host.
+//! - A `Zeroed<T>` is a host array of zero-initialised metadata (the
+//!   `mem_map`): an anonymous MAP_NORESERVE mapping, so untouched entries cost
+//!   the host nothing and a 16 TiB machine's 64 GiB mem_map needs no
+//!   overcommit. `Zeroed::touched` reads `/proc/self/pagemap` to tell which
+//!   host pages of it were ever written (a host page never faulted in reads
+//!   as zeros), so invariant checks can skip untouched metadata; where
+//!   pagemap cannot be read it reports every page (exact, slower).
 //! - A `HostMap` makes scattered pages virtually contiguous for the host (a
 //!   vmalloc area exported to Python): a reserved range with each run of
 //!   contiguous pfns mapped MAP_FIXED|MAP_SHARED from the memfd, so a write
@@ -25,6 +32,8 @@
 //!   memfd at offset 0, and lives as long as the `PhysMem`.
 //! - physmem-2: every host pointer handed out lies inside that mapping, or
 //!   inside a live `HostMap` (which the caller keeps alive while using it).
+//! - physmem-4: a `Zeroed<T>` mapping is private anonymous memory of exactly
+//!   `len` elements, zero-filled by the host, owned by the `Zeroed`.
 //! - physmem-3: `host_maps` counts the mappings of live `HostMap`s and never
 //!   exceeds `HOST_MAP_BUDGET`.
 //!
@@ -42,6 +51,102 @@ use rustix::io::{pread, pwrite};
 use rustix::mm::{mmap, mmap_anonymous, munmap, MapFlags, ProtFlags};
 
 use crate::error::{KmmError, Result};
+
+/// A zero-filled host array of `T` (see the module header): the `mem_map`.
+pub struct Zeroed<T> {
+    ptr: NonNull<T>,
+    len: usize,
+    bytes: usize,
+}
+
+// SAFETY: the mapping is owned by this struct; `T` is only reachable through
+// `&[T]`, so sharing it is sound when `T` is `Sync` (atomics).
+unsafe impl<T: Sync> Send for Zeroed<T> {}
+// SAFETY: as above.
+unsafe impl<T: Sync> Sync for Zeroed<T> {}
+
+impl<T: bytemuck::Zeroable> Zeroed<T> {
+    /// `len` zeroed elements, or the host's refusal.
+    pub fn new(len: usize) -> Result<Zeroed<T>> {
+        let bytes = len
+            .checked_mul(std::mem::size_of::<T>())
+            .ok_or_else(|| KmmError::Host(format!("cannot map {len} metadata entries: size overflows")))?;
+        if bytes == 0 {
+            return Ok(Zeroed { ptr: NonNull::dangling(), len, bytes });
+        }
+        // SAFETY: a fresh private anonymous mapping at an address the kernel
+        // picks (no MAP_FIXED); the host fills it with zeros, a valid `T`
+        // (`Zeroable`), and page alignment satisfies any `T`'s alignment.
+        let p = unsafe {
+            mmap_anonymous(std::ptr::null_mut(), bytes, ProtFlags::READ | ProtFlags::WRITE, MapFlags::PRIVATE | MapFlags::NORESERVE)
+        }
+        .map_err(|e| host_err(&format!("mmap of {} MiB of page metadata", bytes >> 20), e))?;
+        Ok(Zeroed { ptr: NonNull::new(p.cast::<T>()).expect("mmap returned null"), len, bytes })
+    }
+
+    #[inline]
+    pub fn as_slice(&self) -> &[T] {
+        // SAFETY: `ptr` points to `len` initialised (zero-filled) `T`s that
+        // live as long as `self` (physmem-4); only shared references are made.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Runs `[a, b)` of element indexes inside `[lo, hi)` whose host pages
+    /// may hold non-zero bytes: every element outside them is still zero.
+    /// Sorted and disjoint. Without a readable `/proc/self/pagemap`, the
+    /// whole range.
+    pub fn touched(&self, lo: usize, hi: usize) -> Vec<(usize, usize)> {
+        let hi = hi.min(self.len);
+        if lo >= hi {
+            return Vec::new();
+        }
+        self.touched_pagemap(lo, hi).unwrap_or_else(|| vec![(lo, hi)])
+    }
+
+    fn touched_pagemap(&self, lo: usize, hi: usize) -> Option<Vec<(usize, usize)>> {
+        use std::os::unix::fs::FileExt;
+        let sz = std::mem::size_of::<T>();
+        let hp = rustix::param::page_size();
+        let base = self.ptr.as_ptr() as usize;
+        // Host pages [p0, p1) hold elements [lo, hi).
+        let (p0, p1) = ((base + lo * sz) / hp, (base + hi * sz).div_ceil(hp));
+        let f = std::fs::File::open("/proc/self/pagemap").ok()?;
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        let mut buf = vec![0u8; 8 * 65536];
+        let mut page = p0;
+        while page < p1 {
+            let n = (p1 - page).min(65536);
+            let b = &mut buf[..8 * n];
+            f.read_exact_at(b, (page * 8) as u64).ok()?;
+            for (k, e) in b.chunks_exact(8).enumerate() {
+                let e = u64::from_le_bytes(e.try_into().expect("8 bytes"));
+                // Bit 63: present; bit 62: swapped (or a migration entry).
+                if e >> 62 == 0 {
+                    continue;
+                }
+                let hpage = page + k;
+                let a = ((hpage * hp).saturating_sub(base) / sz).max(lo);
+                let z = ((hpage + 1) * hp - base).div_ceil(sz).min(hi);
+                match runs.last_mut() {
+                    Some(r) if r.1 >= a => r.1 = r.1.max(z),
+                    _ => runs.push((a, z)),
+                }
+            }
+            page += n;
+        }
+        Some(runs)
+    }
+}
+
+impl<T> Drop for Zeroed<T> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            // SAFETY: unmapping exactly the mapping made in `new`; no
+            // reference into it outlives `self`.
+            let _ = unsafe { munmap(self.ptr.as_ptr().cast(), self.bytes) };
+        }
+    }
+}
 
 /// Below this many bytes, zeroing is a memset; at or above, a hole punch.
 const PUNCH_THRESHOLD: u64 = 64 << 10;

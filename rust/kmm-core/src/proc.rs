@@ -264,8 +264,17 @@ impl Machine {
         use crate::page::{PG_BUDDY, PG_PCP, PG_RESERVED, PG_SLAB, PG_TABLE, PG_TAIL, PG_VMALLOC, PG_WARM};
         let n = self.nr_pages as usize;
         let mut out = vec![6u8; n];
+        // Lazily-initialised free blocks (buddy.rs) are free, unwritten.
+        let lazy = self.lazy_ranges();
+        for &(lo, hi) in &lazy {
+            out[lo as usize..hi as usize].fill(1);
+        }
         let mut pfn = 0usize;
         while pfn < n {
+            if let Some(&(_, hi)) = lazy.iter().find(|r| r.0 as usize == pfn) {
+                pfn = hi as usize;
+                continue;
+            }
             let p = self.mem_map.get(pfn as u64);
             let f = p.flags();
             if f & (PG_BUDDY | PG_PCP) != 0 {
@@ -324,8 +333,14 @@ impl Machine {
         let mut count = [0u64; MIGRATE_TYPES];
         let nr = 1u64 << self.pageblock_order;
         let (start, end) = (z.start_pfn.max(z.online.0), z.end_pfn().min(z.online.1));
+        // Lazily-initialised free blocks hold no allocation: stepped over.
+        let (lazy_lo, lazy_hi) = z.area.lock_uncounted().lazy_range();
         let mut pfn = start;
         while pfn < end {
+            if pfn >= lazy_lo && pfn < lazy_hi {
+                pfn = lazy_hi;
+                continue;
+            }
             let block_end = ((pfn | (nr - 1)) + 1).min(end);
             let block_mt = z.pageblocks.get(pfn);
             while pfn < block_end {

@@ -12,8 +12,10 @@
 //! freeing call), with Relaxed loads and stores; distinct objects never share
 //! a granule (objects are at least 8 bytes and 8-aligned).
 //!
-//! Shadow is allocated lazily in 2 MiB-of-RAM chunks, so a 64 GiB machine pays
-//! only for the chunks that hold slab objects.
+//! Shadow is mapped lazily in 64 MiB-of-RAM chunks (16 MiB of cells each, a
+//! `physmem::Zeroed` host mapping the host backs only where written), so a
+//! machine pays only for the host pages of cells near slab objects, and the
+//! chunk table costs 24 bytes per 64 MiB of RAM (384 KiB for 16 TiB).
 //!
 //! # Invariants
 //! - shadow-1: a live cell's granule is the start of an allocated object.
@@ -23,7 +25,7 @@ use std::sync::atomic::{AtomicU16, Ordering::Relaxed};
 use std::sync::OnceLock;
 
 const GRANULE_SHIFT: u32 = 3;
-const CHUNK_SHIFT: u32 = 21; // 2 MiB of RAM per chunk
+const CHUNK_SHIFT: u32 = 26; // 64 MiB of RAM per chunk
 const CELLS_PER_CHUNK: usize = 1 << (CHUNK_SHIFT - GRANULE_SHIFT);
 
 pub const LIVE: u16 = 1;
@@ -31,7 +33,7 @@ pub const PINNED: u16 = 2;
 const GEN_SHIFT: u32 = 2;
 
 pub struct Shadow {
-    chunks: Box<[OnceLock<Box<[AtomicU16]>>]>,
+    chunks: Box<[OnceLock<crate::physmem::Zeroed<AtomicU16>>]>,
 }
 
 impl Shadow {
@@ -42,9 +44,12 @@ impl Shadow {
 
     #[inline]
     fn cell(&self, phys: u64) -> &AtomicU16 {
-        let chunk = self.chunks[(phys >> CHUNK_SHIFT) as usize]
-            .get_or_init(|| bytemuck::allocation::zeroed_slice_box(CELLS_PER_CHUNK));
-        &chunk[((phys >> GRANULE_SHIFT) as usize) & (CELLS_PER_CHUNK - 1)]
+        let chunk = self.chunks[(phys >> CHUNK_SHIFT) as usize].get_or_init(|| {
+            // A 16 MiB NORESERVE mapping: refused only when the host's
+            // address space is exhausted, which no allocation path can report.
+            crate::physmem::Zeroed::new(CELLS_PER_CHUNK).expect("host refused a 16 MiB shadow mapping")
+        });
+        &chunk.as_slice()[((phys >> GRANULE_SHIFT) as usize) & (CELLS_PER_CHUNK - 1)]
     }
 
     /// Read a cell without creating its chunk.
@@ -52,7 +57,7 @@ impl Shadow {
     pub fn get(&self, phys: u64) -> u16 {
         // An address beyond RAM (a caller's bad guess) has no object.
         match self.chunks.get((phys >> CHUNK_SHIFT) as usize).and_then(|c| c.get()) {
-            Some(c) => c[((phys >> GRANULE_SHIFT) as usize) & (CELLS_PER_CHUNK - 1)].load(Relaxed),
+            Some(c) => c.as_slice()[((phys >> GRANULE_SHIFT) as usize) & (CELLS_PER_CHUNK - 1)].load(Relaxed),
             None => 0,
         }
     }

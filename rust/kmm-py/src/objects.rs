@@ -31,7 +31,7 @@ impl PyPage {
     /// Order of the block this page heads (allocated or free), 0 otherwise.
     #[getter]
     fn order(&self) -> u32 {
-        self.m.mem_map.get(self.pfn).order()
+        self.m.page_flags_order(Pfn(self.pfn)).1
     }
     /// Name of the zone the page belongs to.
     #[getter]
@@ -41,7 +41,7 @@ impl PyPage {
     /// Kernel names of the page's flags and page type ("head", "buddy", "reserved", ...).
     #[getter]
     fn flags(&self) -> Vec<&'static str> {
-        flag_names(self.m.mem_map.get(self.pfn).flags())
+        flag_names(self.m.page_flags_order(Pfn(self.pfn)).0)
     }
     /// `page_ref_count()`.
     #[getter]
@@ -87,14 +87,14 @@ impl PyPage {
         self.pfn
     }
     fn __repr__(&self) -> String {
-        let p = self.m.mem_map.get(self.pfn);
+        let (flags, order) = self.m.page_flags_order(Pfn(self.pfn));
         format!(
             "<Page pfn={:#x} order={} zone={} flags={} refcount={}>",
             self.pfn,
-            p.order(),
+            order,
             self.zone().unwrap_or("?"),
-            flag_names(p.flags()).join("|"),
-            p.refcount()
+            flag_names(flags).join("|"),
+            self.m.mem_map.get(self.pfn).refcount()
         )
     }
 }
