@@ -1,9 +1,10 @@
 """Per-CPU work from Python threads (issue 4), in one process.
 
-Run: python benches/bench_threads.py
+Run: python benches/bench_threads.py [--bulk N]   (N objects per bulk call;
+default 512, issue 13's batch size; issue 4's figures used 1000)
 
 1. Two threads bound to CPUs 0 and 1 (`with m.on_cpu(k):`), each doing
-   `cache.free_bulk(cache.alloc_bulk(GFP_KERNEL, 1000))` in a loop (both
+   `cache.free_bulk(cache.alloc_bulk(GFP_KERNEL, N))` in a loop (both
    calls release the GIL), against one thread on CPU 0 doing the same total
    work: wall-clock speedup (best of 5; 2.0 = perfect).
 2. `m.alloc_pages(GFP_KERNEL, 0)` + `m.free_pages(page, 0)` (the per-CPU
@@ -21,8 +22,8 @@ import timeit
 
 import kmm
 
-BULK = 1000
-CALLS = 2_000  # bulk calls per thread in the two-thread run (2 M objects)
+BULK = 512  # objects per bulk call (--bulk)
+OBJECTS = 2_000_000  # objects per thread in the two-thread run
 REPEAT = 5
 
 
@@ -63,6 +64,10 @@ def run_threads(m, cache, plan: list[tuple[int, int]]) -> float:
 
 
 def main() -> int:
+    global BULK
+    if "--bulk" in sys.argv:
+        BULK = int(sys.argv[sys.argv.index("--bulk") + 1])
+    CALLS = OBJECTS // BULK  # bulk calls per thread in the two-thread run
     m = kmm.Machine(memory="1G", cpus=2)
     gfp = kmm.GFP_KERNEL
     cache = m.kmem_cache_create("bench_threads64", 64)

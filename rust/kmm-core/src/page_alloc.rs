@@ -409,12 +409,17 @@ impl Machine {
         let pfn = pcp.lists[pindex].pop_front().map(|p| p as u64);
         if pfn.is_some() {
             pcp.count -= 1 << order;
+            // PGALLOC, as `__count_zid_vm_events`' this_cpu_add: a plain
+            // load and store, no lock prefix. The slot's counters are only
+            // written under its pcp lock (here and in `free_to_pcp`), so no
+            // update is lost; readers sum them with relaxed loads (issue 13,
+            // part 4: the `lock add` was ~1/4 of this function's samples).
+            slot.pgalloc.store(slot.pgalloc.load(Relaxed) + (1 << order), Relaxed);
         }
         drop(pcp);
         self.emit_buddy_events(&events);
         let pfn = pfn?;
         self.mem_map.get(pfn).set(0, 0);
-        slot.pgalloc.fetch_add(1 << order, Relaxed);
         Some(pfn)
     }
 
@@ -769,7 +774,9 @@ impl Machine {
         self.mem_map.get(pfn).set(PG_PCP, order);
         pcp.lists[pindex].push_front(pfn as u32);
         pcp.count += 1 << order;
-        slot.pgfree.fetch_add(1 << order, Relaxed);
+        // PGFREE (`__count_vm_events`): a plain load and store under the
+        // pcp lock, see `rmqueue_pcplist`.
+        slot.pgfree.store(slot.pgfree.load(Relaxed) + (1 << order), Relaxed);
         let below_high = z.below_high.load(Relaxed);
         let high = pcp.nr_pcp_high(free_high, below_high);
         if pcp.count >= high {

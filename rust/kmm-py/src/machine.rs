@@ -329,8 +329,8 @@ impl PyMachine {
     // ---- the page allocator --------------------------------------------------
 
     /// `alloc_pages(gfp, order)`: 2^order contiguous pages; returns the head Page.
-    #[pyo3(signature = (gfp, order=0))]
-    fn alloc_pages(&self, py: Python<'_>, gfp: i128, order: i128) -> PyResult<PyPage> {
+    #[pyo3(signature = (gfp, order=crate::args::Int(0)), text_signature = "($self, gfp, order=0)")]
+    fn alloc_pages(&self, py: Python<'_>, gfp: crate::args::Int, order: crate::args::Int) -> PyResult<PyPage> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let gfp = crate::args::u32_arg(gfp, "alloc_pages", "gfp")?;
         let order = crate::args::u32_arg(order, "alloc_pages", "order")?;
@@ -342,11 +342,11 @@ impl PyMachine {
     /// `alloc_page(gfp)`.
     fn alloc_page(&self, py: Python<'_>, gfp: i128) -> PyResult<PyPage> {
         let gfp = crate::args::u32_arg(gfp, "alloc_page", "gfp")?;
-        self.alloc_pages(py, gfp as i128, 0)
+        self.alloc_pages(py, crate::args::Int(gfp as i128), crate::args::Int(0))
     }
     /// `__get_free_pages(gfp, order)`: the direct-map address of new pages.
-    #[pyo3(signature = (gfp, order=0))]
-    fn __get_free_pages(&self, py: Python<'_>, gfp: i128, order: i128) -> PyResult<u64> {
+    #[pyo3(signature = (gfp, order=crate::args::Int(0)), text_signature = "($self, gfp, order=0)")]
+    fn __get_free_pages(&self, py: Python<'_>, gfp: crate::args::Int, order: crate::args::Int) -> PyResult<u64> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let gfp = crate::args::u32_arg(gfp, "__get_free_pages", "gfp")?;
         let order = crate::args::u32_arg(order, "__get_free_pages", "order")?;
@@ -360,22 +360,22 @@ impl PyMachine {
     fn get_free_pages(&self, py: Python<'_>, gfp: i128, order: i128) -> PyResult<u64> {
         let gfp = crate::args::u32_arg(gfp, "get_free_pages", "gfp")?;
         let order = crate::args::u32_arg(order, "get_free_pages", "order")?;
-        self.__get_free_pages(py, gfp as i128, order as i128)
+        self.__get_free_pages(py, crate::args::Int(gfp as i128), crate::args::Int(order as i128))
     }
     /// `__get_free_page(gfp)`.
     fn __get_free_page(&self, py: Python<'_>, gfp: i128) -> PyResult<u64> {
         let gfp = crate::args::u32_arg(gfp, "__get_free_page", "gfp")?;
-        self.__get_free_pages(py, gfp as i128, 0)
+        self.__get_free_pages(py, crate::args::Int(gfp as i128), crate::args::Int(0))
     }
     /// `get_free_page(gfp)` (the book's name for `__get_free_page`).
     fn get_free_page(&self, py: Python<'_>, gfp: i128) -> PyResult<u64> {
         let gfp = crate::args::u32_arg(gfp, "get_free_page", "gfp")?;
-        self.__get_free_pages(py, gfp as i128, 0)
+        self.__get_free_pages(py, crate::args::Int(gfp as i128), crate::args::Int(0))
     }
     /// `get_zeroed_page(gfp)`: one page, zeroed.
     fn get_zeroed_page(&self, py: Python<'_>, gfp: i128) -> PyResult<u64> {
         let gfp = crate::args::u32_arg(gfp, "get_zeroed_page", "gfp")?;
-        self.__get_free_pages(py, (gfp | kmm_core::gfp::__GFP_ZERO) as i128, 0)
+        self.__get_free_pages(py, crate::args::Int((gfp | kmm_core::gfp::__GFP_ZERO) as i128), crate::args::Int(0))
     }
     /// `__free_pages(page, order)`; also accepts a direct-map address.
     #[pyo3(signature = (page, order=0))]
@@ -384,8 +384,8 @@ impl PyMachine {
         self.do_free(page, order)
     }
     /// `free_pages(addr, order)`; also accepts a Page.
-    #[pyo3(signature = (page_or_addr, order=0))]
-    fn free_pages(&self, page_or_addr: &Bound<'_, PyAny>, order: i128) -> PyResult<()> {
+    #[pyo3(signature = (page_or_addr, order=crate::args::Int(0)), text_signature = "($self, page_or_addr, order=0)")]
+    fn free_pages(&self, page_or_addr: &Bound<'_, PyAny>, order: crate::args::Int) -> PyResult<()> {
         let order = crate::args::u32_arg(order, "free_pages", "order")?;
         self.do_free(page_or_addr, order)
     }
@@ -451,8 +451,8 @@ impl PyMachine {
 
     /// `kmalloc(size, gfp)`: a Block of `size` bytes (kmalloc(0) gives the
     /// zero-length ZERO_SIZE_PTR Block at address 16).
-    #[pyo3(signature = (size, gfp=kmm_core::gfp::GFP_KERNEL as i128))]
-    fn kmalloc(&self, py: Python<'_>, size: i128, gfp: i128) -> PyResult<PyBlock> {
+    #[pyo3(signature = (size, gfp=crate::args::Int(kmm_core::gfp::GFP_KERNEL as i128)))]
+    fn kmalloc(&self, py: Python<'_>, size: crate::args::Int, gfp: crate::args::Int) -> PyResult<PyBlock> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let size = crate::args::u64_arg(size, "kmalloc", "size")?;
         let gfp = crate::args::u32_arg(gfp, "kmalloc", "gfp")?;
@@ -467,7 +467,7 @@ impl PyMachine {
     fn kzalloc(&self, py: Python<'_>, size: i128, gfp: i128) -> PyResult<PyBlock> {
         let size = crate::args::u64_arg(size, "kzalloc", "size")?;
         let gfp = crate::args::u32_arg(gfp, "kzalloc", "gfp")?;
-        self.kmalloc(py, size as i128, (gfp | kmm_core::gfp::__GFP_ZERO) as i128)
+        self.kmalloc(py, crate::args::Int(size as i128), crate::args::Int((gfp | kmm_core::gfp::__GFP_ZERO) as i128))
     }
     /// `kmalloc_array(n, size, gfp)`: ValueError on overflow, nothing allocated.
     #[pyo3(signature = (n, size, gfp=kmm_core::gfp::GFP_KERNEL as i128))]

@@ -851,8 +851,8 @@ impl PyKmemCache {
         self.gone.load(Relaxed) || self.c.dead.load(Relaxed)
     }
     /// `kmem_cache_alloc(cache, gfp)`: one object as a Block.
-    #[pyo3(signature = (gfp=kmm_core::gfp::GFP_KERNEL as i128))]
-    fn alloc(&self, py: Python<'_>, gfp: i128) -> PyResult<PyBlock> {
+    #[pyo3(signature = (gfp=crate::args::Int(kmm_core::gfp::GFP_KERNEL as i128)))]
+    fn alloc(&self, py: Python<'_>, gfp: crate::args::Int) -> PyResult<PyBlock> {
         let gfp = crate::args::u32_arg(gfp, "KmemCache.alloc", "gfp")?;
         self.alloc_block(py, gfp)
     }
@@ -862,7 +862,7 @@ impl PyKmemCache {
     }
     /// `kmem_cache_alloc_bulk`: `n` objects (all or none) as an array('Q') of
     /// addresses. Releases the GIL.
-    fn alloc_bulk<'py>(&self, py: Python<'py>, gfp: i128, n: i128) -> PyResult<Bound<'py, PyAny>> {
+    fn alloc_bulk<'py>(&self, py: Python<'py>, gfp: crate::args::Int, n: crate::args::Int) -> PyResult<Bound<'py, PyAny>> {
         self.live("kmem_cache_alloc_bulk")?;
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let gfp = crate::args::u32_arg(gfp, "KmemCache.alloc_bulk", "gfp")?;

@@ -565,16 +565,22 @@ impl KmemCache {
     /// `slab_alloc_node`: the per-CPU fast path, else `___slab_alloc`.
     /// Returns the object's address; the caller runs the post-alloc hooks.
     pub fn alloc_raw(&self, m: &Machine, gfp: Gfp, cpu: u32) -> Result<u64> {
-        // Page events emitted under the cpu/node locks reach sinks after they drop.
-        let _d = m.trace.defer();
         if self.is_debug() {
+            // Page events emitted under the node lock reach sinks after it drops.
+            let _d = m.trace.defer();
             return self.alloc_debug(m, gfp, &DebugCtx { orig_size: self.geo.object_size, caller: None });
         }
         let mut c = self.cpu_lock(cpu);
         let obj = c.freelist;
         if obj != 0 {
+            // The fast path emits no events: no deferral needed (issue 13,
+            // part 4: `Deferral`'s drop was an out-of-line call on every pair).
             let next = self.get_fp(m, obj);
             if !self.fp_in(c.slab_base, c.slab_end, next) {
+                // The report may emit events: deferred past the lock
+                // (declared after `_d`, this `c` drops before it).
+                let _d = m.trace.defer();
+                let c = c;
                 return Err(self.freepointer_corrupt(m, c.slab, obj, next));
             }
             c.freelist = next;
@@ -583,6 +589,10 @@ impl KmemCache {
             return Ok(obj);
         }
         c.stats.alloc_slowpath += 1;
+        // Page events emitted under the cpu/node locks reach sinks after
+        // they drop: `c` is moved into the slow path, which drops it (and
+        // every lock it takes) before `_d` drops at the end of this function.
+        let _d = m.trace.defer();
         self.slab_alloc_slow(m, gfp, cpu, c)
     }
 
@@ -915,11 +925,20 @@ impl KmemCache {
     /// `do_slab_free`: the fast path onto this CPU's freelist when the object
     /// belongs to the cpu slab, else `__slab_free`.
     pub(crate) fn free_raw(&self, m: &Machine, o: &ObjRef, obj: u64, cpu: u32) {
-        let _d = m.trace.defer();
         if self.is_debug() {
+            let _d = m.trace.defer();
             return self.free_to_partial_list(m, o, obj, None);
         }
         let mut c = self.cpu_lock(cpu);
+        if c.slab_pfn == o.slab_pfn {
+            // free_chain's fast path (onto the cpu freelist): no events,
+            // so no deferral (issue 13, part 4).
+            return self.free_chain(m, &mut c, o, &[obj], cpu);
+        }
+        // Page events emitted under the cpu/node locks reach sinks after
+        // they drop: declared after `_d`, this `c` drops before it.
+        let _d = m.trace.defer();
+        let mut c = c;
         self.free_chain(m, &mut c, o, &[obj], cpu);
     }
 

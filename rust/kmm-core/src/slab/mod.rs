@@ -392,7 +392,10 @@ impl Machine {
                 "cannot free {va:#x}: a buffer export (memoryview) of it is alive"
             )));
         }
-        c.free_debug_check(self, &o, va)?;
+        if c.is_debug() {
+            // Out of line (slab/debug.rs): only debug caches pay the call.
+            c.free_debug_check(self, &o, va)?;
+        }
         Ok(o)
     }
 
