@@ -124,6 +124,13 @@ impl PageMeta {
         debug_assert!(flags & (ORDER_MASK | OWNER_MASK) == 0 && order <= 15);
         self.flags.store(flags | (order << ORDER_SHIFT), Relaxed);
     }
+    /// `set` plus the owner's migratetype, in one plain store (the
+    /// allocation fast path: no lock-prefixed read-modify-write).
+    #[inline]
+    pub fn set_with_owner(&self, flags: u32, order: u32, mt: u8) {
+        debug_assert!(flags & (ORDER_MASK | OWNER_MASK) == 0 && order <= 15 && mt < 7);
+        self.flags.store(flags | (order << ORDER_SHIFT) | (((mt as u32 + 1) << OWNER_SHIFT) & OWNER_MASK), Relaxed);
+    }
     /// Record the migratetype an allocated head was asked for (page_owner's
     /// `gfp_mask`, `__set_page_owner`).
     #[inline]

@@ -573,8 +573,7 @@ impl Machine {
         if gfp & gfp::__GFP_MOVABLE != 0 {
             flags |= PG_LRU;
         }
-        head.set(flags, order);
-        head.set_owner_mt(gfp::migratetype(gfp));
+        head.set_with_owner(flags, order, gfp::migratetype(gfp));
         head.set_refcount(1);
         self.kasan_unpoison_pages(pfn, order); // post_alloc_hook
         if self.page_init_on_alloc(gfp) {
