@@ -150,3 +150,25 @@ def test_cli_compare_bad_settings_exit_2(capsys, bad):
         rc = e.code
     out, err = capsys.readouterr()
     assert rc == 2 and "Replaying" not in out and err.count("\n") == 1
+
+
+def test_a_what_if_slab_order_holds_the_recorded_objects_in_fewer_slabs():
+    """Under slub_min_order=1 the warm start puts each cache's recorded
+    objects (start.slabinfo's num_objs) into slabs of the new geometry: a
+    kernel booted so would hold the same objects in half as many order-1
+    slabs, not in the recorded number of slabs at twice the size."""
+    rec = kmm.trace.load(kmm.trace.BUNDLE)
+    m = rec.machine(cmdline="slub_min_order=1")
+
+    def rows(text):
+        return {f[0]: [int(x) for x in (f[1], f[2], f[4], f[5], f[-2])]
+                for f in (line.split() for line in text.splitlines()[2:])}
+
+    want = rows((kmm.trace.BUNDLE / "start.slabinfo.txt").read_text())
+    got = rows(m.proc.slabinfo())
+    active, num, per, pages, slabs = want["dentry"]
+    assert pages == 1 and got["dentry"][2:4] == [2 * per, 2]  # order 1: twice the objects a slab
+    assert got["dentry"][1] == -(-num // (2 * per)) * 2 * per
+    assert got["dentry"][4] == -(-num // (2 * per))
+    assert abs(got["dentry"][0] - active) <= active // 1000 + 25  # pre-trace frees aside
+    m.check()

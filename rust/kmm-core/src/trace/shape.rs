@@ -680,11 +680,23 @@ pub fn warm_inputs(m: &Machine, bundle: &Bundle, log: &TraceLog, page_offset: u6
     for (c, row) in caches {
         let mut slabs = by_cache.remove(&c.id).unwrap_or_default();
         slabs.sort_by_key(|s| s.pfn);
+        // A what-if geometry (slub_min_order=, slub_max_order=, ...): the
+        // recorded objects, active and total, in as many slabs as the new
+        // geometry needs for them, as a kernel booted with it would hold the
+        // same workload's objects; not the recorded slab count at the new
+        // size (that would scale slab memory by the order change).
+        let (num_objs, num_slabs) = if c.geo.objects as u64 != row.objperslab && c.geo.objects > 0 {
+            let per = c.geo.objects as u64;
+            let n = row.num_objs.div_ceil(per).max(slabs.len() as u64);
+            (n * per, n)
+        } else {
+            (row.num_objs, row.num_slabs)
+        };
         out.plan.caches.push(WarmCache {
             cache: c,
-            active_objs: row.active_objs,
-            num_objs: row.num_objs,
-            num_slabs: row.num_slabs,
+            active_objs: row.active_objs.min(num_objs),
+            num_objs,
+            num_slabs,
             slabs,
         });
     }
