@@ -19,6 +19,11 @@
 //!   empty -> discarded when nr_partial >= min_partial, else kept on n->partial
 //! ```
 //!
+//! `min_partial`, `cpu_partial` and `cpu_partial_slabs` start as
+//! kmem_cache_open computed them (`geo`) and live in the cache as atomics:
+//! /sys/kernel/slab/<cache>/{min_partial,cpu_partial} (kmm's
+//! `slab.<cache>.*` sysctls, sysctl.rs) rewrite them at run time.
+//!
 //! SIMPLIFICATION: the kernel updates a slab's (freelist, counters) with
 //! cmpxchg_double and takes `list_lock` only when a list changes; kmm's slow
 //! paths always take `list_lock`, which serialises the same transitions. The
