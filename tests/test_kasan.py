@@ -776,3 +776,14 @@ def test_read_whose_end_wraps_is_out_of_bounds(m):
     p = m.kmalloc(64)
     kasan_fail(lambda: m.read(p.addr, 2**64 - 8), "out-of-bounds")
     m.kfree(p)
+
+
+def test_kmalloc_from_a_cache_poisons_the_unrequested_tail(m):
+    """__kmalloc_cache_noprof goes through kasan_kmalloc as kmalloc does:
+    bytes 123..127 of a 123-byte request from kmalloc-128 are poisoned."""
+    c = m.kmem_cache("kmalloc-128")
+    b = c.kmalloc(123, kmm.GFP_KERNEL)
+    m.write(b.addr + 122, b"\x01")
+    kasan_fail(lambda: m.write(b.addr + 123, b"\x01"), "slab-out-of-bounds", access="Write", size=1,
+               where=located(0, "to the right", "allocated ", 123))
+    m.kfree(b)

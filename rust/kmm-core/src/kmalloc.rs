@@ -159,6 +159,15 @@ impl Machine {
         }
         let gfp = self.slab_gfp(gfp);
         let c = self.kmalloc_slab(size, gfp);
+        self.kmalloc_object(c, size, gfp, call_site)
+    }
+
+    /// The slab half of kmalloc (`__do_kmalloc_node` after the size class,
+    /// `__kmalloc_cache_noprof`): an object of `c` for `size` bytes, KASAN's
+    /// poisoning of the unrequested tail (`kasan_kmalloc`) and the kmalloc
+    /// tracepoint. `gfp` has been through `slab_gfp`.
+    #[inline]
+    pub(crate) fn kmalloc_object(&self, c: &KmemCache, size: u64, gfp: Gfp, call_site: &CallSite) -> Result<VirtAddr> {
         let r = self.slab_alloc(c, gfp, None, size as u32, call_site);
         if let Ok(o) = r {
             self.kasan_kmalloc(c, o, size, gfp, call_site);

@@ -181,31 +181,22 @@ fn region_overlap(a: i32, b: i32, x: i32, y: i32) -> bool {
 
 /// `find_next_zero_bit(map, size, start)`: `size` when none.
 fn find_next_zero_bit(map: &[u64], size: i32, start: i32) -> i32 {
-    if start >= size {
-        return size;
-    }
-    let (mut w, b) = ((start / 64) as usize, start % 64);
-    let mut word = !map[w] & (!0u64 << b);
-    loop {
-        if word != 0 {
-            let i = w as i32 * 64 + word.trailing_zeros() as i32;
-            return i.min(size);
-        }
-        w += 1;
-        if w as i32 * 64 >= size {
-            return size;
-        }
-        word = !map[w];
-    }
+    find_next(map, size, start, !0)
 }
 
 /// `find_next_bit(map, size, start)`: `size` when none.
 fn find_next_bit(map: &[u64], size: i32, start: i32) -> i32 {
+    find_next(map, size, start, 0)
+}
+
+/// The first bit at or after `start` set in `map ^ flip` (lib/find_bit.c's
+/// `_find_next_bit` with its `munge`): `size` when none.
+fn find_next(map: &[u64], size: i32, start: i32, flip: u64) -> i32 {
     if start >= size {
         return size;
     }
     let (mut w, b) = ((start / 64) as usize, start % 64);
-    let mut word = map[w] & (!0u64 << b);
+    let mut word = (map[w] ^ flip) & (!0u64 << b);
     loop {
         if word != 0 {
             let i = w as i32 * 64 + word.trailing_zeros() as i32;
@@ -215,7 +206,7 @@ fn find_next_bit(map: &[u64], size: i32, start: i32) -> i32 {
         if w as i32 * 64 >= size {
             return size;
         }
-        word = map[w];
+        word = map[w] ^ flip;
     }
 }
 

@@ -224,22 +224,8 @@ impl Machine {
                 c.object_size()
             )));
         }
-        let r = self.slab_alloc(c, gfp, None, size as u32, call_site);
-        if self.trace.on(crate::trace::EventId::Kmalloc) {
-            self.trace.emit(
-                self.this_cpu(),
-                crate::trace::Payload::Kmalloc {
-                    call_site: call_site.clone(),
-                    ptr: *r.as_ref().unwrap_or(&0),
-                    bytes_req: size,
-                    bytes_alloc: c.geo.size as u64,
-                    gfp_flags: gfp,
-                    node: -1,
-                    accounted: gfp & gfp::__GFP_ACCOUNT != 0,
-                },
-            );
-        }
-        r.map(crate::machine::VirtAddr)
+        // As kmalloc's slab half does it: KASAN's tail poisoning included.
+        self.kmalloc_object(c, size, self.slab_gfp(gfp), call_site)
     }
 
     /// The caller, when cache `c` records callers (U, or T's stack dumps).
