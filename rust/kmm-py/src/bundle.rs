@@ -161,7 +161,7 @@ pub struct PyBundle {
 impl PyBundle {
     #[new]
     fn new(py: Python<'_>, files: Vec<(String, String)>) -> Self {
-        let bundle = py.detach(move || Bundle::from_texts(&files));
+        let bundle = crate::gil::detach(py, move || Bundle::from_texts(&files));
         PyBundle { bundle: Arc::new(bundle) }
     }
     /// The start snapshot: {"buddyinfo", "pagetypeinfo", "zoneinfo", "slabinfo", "meminfo", "vmstat"}, None if missing.
@@ -196,7 +196,7 @@ impl PyBundle {
     /// Whether a trace fits this bundle: one warning per misfit (GIL released).
     fn check_trace(&self, py: Python<'_>, trace: PyRef<'_, PyTraceLog>) -> Vec<String> {
         let (b, log) = (self.bundle.clone(), trace.log.clone());
-        py.detach(move || b.check_trace(&log))
+        crate::gil::detach(py, move || b.check_trace(&log))
     }
     fn __repr__(&self) -> String {
         let b = &self.bundle;

@@ -19,7 +19,7 @@ pub(crate) fn wait_hook(poll: &mut (dyn FnMut() -> bool + Send)) -> bool {
     Python::attach(|py| {
         let mut waited = Duration::ZERO;
         loop {
-            let done = py.detach(|| {
+            let done = crate::gil::detach(py, || {
                 let t0 = Instant::now();
                 loop {
                     if poll() {

@@ -106,7 +106,7 @@ impl PyKmemCache {
             ))));
         }
         let (m, c) = (self.m.clone(), self.c.clone());
-        Ok(py.detach(move || c.validate(&m)).0)
+        Ok(crate::gil::detach(py, move || c.validate(&m)).0)
     }
     /// /sys/kernel/debug/slab/<cache>/alloc_traces: the allocated objects
     /// grouped by where they were allocated (SLAB_STORE_USER caches only).
@@ -182,7 +182,7 @@ impl PyMachine {
             return Err(to_py_err(m.kmemleak_scan(&[]).expect_err("kmemleak is off")));
         }
         let roots: Vec<u64> = py.import("kmm.kmemleak")?.getattr("python_roots")?.call1((slf,))?.extract()?;
-        py.detach(move || m.kmemleak_scan(&roots)).map_err(to_py_err)
+        crate::gil::detach(py, move || m.kmemleak_scan(&roots)).map_err(to_py_err)
     }
     /// "echo clear > /sys/kernel/debug/kmemleak": forget the leaks reported
     /// so far (they are never reported again).

@@ -14,6 +14,7 @@ mod debugging;
 mod errors;
 mod kasan;
 mod fault;
+mod gil;
 mod machine;
 mod objects;
 mod recorded;

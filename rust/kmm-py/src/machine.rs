@@ -125,6 +125,7 @@ impl PyMachine {
         cmdline: &str,
         sysctl: Option<Bound<'_, PyDict>>,
     ) -> PyResult<PyMachine> {
+        crate::gil::release_pending(py);
         let f = "Machine";
         let (cpus, page_size) = (u32_arg(cpus, f, "cpus")?, u32_arg(page_size, f, "page_size")?);
         let min_free_kbytes = min_free_kbytes.map(|v| crate::args::u64_arg(v, f, "min_free_kbytes")).transpose()?;
@@ -145,7 +146,7 @@ impl PyMachine {
         )?;
         cfg.cmdline = kmm_core::cmdline::BootParams::parse(cmdline).map_err(to_py_err)?;
         cfg.sysctl = sysctl_items(sysctl)?;
-        let m = py.detach(|| Machine::new(cfg)).map_err(to_py_err)?;
+        let m = crate::gil::detach(py, || Machine::new(cfg)).map_err(to_py_err)?;
         Ok(PyMachine { m: Arc::new(m) })
     }
 
@@ -193,7 +194,7 @@ impl PyMachine {
     fn advance_time(&self, py: Python<'_>, t_ns: i128) -> PyResult<u64> {
         let t_ns = crate::args::u64_arg(t_ns, "advance_time", "t_ns")?;
         let m = self.m.clone();
-        Ok(py.detach(move || m.advance_time(t_ns)))
+        Ok(crate::gil::detach(py, move || m.advance_time(t_ns)))
     }
     /// pagetypeinfo's "Number of mixed blocks" (what the kernel prints with
     /// page_owner=on): per populated zone, per pageblock migratetype, the
@@ -201,7 +202,7 @@ impl PyMachine {
     /// (`pagetypeinfo_showmixedcount_print`). Walks every page: O(RAM).
     fn mixed_blocks<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let m = self.m.clone();
-        let per: Vec<(&'static str, [u64; kmm_core::buddy::MIGRATE_TYPES])> = py.detach(move || {
+        let per: Vec<(&'static str, [u64; kmm_core::buddy::MIGRATE_TYPES])> = crate::gil::detach(py, move || {
             m.zones.iter().filter(|z| z.is_populated()).map(|z| (z.kind.name(), m.mixed_blocks(z))).collect()
         });
         let d = PyDict::new(py);
@@ -570,6 +571,7 @@ impl PyMachine {
     #[pyo3(signature = (name, size, align=0, flags=0, ctor=None, freeptr_offset=None))]
     fn kmem_cache_create(
         &self,
+        py: Python<'_>,
         name: &str,
         size: i128,
         align: i128,
@@ -580,8 +582,10 @@ impl PyMachine {
         let f = "kmem_cache_create";
         let (size, align, flags) = (u32_arg(size, f, "size")?, u32_arg(align, f, "align")?, u32_arg(flags, f, "flags")?);
         let freeptr_offset = freeptr_offset.map(|o| u32_arg(o, f, "freeptr_offset")).transpose()?;
+        crate::gil::release_pending(py);
         let core_ctor: Option<kmm_core::slab::Ctor> = ctor.as_ref().map(|c| {
-            let c = Python::attach(|py| c.clone_ref(py));
+            // Held: the core may drop the closure without the GIL (gil.rs).
+            let c = crate::gil::Held::new(c.clone_ref(py));
             // Weak: the cache (inside the machine) keeps this closure, which
             // must not keep the machine (an Arc cycle: never freed).
             let m = Arc::downgrade(&self.m);
@@ -590,10 +594,10 @@ impl PyMachine {
                 Python::attach(|py| {
                     let blk = match Py::new(py, PyBlock::for_ctor(&m, va.0, size as usize)) {
                         Ok(b) => b,
-                        Err(e) => return e.write_unraisable(py, Some(c.bind(py))),
+                        Err(e) => return e.write_unraisable(py, Some(c.get().bind(py))),
                     };
-                    if let Err(e) = c.call1(py, (blk.clone_ref(py),)) {
-                        e.write_unraisable(py, Some(c.bind(py)));
+                    if let Err(e) = c.get().call1(py, (blk.clone_ref(py),)) {
+                        e.write_unraisable(py, Some(c.get().bind(py)));
                     }
                     blk.get().expire();
                 })
@@ -622,7 +626,7 @@ impl PyMachine {
         let n = crate::args::usize_arg(n, "kmem_cache_alloc_bulk", "n")?;
         let c = self.own_cache(cache)?.c.clone();
         let m = self.m.clone();
-        let r = py.detach(move || {
+        let r = crate::gil::detach(py, move || {
             let mut v = Vec::new(); // sized by the core, which refuses absurd counts
             m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
         });
@@ -637,14 +641,14 @@ impl PyMachine {
         let v = addresses(&self.m, objs)?;
         let c = self.own_cache(cache)?.c.clone();
         let m = self.m.clone();
-        py.detach(move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
+        crate::gil::detach(py, move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
     }
     /// `kmem_cache_shrink(cache)`: pages given back.
     fn kmem_cache_shrink(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>) -> PyResult<u64> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let c = self.own_cache(cache)?.c.clone();
         let m = self.m.clone();
-        py.detach(move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
+        crate::gil::detach(py, move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
     }
     /// `kmem_cache_destroy(cache)`.
     fn kmem_cache_destroy(&self, cache: &Bound<'_, PyKmemCache>) -> PyResult<()> {
@@ -867,7 +871,7 @@ impl PyMachine {
     fn drain_all_pages(&self, py: Python<'_>) {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let m = self.m.clone();
-        py.detach(move || m.drain_all_pages())
+        crate::gil::detach(py, move || m.drain_all_pages())
     }
     /// `drain_local_pages()`: this CPU's lists only.
     fn drain_local_pages(&self) {
@@ -903,7 +907,7 @@ impl PyMachine {
     /// Run every invariant check; returns the violations (empty when healthy).
     fn check(&self, py: Python<'_>) -> Vec<String> {
         let m = self.m.clone();
-        py.detach(move || m.check())
+        crate::gil::detach(py, move || m.check())
     }
     fn __repr__(&self) -> String {
         format!(

@@ -103,9 +103,10 @@ pub fn recorded_machine<'py>(
     let log = trace.log.clone();
     let b = bundle.map(|b| b.bundle.clone());
     let po = ReplayOptions::default().page_offset;
-    let r = py
-        .detach(move || core_recorded_machine(cfg, b.as_deref(), &log, warm, po, cpus.is_some(), memory_given))
-        .map_err(to_py_err)?;
+    let r = crate::gil::detach(py, move || {
+        core_recorded_machine(cfg, b.as_deref(), &log, warm, po, cpus.is_some(), memory_given)
+    })
+    .map_err(to_py_err)?;
     let info = PyDict::new(py);
     info.set_item("notes", r.notes.clone())?;
     info.set_item("warnings", r.warnings.clone())?;

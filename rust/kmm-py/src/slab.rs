@@ -771,11 +771,21 @@ pub(crate) fn addresses(m: &Arc<Machine>, objs: &Bound<'_, PyAny>) -> PyResult<V
     Ok(v)
 }
 
+/// The bulk calls' result: `array('Q', bytes)`, one constructor call on the
+/// cached type with the addresses' native bytes. This runs with the GIL held
+/// between two detached halves of a bulk call, so it is kept short (issue 13:
+/// looking up `array.array` and calling `frombytes` each time was ~0.4 us,
+/// which two threads then queued for on the GIL).
 pub(crate) fn to_array<'py>(py: Python<'py>, v: &[u64]) -> PyResult<Bound<'py, PyAny>> {
-    let arr = py.import("array")?.getattr("array")?.call1(("Q",))?;
-    let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_ne_bytes()).collect();
-    arr.call_method1("frombytes", (PyBytes::new(py, &bytes),))?;
-    Ok(arr)
+    static ARRAY: pyo3::sync::PyOnceLock<Py<PyAny>> = pyo3::sync::PyOnceLock::new();
+    let ty = ARRAY.get_or_try_init(py, || py.import("array")?.getattr("array").map(Bound::unbind))?;
+    let bytes = PyBytes::new_with(py, std::mem::size_of_val(v), |b| {
+        for (d, x) in b.chunks_exact_mut(8).zip(v) {
+            d.copy_from_slice(&x.to_ne_bytes());
+        }
+        Ok(())
+    })?;
+    ty.bind(py).call1(("Q", bytes))
 }
 
 #[pymethods]
@@ -868,7 +878,7 @@ impl PyKmemCache {
         let gfp = crate::args::u32_arg(gfp, "KmemCache.alloc_bulk", "gfp")?;
         let n = crate::args::usize_arg(n, "KmemCache.alloc_bulk", "n")?;
         let (m, c) = (self.m.clone(), self.c.clone());
-        let r = py.detach(move || {
+        let r = crate::gil::detach(py, move || {
             let mut v = Vec::new(); // sized by the core, which refuses absurd counts
             m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
         });
@@ -888,13 +898,13 @@ impl PyKmemCache {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let v = addresses(&self.m, objs)?;
         let (m, c) = (self.m.clone(), self.c.clone());
-        py.detach(move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
+        crate::gil::detach(py, move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
     }
     /// `kmem_cache_shrink`: give empty slabs back; returns pages freed.
     fn shrink(&self, py: Python<'_>) -> PyResult<u64> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let (m, c) = (self.m.clone(), self.c.clone());
-        py.detach(move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
+        crate::gil::detach(py, move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
     }
     /// `kmem_cache_destroy`. Refused (KmmError) while objects are allocated;
     /// the cache then stays usable.

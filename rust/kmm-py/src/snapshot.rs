@@ -22,7 +22,7 @@ impl PyMachine {
     /// page table, pages).
     fn page_owners<'py>(&self, py: Python<'py>) -> Bound<'py, pyo3::types::PyBytes> {
         let m = self.m.clone();
-        let v = py.detach(move || m.page_owners());
+        let v = crate::gil::detach(py, move || m.page_owners());
         pyo3::types::PyBytes::new(py, &v)
     }
 }

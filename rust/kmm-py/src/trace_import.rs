@@ -42,7 +42,7 @@ pub(crate) fn sniff_trace(head: &[u8]) -> (String, Option<String>) {
 #[pyfunction]
 #[pyo3(signature = (data, kallsyms=None, lenient=false))]
 pub(crate) fn parse_perf_data(py: Python<'_>, data: &[u8], kallsyms: Option<&[u8]>, lenient: bool) -> PyResult<PyTraceLog> {
-    let r = py.detach(|| -> Result<TraceLog, (String, Option<u64>, Option<u64>)> {
+    let r = crate::gil::detach(py, || -> Result<TraceLog, (String, Option<u64>, Option<u64>)> {
         let ks = match kallsyms {
             Some(k) => Some(Kallsyms::parse(k).map_err(|e| (e.message.clone(), None, Some(e.line)))?),
             None => None,
@@ -95,7 +95,7 @@ impl PyTraceParser {
     }
     /// Parse the complete lines of `data`; a partial last line waits for the next chunk.
     fn feed(&self, py: Python<'_>, data: &[u8]) -> PyResult<()> {
-        let r = py.detach(|| match self.inner.lock().as_mut() {
+        let r = crate::gil::detach(py, || match self.inner.lock().as_mut() {
             Some(p) => Ok(p.feed(data)),
             None => Err(()),
         });
@@ -108,7 +108,7 @@ impl PyTraceParser {
     /// Parse what is left and return the trace.
     fn finish(&self, py: Python<'_>) -> PyResult<PyTraceLog> {
         let p = self.inner.lock().take().ok_or_else(|| PyValueError::new_err("parser already finished"))?;
-        let log = py.detach(|| p.finish()).map_err(|e| parse_err(py, e))?;
+        let log = crate::gil::detach(py, || p.finish()).map_err(|e| parse_err(py, e))?;
         Ok(PyTraceLog { log: Arc::new(log) })
     }
     /// Bytes fed so far.
@@ -197,7 +197,7 @@ impl PyTraceLog {
     #[pyo3(signature = (other, ts_unit_ns=1))]
     fn first_difference(&self, py: Python<'_>, other: PyRef<'_, PyTraceLog>, ts_unit_ns: u64) -> Option<(usize, String)> {
         let (a, b) = (self.log.clone(), other.log.clone());
-        py.detach(move || perf_data::first_difference(&a, &b, ts_unit_ns))
+        crate::gil::detach(py, move || perf_data::first_difference(&a, &b, ts_unit_ns))
     }
     /// The violated invariants of the parsed trace (empty when sound).
     fn check(&self) -> Vec<String> {
@@ -207,7 +207,7 @@ impl PyTraceLog {
     #[pyo3(signature = (page_size=4096))]
     fn kmem_stat(&self, py: Python<'_>, page_size: u64) -> PyKmemStat {
         let log = self.log.clone();
-        PyKmemStat { st: py.detach(move || kmem_stat(&log, page_size)) }
+        PyKmemStat { st: crate::gil::detach(py, move || kmem_stat(&log, page_size)) }
     }
     /// Replay the trace on `machine` (GIL released); returns the report as a dict.
     #[pyo3(signature = (machine, sample_every=1000, free_at_end=false, bundle=None, time=true))]
@@ -223,7 +223,7 @@ impl PyTraceLog {
         let (log, m) = (self.log.clone(), machine.m.clone());
         let b = bundle.map(|b| b.bundle.clone());
         let o = ReplayOptions { sample_every, free_at_end, time, ..Default::default() };
-        let r = py.detach(move || replay_bundle(&log, &m, &o, b.as_deref())).map_err(to_py_err)?;
+        let r = crate::gil::detach(py, move || replay_bundle(&log, &m, &o, b.as_deref())).map_err(to_py_err)?;
         let d = PyDict::new(py);
         d.set_item("machine_notes", r.machine_notes.clone())?;
         d.set_item("warm", r.warm)?;

@@ -91,24 +91,29 @@ pub struct PyTraceHandle {
 #[pymethods]
 impl PyTraceHandle {
     /// Stop calling the callback. Returns False if it was already detached.
-    fn detach(&self) -> bool {
-        self.m.trace.detach(self.id)
+    fn detach(&self, py: Python<'_>) -> bool {
+        let r = self.m.trace.detach(self.id);
+        crate::gil::release_pending(py);
+        r
     }
     fn __enter__(slf: Py<Self>) -> Py<Self> {
         slf
     }
-    fn __exit__(&self, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> bool {
-        self.detach();
+    fn __exit__(&self, py: Python<'_>, _a: Py<PyAny>, _b: Py<PyAny>, _c: Py<PyAny>) -> bool {
+        self.detach(py);
         false
     }
 }
 
 pub(crate) fn attach(m: &Arc<Machine>, pattern: &str, callback: Py<PyAny>) -> PyResult<PyTraceHandle> {
     let mask = check_mask(pattern)?;
+    Python::attach(crate::gil::release_pending);
+    // Held: a sink list snapshot may be dropped without the GIL (gil.rs).
+    let callback = crate::gil::Held::new(callback);
     let sink = Arc::new(move |e: &Event| {
         Python::attach(|py| {
-            if let Err(err) = callback.call1(py, (PyEvent { ev: e.clone() },)) {
-                err.write_unraisable(py, Some(callback.bind(py)));
+            if let Err(err) = callback.get().call1(py, (PyEvent { ev: e.clone() },)) {
+                err.write_unraisable(py, Some(callback.get().bind(py)));
             }
         })
     });

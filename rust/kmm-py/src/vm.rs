@@ -130,7 +130,7 @@ impl PyMachine {
         let gfp = crate::args::u32_arg(gfp, "vmalloc", "gfp")?;
         let cs = caller(py);
         let m = self.m.clone();
-        let a = py.detach(|| m.vmalloc(size, gfp, &cs)).map_err(|e| oom(py, e))?;
+        let a = crate::gil::detach(py, || m.vmalloc(size, gfp, &cs)).map_err(|e| oom(py, e))?;
         Ok(PyBlock::for_area(&self.m, a, size as usize))
     }
     /// `vzalloc(size)`: zeroed vmalloc.
@@ -236,21 +236,21 @@ impl PyMachine {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let pfn = self.page_arg(page)?;
         let m = self.m.clone();
-        py.detach(|| m.kmap(pfn)).map(|v| v.0).map_err(to_py_err)
+        crate::gil::detach(py, || m.kmap(pfn)).map(|v| v.0).map_err(to_py_err)
     }
     /// `kunmap(page)`.
     fn kunmap(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<()> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let pfn = self.page_arg(page)?;
         let m = self.m.clone();
-        py.detach(|| m.kunmap(pfn)).map_err(to_py_err)
+        crate::gil::detach(py, || m.kunmap(pfn)).map_err(to_py_err)
     }
     /// `kmap_atomic(page)`: disables preemption until kunmap_atomic.
     fn kmap_atomic(&self, py: Python<'_>, page: &Bound<'_, PyAny>) -> PyResult<u64> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let pfn = self.page_arg(page)?;
         let m = self.m.clone();
-        py.detach(|| m.kmap_atomic(pfn)).map(|v| v.0).map_err(to_py_err)
+        crate::gil::detach(py, || m.kmap_atomic(pfn)).map(|v| v.0).map_err(to_py_err)
     }
     /// `kunmap_atomic(addr)`.
     fn kunmap_atomic(&self, addr: i128) -> PyResult<()> {
@@ -266,7 +266,7 @@ impl PyMachine {
         let pfn = self.page_arg(page)?;
         let m = self.m.clone();
         // Released: claiming the CPU may wait for a thread that needs the GIL.
-        let va = py.detach(|| m.kmap_local_page(pfn)).map_err(to_py_err)?;
+        let va = crate::gil::detach(py, || m.kmap_local_page(pfn)).map_err(to_py_err)?;
         Ok(PyBlock::for_kmap(&self.m, va.0, pfn.0))
     }
     /// `kunmap_local(block_or_addr)`.
