@@ -158,6 +158,30 @@ def test_slab_nomerge_machine_never_merges():
     assert b.name == "t_b" and b.alias is None and a.name == "t_a"
 
 
+@pytest.mark.parametrize("cmdline,merged", [
+    ("", True),  # CONFIG_SLAB_MERGE_DEFAULT=y
+    ("slab_nomerge", False),
+    ("slub_nomerge", False),  # the older spelling (__setup_param)
+    ("slab-nomerge=1", False),  # '-' as '_'; setup_slab_nomerge ignores the value
+    ("slab_nomerge slab_merge", True),  # the later one wins
+    ("slab_merge slub_nomerge", False),
+])
+def test_slab_nomerge_on_the_command_line(cmdline, merged):
+    # mm/slab_common.c: setup_slab_nomerge / setup_slab_merge.
+    m = kmm.Machine(memory="64M", cmdline=cmdline)
+    a = m.kmem_cache_create("t_a", 100)
+    b = m.kmem_cache_create("t_b", 100)
+    assert a.name == "t_a"
+    assert (b.name, b.alias) == (("t_a", "t_b") if merged else ("t_b", None))
+    assert m.sysfs_slab("t_a")["aliases"] == (1 if merged else 0)
+
+
+def test_the_command_line_overrides_the_slab_nomerge_argument():
+    m = kmm.Machine(memory="64M", slab_nomerge=True, cmdline="slab_merge")
+    m.kmem_cache_create("t_a", 100)
+    assert m.kmem_cache_create("t_b", 100).name == "t_a"
+
+
 def test_kmalloc_caches_take_no_aliases(m):
     # kmalloc-64 (and the other kmalloc caches) are unmergeable on the real
     # machine: its sysfs shows 0 aliases for every kmalloc cache.

@@ -42,6 +42,8 @@ pub const BOOT_PARAMS: &[(&str, &str, &str, &str)] = &[
     ("failslab", "", "mm/failslab.c", "fault injection for slab allocations: <interval>,<probability>,<space>,<times>"),
     ("fail_page_alloc", "", "mm/fail_page_alloc.c", "fault injection for page allocations: <interval>,<probability>,<space>,<times>"),
     ("kmemleak", "off", "mm/kmemleak.c", "on|off: track allocations for kmemleak scans"),
+    ("slab_nomerge", "", "mm/slab_common.c", "never merge a new cache into a compatible existing one (alias slub_nomerge; the Machine's slab_nomerge=True does the same)"),
+    ("slab_merge", "", "mm/slab_common.c", "merge compatible caches, the default (alias slub_merge); the later of slab_merge and slab_nomerge wins"),
 ];
 
 /// A fault attribute as `setup_fault_attr` reads it from the command line.
@@ -105,6 +107,8 @@ pub struct BootParams {
     pub failslab: Option<FaultAttrParam>,
     pub fail_page_alloc: Option<FaultAttrParam>,
     pub kmemleak: bool,
+    /// `slab_nomerge` (true) / `slab_merge` (false), the later one given.
+    pub slab_nomerge: Option<bool>,
     /// The parameters as given (normalised: one space between them).
     pub text: String,
 }
@@ -156,6 +160,8 @@ fn canonical(name: &str) -> String {
         "slab_min_order" => "slub_min_order".into(),
         "slab_max_order" => "slub_max_order".into(),
         "slab_min_objects" => "slub_min_objects".into(),
+        "slub_nomerge" => "slab_nomerge".into(),
+        "slub_merge" => "slab_merge".into(),
         _ => n,
     }
 }
@@ -276,6 +282,10 @@ impl BootParams {
                 "slub_min_objects" => p.slub_min_objects = Some(parse_uint(&name, need_value(&name, &v)?, 32767)? as u32),
                 "failslab" => p.failslab = Some(parse_fault_attr(&name, need_value(&name, &v)?)?),
                 "fail_page_alloc" => p.fail_page_alloc = Some(parse_fault_attr(&name, need_value(&name, &v)?)?),
+                // setup_slab_nomerge / setup_slab_merge (`__setup`): any
+                // value after the name is ignored, as the kernel ignores it.
+                "slab_nomerge" => p.slab_nomerge = Some(true),
+                "slab_merge" => p.slab_nomerge = Some(false),
                 _ => {
                     let known: Vec<&str> = BOOT_PARAMS.iter().map(|r| r.0).collect();
                     return Err(bad(format!(

@@ -62,6 +62,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use crate::arch::{Arch, ZoneKind, NR_PAGE_ORDERS};
 use crate::buddy::{MIGRATETYPE_NAMES, MIGRATE_TYPES};
 use crate::machine::Machine;
+use crate::{KmmError, Result};
 use crate::slab::geometry::*;
 use crate::slab::KmemCache;
 use crate::zone::{self, Zone, WMARK_HIGH, WMARK_LOW, WMARK_MIN, WMARK_PROMO};
@@ -260,10 +261,19 @@ impl Machine {
     /// pages (alloc_pages, large kmalloc, percpu, stacks), reserved, or in
     /// use since before a replayed trace began (a warm start's PG_warm pages).
     /// Read without locks: a snapshot that may straddle a concurrent call.
-    pub fn page_owners(&self) -> Vec<u8> {
+    ///
+    /// One byte per frame is 4 GiB for a 16 TiB machine: a host that cannot
+    /// allocate it gets `KmmError::Host`, not an abort.
+    pub fn page_owners(&self) -> Result<Vec<u8>> {
         use crate::page::{PG_BUDDY, PG_PCP, PG_RESERVED, PG_SLAB, PG_TABLE, PG_TAIL, PG_VMALLOC, PG_WARM};
         let n = self.nr_pages as usize;
-        let mut out = vec![6u8; n];
+        let mut out = Vec::new();
+        if out.try_reserve_exact(n).is_err() {
+            return Err(KmmError::Host(format!(
+                "page_owners: the host cannot allocate {n} bytes (one per page frame)"
+            )));
+        }
+        out.resize(n, 6u8);
         // Lazily-initialised free blocks (buddy.rs) are free, unwritten.
         let lazy = self.lazy_ranges();
         for &(lo, hi) in &lazy {
@@ -306,7 +316,7 @@ impl Machine {
             };
             pfn += 1;
         }
-        out
+        Ok(out)
     }
 
     // ---- snapshots ----------------------------------------------------------------

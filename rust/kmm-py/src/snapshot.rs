@@ -20,9 +20,11 @@ impl PyMachine {
     /// One byte per page frame: who holds it, as an index into
     /// `kmm.PAGE_OWNER_NAMES` (reserved, buddy free, pcp, slab, vmalloc,
     /// page table, pages).
-    fn page_owners<'py>(&self, py: Python<'py>) -> Bound<'py, pyo3::types::PyBytes> {
+    /// MemoryError when the host cannot hold one byte per frame.
+    fn page_owners<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, pyo3::types::PyBytes>> {
         let m = self.m.clone();
-        let v = crate::gil::detach(py, move || m.page_owners());
-        pyo3::types::PyBytes::new(py, &v)
+        let v = crate::gil::detach(py, move || m.page_owners())
+            .map_err(|e| pyo3::exceptions::PyMemoryError::new_err(e.to_string()))?;
+        Ok(pyo3::types::PyBytes::new(py, &v))
     }
 }

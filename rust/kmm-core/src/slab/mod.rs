@@ -161,7 +161,8 @@ impl Machine {
         if let Some(n) = b.slub_min_objects {
             t.min_objects = n;
         }
-        let mut r = SlabRegistry::new(t, cfg.slab_nomerge);
+        // The boot parameter, when given, decides; else the config's flag.
+        let mut r = SlabRegistry::new(t, b.slab_nomerge.unwrap_or(cfg.slab_nomerge));
         r.debug = b.slub_debug.clone().filter(|d| d.enabled());
         r
     }
