@@ -272,3 +272,24 @@ def test_slab_tunables_at_boot_wait_for_their_cache():
         "slub_min_order=1", {"slab.t_late.min_partial": "3"})
     with pytest.raises(ValueError, match="unknown sysctl"):
         kmm.settings.split("slab.t_late.order=3")
+
+
+def test_one_table_holds_every_setting():
+    # DESIGN.md §7: one table with kernel name, type, range, default and
+    # the kernel file, for both kinds of setting.
+    from kmm.settings import PARAMETERS
+
+    names = [p.name for p in PARAMETERS]
+    assert len(names) == len(set(names))
+    assert {p.name for p in PARAMETERS if p.kind == "boot"} == {n for n, *_ in kmm.BOOT_PARAMS}
+    assert {p.name for p in PARAMETERS if p.kind == "sysctl"} == {n for n, *_ in kmm.SYSCTLS}
+    for p in PARAMETERS:
+        assert p.type and p.range and p.default and p.meaning, p
+        assert p.file.startswith("mm/"), p
+    # Every boot parameter the table names is one the command line takes.
+    for p in PARAMETERS:
+        if p.kind == "boot" and p.type == "flag":
+            kmm.Machine(memory="16M", cmdline=p.name)
+    byname = {p.name: p for p in PARAMETERS}
+    assert byname["vm.watermark_scale_factor"].range == "1 .. 3000"
+    assert byname["slab_nomerge"].file == "mm/slab_common.c"
