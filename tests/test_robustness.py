@@ -823,3 +823,37 @@ def test_destroying_a_merged_cache_through_each_handle():
     a.destroy()
     assert a.destroyed
     m.check()
+
+
+def test_a_ctor_that_destroys_its_own_cache_is_refused():
+    # The ctor runs while its slab is being set up, on no list yet: letting
+    # kmem_cache_destroy through there would leave that slab (and the
+    # object being allocated) in a dead cache.
+    m = kmm.Machine(memory="64M", cpus=1)
+    box: dict = {}
+    errors: list[str] = []
+
+    def ctor(block) -> None:
+        try:
+            box["cache"].destroy()
+        except kmm.KmmError as e:
+            errors.append(str(e))
+
+    def slab_kb() -> int:
+        line = next(x for x in m.proc.meminfo().splitlines() if x.startswith("Slab:"))
+        return int(line.split()[1])
+
+    before = slab_kb()
+    c = m.kmem_cache_create("t_selfdestroy", 80, ctor=ctor)
+    box["cache"] = c
+    obj = c.alloc()
+    assert len(errors) == c.objs_per_slab  # every ctor call was refused
+    assert "t_selfdestroy: a slab of the cache is being set up" in errors[0]
+    assert not c.destroyed
+    assert c.objects_in_use() == 1
+    c.free(obj)
+    m.check()
+    c.destroy()  # outside the ctor it goes through
+    assert c.destroyed
+    assert slab_kb() == before
+    m.check()

@@ -46,7 +46,8 @@
 //! - slub-5: an isolated (frozen) debug slab is full and on no list.
 //!
 //! Lock order: per-CPU lock -> node `list_lock` -> zone lock (through the
-//! page allocator). `ctor` callbacks run with no lock held. The per-CPU
+//! page allocator). `ctor` callbacks run with no lock held, while the
+//! cache counts the slab as `setting_up` (a destroy is refused then). The per-CPU
 //! lock and `list_lock` come through `crate::sync`: `tests/loom.rs` runs
 //! this code's remote free (`__slab_free` into another CPU's frozen slab,
 //! racing that CPU's fast path and refill) under loom.
@@ -203,6 +204,11 @@ pub struct KmemCache {
     /// `refcount`: 1 + aliases merged into this cache.
     pub refcount: AtomicU32,
     pub dead: AtomicBool,
+    /// Slabs between `new_slab`'s page allocation and their linking into
+    /// the node (ctors run then, with no lock held): `kmem_cache_destroy`
+    /// refuses while any is (a ctor destroying its own cache would
+    /// otherwise leave that slab in a dead cache).
+    pub(crate) setting_up: AtomicU32,
     /// Names of the caches merged into this one.
     pub aliases: Mutex<Vec<String>>,
     /// `s->object_size` as raised by merges (`__kmem_cache_alias`).
@@ -259,6 +265,7 @@ impl KmemCache {
             node: ListLock::new(Node { partial_head: NIL, partial_tail: NIL, ..Node::default() }),
             refcount: AtomicU32::new(1),
             dead: AtomicBool::new(false),
+            setting_up: AtomicU32::new(0),
             aliases: Mutex::new(Vec::new()),
             object_size: AtomicU32::new(geo.object_size),
             min_partial: AtomicU64::new(geo.min_partial as u64),
@@ -705,6 +712,14 @@ impl KmemCache {
     /// `allocate_slab` + `new_slab`: pages from the buddy allocator, objects
     /// set up (ctor), freelist in address order. Returns (id, pfn, freelist).
     fn new_slab(&self, m: &Machine, gfp: Gfp, list: SlabList) -> Result<(u32, u64, u64)> {
+        struct SettingUp<'a>(&'a AtomicU32);
+        impl Drop for SettingUp<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Relaxed);
+            }
+        }
+        self.setting_up.fetch_add(1, Relaxed);
+        let _setting_up = SettingUp(&self.setting_up);
         let flags = (gfp & (gfp::GFP_RECLAIM_MASK | gfp::__GFP_HARDWALL | gfp::__GFP_THISNODE)) | self.allocflags;
         let mut alloc_gfp = (flags | gfp::__GFP_NOWARN | gfp::__GFP_NORETRY) & !gfp::__GFP_NOFAIL;
         let (mut order, mut objects) = (self.geo.order, self.geo.objects);

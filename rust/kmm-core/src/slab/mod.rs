@@ -644,6 +644,16 @@ impl Machine {
         // Live objects refuse the destroy before anything else moves (the
         // kernel shrinks first, then complains; a refused call here
         // changes nothing).
+        if c.setting_up.load(Relaxed) > 0 {
+            // A slab of this cache is being set up: its ctor is running
+            // (here, on this thread, if the ctor destroys its own cache).
+            // The kernel would free the cache under the allocation (a use
+            // after free); kmm refuses and changes nothing.
+            return Err(KmmError::Busy(format!(
+                "kmem_cache_destroy {}: a slab of the cache is being set up (called from the cache's constructor?)",
+                c.name
+            )));
+        }
         let inuse = c.objects_in_use(self);
         if inuse > 0 {
             // free_partial -> list_slab_objects: the report (into the log).
