@@ -176,3 +176,45 @@ def test_a_slab_constructor_is_released_with_its_machine():
     t.join()
     kmm.Machine(memory="16M", cpus=1)  # a release point
     assert ref() is None
+
+
+def test_a_callback_released_into_code_that_calls_kmm_does_not_deadlock():
+    # Releasing a callback can run its __del__, which may attach or detach
+    # callbacks itself: kmm drops sink lists outside its registry lock and
+    # outside allocator locks. (This deadlocked on the registry lock.) In a
+    # subprocess, so that a regression fails by timeout instead of hanging.
+    code = """
+import gc, threading, kmm
+m = kmm.Machine(memory="64M", cpus=2)
+
+class CB:
+    def __init__(self, n):
+        self.n = n
+    def __call__(self, e):
+        pass
+    def __del__(self):
+        h = m.trace.attach("kmem:kfree", CB(self.n + 1) if self.n < 3 else (lambda e: None))
+        m.kfree(m.kmalloc(8))
+        h.detach()
+
+for i in range(5):
+    h = m.trace.attach("kmem:kmalloc", CB(0))
+    ev = threading.Event()
+    def work():
+        m.kfree(m.kmalloc(32))
+        ev.wait()
+    t = threading.Thread(target=work)
+    t.start()
+    m.kfree(m.kmalloc(64))
+    h.detach()
+    del h
+    ev.set()
+    t.join()
+    m.kfree(m.kmalloc(16))
+    gc.collect()
+m.check()
+print("ok")
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ok\n"

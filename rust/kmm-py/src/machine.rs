@@ -569,6 +569,7 @@ impl PyMachine {
     /// `kmem_cache_create(name, size, align=0, flags=0, ctor=None)`. The ctor
     /// is called with each object's Block when a new slab is set up.
     #[pyo3(signature = (name, size, align=0, flags=0, ctor=None, freeptr_offset=None))]
+    #[allow(clippy::too_many_arguments)]
     fn kmem_cache_create(
         &self,
         py: Python<'_>,

@@ -36,6 +36,10 @@
 //! holding allocator locks (a slab discard frees pages under the node
 //! `list_lock`) run inside `Tracing::defer`: their events are queued on the
 //! thread and delivered, in order, when the outermost deferral ends.
+//! Dropping a sink can run foreign code (a Python callback's `__del__`,
+//! which may attach, detach or allocate): sink lists are dropped outside
+//! `sinks`, and a list a thread's cache lets go of during a deferral is
+//! kept (`STALE`) until the outermost deferral ends.
 #![forbid(unsafe_code)]
 
 use std::cell::{Cell, RefCell};
@@ -622,6 +626,30 @@ thread_local! {
     static DEFER: Cell<u32> = const { Cell::new(0) };
     /// Events waiting for the deferral to end, with the sinks that take them.
     static PENDING: RefCell<Vec<(Vec<LiveSink>, Event)>> = const { RefCell::new(Vec::new()) };
+    /// Sink lists this thread's cache let go of while it may have held
+    /// allocator locks (an `emit` under a deferral): dropped where no lock
+    /// is held (`release_stale`). Dropping a sink can run foreign code (a
+    /// Python callback's `__del__`, which may call back into the machine).
+    static STALE: RefCell<Vec<Arc<[Attached]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Keep `old` until this thread is outside every allocator lock.
+fn retire(old: Arc<[Attached]>) {
+    let mut old = Some(old);
+    let _ = STALE.try_with(|s| {
+        if let Ok(mut s) = s.try_borrow_mut() {
+            s.extend(old.take());
+        }
+    });
+    drop(old); // the thread is exiting (STALE destroyed): no lock is held
+}
+
+/// Drop the sink lists `retire` kept: at the end of a deferral and on an
+/// `emit` outside any deferral (by convention, no allocator lock is held
+/// at either; see `Tracing::defer`).
+fn release_stale() {
+    let v = STALE.try_with(|s| s.try_borrow_mut().map(|mut s| std::mem::take(&mut *s)).unwrap_or_default());
+    drop(v);
 }
 
 /// While alive, events emitted on this thread are queued (see `Tracing::defer`).
@@ -646,6 +674,7 @@ impl Drop for Deferral {
                     }
                 }
             }
+            release_stale();
         }
     }
 }
@@ -727,9 +756,13 @@ impl Tracing {
             }
             let s = self.sinks.read().clone();
             if let Ok(mut cache) = c.try_borrow_mut() {
-                cache.retain(|e| e.0 != self.id);
+                // The replaced lists are retired, not dropped: this may run
+                // under allocator locks.
+                while let Some(i) = cache.iter().position(|e| e.0 == self.id) {
+                    retire(cache.remove(i).2);
+                }
                 if cache.len() >= 16 {
-                    cache.remove(0); // registries this thread used long ago
+                    retire(cache.remove(0).2); // registries this thread used long ago
                 }
                 cache.push((self.id, gen, s.clone()));
             }
@@ -768,6 +801,7 @@ impl Tracing {
             PENDING.with(|p| p.borrow_mut().push((sinks, ev)));
             return;
         }
+        release_stale();
         self.current_sinks(|v| {
             for a in v.iter().filter(|a| a.mask & bit != 0) {
                 if a.alive.load(Relaxed) {
@@ -804,8 +838,10 @@ impl Tracing {
         let mut all: Vec<Attached> = v.iter().map(Attached::share).collect();
         all.push(Attached { id, mask, sink, alive: Arc::new(std::sync::atomic::AtomicBool::new(true)) });
         self.enabled.store(all.iter().fold(0, |m, a| m | a.mask), Relaxed);
-        *v = Arc::from(all);
+        let old = std::mem::replace(&mut *v, Arc::from(all));
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
+        drop(v);
+        drop(old); // outside the lock: dropping a sink may run code that attaches
         id
     }
 
@@ -819,10 +855,12 @@ impl Tracing {
         let all: Vec<Attached> = v.iter().filter(|a| a.id != handle).map(Attached::share).collect();
         let changed = all.len() != before;
         self.enabled.store(all.iter().fold(0, |m, a| m | a.mask), Relaxed);
-        *v = Arc::from(all);
+        let old = std::mem::replace(&mut *v, Arc::from(all));
         self.generation.fetch_add(1, std::sync::atomic::Ordering::Release);
         drop(v);
+        drop(old); // outside the lock: dropping a sink may run code that attaches
         self.forget_cached_sinks();
+        release_stale();
         changed
     }
 
@@ -830,11 +868,17 @@ impl Tracing {
     /// detached sink (and what it holds, e.g. the machine) is not kept
     /// alive by the cache. Other threads' caches refresh on their next emit.
     fn forget_cached_sinks(&self) {
-        SINK_CACHE.with(|c| {
-            if let Ok(mut c) = c.try_borrow_mut() {
-                c.retain(|e| e.0 != self.id);
+        // Taken out first, dropped after the borrow ends (a dropped sink
+        // may emit, and emit reads this cache).
+        let gone: Vec<CachedSinks> = SINK_CACHE.with(|c| match c.try_borrow_mut() {
+            Ok(mut c) => {
+                let (gone, keep) = std::mem::take(&mut *c).into_iter().partition(|e| e.0 == self.id);
+                *c = keep;
+                gone
             }
+            Err(_) => Vec::new(),
         });
+        drop(gone);
     }
 }
 
