@@ -625,8 +625,7 @@ impl PyMachine {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let gfp = crate::args::u32_arg(gfp, "kmem_cache_alloc_bulk", "gfp")?;
         let n = crate::args::usize_arg(n, "kmem_cache_alloc_bulk", "n")?;
-        let c = self.own_cache(cache)?.c.clone();
-        let m = self.m.clone();
+        let (m, c) = (&self.m, &self.own_cache(cache)?.c); // borrowed: no shared refcount traffic
         let r = crate::gil::detach(py, move || {
             let mut v = Vec::new(); // sized by the core, which refuses absurd counts
             m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
@@ -640,16 +639,14 @@ impl PyMachine {
     fn kmem_cache_free_bulk(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>, objs: &Bound<'_, PyAny>) -> PyResult<()> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let v = addresses(&self.m, objs)?;
-        let c = self.own_cache(cache)?.c.clone();
-        let m = self.m.clone();
-        crate::gil::detach(py, move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
+        let (m, c) = (&self.m, &self.own_cache(cache)?.c); // borrowed: no shared refcount traffic
+        crate::gil::detach(py, move || m.kmem_cache_free_bulk(c, &v)).map_err(to_py_err)
     }
     /// `kmem_cache_shrink(cache)`: pages given back.
     fn kmem_cache_shrink(&self, py: Python<'_>, cache: &Bound<'_, PyKmemCache>) -> PyResult<u64> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
-        let c = self.own_cache(cache)?.c.clone();
-        let m = self.m.clone();
-        crate::gil::detach(py, move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
+        let (m, c) = (&self.m, &self.own_cache(cache)?.c);
+        crate::gil::detach(py, move || m.kmem_cache_shrink(c)).map_err(to_py_err)
     }
     /// `kmem_cache_destroy(cache)`.
     fn kmem_cache_destroy(&self, cache: &Bound<'_, PyKmemCache>) -> PyResult<()> {

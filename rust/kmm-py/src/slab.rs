@@ -877,7 +877,7 @@ impl PyKmemCache {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let gfp = crate::args::u32_arg(gfp, "KmemCache.alloc_bulk", "gfp")?;
         let n = crate::args::usize_arg(n, "KmemCache.alloc_bulk", "n")?;
-        let (m, c) = (self.m.clone(), self.c.clone());
+        let (m, c) = (&self.m, &self.c); // borrowed: no shared refcount traffic
         let r = crate::gil::detach(py, move || {
             let mut v = Vec::new(); // sized by the core, which refuses absurd counts
             m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
@@ -897,13 +897,13 @@ impl PyKmemCache {
         self.live("kmem_cache_free_bulk")?;
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let v = addresses(&self.m, objs)?;
-        let (m, c) = (self.m.clone(), self.c.clone());
+        let (m, c) = (&self.m, &self.c); // borrowed: no shared refcount traffic
         crate::gil::detach(py, move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
     }
     /// `kmem_cache_shrink`: give empty slabs back; returns pages freed.
     fn shrink(&self, py: Python<'_>) -> PyResult<u64> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
-        let (m, c) = (self.m.clone(), self.c.clone());
+        let (m, c) = (&self.m, &self.c); // borrowed: no shared refcount traffic
         crate::gil::detach(py, move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
     }
     /// `kmem_cache_destroy`. Refused (KmmError) while objects are allocated;
