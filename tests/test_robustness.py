@@ -857,3 +857,34 @@ def test_a_ctor_that_destroys_its_own_cache_is_refused():
     assert c.destroyed
     assert slab_kb() == before
     m.check()
+
+
+def test_the_first_kmm_error_raised_at_the_recursion_limit_is_an_exception():
+    # PyO3 imported each of kmm's exception classes the first time one was
+    # raised, and panicked when that import failed: at the recursion limit
+    # (say, a trace callback that allocates, so that its own events call it
+    # again) the first OutOfMemoryError aborted the interpreter. The
+    # classes are now resolved when the module loads. In a subprocess: the
+    # bug was an abort.
+    code = """
+import kmm
+m = kmm.Machine(memory="64M", cpus=1)
+caught = []
+def deep(n):
+    try:
+        deep(n + 1)
+    except RecursionError:
+        pass
+    if not caught:  # unwinding from the deepest frame: the first kmm error of the process
+        try:
+            m.kmalloc(1 << 40)
+        except kmm.OutOfMemoryError:
+            caught.append(n)
+        except RecursionError:
+            pass
+deep(0)
+print("ok", bool(caught))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout == "ok True\n"

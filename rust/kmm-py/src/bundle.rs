@@ -13,7 +13,7 @@ use pyo3::types::{PyDict, PyList};
 
 use crate::trace_import::PyTraceLog;
 
-pyo3::import_exception!(kmm.errors, TraceFormatError);
+use crate::errors::TraceFormatError;
 
 fn proc_err(py: Python<'_>, what: &str, e: ProcError) -> PyErr {
     let err = TraceFormatError::new_err(format!("{what}: {e}"));

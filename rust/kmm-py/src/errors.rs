@@ -4,6 +4,7 @@ use kmm_core::error::KasanBug;
 use kmm_core::KmmError;
 use pyo3::exceptions::{PyBufferError, PyOSError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::type_object::PyTypeInfo;
 
 pyo3::import_exception!(kmm.errors, OutOfMemoryError);
 pyo3::import_exception!(kmm.errors, InvalidFreeError);
@@ -21,6 +22,35 @@ pyo3::import_exception!(kmm.errors, KasanIndexError);
 /// The base class, for errors with no more specific class.
 mod base {
     pyo3::import_exception!(kmm.errors, KmmError);
+}
+
+pyo3::import_exception!(kmm.errors, TraceFormatError);
+
+/// Resolve every imported exception class now, at module init. PyO3 imports
+/// each lazily, the first time one is raised, and panics if that import
+/// fails; raised deep in a recursion (a trace callback that allocates, so
+/// its events call it again), the import met RecursionError and the panic
+/// aborted the interpreter. Once resolved, the classes are cached.
+pub(crate) fn resolve_classes(py: Python<'_>) -> PyResult<()> {
+    py.import("kmm.errors")?; // a clean ImportError, not a panic, if it is missing
+    let _ = (
+        OutOfMemoryError::type_object(py),
+        InvalidFreeError::type_object(py),
+        DoubleFreeError::type_object(py),
+        UseAfterFreeError::type_object(py),
+        SleepInAtomicError::type_object(py),
+        BadGfpError::type_object(py),
+        PageFaultError::type_object(py),
+        MemoryCorruptionError::type_object(py),
+        KasanError::type_object(py),
+        KasanUseAfterFreeError::type_object(py),
+        KasanDoubleFreeError::type_object(py),
+        KasanInvalidFreeError::type_object(py),
+        KasanIndexError::type_object(py),
+        base::KmmError::type_object(py),
+        TraceFormatError::type_object(py),
+    );
+    Ok(())
 }
 
 /// Map a core error to its Python exception (the class picked by the error's code).

@@ -29,6 +29,7 @@ pub(crate) use errors::to_py_err;
 /// The compiled core of kmm.
 #[pymodule(gil_used = false)]
 fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    errors::resolve_classes(m.py())?;
     kmm_core::cpu::set_wait_hook(cpu::wait_hook);
     kmm_core::stackdepot::set_stack_hook(debugging::stack_hook);
     kmm_core::kasan::set_stack_hook(kasan::stack_hook);

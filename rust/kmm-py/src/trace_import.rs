@@ -17,7 +17,7 @@ use pyo3::types::PyDict;
 use crate::machine::PyMachine;
 use crate::to_py_err;
 
-pyo3::import_exception!(kmm.errors, TraceFormatError);
+use crate::errors::TraceFormatError;
 
 fn parse_err(py: Python<'_>, e: ParseError) -> PyErr {
     let err = TraceFormatError::new_err(e.to_string());
