@@ -16,7 +16,13 @@
 //! the reference at once when the thread is attached (`attached`); on any
 //! other thread it queues the pointer, and the queue is emptied with the GIL
 //! by `release_pending`, called where callbacks come and go: `Machine(...)`,
-//! `kmem_cache_create`, `trace.attach` and `TraceHandle.detach`.
+//! `kmem_cache_create`, `trace.attach` and `TraceHandle.detach`. Releasing
+//! at once may run the object's `__del__`, which may call kmm again: the
+//! core drops sink lists only outside its locks (`trace/mod.rs`). Other
+//! Python objects kmm-py keeps are never dropped off the GIL: KASAN's saved
+//! stacks sit in a depot that is never emptied (`kasan.rs`), the frame-name
+//! cache releases its code objects only with the GIL (`debugging.rs`), and
+//! `PyOnceLock` statics live for the process.
 //!
 //! Every GIL release in kmm-py goes through `detach` here, which marks the
 //! thread (`DETACHED`): a Python thread inside one of kmm's detached calls
