@@ -809,3 +809,56 @@ def test_end_state_and_trajectory_arithmetic_with_a_hand_made_bundle(tmp_path):
     text = report.format()
     assert "distance 0.091" in text and "distance inf" in text
     assert "Trajectory: kmm against 2 samples of samples.txt (1.500 .. 3.000 s)" in text
+
+
+def test_a_recording_of_a_machine_over_256_gib_is_shaped_and_warmed(tmp_path, head_lines):
+    # warm2's zones plus 240 GiB of free max-order blocks in Normal (every
+    # /proc file that counts them says so), so the span passes 256 GiB, the
+    # old limit: the machine is shaped like the recording and warmed with
+    # every recorded free block, not sized from the trace and cold.
+    n = 240 << 8  # order-10 blocks: 4 MiB each
+    x = n << 10  # pages
+    zone = re.compile(r"Node 0, zone   Normal\n.*?(?=\nNode|\Z)", re.S)
+
+    def zoneinfo(t: str) -> str:
+        def grow(m: re.Match) -> str:
+            blk = m.group(0)
+            for key in ("pages free", "spanned", "present", "managed", "nr_free_pages", "nr_free_pages_blocks"):
+                blk = re.sub(rf"(\n\s+{key}\s+)(\d+)", lambda v: v.group(1) + str(int(v.group(2)) + x), blk, count=1)
+            return blk
+        return zone.sub(grow, t, count=1)
+
+    def buddyinfo(t: str) -> str:
+        return re.sub(r"(zone\s+Normal(?:\s+\d+){10}\s+)(\d+)", lambda v: v.group(1) + str(int(v.group(2)) + n), t)
+
+    def pagetypeinfo(t: str) -> str:
+        t = re.sub(r"(zone\s+Normal, type\s+Movable(?:\s+\d+){10}\s+)(\d+)", lambda v: v.group(1) + str(int(v.group(2)) + n), t)
+        return re.sub(r"(Node 0, zone\s+Normal\s+\d+\s+)(\d+)", lambda v: v.group(1) + str(int(v.group(2)) + 2 * n), t)
+
+    def meminfo(t: str) -> str:
+        for key in ("MemTotal", "MemFree", "MemAvailable"):
+            t = re.sub(rf"({key}:\s+)(\d+)", lambda v: v.group(1) + str(int(v.group(2)) + x * 4), t)
+        return t
+
+    edit = {}
+    for ph in ("start", "end"):
+        edit.update({f"{ph}.zoneinfo.txt": zoneinfo, f"{ph}.buddyinfo.txt": buddyinfo,
+                     f"{ph}.pagetypeinfo.txt": pagetypeinfo, f"{ph}.meminfo.txt": meminfo})
+    d = small_bundle(tmp_path / "big", head_lines, edit=edit)
+    recorded = (d / "start.buddyinfo.txt").read_text()
+    z = re.search(r"Node 0, zone   Normal\n.*?spanned\s+(\d+).*?start_pfn:\s+(\d+)", (d / "start.zoneinfo.txt").read_text(), re.S)
+    normal_span, normal_start = int(z.group(1)), int(z.group(2))
+    assert (normal_start + normal_span) << 12 > 256 << 30  # past the old limit
+
+    rec = kmm.trace.load(d)
+    m = rec.machine()
+    assert not rec.machine_info["warnings"], rec.machine_info["warnings"]
+    assert any(s.startswith("shaped like the recording") for s in rec.machine_info["notes"])
+    assert m.warm_start is not None
+    normal = next(z for z in m.zones if z.name == "Normal")
+    assert normal.spanned == normal_span
+    # The free lists are the recorded ones, order by order.
+    assert m.proc.buddyinfo().split() == recorded.split()
+    r = kmm.trace.replay(rec, m)
+    assert r.events == len(rec) and r.warm
+    assert m.check() == []

@@ -36,6 +36,11 @@
 //! migratetype of their traced slab pages, else by name (the reclaimable
 //! caches of Linux 6.18, `RECLAIMABLE_CACHES`).
 //!
+//! SIMPLIFICATION: recorded zones that span more than 1 TiB
+//! (`MAX_RECORDED_PAGES`) are not used: the warm start costs host memory in
+//! proportion to the recorded free blocks, so such a recording is replayed
+//! cold on a machine sized from the trace.
+//!
 //! # Invariants
 //! - shape-1: a shaped machine has every zone start.zoneinfo lists with its
 //!   spanned/present/managed counts.
@@ -73,9 +78,15 @@ pub const RECLAIMABLE_CACHES: &[&str] = &[
 /// The most CPUs a machine built for a trace gets (`Machine::new`'s limit).
 pub const MAX_CPUS: u32 = 1024;
 
-/// The most page frames a recorded layout may span (256 GiB of 4 KiB pages):
-/// every frame outside the managed runs gets its struct page written at boot.
-pub const MAX_RECORDED_PAGES: u64 = 64 << 20;
+/// The most page frames a recorded layout may span (1 TiB of 4 KiB pages).
+/// The warm start reads every frame of the span and adds each recorded free
+/// block to the free lists one by one, writing its head's struct page: about
+/// one host page per free max-order block, 1.6 GiB of host memory and ~7 s
+/// for a recording of a mostly idle 1 TiB machine (benches/README.md, "Big
+/// recordings"). SIMPLIFICATION: beyond that, a recording is replayed cold
+/// (sized from the trace); the boot's lazy free range (buddy.rs) is not used
+/// for recorded free blocks.
+pub const MAX_RECORDED_PAGES: u64 = 256 << 20;
 
 /// A machine configuration shaped for a trace, and how it was shaped.
 #[derive(Clone, Debug)]
