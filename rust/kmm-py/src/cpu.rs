@@ -16,6 +16,13 @@ use crate::to_py_err;
 /// caller that gives up: see `errors::to_py_err`).
 pub(crate) fn wait_hook(poll: &mut (dyn FnMut() -> bool + Send)) -> bool {
     use std::time::{Duration, Instant};
+    if crate::gil::exiting() {
+        // Interpreter exit: wait without Python (no Ctrl-C check; gil.rs).
+        while !poll() {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        return true;
+    }
     Python::attach(|py| {
         let mut waited = Duration::ZERO;
         loop {

@@ -87,6 +87,9 @@ fn python_stack(py: Python<'_>) -> PyResult<Frames> {
 /// The core's stack hook: the calling thread's Python stack, innermost
 /// frame first (empty when the thread runs no Python code).
 pub(crate) fn stack_hook() -> Frames {
+    if crate::gil::exiting() {
+        return Arc::from(Vec::new()); // interpreter exit: no Python from inside kmm (gil.rs)
+    }
     Python::attach(|py| python_stack(py).unwrap_or_else(|_| Arc::from(Vec::new())))
 }
 

@@ -1,4 +1,5 @@
-//! Python references that the core may drop on a thread without the GIL.
+//! Python references that the core may drop on a thread without the GIL,
+//! and Python callbacks from kmm at interpreter exit.
 //!
 //! kmm builds PyO3 without its global reference pool
 //! (`--cfg pyo3_disable_reference_pool`, set in `.cargo/config.toml`): with
@@ -30,13 +31,18 @@
 //! does not hold the GIL when PyGILState_Check is disabled (it then always
 //! answers yes: subinterpreters, bpo-26558).
 //!
+//! Interpreter exit (`_quiesce`, an `atexit` handler): from then on kmm
+//! calls no Python callback and its hooks do not attach to Python, so a
+//! daemon thread that CPython ends at finalization is never inside kmm's
+//! frames running Python.
+//!
 //! Any `Py<T>` dropped detached that this audit missed is leaked, not a
 //! crash: the build also sets `pyo3_leak_on_drop_without_reference_pool`.
 //! Without those flags (a build with its own `RUSTFLAGS`) PyO3's pool is
 //! back and everything here still holds.
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 use pyo3::prelude::*;
@@ -143,3 +149,55 @@ pub(crate) fn release_pending(py: Python<'_>) {
     }
 }
 
+
+// ---- interpreter exit ----------------------------------------------------------------
+
+/// Set by `quiesce` (an `atexit` handler): Python is about to finalize.
+static FINALIZING: AtomicBool = AtomicBool::new(false);
+/// Python callbacks (trace callbacks, ctors) running, called from kmm.
+static IN_CALLBACK: AtomicUsize = AtomicUsize::new(0);
+
+/// Has interpreter exit begun (`quiesce` ran)? Hooks that would attach to
+/// Python from inside kmm (stack capture, the wait hook) check this first.
+pub(crate) fn exiting() -> bool {
+    FINALIZING.load(Ordering::Acquire)
+}
+
+/// Counts a Python callback kmm is running; see `quiesce`.
+pub(crate) struct InCallback(());
+
+impl Drop for InCallback {
+    fn drop(&mut self) {
+        IN_CALLBACK.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Enter a Python callback from kmm, or None once exit has begun (the
+/// callback is then skipped). Called with the GIL held, so that `quiesce`,
+/// which sets the flag with the GIL held, sees every callback that began.
+pub(crate) fn enter_callback(_py: Python<'_>) -> Option<InCallback> {
+    if exiting() {
+        return None;
+    }
+    IN_CALLBACK.fetch_add(1, Ordering::AcqRel);
+    Some(InCallback(()))
+}
+
+/// `atexit` handler (registered by `kmm/__init__.py`): stop calling Python
+/// callbacks from kmm, and wait (GIL released, at most one second) for the
+/// ones running to return.
+///
+/// CPython 3.11-3.13 ends a daemon thread that wants the GIL once
+/// finalization has begun with `pthread_exit`. If that thread was running a
+/// Python callback that kmm called, the forced unwind crossed kmm's and
+/// PyO3's frames and the process aborted at exit ("FATAL: exception not
+/// rethrown"). After this handler no thread runs Python from inside kmm, so
+/// daemon threads end in their own Python code, as any daemon thread does.
+#[pyfunction]
+pub(crate) fn _quiesce(py: Python<'_>) {
+    FINALIZING.store(true, Ordering::Release);
+    let t0 = std::time::Instant::now();
+    while IN_CALLBACK.load(Ordering::Acquire) > 0 && t0.elapsed() < std::time::Duration::from_secs(1) {
+        detach(py, || std::thread::sleep(std::time::Duration::from_millis(1)));
+    }
+}

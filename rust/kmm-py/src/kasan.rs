@@ -60,6 +60,9 @@ fn depot() -> &'static Mutex<HashMap<Key, Arc<PyStack>>> {
 
 /// The calling thread's Python stack (None when it has no Python frame).
 pub(crate) fn stack_hook() -> Option<Arc<dyn Stack>> {
+    if crate::gil::exiting() {
+        return None; // interpreter exit: no Python from inside kmm (gil.rs)
+    }
     Python::attach(|py| save(py).ok().flatten())
 }
 

@@ -56,6 +56,7 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<machine::PyTrace>()?;
     m.add_class::<fault::PyFaultAttr>()?;
     m.add_class::<vm::PyThreadStack>()?;
+    m.add_function(wrap_pyfunction!(gil::_quiesce, m)?)?;
     m.add_function(wrap_pyfunction!(gfp_format, m)?)?;
     m.add_function(wrap_pyfunction!(gfp_parse, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;

@@ -592,7 +592,11 @@ impl PyMachine {
             let m = Arc::downgrade(&self.m);
             let f: kmm_core::slab::Ctor = Arc::new(move |va: VirtAddr| {
                 let Some(m) = m.upgrade() else { return };
+                if crate::gil::exiting() {
+                    return; // interpreter exit: no Python from inside kmm (gil.rs)
+                }
                 Python::attach(|py| {
+                    let Some(_running) = crate::gil::enter_callback(py) else { return };
                     let blk = match Py::new(py, PyBlock::for_ctor(&m, va.0, size as usize)) {
                         Ok(b) => b,
                         Err(e) => return e.write_unraisable(py, Some(c.get().bind(py))),
@@ -628,7 +632,7 @@ impl PyMachine {
         let (m, c) = (&self.m, &self.own_cache(cache)?.c); // borrowed: no shared refcount traffic
         let r = crate::gil::detach(py, move || {
             let mut v = Vec::new(); // sized by the core, which refuses absurd counts
-            m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
+            m.kmem_cache_alloc_bulk(c, gfp, n, &mut v).map(|_| v)
         });
         match r {
             Ok(v) => to_array(py, &v),

@@ -880,7 +880,7 @@ impl PyKmemCache {
         let (m, c) = (&self.m, &self.c); // borrowed: no shared refcount traffic
         let r = crate::gil::detach(py, move || {
             let mut v = Vec::new(); // sized by the core, which refuses absurd counts
-            m.kmem_cache_alloc_bulk(&c, gfp, n, &mut v).map(|_| v)
+            m.kmem_cache_alloc_bulk(c, gfp, n, &mut v).map(|_| v)
         });
         match r {
             Ok(v) => to_array(py, &v),
@@ -898,13 +898,13 @@ impl PyKmemCache {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let v = addresses(&self.m, objs)?;
         let (m, c) = (&self.m, &self.c); // borrowed: no shared refcount traffic
-        crate::gil::detach(py, move || m.kmem_cache_free_bulk(&c, &v)).map_err(to_py_err)
+        crate::gil::detach(py, move || m.kmem_cache_free_bulk(c, &v)).map_err(to_py_err)
     }
     /// `kmem_cache_shrink`: give empty slabs back; returns pages freed.
     fn shrink(&self, py: Python<'_>) -> PyResult<u64> {
         let _d = self.m.trace.defer(); // Python trace callbacks run once the call is done
         let (m, c) = (&self.m, &self.c); // borrowed: no shared refcount traffic
-        crate::gil::detach(py, move || m.kmem_cache_shrink(&c)).map_err(to_py_err)
+        crate::gil::detach(py, move || m.kmem_cache_shrink(c)).map_err(to_py_err)
     }
     /// `kmem_cache_destroy`. Refused (KmmError) while objects are allocated;
     /// the cache then stays usable.

@@ -111,7 +111,11 @@ pub(crate) fn attach(m: &Arc<Machine>, pattern: &str, callback: Py<PyAny>) -> Py
     // Held: a sink list snapshot may be dropped without the GIL (gil.rs).
     let callback = crate::gil::Held::new(callback);
     let sink = Arc::new(move |e: &Event| {
+        if crate::gil::exiting() {
+            return; // interpreter exit: no Python from inside kmm (gil.rs)
+        }
         Python::attach(|py| {
+            let Some(_running) = crate::gil::enter_callback(py) else { return };
             if let Err(err) = callback.get().call1(py, (PyEvent { ev: e.clone() },)) {
                 err.write_unraisable(py, Some(callback.get().bind(py)));
             }
