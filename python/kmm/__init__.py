@@ -14,7 +14,6 @@ Module-level functions (``kmm.alloc_pages`` ...) act on :func:`default_machine`.
 
 from __future__ import annotations
 
-import atexit as _atexit
 import threading as _threading
 from typing import TYPE_CHECKING, Any, Callable, Final
 
@@ -68,12 +67,6 @@ from kmm.errors import (
     UseAfterFreeError,
 )
 from kmm.gfp import *  # noqa: F401,F403  (GFP_KERNEL, __GFP_ZERO, ...)
-
-# At interpreter exit, kmm stops calling Python callbacks (trace callbacks,
-# ctors) and waits for the running ones: a daemon thread inside one when
-# finalization began made CPython end it in kmm's frames, aborting the
-# process (rust/kmm-py/src/gil.rs, `_quiesce`).
-_atexit.register(_kmm._quiesce)
 from kmm import trace  # noqa: E402  (the trace-file module; m.trace is a machine's tracepoints)
 from kmm import settings, compare, sweep  # noqa: E402  (what-if studies: kmm.compare.compare, kmm.sweep.sweep)
 

@@ -6,7 +6,6 @@ from typing import Any, Callable, Final, final
 from kmm.snapshots import Snapshot
 
 __all__ = [
-    "_quiesce",
     "Block",
     "Bundle",
     "Context",
@@ -69,9 +68,6 @@ KMALLOC_MAX_SIZE: Final[int]
 STACK_END_MAGIC: Final[int]
 KM_MAX_IDX: Final[int]
 PAGE_OWNER_NAMES: Final[list[str]]
-
-def _quiesce() -> None:
-    """atexit handler (kmm/__init__.py): stop calling Python callbacks from kmm."""
 
 def gfp_format(mask: int) -> str: ...
 def gfp_parse(text: str) -> int: ...

@@ -31,7 +31,7 @@
 //! does not hold the GIL when PyGILState_Check is disabled (it then always
 //! answers yes: subinterpreters, bpo-26558).
 //!
-//! Interpreter exit (`_quiesce`, an `atexit` handler): from then on kmm
+//! Interpreter exit (`quiesce`, an `atexit` handler): from then on kmm
 //! calls no Python callback and its hooks do not attach to Python, so a
 //! daemon thread that CPython ends at finalization is never inside kmm's
 //! frames running Python.
@@ -183,9 +183,10 @@ pub(crate) fn enter_callback(_py: Python<'_>) -> Option<InCallback> {
     Some(InCallback(()))
 }
 
-/// `atexit` handler (registered by `kmm/__init__.py`): stop calling Python
-/// callbacks from kmm, and wait (GIL released, at most one second) for the
-/// ones running to return.
+/// `atexit` handler (registered when the extension loads, `register_quiesce`;
+/// not a module attribute, so no script can switch callbacks off early):
+/// stop calling Python callbacks from kmm, and wait (GIL released, at most
+/// one second) for the ones running to return.
 ///
 /// CPython 3.11-3.13 ends a daemon thread that wants the GIL once
 /// finalization has begun with `pthread_exit`. If that thread was running a
@@ -193,11 +194,22 @@ pub(crate) fn enter_callback(_py: Python<'_>) -> Option<InCallback> {
 /// PyO3's frames and the process aborted at exit ("FATAL: exception not
 /// rethrown"). After this handler no thread runs Python from inside kmm, so
 /// daemon threads end in their own Python code, as any daemon thread does.
-#[pyfunction]
-pub(crate) fn _quiesce(py: Python<'_>) {
+fn quiesce(py: Python<'_>) {
     FINALIZING.store(true, Ordering::Release);
     let t0 = std::time::Instant::now();
     while IN_CALLBACK.load(Ordering::Acquire) > 0 && t0.elapsed() < std::time::Duration::from_secs(1) {
         detach(py, || std::thread::sleep(std::time::Duration::from_millis(1)));
     }
+}
+
+/// Register `quiesce` with `atexit`, as an anonymous builtin.
+pub(crate) fn register_quiesce(py: Python<'_>) -> PyResult<()> {
+    let f = pyo3::types::PyCFunction::new_closure(
+        py,
+        Some(c"kmm_quiesce"),
+        Some(c"kmm: stop calling Python callbacks from kmm at interpreter exit"),
+        |args: &Bound<'_, pyo3::types::PyTuple>, _kw: Option<&Bound<'_, pyo3::types::PyDict>>| quiesce(args.py()),
+    )?;
+    py.import("atexit")?.call_method1("register", (f,))?;
+    Ok(())
 }

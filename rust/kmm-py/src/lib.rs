@@ -30,6 +30,7 @@ pub(crate) use errors::to_py_err;
 #[pymodule(gil_used = false)]
 fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     errors::resolve_classes(m.py())?;
+    gil::register_quiesce(m.py())?;
     kmm_core::cpu::set_wait_hook(cpu::wait_hook);
     kmm_core::stackdepot::set_stack_hook(debugging::stack_hook);
     kmm_core::kasan::set_stack_hook(kasan::stack_hook);
@@ -56,7 +57,6 @@ fn _kmm(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<machine::PyTrace>()?;
     m.add_class::<fault::PyFaultAttr>()?;
     m.add_class::<vm::PyThreadStack>()?;
-    m.add_function(wrap_pyfunction!(gil::_quiesce, m)?)?;
     m.add_function(wrap_pyfunction!(gfp_format, m)?)?;
     m.add_function(wrap_pyfunction!(gfp_parse, m)?)?;
     m.add_function(wrap_pyfunction!(parse_size, m)?)?;
