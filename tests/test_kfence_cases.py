@@ -20,17 +20,9 @@ from __future__ import annotations
 import pytest
 
 import kmm
-from test_kasan import kasan_fail
+from test_kasan import kasan_fail, m  # noqa: F401  (m: the kasan=on machine fixture)
 
 SIZE = 32
-
-
-@pytest.fixture
-def m():
-    mach = kmm.Machine(memory="256M", cpus=2, cmdline="kasan=on")
-    with mach.on_cpu(0):
-        yield mach
-    assert mach.check() == []
 
 
 def reports(m) -> int:

@@ -6,52 +6,47 @@ use pyo3::exceptions::{PyBufferError, PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::type_object::PyTypeInfo;
 
-pyo3::import_exception!(kmm.errors, OutOfMemoryError);
-pyo3::import_exception!(kmm.errors, InvalidFreeError);
-pyo3::import_exception!(kmm.errors, DoubleFreeError);
-pyo3::import_exception!(kmm.errors, UseAfterFreeError);
-pyo3::import_exception!(kmm.errors, SleepInAtomicError);
-pyo3::import_exception!(kmm.errors, BadGfpError);
-pyo3::import_exception!(kmm.errors, PageFaultError);
-pyo3::import_exception!(kmm.errors, MemoryCorruptionError);
-pyo3::import_exception!(kmm.errors, KasanError);
-pyo3::import_exception!(kmm.errors, KasanUseAfterFreeError);
-pyo3::import_exception!(kmm.errors, KasanDoubleFreeError);
-pyo3::import_exception!(kmm.errors, KasanInvalidFreeError);
-pyo3::import_exception!(kmm.errors, KasanIndexError);
-/// The base class, for errors with no more specific class.
-mod base {
-    pyo3::import_exception!(kmm.errors, KmmError);
+/// kmm's exception classes (kmm/errors.py), imported, and `resolve_classes`
+/// over the same list, so that a class cannot be declared and not resolved.
+macro_rules! imported_classes {
+    ($($name:ident),* $(,)?) => {
+        $(pyo3::import_exception!(kmm.errors, $name);)*
+        /// The base class, for errors with no more specific class.
+        mod base {
+            pyo3::import_exception!(kmm.errors, KmmError);
+        }
+
+        /// Resolve every imported exception class now, at module init. PyO3
+        /// imports each lazily, the first time one is raised, and panics if
+        /// that import fails; raised deep in a recursion (a trace callback
+        /// that allocates, so its events call it again), the import met
+        /// RecursionError and the panic aborted the interpreter. Once
+        /// resolved, the classes are cached.
+        pub(crate) fn resolve_classes(py: Python<'_>) -> PyResult<()> {
+            py.import("kmm.errors")?; // a clean ImportError, not a panic, if it is missing
+            $(let _ = $name::type_object(py);)*
+            let _ = base::KmmError::type_object(py);
+            Ok(())
+        }
+    };
 }
 
-pyo3::import_exception!(kmm.errors, TraceFormatError);
-
-/// Resolve every imported exception class now, at module init. PyO3 imports
-/// each lazily, the first time one is raised, and panics if that import
-/// fails; raised deep in a recursion (a trace callback that allocates, so
-/// its events call it again), the import met RecursionError and the panic
-/// aborted the interpreter. Once resolved, the classes are cached.
-pub(crate) fn resolve_classes(py: Python<'_>) -> PyResult<()> {
-    py.import("kmm.errors")?; // a clean ImportError, not a panic, if it is missing
-    let _ = (
-        OutOfMemoryError::type_object(py),
-        InvalidFreeError::type_object(py),
-        DoubleFreeError::type_object(py),
-        UseAfterFreeError::type_object(py),
-        SleepInAtomicError::type_object(py),
-        BadGfpError::type_object(py),
-        PageFaultError::type_object(py),
-        MemoryCorruptionError::type_object(py),
-        KasanError::type_object(py),
-        KasanUseAfterFreeError::type_object(py),
-        KasanDoubleFreeError::type_object(py),
-        KasanInvalidFreeError::type_object(py),
-        KasanIndexError::type_object(py),
-        base::KmmError::type_object(py),
-        TraceFormatError::type_object(py),
-    );
-    Ok(())
-}
+imported_classes!(
+    OutOfMemoryError,
+    InvalidFreeError,
+    DoubleFreeError,
+    UseAfterFreeError,
+    SleepInAtomicError,
+    BadGfpError,
+    PageFaultError,
+    MemoryCorruptionError,
+    KasanError,
+    KasanUseAfterFreeError,
+    KasanDoubleFreeError,
+    KasanInvalidFreeError,
+    KasanIndexError,
+    TraceFormatError,
+);
 
 /// Map a core error to its Python exception (the class picked by the error's code).
 /// A wait given up on Ctrl-C raises the KeyboardInterrupt (the wait hook

@@ -24,6 +24,11 @@
 //! `kmem_cache` cache (which exists, empty, as in /proc/slabinfo), so a
 //! freshly booted machine's buddy allocator is untouched.
 //!
+//! SIMPLIFICATION: `kmem_cache_destroy` is refused (KmmError "busy") while
+//! a slab of the cache is being set up, i.e. from the cache's own ctor or
+//! racing another CPU's `new_slab`; the kernel would free the cache under
+//! that allocation (a use after free).
+//!
 //! Lock order: `slab_mutex` (cache list) -> per-CPU lock -> node list_lock -> zone lock.
 #![forbid(unsafe_code)]
 
